@@ -1,0 +1,17 @@
+"""Errors a user can fix; the CLI prints their message alone and exits non-zero."""
+
+
+class ErdeError(Exception):
+    """Base class for user-facing errors (bad data, config, checkpoint or arguments)."""
+
+
+class DataError(ErdeError):
+    """A data set is missing, truncated or malformed."""
+
+
+class ConfigError(ErdeError):
+    """A config has unknown keys, wrong types or out-of-range values."""
+
+
+class CheckpointError(ErdeError):
+    """A checkpoint is corrupted, foreign, or does not match the data/model."""
