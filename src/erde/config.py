@@ -1,0 +1,284 @@
+"""Typed configuration: dataclasses loaded from YAML and overridable from the CLI.
+
+One ``ExperimentConfig`` describes a whole experiment (data, teacher, student,
+their training, distillation and evaluation); every command reads the parts it
+needs, and the whole thing is saved next to every checkpoint and report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from erde.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | cifar100 | svhn | imagefolder
+    data_dir: str | None = None  # folder holding the official files (not needed for digits)
+    image_size: int | None = (
+        None  # resize side in pixels; None = the data set's native size (digits: 16)
+    )
+    val_fraction: float = 0.1  # share of train held out for validation/calibration (never test)
+    max_train: int | None = None  # keep at most this many training images (quick runs)
+    batch_size: int = 128  # training batch size (per process)
+    eval_batch_size: int = 512  # batch size for validation/test passes
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet20"  # backbone name: resnet<6n+2> (resnet20, resnet56...) or wrn<6n+4>_<k>
+    width: float = 1.0  # channel width multiplier
+    exit_after: list[int] | None = (
+        None  # residual-block counts after which early exits sit; None = evenly spaced
+    )
+    num_early_exits: int | None = (
+        None  # with exit_after None: how many early exits (default 2 or 3 by depth)
+    )
+    head_pool: int = 2  # exit head: adaptive average pool to head_pool x head_pool
+    head_dropout: float = 0.5  # exit head dropout probability
+    head_hidden: int = 0  # exit head hidden FC width; 0 = a single FC layer as in the paper
+    dropout: float = 0.0  # dropout inside WideResNet blocks
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # passes over the training set
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # SGD momentum (AdamW beta1)
+    nesterov: bool = True  # Nesterov momentum for SGD
+    weight_decay: float = 5e-4  # L2 weight decay (decoupled for AdamW)
+    schedule: str = "cosine"  # cosine | constant (per step, after warmup)
+    warmup_epochs: float = 0.0  # linear warm-up length in epochs
+    exit_weights: list[float] | None = None  # loss weight per exit; None = 1 for every exit
+    amp: bool | None = None  # mixed precision (bf16); None = on for CUDA, off on CPU
+    channels_last: bool = False  # NHWC memory format (faster convs on recent GPUs)
+    compile: bool = False  # torch.compile the model
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = once per epoch
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+
+
+@dataclass
+class DistillConfig:
+    method: str = "erde"  # ce | kd | erde (train-student default; `run` trains all three)
+    alpha: float = 1.0  # weight of cross-entropy on labels
+    beta: float = 1.0  # weight of the KL distillation term
+    gamma: float = 1.0  # weight of the entropy term (erde only)
+    temperature: float = 4.0  # KD temperature tau
+    exit_mapping: list[int] | None = (
+        None  # teacher exit for each student exit; None = by relative depth
+    )
+
+
+@dataclass
+class EvalConfig:
+    num_thresholds: int = 41  # grid size of the threshold sweep
+    rules: list[str] = field(default_factory=lambda: ["entropy", "max_softmax"])  # exit rules swept
+    tolerance: float = 0.005  # accuracy drop allowed for "equal accuracy" (0.005 = 0.5 points)
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet8"))
+    teacher_train: TrainConfig = field(default_factory=TrainConfig)
+    student_train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0  # seeds data split, initialisation and augmentation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading and validation ----------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int/float/bool/str, lists, optionals, dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{where}: unsupported type {tp}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"student_train.epochs=5"`` -> ``{"student_train": {"epochs": 5}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+    out: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from a (possibly partial) nested dict over the defaults."""
+    merged = _merge(ExperimentConfig().to_dict(), data or {})
+    cfg = _from_dict(ExperimentConfig, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    """A config shipped with the package, e.g. ``digits`` -> ``erde/configs/digits.yaml``."""
+    return Path(__file__).parent / "configs" / f"{name}.yaml"
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Defaults < ``base`` < YAML file < ``section.key=value`` overrides, validated."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _merge(data, load_yaml(path))
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    from erde.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range checks that types alone cannot express; one clear message per problem."""
+    d = cfg.distill
+    for name in ("alpha", "beta", "gamma"):
+        _check(getattr(d, name) >= 0, f"distill.{name} must be >= 0, got {getattr(d, name)}")
+    _check(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
+    _check(
+        d.method in ("ce", "kd", "erde"), f"distill.method must be ce, kd or erde, got {d.method!r}"
+    )
+    _check(
+        0 <= cfg.data.val_fraction < 1,
+        f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}",
+    )
+    _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
+    _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
+    for section in ("teacher_train", "student_train"):
+        t: TrainConfig = getattr(cfg, section)
+        _check(t.epochs >= 1, f"{section}.epochs must be >= 1, got {t.epochs}")
+        _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
+        _check(t.weight_decay >= 0, f"{section}.weight_decay must be >= 0")
+        _check(
+            t.optimizer in ("sgd", "adamw"),
+            f"{section}.optimizer must be sgd or adamw, got {t.optimizer!r}",
+        )
+        _check(
+            t.schedule in ("cosine", "constant"), f"{section}.schedule must be cosine or constant"
+        )
+        _check(t.warmup_epochs >= 0, f"{section}.warmup_epochs must be >= 0")
+        if t.exit_weights is not None:
+            _check(all(w >= 0 for w in t.exit_weights), f"{section}.exit_weights must be >= 0")
+    for section in ("teacher", "student"):
+        m: ModelConfig = getattr(cfg, section)
+        _check(m.width > 0, f"{section}.width must be > 0")
+        _check(0 <= m.head_dropout < 1, f"{section}.head_dropout must be in [0, 1)")
+        _check(m.head_pool >= 1, f"{section}.head_pool must be >= 1")
+    e = cfg.evaluation
+    _check(e.num_thresholds >= 2, "evaluation.num_thresholds must be >= 2")
+    _check(0 <= e.tolerance < 1, "evaluation.tolerance must be in [0, 1)")
+    for rule in e.rules:
+        _check(
+            rule in ("entropy", "max_softmax"),
+            f"evaluation.rules: unknown rule {rule!r} (entropy, max_softmax)",
+        )

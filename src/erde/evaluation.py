@@ -1,0 +1,338 @@
+"""Evaluate early-exit models: record every exit's logits once, then simulate exit rules.
+
+One forward pass over the test set that keeps all exits' logits is enough to
+answer "what accuracy and mean MACs would threshold theta give?" for every
+theta: the rule is replayed on the recorded logits (with the same functions
+from :mod:`erde.exits` that the router uses), so a sweep costs no extra
+forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from erde import exits
+
+Thresholds = float | Sequence[float]
+
+
+# --------------------------------------------------------------------------- recording
+
+
+def _exit_outputs(out: Any) -> list[Tensor]:
+    """A model's output as a list of per-exit logits; a bare (B, K) tensor is one exit."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)) and out and all(isinstance(o, Tensor) for o in out):
+        return list(out)
+    raise TypeError(f"model must return a list of per-exit logits, got {type(out).__name__}")
+
+
+def _check_model_device(model: nn.Module, device: torch.device) -> None:
+    """Fail with a clear message instead of a device-mismatch error deep in a conv."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != device.type:
+        raise ValueError(f"model is on {param.device} but device={device}; move it first")
+
+
+@torch.no_grad()
+def collect_exit_logits(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run ``model`` once over ``batches`` and keep every exit's logits.
+
+    ``batches`` yields (already normalized float images (B, C, H, W), labels (B,)).
+    The model must already live on ``device``. It runs in eval mode; each
+    submodule's train/eval flag is restored afterwards (even on error).
+    Returns exit_logits (E, N, K) float32 on CPU and labels (N,) int64.
+    """
+    device = torch.device(device)
+    _check_model_device(model, device)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    logits: list[Tensor] = []  # each (E, B, K)
+    labels: list[Tensor] = []  # each (B,)
+    try:
+        for x, y in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+            outs = _exit_outputs(model(x.to(device, non_blocking=True)))
+            if logits and len(outs) != logits[0].shape[0]:
+                raise ValueError(f"model returned {len(outs)} exits, earlier {logits[0].shape[0]}")
+            logits.append(torch.stack([o.float() for o in outs]).cpu())
+            labels.append(y.detach().cpu().long().reshape(-1))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if not logits:
+        raise ValueError("no batches to evaluate")
+    return torch.cat(logits, dim=1), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_inputs(exit_logits: Tensor, labels: Tensor, macs_per_exit: Sequence[float]) -> None:
+    """Shapes must agree: exit_logits (E, N, K), labels (N,), one MAC count per exit."""
+    if exit_logits.dim() != 3:
+        raise ValueError(f"exit_logits must be (E, N, K), got shape {tuple(exit_logits.shape)}")
+    num_exits, n, _ = exit_logits.shape
+    if n == 0:
+        raise ValueError("no samples")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if len(macs_per_exit) != num_exits:
+        raise ValueError(
+            f"expected {num_exits} MAC counts (one per exit), got {len(macs_per_exit)}"
+        )
+
+
+def _plain(value: Any) -> int | float:
+    """A Python number for JSON (tensors and numpy scalars become int/float)."""
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if isinstance(value, int) else float(value)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def exit_accuracy(exit_logits: Tensor, labels: Tensor) -> list[float]:
+    """Accuracy in [0, 1] of each exit on its own (everyone answered there)."""
+    correct = exit_logits.argmax(dim=-1) == labels.to(exit_logits.device)  # (E, N)
+    return correct.double().mean(dim=1).tolist()
+
+
+def default_thresholds(rule: str, num_classes: int, n: int = 41) -> list[float]:
+    """``n`` ascending thresholds covering the rule's whole range, both ends included.
+
+    The ends give the two extremes (entropy: 0 sends everyone to the last exit,
+    log K lets every non-uniform prediction leave at exit 0; max-softmax: 0
+    lets everyone leave at exit 0). Trained nets are very confident, so points
+    are packed geometrically near the "confident" end: entropy near 0,
+    max-softmax near 1.
+    """
+    if n < 2:
+        raise ValueError(f"need at least 2 thresholds to cover a range, got n={n}")
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    low, high = exits.rule_range(rule, num_classes)
+    gaps = torch.logspace(-5, 0, n - 1, dtype=torch.float64).tolist()  # 1e-5 .. 1, ascending
+    if rule == "entropy":
+        values = [low] + [high * g for g in gaps]
+    else:  # max_softmax: 0, then 1/K .. 1 with points packed near 1
+        floor = 1.0 / num_classes
+        values = [low] + [high - (high - floor) * g for g in reversed(gaps)]
+    values[-1] = high
+    return sorted(values)
+
+
+@dataclass
+class SweepPoint:
+    """One operating point of a model under a rule: what a threshold buys and costs."""
+
+    rule: str
+    threshold: float
+    accuracy: float  # in [0, 1]
+    mean_macs: float  # per image
+    exit_fractions: list[float]  # fraction of images leaving at each exit, sums to 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the report's sweep entries)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepPoint:
+        """Inverse of :meth:`to_dict` (reads a report's sweep back)."""
+        return cls(
+            rule=str(data["rule"]),
+            threshold=float(data["threshold"]),
+            accuracy=float(data["accuracy"]),
+            mean_macs=float(data["mean_macs"]),
+            exit_fractions=[float(f) for f in data["exit_fractions"]],
+        )
+
+
+@dataclass
+class Simulation:
+    """Outcome of one rule setting with possibly different thresholds per early exit."""
+
+    rule: str
+    thresholds: list[float]  # one per early exit (E-1)
+    accuracy: float
+    mean_macs: float
+    exit_fractions: list[float]
+    exit_index: Tensor = field(repr=False)  # (N,) int64, exit each sample leaves at
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, without the per-sample exit index."""
+        data = asdict(self)
+        del data["exit_index"]
+        return data
+
+
+def _summarize(chosen: Tensor, correct: Tensor, macs: Tensor) -> tuple[float, float, list[float]]:
+    """Accuracy, mean MACs and exit fractions of one assignment of samples to exits.
+
+    chosen (N,) int64, correct (E, N) bool, macs (E,) float64.
+    """
+    num_exits, n = correct.shape
+    hit = correct.gather(0, chosen.unsqueeze(0)).squeeze(0)  # (N,)
+    fractions = torch.bincount(chosen, minlength=num_exits).double() / n  # (E,)
+    return hit.double().mean().item(), macs[chosen].mean().item(), fractions.tolist()
+
+
+def simulate(
+    exit_logits: Tensor,
+    labels: Tensor,
+    macs_per_exit: Sequence[float],
+    thresholds: Thresholds,
+    rule: str = "entropy",
+) -> Simulation:
+    """Replay the exit rule on recorded logits with one threshold, or one per early exit.
+
+    ``macs_per_exit[i]`` is the cost of an image that leaves at exit i.
+    """
+    _check_inputs(exit_logits, labels, macs_per_exit)
+    num_exits, _, num_classes = exit_logits.shape
+    values = exits.check_thresholds(thresholds, rule, num_classes, num_exits)
+    chosen = exits.first_exit(exit_logits, values, rule).cpu()  # (N,)
+    correct = (exit_logits.argmax(dim=-1) == labels.to(exit_logits.device)).cpu()  # (E, N)
+    macs = torch.tensor([float(m) for m in macs_per_exit], dtype=torch.float64)
+    accuracy, mean_macs, fractions = _summarize(chosen, correct, macs)
+    return Simulation(rule, values, accuracy, mean_macs, fractions, chosen)
+
+
+def sweep(
+    exit_logits: Tensor,
+    labels: Tensor,
+    macs_per_exit: Sequence[float],
+    thresholds: Sequence[float] | None = None,
+    rule: str = "entropy",
+) -> list[SweepPoint]:
+    """One point per threshold, the threshold shared by all early exits.
+
+    Scores and correctness are computed once; each threshold then costs one
+    comparison over (E-1, N), using the same ``exits.may_exit`` as the router,
+    so results match :func:`simulate` / ``exits.first_exit`` exactly.
+    """
+    _check_inputs(exit_logits, labels, macs_per_exit)
+    num_exits, n, num_classes = exit_logits.shape
+    if thresholds is None:
+        thresholds = default_thresholds(rule, num_classes)
+    for t in thresholds:  # validate all before any work; 2 exits so 1 exit still checks range
+        exits.check_thresholds(float(t), rule, num_classes, max(num_exits, 2))
+    logits = exit_logits.detach().cpu()
+    scores = exits.rule_score(logits[:-1], rule)  # (E-1, N)
+    correct = logits.argmax(dim=-1) == labels.cpu()  # (E, N)
+    macs = torch.tensor([float(m) for m in macs_per_exit], dtype=torch.float64)
+    last = torch.ones(1, n, dtype=torch.bool)  # the last exit always answers
+    points = []
+    for t in thresholds:
+        leave = torch.cat([exits.may_exit(scores, float(t), rule), last])  # (E, N)
+        chosen = leave.byte().argmax(dim=0)  # (N,) first exit allowed to answer
+        accuracy, mean_macs, fractions = _summarize(chosen, correct, macs)
+        points.append(SweepPoint(rule, float(t), accuracy, mean_macs, fractions))
+    return points
+
+
+def mac_reduction_at_equal_accuracy(
+    points: Sequence[SweepPoint],
+    reference_accuracy: float,
+    reference_macs: float,
+    tolerance: float = 0.005,
+) -> dict[str, Any] | None:
+    """Cheapest point whose accuracy is at least ``reference_accuracy - tolerance``.
+
+    The paper's headline: how many fewer MACs a model needs to stay within
+    ``tolerance`` (0.005 = 0.5 points) of the reference. Ties in MACs go to the
+    more accurate point. Returns None when no point qualifies.
+    """
+    floor = reference_accuracy - tolerance - 1e-12  # slack for float round-off
+    qualifying = [p for p in points if p.accuracy >= floor]
+    if not qualifying:
+        return None
+    best = min(qualifying, key=lambda p: (p.mean_macs, -p.accuracy))
+    return {
+        "threshold": best.threshold,
+        "rule": best.rule,
+        "accuracy": best.accuracy,
+        "mean_macs": best.mean_macs,
+        "reduction": reference_macs / best.mean_macs if best.mean_macs > 0 else None,
+        "saved_fraction": 1.0 - best.mean_macs / reference_macs,
+        "reference_accuracy": reference_accuracy,
+        "reference_macs": reference_macs,
+        "tolerance": tolerance,
+    }
+
+
+def _rule_thresholds(
+    thresholds: Sequence[float] | Mapping[str, Sequence[float]] | None, rule: str
+) -> Sequence[float] | None:
+    """Thresholds for ``rule``: one grid for every rule, or a grid per rule name."""
+    if isinstance(thresholds, Mapping):
+        return thresholds.get(rule)
+    return thresholds
+
+
+def model_report(
+    name: str,
+    exit_logits: Tensor,
+    labels: Tensor,
+    macs_per_exit: Sequence[float],
+    params_per_exit: Sequence[int],
+    thresholds: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    rules: Sequence[str] = ("entropy", "max_softmax"),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything the report needs about one model, as plain JSON-ready data.
+
+    ``thresholds``: None for each rule's default grid, one grid for all rules, or
+    {rule: grid}. ``extra`` keys (e.g. training method) are merged in last.
+    """
+    _check_inputs(exit_logits, labels, macs_per_exit)
+    num_exits, n, num_classes = exit_logits.shape
+    if len(params_per_exit) != num_exits:
+        raise ValueError(f"expected {num_exits} parameter counts, got {len(params_per_exit)}")
+    points = [
+        p.to_dict()
+        for rule in rules
+        for p in sweep(exit_logits, labels, macs_per_exit, _rule_thresholds(thresholds, rule), rule)
+    ]
+    report = {
+        "name": name,
+        "num_exits": num_exits,
+        "num_classes": num_classes,
+        "num_samples": n,
+        "macs_per_exit": [_plain(m) for m in macs_per_exit],
+        "params_per_exit": [_plain(p) for p in params_per_exit],
+        "exit_accuracy": exit_accuracy(exit_logits, labels),
+        "sweep": points,
+    }
+    report.update(extra or {})
+    return report
+
+
+def reference_point(report: Mapping[str, Any]) -> tuple[float, float]:
+    """(accuracy, MACs) of a model report's last exit: the 'full model' operating point."""
+    return float(report["exit_accuracy"][-1]), float(report["macs_per_exit"][-1])
+
+
+__all__ = [
+    "SweepPoint",
+    "Simulation",
+    "collect_exit_logits",
+    "default_thresholds",
+    "exit_accuracy",
+    "mac_reduction_at_equal_accuracy",
+    "model_report",
+    "reference_point",
+    "simulate",
+    "sweep",
+]

@@ -1,0 +1,121 @@
+"""Small shared I/O utilities: atomic writes and a record of the environment.
+
+Every artefact erde writes (checkpoints, reports, plots) goes through an atomic
+write: the data lands in a temporary file in the target's directory, is
+fsync'ed, then ``os.replace``d over the target. A crash or a serialization
+error midway therefore leaves either the old file or the new one, never a
+truncated mix, and no stray temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from erde import __version__
+
+PathLike = str | os.PathLike
+
+
+def _default_mode() -> int:
+    """Permissions a plain ``open()`` would give a new file (temp files start at 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (best effort: not every OS lets a directory be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Run ``write`` on a temp file next to ``path``, then move it over ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = target.stat().st_mode & 0o777 if target.exists() else _default_mode()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a half-written file."""
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Atomic UTF-8 text write (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` hook: turn the few non-JSON types erde hands around (paths, numpy, tensors) into JSON ones."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Serialize ``obj`` fully first (indent=2, key order kept), then write atomically.
+
+    A serialization error is raised before the target is touched.
+    """
+    text = json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n"
+    atomic_write_text(path, text)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a truncated checkpoint behind."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and hardware a result was produced with, so that reports can be compared."""
+    cuda = torch.cuda.is_available()
+    return {
+        "erde": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+    }

@@ -1,0 +1,150 @@
+"""Student and teacher losses as small pure functions (see docs/ERDE.md).
+
+Each returns a dict of named terms so the trainer can log every term on its own;
+``"total"`` is the one to back-propagate. Masked terms are averaged over the
+whole batch, so a batch where the teacher is always right gives L_E = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+
+METHODS = ("ce", "kd", "erde")
+
+
+def kl_per_sample(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau)) per sample: (B, K), (B, K) -> (B,)."""
+    log_p_s = F.log_softmax(student_logits / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / tau, dim=-1)
+    return tau * tau * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+
+
+def normalized_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """1 - H(softmax(z)) / log K per sample: 0 for a uniform prediction, 1 for one-hot. (B,K)->(B,)."""
+    log_p = F.log_softmax(logits, dim=-1)
+    ent = -(log_p.exp() * log_p).sum(dim=-1)
+    return 1.0 - ent / math.log(logits.shape[-1])
+
+
+def erde_exit_loss(
+    student_logits: torch.Tensor,  # (B, K) student exit i
+    teacher_logits: torch.Tensor,  # (B, K) teacher exit m(i)
+    labels: torch.Tensor,  # (B,)
+    alpha: float,
+    beta: float,
+    gamma: float,
+    tau: float,
+) -> dict[str, torch.Tensor]:
+    """ERDE loss of one exit.
+
+        correct = [argmax z_T == y]
+        L = alpha * CE(z_S, y)
+          + beta  * mean_B( correct     * tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau)) )
+          + gamma * mean_B( not correct * (1 - H(softmax(z_S)) / log K) )
+
+    Where the teacher is wrong its soft labels carry the mistake, so the student
+    is pushed towards uncertainty there instead of imitating it.
+    """
+    correct = (teacher_logits.argmax(dim=-1) == labels).float()  # (B,)
+    ce = F.cross_entropy(student_logits, labels)
+    kl = (correct * kl_per_sample(student_logits, teacher_logits, tau)).mean()
+    ent = ((1.0 - correct) * normalized_entropy_loss(student_logits)).mean()
+    total = alpha * ce + beta * kl + gamma * ent
+    return {"total": total, "ce": ce, "kl": kl, "entropy": ent, "teacher_correct": correct.mean()}
+
+
+def kd_exit_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    tau: float,
+) -> dict[str, torch.Tensor]:
+    """Classic Hinton KD of one exit: alpha CE(z_S, y) + beta tau^2 KL on every sample."""
+    ce = F.cross_entropy(student_logits, labels)
+    kl = kl_per_sample(student_logits, teacher_logits, tau).mean()
+    return {"total": alpha * ce + beta * kl, "ce": ce, "kl": kl}
+
+
+def ce_exit_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, alpha: float
+) -> dict[str, torch.Tensor]:
+    """Label-only baseline of one exit: alpha CE(z_S, y)."""
+    ce = F.cross_entropy(student_logits, labels)
+    return {"total": alpha * ce, "ce": ce}
+
+
+def exit_mapping(num_student_exits: int, num_teacher_exits: int) -> list[int]:
+    """Teacher exit matched to each student exit.
+
+    Same index when the counts agree, else the teacher exit at the nearest
+    relative depth ((i+1)/n_S vs (j+1)/n_T); the last exits always match.
+    """
+    if num_student_exits == num_teacher_exits:
+        return list(range(num_student_exits))
+    mapping = []
+    for i in range(num_student_exits):
+        depth = (i + 1) / num_student_exits
+        mapping.append(
+            min(
+                range(num_teacher_exits),
+                key=lambda j: (abs((j + 1) / num_teacher_exits - depth), -j),
+            )
+        )
+    return mapping
+
+
+def teacher_loss(
+    exit_logits: Sequence[torch.Tensor], labels: torch.Tensor, weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """L_T = sum_i w_i CE(z_i, y), with each exit's CE logged as ``ce_<i>``."""
+    terms: dict[str, torch.Tensor] = {}
+    total = exit_logits[0].new_zeros(())
+    for i, (z, w) in enumerate(zip(exit_logits, weights, strict=True)):
+        ce = F.cross_entropy(z, labels)
+        terms[f"ce_{i}"] = ce
+        total = total + w * ce
+    terms["total"] = total
+    return terms
+
+
+def student_loss(
+    method: str,
+    student_exits: Sequence[torch.Tensor],
+    teacher_exits: Sequence[torch.Tensor] | None,
+    labels: torch.Tensor,
+    weights: Sequence[float],
+    mapping: Sequence[int],
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 4.0,
+) -> dict[str, torch.Tensor]:
+    """L_tot = sum_i w_i L_i for ``method`` in ce | kd | erde; per-exit terms logged as ``<term>_<i>``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method != "ce" and teacher_exits is None:
+        raise ValueError(f"method {method!r} needs teacher logits")
+    terms: dict[str, torch.Tensor] = {}
+    total = student_exits[0].new_zeros(())
+    for i, (z_s, w) in enumerate(zip(student_exits, weights, strict=True)):
+        if method == "ce":
+            parts = ce_exit_loss(z_s, labels, alpha)
+        else:
+            z_t = teacher_exits[mapping[i]].float()
+            if method == "kd":
+                parts = kd_exit_loss(z_s.float(), z_t, labels, alpha, beta, tau)
+            else:
+                parts = erde_exit_loss(z_s.float(), z_t, labels, alpha, beta, gamma, tau)
+        total = total + w * parts.pop("total")
+        terms.update({f"{k}_{i}": v for k, v in parts.items()})
+    terms["total"] = total
+    return terms

@@ -1,0 +1,175 @@
+"""An early-exit network carved out of a plain backbone.
+
+The backbone's blocks are regrouped into consecutive stages with an
+:class:`~erde.exits.ExitHead` after each but the last stage; the last exit *is*
+the backbone's own classifier, so the final path is the plain network,
+unchanged. Stages are run one at a time by :meth:`EarlyExitNet.forward_stage`,
+which is what per-sample routing and staged ONNX export build on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from erde.exits import ExitHead
+from erde.models.backbone import Backbone, ModelConfigError
+from erde.models.zoo import build_backbone
+
+
+def default_num_early_exits(num_blocks: int) -> int:
+    """Two early exits for shallow nets (<= 9 blocks, e.g. resnet20), three for deeper ones."""
+    return 2 if num_blocks <= 9 else 3
+
+
+def evenly_spaced(num_blocks: int, num_early_exits: int) -> list[int]:
+    """Block counts splitting ``num_blocks`` into ``num_early_exits + 1`` near-equal stages.
+
+    Rounds half up with integer arithmetic, e.g. resnet20 (9 blocks, 2 exits) -> [3, 6],
+    resnet56 (27 blocks, 3 exits) -> [7, 14, 20].
+    """
+    parts = num_early_exits + 1
+    return [(2 * i * num_blocks + parts) // (2 * parts) for i in range(1, parts)]
+
+
+def resolve_exit_after(
+    num_blocks: int, exit_after: Sequence[int] | None, num_early_exits: int | None
+) -> list[int]:
+    """Validated 1-based block counts after which an early exit sits."""
+    if exit_after is None:
+        count = default_num_early_exits(num_blocks) if num_early_exits is None else num_early_exits
+        if not 0 <= count <= num_blocks - 1:
+            raise ModelConfigError(
+                f"num_early_exits must be in [0, {num_blocks - 1}] for a backbone with "
+                f"{num_blocks} blocks, got {count}"
+            )
+        return evenly_spaced(num_blocks, count)
+    positions = list(exit_after)
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in positions):
+        raise ModelConfigError(f"exit_after must be a list of integers, got {positions!r}")
+    if any(not 1 <= b <= num_blocks - 1 for b in positions):
+        raise ModelConfigError(
+            f"exit_after values must be in [1, {num_blocks - 1}] (1-based block counts; the "
+            f"backbone has {num_blocks} blocks and its classifier is the last exit), "
+            f"got {positions}"
+        )
+    if any(a >= b for a, b in pairwise(positions)):
+        raise ModelConfigError(f"exit_after must be strictly increasing, got {positions}")
+    if num_early_exits is not None and num_early_exits != len(positions):
+        raise ModelConfigError(
+            f"num_early_exits={num_early_exits} disagrees with exit_after={positions}"
+        )
+    return positions
+
+
+class EarlyExitNet(nn.Module):
+    """Backbone split into ``num_exits`` stages, each followed by an exit.
+
+    ``exits[-1]`` is the backbone's classifier; the others are ``ExitHead``s.
+    The stages and the classifier are the backbone's own modules (not copies),
+    so state-dict keys are ``stages.*`` and ``exits.*``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        exit_after: Sequence[int] | None = None,
+        num_early_exits: int | None = None,
+        head_pool: int = 2,
+        head_dropout: float = 0.5,
+        head_hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_head_args(head_pool, head_dropout, head_hidden)
+        num_blocks = len(backbone.blocks)
+        self.exit_after = resolve_exit_after(num_blocks, exit_after, num_early_exits)
+        self.num_blocks = num_blocks
+        self.num_classes = backbone.num_classes
+        self.num_exits = len(self.exit_after) + 1
+        self.arch = getattr(backbone, "arch", type(backbone).__name__)
+        self.width = float(getattr(backbone, "width", 1.0))
+        self.exit_channels = [backbone.block_channels[b - 1] for b in self.exit_after]
+        self.exit_channels.append(backbone.block_channels[-1])
+        self.stages = _split_stages(backbone, self.exit_after)
+        heads = [
+            ExitHead(c, self.num_classes, head_pool, head_dropout, head_hidden)
+            for c in self.exit_channels[:-1]
+        ]
+        self.exits = nn.ModuleList([*heads, backbone.classifier])
+
+    def forward_stage(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage ``i`` then exit ``i``: (features after stage i, logits (B, K) of exit i).
+
+        ``h`` is the image batch for ``i == 0``, else the features stage ``i - 1`` returned.
+        """
+        h = self.stages[i](h)
+        return h, self.exits[i](h)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # (B, C, H, W) -> [(B, K)] * E
+        """Every exit's logits, in train and eval mode alike (routing lives elsewhere)."""
+        logits = []
+        h = x
+        for i in range(self.num_exits):
+            h, out = self.forward_stage(i, h)
+            logits.append(out)
+        return logits
+
+    def describe(self) -> dict:
+        """Plain-data summary for logs, checkpoints and the CLI."""
+        return {
+            "arch": self.arch,
+            "width": self.width,
+            "num_classes": self.num_classes,
+            "num_blocks": self.num_blocks,
+            "exit_after": list(self.exit_after),
+            "num_exits": self.num_exits,
+            "params": sum(p.numel() for p in self.parameters()),
+        }
+
+
+def _check_head_args(pool: int, dropout: float, hidden: int) -> None:
+    """Fail at construction, with the argument's name, rather than deep inside a forward."""
+    if pool < 1:
+        raise ModelConfigError(f"head_pool must be >= 1, got {pool}")
+    if not 0.0 <= dropout < 1.0:
+        raise ModelConfigError(f"head_dropout must be in [0, 1), got {dropout}")
+    if hidden < 0:
+        raise ModelConfigError(f"head_hidden must be >= 0 (0 = no hidden layer), got {hidden}")
+
+
+def _split_stages(backbone: Backbone, exit_after: list[int]) -> nn.ModuleList:
+    """Stage 0 = stem + blocks up to the first exit; then one stage per gap between exits."""
+    bounds = [0, *exit_after, len(backbone.blocks)]
+    stages = []
+    for i, (start, end) in enumerate(pairwise(bounds)):
+        stem = [backbone.stem] if i == 0 else []
+        stages.append(nn.Sequential(*stem, *backbone.blocks[start:end]))
+    return nn.ModuleList(stages)
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    exit_after: Sequence[int] | None = None,
+    num_early_exits: int | None = None,
+    head_pool: int = 2,
+    head_dropout: float = 0.5,
+    head_hidden: int = 0,
+    dropout: float = 0.0,
+    in_channels: int = 3,
+    **backbone_kwargs,
+) -> EarlyExitNet:
+    """Build backbone ``arch`` and wrap it as an early-exit network.
+
+    ``backbone_kwargs`` reach the backbone (e.g. ``shortcut="A"`` or
+    ``zero_init_residual=True`` for ResNets).
+    """
+    backbone = build_backbone(
+        arch, num_classes, width=width, dropout=dropout, in_channels=in_channels, **backbone_kwargs
+    )
+    return EarlyExitNet(backbone, exit_after, num_early_exits, head_pool, head_dropout, head_hidden)

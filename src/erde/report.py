@@ -1,0 +1,324 @@
+"""Turn per-model evaluations into the comparison report: JSON, Markdown and a plot.
+
+The JSON is the source of truth (schema_version 1); the Markdown and the
+accuracy-vs-MACs plot are rendered from it, so all three always agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from erde import io
+from erde.evaluation import SweepPoint, mac_reduction_at_equal_accuracy, reference_point
+
+SCHEMA_VERSION = 1
+
+# label, colour, line style, marker: fixed for the four models the paper compares
+STYLES: dict[str, tuple[str, str, str, str]] = {
+    "teacher": ("Teacher", "black", "-", "o"),
+    "student_ce": ("CE student", "tab:blue", "--", "s"),
+    "student_kd": ("KD student", "tab:orange", "-.", "^"),
+    "student_erde": ("ERDE student", "tab:red", "-", "D"),
+}
+_EXTRA_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_EXTRA_MARKERS = ("v", "P", "X", "*", "<", ">")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def dataset_summary(
+    name: str, num_classes: int, test_size: int, image_shape: Sequence[int]
+) -> dict[str, Any]:
+    """The ``dataset`` block of the report, with fixed key names."""
+    return {
+        "name": name,
+        "num_classes": int(num_classes),
+        "test_size": int(test_size),
+        "image_shape": [int(s) for s in image_shape],
+    }
+
+
+def _check_model(name: str, model: Mapping[str, Any]) -> None:
+    """A model entry must be a :func:`erde.evaluation.model_report` dict."""
+    missing = [k for k in ("exit_accuracy", "macs_per_exit", "sweep") if k not in model]
+    if missing:
+        raise ValueError(f"model {name!r} lacks {', '.join(missing)}; use evaluation.model_report")
+
+
+def _reference(models: Mapping[str, Mapping[str, Any]], wanted: str, tolerance: float) -> dict:
+    """Reference operating point: last exit of ``wanted``, else of the first model (noted)."""
+    name = wanted if wanted in models else next(iter(models))
+    accuracy, macs = reference_point(models[name])
+    ref: dict[str, Any] = {
+        "model": name,
+        "accuracy": accuracy,
+        "macs": macs,
+        "tolerance": tolerance,
+    }
+    if name != wanted:
+        ref["note"] = f"reference model {wanted!r} absent; using the last exit of {name!r}"
+    return ref
+
+
+def _sweep_points(model: Mapping[str, Any], rule: str) -> list[SweepPoint]:
+    """The model's sweep points for one rule."""
+    return [SweepPoint.from_dict(p) for p in model["sweep"] if p["rule"] == rule]
+
+
+def build_report(
+    models: Mapping[str, Mapping[str, Any]],
+    *,
+    reference: str = "teacher",
+    config: Mapping[str, Any] | None = None,
+    dataset: Mapping[str, Any] | None = None,
+    tolerance: float = 0.005,
+    rule: str = "entropy",
+) -> dict[str, Any]:
+    """Assemble the full report from ``{name: evaluation.model_report(...)}``.
+
+    Any subset of models works. Each model gains ``mac_reduction``: the
+    cheapest ``rule`` threshold within ``tolerance`` of the reference's
+    last-exit accuracy (None if no threshold gets there). Inputs are not mutated.
+    """
+    if not models:
+        raise ValueError("no models to report")
+    for name, model in models.items():
+        _check_model(name, model)
+    ref = _reference(models, reference, tolerance)
+    entries = {}
+    for name, model in models.items():
+        entry = copy.deepcopy(dict(model))
+        entry["mac_reduction"] = mac_reduction_at_equal_accuracy(
+            _sweep_points(model, rule), ref["accuracy"], ref["macs"], tolerance
+        )
+        entries[name] = entry
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": io.environment_info(),
+        "config": copy.deepcopy(dict(config)) if config is not None else None,
+        "dataset": copy.deepcopy(dict(dataset)) if dataset is not None else None,
+        "reference": ref,
+        "models": entries,
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    """Write report.json, report.md and tradeoff.png into ``out_dir``.
+
+    All three are rendered in memory first, then each is written atomically,
+    so a rendering error leaves the directory as it was.
+    """
+    out = Path(out_dir)
+    contents = {
+        "json": json.dumps(report, indent=2, default=io.json_default).encode() + b"\n",
+        "markdown": render_markdown(report).encode(),
+        "plot": render_tradeoff_png(report),
+    }
+    paths = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "plot": out / "tradeoff.png",
+    }
+    for key, path in paths.items():
+        io.atomic_write_bytes(path, contents[key])
+    return paths
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt_count(value: float | None) -> str:
+    """Human-readable count: 40.81M, 272.5K, 1.23G."""
+    if value is None:
+        return "—"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    """Fraction in [0, 1] shown as a percentage."""
+    return "—" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _label(name: str) -> str:
+    """Display name of a model (the four paper models get their plot labels)."""
+    return STYLES[name][0] if name in STYLES else name
+
+
+def _summary_section(report: Mapping[str, Any]) -> list[str]:
+    """MAC reduction at equal accuracy, one row per model."""
+    ref = report["reference"]
+    rows = []
+    for name, model in report["models"].items():
+        red = model.get("mac_reduction")
+        rows.append(
+            [
+                f"{_label(name)} (`{name}`)",
+                _fmt_count(model["params_per_exit"][-1]) if model.get("params_per_exit") else "—",
+                _pct(model["exit_accuracy"][-1]),
+                _fmt_count(model["macs_per_exit"][-1]),
+                f"{red['threshold']:.4g}" if red else "—",
+                _pct(red["accuracy"]) if red else "not reached",
+                _fmt_count(red["mean_macs"]) if red else "—",
+                f"{red['reduction']:.2f}x" if red and red["reduction"] else "—",
+                _pct(red["saved_fraction"], 1) if red else "—",
+            ]
+        )
+    header = ["Model", "Params", "Last-exit acc.", "Full MACs", "θ", "Accuracy", "Mean MACs"]
+    lines = [
+        "## MAC reduction at equal accuracy",
+        "",
+        f"Cheapest threshold whose accuracy is at least the reference ({ref['model']}, last exit: "
+        f"{_pct(ref['accuracy'])} at {_fmt_count(ref['macs'])} MACs) minus "
+        f"{100 * ref['tolerance']:.2g} points. Reduction = reference MACs / mean MACs.",
+        "",
+    ]
+    if ref.get("note"):
+        lines += [f"Note: {ref['note']}.", ""]
+    return lines + _table([*header, "Reduction", "Saved"], rows) + [""]
+
+
+def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
+    """Per-exit table and the rule's sweep table for one model."""
+    params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
+    exit_rows = [
+        [str(i), _fmt_count(p), _fmt_count(m), _pct(a)]
+        for i, (p, m, a) in enumerate(
+            zip(params, model["macs_per_exit"], model["exit_accuracy"], strict=True)
+        )
+    ]
+    sweep_rows = [
+        [
+            f"{p['threshold']:.4g}",
+            _pct(p["accuracy"]),
+            _fmt_count(p["mean_macs"]),
+            _pct(p["mean_macs"] / ref_macs, 1) if ref_macs else "—",
+            " / ".join(f"{f:.2f}" for f in p["exit_fractions"]),
+        ]
+        for p in model["sweep"]
+        if p["rule"] == rule
+    ]
+    lines = [f"### {_label(name)} (`{name}`)", ""]
+    lines += _table(["Exit", "Params", "MACs", "Accuracy"], exit_rows) + [""]
+    if sweep_rows:
+        lines += [f"{rule} sweep (exit fractions: exit 0 / exit 1 / ...):", ""]
+        header = ["θ", "Accuracy", "Mean MACs", "% of ref. MACs", "Exit fractions"]
+        lines += _table(header, sweep_rows) + [""]
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], rule: str = "entropy") -> str:
+    """Human-readable report: summary, per-model tables, then environment and config."""
+    dataset = report.get("dataset") or {}
+    lines = ["# ERDE evaluation report", "", f"Created {report.get('created', '?')}."]
+    if dataset:
+        shape = "x".join(str(s) for s in dataset.get("image_shape", []))
+        lines.append(
+            f"Dataset: {dataset.get('name', '?')} ({dataset.get('num_classes', '?')} classes, "
+            f"{dataset.get('test_size', '?')} test images{', ' + shape if shape else ''})."
+        )
+    lines += ["", *_summary_section(report), "## Models", ""]
+    for name, model in report["models"].items():
+        lines += _model_section(name, model, report["reference"]["macs"], rule)
+    env_rows = [[str(k), str(v)] for k, v in (report.get("environment") or {}).items()]
+    lines += ["## Environment", "", *_table(["Key", "Value"], env_rows), "", "## Config", ""]
+    config = json.dumps(report.get("config"), indent=2, default=io.json_default)
+    lines += ["```json", config, "```", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _mac_unit(models: Mapping[str, Mapping[str, Any]]) -> tuple[float, str]:
+    """Scale and unit for the MAC axis from the largest MAC count shown."""
+    largest = max(max(m["macs_per_exit"]) for m in models.values())
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if largest >= scale:
+            return scale, unit
+    return 1.0, ""
+
+
+def _style(name: str, index: int) -> tuple[str, str, str, str]:
+    """Fixed style for the paper's models, a cycling one for anything else."""
+    if name in STYLES:
+        return STYLES[name]
+    k = index % len(_EXTRA_COLOURS)
+    return name, _EXTRA_COLOURS[k], ":", _EXTRA_MARKERS[k]
+
+
+def _draw(ax: Any, report: Mapping[str, Any], rule: str) -> None:
+    """Curves (one per model), per-exit hollow markers and the reference line."""
+    models = report["models"]
+    scale, unit = _mac_unit(models)
+    for index, (name, model) in enumerate(models.items()):
+        label, colour, line, marker = _style(name, index)
+        points = sorted(
+            (p for p in model["sweep"] if p["rule"] == rule), key=lambda p: p["mean_macs"]
+        )
+        xs = [p["mean_macs"] / scale for p in points]
+        ys = [100 * p["accuracy"] for p in points]
+        ax.plot(xs, ys, linestyle=line, marker=marker, color=colour, markersize=4, label=label)
+        ax.scatter(
+            [m / scale for m in model["macs_per_exit"]],
+            [100 * a for a in model["exit_accuracy"]],
+            s=70,
+            marker=marker,
+            facecolors="none",
+            edgecolors=colour,
+            linewidths=1.3,
+            label=f"{label}: single exits",
+        )
+    ref = report["reference"]
+    ax.axhline(
+        100 * (ref["accuracy"] - ref["tolerance"]),
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"{_label(ref['model'])} last exit − {100 * ref['tolerance']:.2g} pts",
+    )
+    ax.set_xlabel(f"Mean MACs per image ({unit}MACs)" if unit else "Mean MACs per image")
+    ax.set_ylabel("Accuracy (%)")
+
+
+def render_tradeoff_png(report: Mapping[str, Any], rule: str = "entropy", dpi: int = 120) -> bytes:
+    """The accuracy-vs-MACs plot as PNG bytes (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    _draw(ax, report, rule)
+    name = (report.get("dataset") or {}).get("name")
+    ax.set_title(f"Accuracy vs MACs{' on ' + name if name else ''} ({rule} rule)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def plot_tradeoff(report: Mapping[str, Any], path: str | Path, rule: str = "entropy") -> None:
+    """Write the accuracy-vs-MACs plot to ``path`` atomically (rendered in memory first)."""
+    io.atomic_write_bytes(path, render_tradeoff_png(report, rule))
