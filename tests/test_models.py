@@ -109,7 +109,7 @@ def test_explicit_exit_after_is_honored() -> None:
     blocks_per_stage = [sum(isinstance(m, nn.Module) for m in s) for s in model.stages]
     assert blocks_per_stage == [1 + 2, 3, 3, 1]  # stage 0 also holds the stem
     assert [c.bn.num_features for c in model.exits[:-1]] == [16, 32, 64]
-    assert build_model("resnet20", 10, num_early_exits=1).exit_after == [4]  # 9 blocks / 2
+    assert build_model("resnet20", 10, num_early_exits=1).exit_after == [5]  # 9 / 2 = 4.5 rounds up
     assert build_model("resnet20", 10, exit_after=[]).num_exits == 1
 
 
@@ -199,11 +199,9 @@ def test_gradients_reach_every_exit_head() -> None:
 
 def test_state_dict_has_no_duplicate_modules() -> None:
     model = build_model("resnet8", 3)
-    keys = list(model.state_dict())
-    assert all(k.startswith(("stages.", "exits.")) for k in keys)
-    assert _params(model) == sum(
-        p.numel() for p in model.state_dict().values() if p.is_floating_point() and p.dim() > 0
-    ) - sum(b.numel() for n, b in model.named_buffers() if b.is_floating_point())
+    assert all(k.startswith(("stages.", "exits.")) for k in model.state_dict())
+    shared = list(model.named_parameters(remove_duplicate=False))
+    assert len(shared) == len(list(model.parameters()))  # each backbone module appears once
 
 
 def test_describe() -> None:

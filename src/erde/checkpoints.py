@@ -45,7 +45,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
     if ckpt["version"] > VERSION:
-        raise CheckpointError(f"{path} has format version {ckpt['version']}; this erde reads <= {VERSION}")
+        raise CheckpointError(
+            f"{path} has format version {ckpt['version']}; this erde reads <= {VERSION}"
+        )
     ckpt["path"] = str(path)
     return ckpt
 
@@ -60,11 +62,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: weights do not fit the model: {exc}") from None
+        raise CheckpointError(
+            f"{ckpt.get('path', 'checkpoint')}: weights do not fit the model: {exc}"
+        ) from None
     return model
 
 
-def check_compatible(ckpt: dict[str, Any], num_classes: int, image_shape: tuple[int, ...], what: str) -> None:
+def check_compatible(
+    ckpt: dict[str, Any], num_classes: int, image_shape: tuple[int, ...], what: str
+) -> None:
     """Refuse a checkpoint trained for another number of classes or input shape."""
     where = ckpt.get("path", "checkpoint")
     if int(ckpt["num_classes"]) != num_classes:

@@ -19,7 +19,9 @@ The config actually used is saved as config.yaml next to every checkpoint and re
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and configuration")
-    g.add_argument("--dataset", help="digits (default, embedded), cifar10, cifar100, svhn or imagefolder")
+    g.add_argument(
+        "--dataset", help="digits (default, embedded), cifar10, cifar100, svhn or imagefolder"
+    )
     g.add_argument("--data-dir", help="folder holding the data set's official files")
     g.add_argument("--config", help="YAML file with any subset of the config sections")
     g.add_argument(
@@ -32,8 +34,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (or reuse it if finished)")
-    p.add_argument("--force", action="store_true", help="start over even if --out already holds a checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --out (or reuse it if finished)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="start over even if --out already holds a checkpoint"
+    )
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
@@ -58,7 +66,14 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from erde.training import Job, train
 
     cfg = build_config(args)
-    path = train(cfg, Job("teacher"), args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    path = train(
+        cfg,
+        Job("teacher"),
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.no_progress,
+    )
     print(f"teacher checkpoint: {path}")
     return 0
 
@@ -123,11 +138,17 @@ def _print_summary(report_json: Path) -> None:
     import json
 
     report = json.loads(Path(report_json).read_text())
-    print("\nmodel           exit accuracy (%)               MACs at last exit   MAC reduction at equal acc.")
+    print(
+        "\nmodel           exit accuracy (%)               MACs at last exit   MAC reduction at equal acc."
+    )
     for name, m in report["models"].items():
         accs = " ".join(f"{100 * a:5.1f}" for a in m["exit_accuracy"])
         red = m.get("mac_reduction")
-        red_text = f"{red['reduction']:.2f}x (acc {100 * red['accuracy']:.1f}%)" if red else "none within tolerance"
+        red_text = (
+            f"{red['reduction']:.2f}x (acc {100 * red['accuracy']:.1f}%)"
+            if red
+            else "none within tolerance"
+        )
         print(f"{name:15s} {accs:31s} {m['macs_per_exit'][-1]:>17,d}   {red_text}")
 
 
@@ -164,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_config_args(p)
     _add_train_args(p)
-    p.add_argument("--method", choices=("ce", "kd", "erde"), help="training method (default: distill.method, erde)")
+    p.add_argument(
+        "--method",
+        choices=("ce", "kd", "erde"),
+        help="training method (default: distill.method, erde)",
+    )
     p.add_argument("--teacher", help="teacher checkpoint (required for kd and erde)")
     p.add_argument("--out", default="runs/student", help="output folder (default: runs/student)")
     p.set_defaults(func=cmd_train_student)
@@ -176,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and max-softmax rules, and write report.json, report.md and tradeoff.png to --out. Without "
         "--dataset/--config the data set of the first checkpoint is used.",
     )  # fmt: skip
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files (or folders holding checkpoint.pt)")
+    p.add_argument(
+        "checkpoints", nargs="+", help="checkpoint files (or folders holding checkpoint.pt)"
+    )
     _add_config_args(p)
     p.add_argument("--thresholds", help="comma-separated thresholds instead of the default grid")
     p.add_argument("--out", default="runs/report", help="output folder (default: runs/report)")
@@ -190,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_config_args(p)
     _add_train_args(p)
-    p.add_argument("--methods", default="ce,kd,erde", help="student methods to train (default: ce,kd,erde)")
+    p.add_argument(
+        "--methods", default="ce,kd,erde", help="student methods to train (default: ce,kd,erde)"
+    )
     p.add_argument("--out", help="output folder (default: runs/<dataset>)")
     p.set_defaults(func=cmd_run)
     return parser

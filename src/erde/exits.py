@@ -91,9 +91,11 @@ def check_thresholds(
     ``ValueError`` naming the valid range when a value is outside it.
     """
     low, high = rule_range(rule, num_classes)
-    values = [float(thresholds)] * (num_exits - 1) if isinstance(thresholds, (int, float)) else [
-        float(t) for t in thresholds
-    ]
+    values = (
+        [float(thresholds)] * (num_exits - 1)
+        if isinstance(thresholds, (int, float))
+        else [float(t) for t in thresholds]
+    )
     if len(values) == num_exits and num_exits > 1:
         values = values[:-1]  # a value for the last exit is accepted and ignored
     if len(values) != num_exits - 1:

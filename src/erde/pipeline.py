@@ -62,13 +62,17 @@ def evaluate_checkpoints(
         costs = measure_exit_costs(model, splits.image_shape)
         batches = (
             (prepare_batch(x, splits, train=False), y)
-            for x, y in iterate_batches(splits.test, cfg.data.eval_batch_size, shuffle=False, device=device)
+            for x, y in iterate_batches(
+                splits.test, cfg.data.eval_batch_size, shuffle=False, device=device
+            )
         )
         exit_logits, labels = collect_exit_logits(model, batches, device=device, progress=progress)
         per_rule = []
         for rule in cfg.evaluation.rules:
-            grid = list(thresholds) if thresholds is not None else default_thresholds(
-                rule, splits.num_classes, cfg.evaluation.num_thresholds
+            grid = (
+                list(thresholds)
+                if thresholds is not None
+                else default_thresholds(rule, splits.num_classes, cfg.evaluation.num_thresholds)
             )
             per_rule.append(
                 model_report(
@@ -121,7 +125,13 @@ def run_pipeline(
         raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(STUDENT_METHODS)}")
     splits = load_splits(cfg)
     teacher = train(
-        cfg, Job("teacher"), out_dir / "teacher", resume=resume, force=force, progress=progress, splits=splits
+        cfg,
+        Job("teacher"),
+        out_dir / "teacher",
+        resume=resume,
+        force=force,
+        progress=progress,
+        splits=splits,
     )
     checkpoints = [teacher]
     for method in methods:

@@ -25,7 +25,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from erde import distributed as D
-from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
+from erde.checkpoints import (
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from erde.config import ExperimentConfig, ModelConfig, TrainConfig, save_config
 from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch
 from erde.errors import CheckpointError, ConfigError, ErdeError
@@ -71,9 +76,14 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or AdamW; no weight decay on BN and bias parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0
+        )
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.momentum, 0.999))
 
 
@@ -195,7 +205,9 @@ def _existing(out_dir: Path, resume: bool, force: bool) -> dict[str, Any] | None
         return load_checkpoint(path)
     if force:
         return None
-    raise ConfigError(f"{path} already exists; pass --resume to continue it or --force to start over")
+    raise ConfigError(
+        f"{path} already exists; pass --resume to continue it or --force to start over"
+    )
 
 
 def train(
@@ -233,7 +245,9 @@ def train(
     if previous is not None:
         check_compatible(previous, splits.num_classes, splits.image_shape, "checkpoint to resume")
         if previous.get("name") != job.name:
-            raise CheckpointError(f"{previous['path']} holds {previous.get('name')}, not {job.name}")
+            raise CheckpointError(
+                f"{previous['path']} holds {previous.get('name')}, not {job.name}"
+            )
 
     seed_everything(cfg.seed)
     try:
@@ -357,7 +371,7 @@ def train(
                 with torch.no_grad():
                     hits = [int((z.argmax(-1) == labels).sum()) for z in exit_logits]
                 running["n"] += len(labels)
-                running["loss_sum"] += float(loss) * len(labels)
+                running["loss_sum"] += float(loss.detach()) * len(labels)
                 running["correct"] = [a + b for a, b in zip(running["correct"], hits, strict=True)]
                 for k, v in terms.items():
                     if k != "total":
@@ -373,7 +387,11 @@ def train(
                 if on_step is not None:
                     on_step(position["global_step"])
                 every = tcfg.checkpoint_every_steps
-                if every and position["global_step"] % every == 0 and position["step_in_epoch"] < steps_per_epoch:
+                if (
+                    every
+                    and position["global_step"] % every == 0
+                    and position["step_in_epoch"] < steps_per_epoch
+                ):
                     checkpoint()
 
             record = _epoch_record(job, epoch, running, ctx, time.perf_counter() - start)
@@ -408,7 +426,12 @@ def _epoch_record(job: Job, epoch: int, running: dict, ctx: D.DistContext, secon
     """Epoch metrics summed over ranks: mean loss and terms, train accuracy per exit."""
     keys = sorted(running["terms"])
     flat = torch.tensor(
-        [running["n"], running["loss_sum"], *running["correct"], *(running["terms"][k] for k in keys)],
+        [
+            running["n"],
+            running["loss_sum"],
+            *running["correct"],
+            *(running["terms"][k] for k in keys),
+        ],
         dtype=torch.float64,
     )
     flat = D.all_reduce_sum(flat, ctx).tolist()

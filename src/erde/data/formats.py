@@ -94,7 +94,9 @@ def _check_image_size(image_size: int | None) -> None:
 
 
 @DATASETS.register("digits")
-def load_digits_raw(data_dir: str | os.PathLike | None = None, image_size: int | None = None) -> RawData:
+def load_digits_raw(
+    data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> RawData:
     """scikit-learn's 1,797 8x8 digits: real data that needs no download (data_dir ignored)."""
     from sklearn.datasets import load_digits
 
@@ -276,13 +278,17 @@ def load_cifar(
 
 
 @DATASETS.register("cifar10")
-def load_cifar10_raw(data_dir: str | os.PathLike | None = None, image_size: int | None = None) -> RawData:
+def load_cifar10_raw(
+    data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> RawData:
     """Official CIFAR-10 python release (folder or .tar.gz)."""
     return load_cifar(CIFAR10, data_dir, image_size)
 
 
 @DATASETS.register("cifar100")
-def load_cifar100_raw(data_dir: str | os.PathLike | None = None, image_size: int | None = None) -> RawData:
+def load_cifar100_raw(
+    data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> RawData:
     """Official CIFAR-100 python release, fine labels (100 classes)."""
     return load_cifar(CIFAR100, data_dir, image_size)
 
@@ -301,7 +307,16 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         mat = loadmat(path, variable_names=["X", "y"])
     except NotImplementedError as exc:  # MATLAB v7.3 (HDF5) files
         raise DataError(f"{path}: MATLAB v7.3 files are not supported; expected v5 .mat") from exc
-    except (MatReadError, ValueError, TypeError, OSError, EOFError, KeyError, IndexError, zlib.error) as exc:
+    except (
+        MatReadError,
+        ValueError,
+        TypeError,
+        OSError,
+        EOFError,
+        KeyError,
+        IndexError,
+        zlib.error,
+    ) as exc:
         raise DataError(f"could not read {path} (truncated or corrupted .mat?): {exc!r}") from exc
     x, y = mat.get("X"), mat.get("y")
     if x is None or y is None:
@@ -317,7 +332,9 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("svhn")
-def load_svhn_raw(data_dir: str | os.PathLike | None = None, image_size: int | None = None) -> RawData:
+def load_svhn_raw(
+    data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> RawData:
     """SVHN cropped digits (train + test .mat, no "extra").
 
     Augmentation is a 2-pixel random crop and no flip: flips change digit identity,

@@ -110,7 +110,12 @@ def _extract_checked(archive: Path, dest: Path) -> None:
 
 
 def safe_extract_folder(archive: Path, dest: Path, folder: str) -> Path:
-    """Extract ``archive`` and move its top folder ``folder`` into ``dest`` atomically.
+    """Extract ``archive`` and move its top folder ``folder`` into ``dest`` atomically."""
+    return safe_extract_folders(archive, dest, (folder,))[0]
+
+
+def safe_extract_folders(archive: Path, dest: Path, folders: tuple[str, ...]) -> list[Path]:
+    """Extract ``archive`` once and move each top folder in ``folders`` into ``dest``.
 
     Extraction goes to a temporary folder first so a truncated archive never leaves a
     half-written data folder that would be mistaken for a complete one later.
@@ -124,12 +129,15 @@ def safe_extract_folder(archive: Path, dest: Path, folder: str) -> Path:
             raise DataError(
                 f"could not extract {archive} (truncated or corrupted archive?): {exc}"
             ) from exc
-        src = tmp / folder
-        if not src.is_dir():
-            raise DataError(f"{archive} does not contain the folder {folder}/")
-        target = dest / folder
-        if not target.exists():
-            os.replace(src, target)
-        return target
+        missing = [f for f in folders if not (tmp / f).is_dir()]
+        if missing:
+            raise DataError(f"{archive} does not contain the folder(s) {', '.join(missing)}")
+        targets = []
+        for folder in folders:
+            target = dest / folder
+            if not target.exists():
+                os.replace(tmp / folder, target)
+            targets.append(target)
+        return targets
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

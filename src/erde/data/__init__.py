@@ -1,0 +1,131 @@
+"""Data sets in their official formats, validation carving and batched, on-device batches.
+
+``load_data`` returns :class:`DataSplits`: uint8 train / val / test images, the
+train-set channel statistics and the augmentation the data set calls for.
+``iterate_batches`` slices uint8 batches (on the device the data lives on) and
+``prepare_batch`` augments and normalises a whole batch at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from erde.data import imagefolder as _imagefolder  # noqa: F401  (registers "imagefolder")
+from erde.data.augment import augment, channel_stats, normalize
+from erde.data.formats import DATASETS
+from erde.data.sampling import random_subset, stratified_split
+from erde.data.types import AugmentSpec, DataSplits, ImageSet, RawData
+from erde.errors import DataError
+
+
+def load_data(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_size: int | None = None,
+    max_train: int | None = None,
+) -> DataSplits:
+    """Load ``name`` and hold out ``val_fraction`` of train (stratified, fixed by ``seed``).
+
+    The test set is never touched by the split. Mean and std are computed on
+    the remaining training images only.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS.names())}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    raw: RawData = DATASETS.build(name, data_dir, image_size)
+    train_idx, val_idx = stratified_split(raw.train.labels, val_fraction, seed)
+    train, val = raw.train.subset(train_idx), raw.train.subset(val_idx)
+    if max_train is not None and max_train < len(train):
+        train = train.subset(random_subset(len(train), max_train, seed))
+    if len(train) == 0:
+        raise DataError(f"{name}: no training images left after holding out validation")
+    mean, std = channel_stats(train.images)
+    return DataSplits(
+        name=name,
+        train=train,
+        val=val,
+        test=raw.test,
+        num_classes=len(raw.class_names),
+        class_names=list(raw.class_names),
+        mean=mean,
+        std=std,
+        augment=raw.augment,
+    )
+
+
+def to_device(data: ImageSet, device: torch.device | str) -> ImageSet:
+    """The same uint8 set on ``device`` (a few hundred MB at most for CIFAR-sized data)."""
+    return ImageSet(data.images.to(device), data.labels.to(device))
+
+
+def iterate_batches(
+    data: ImageSet,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    device: torch.device | str | None = None,
+    indices: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images (B, C, H, W), labels (B,)) on ``device``.
+
+    ``indices`` fixes the order (e.g. a rank's shard); otherwise ``shuffle``
+    draws one from ``generator``. Indexing happens where the data lives, so
+    data already on the GPU never goes through the host.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if indices is None:
+        indices = torch.randperm(len(data), generator=generator) if shuffle else None
+    n = len(data) if indices is None else len(indices)
+    stop = n - n % batch_size if drop_last else n
+    where = data.images.device
+    if indices is not None:
+        indices = indices.to(where)
+    for start in range(0, stop, batch_size):
+        if indices is None:
+            images = data.images[start : start + batch_size]
+            labels = data.labels[start : start + batch_size]
+        else:
+            idx = indices[start : start + batch_size]
+            images, labels = data.images[idx], data.labels[idx]
+        if device is not None:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+        yield images, labels
+
+
+def prepare_batch(
+    images: torch.Tensor,
+    splits: DataSplits,
+    *,
+    train: bool,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 batch -> augmented (when ``train``) and normalised float batch, on its device."""
+    if train:
+        images = augment(images, splits.augment, generator)
+    return normalize(images, splits.mean, splits.std, dtype)
+
+
+__all__ = [
+    "DATASETS",
+    "AugmentSpec",
+    "DataSplits",
+    "ImageSet",
+    "RawData",
+    "iterate_batches",
+    "load_data",
+    "prepare_batch",
+    "stratified_split",
+    "to_device",
+]

@@ -1,0 +1,178 @@
+"""``root/train/<class>/*`` and ``root/test/<class>/*`` image folders (PNG/JPEG).
+
+Decoding tens of thousands of small JPEGs takes a while on a laptop, so the
+decoded images are cached once as a uint8 ``.npz`` next to the folder (or in
+the user cache when the folder is read-only), keyed by the file list, sizes
+and modification times: editing the folder invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from erde.data.formats import DATASETS, make_image_set, require_data_dir
+from erde.data.safety import cache_dir, safe_extract_folders
+from erde.data.types import AugmentSpec, ImageSet, RawData
+from erde.errors import DataError
+from erde.io import atomic_write_bytes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+SPLITS = ("train", "test")
+CACHE_VERSION = 1
+
+
+def list_images(split_dir: Path) -> tuple[list[Path], list[str]]:
+    """Image files and class names (sorted folder names) of one split folder."""
+    classes = sorted(
+        d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    files = [
+        f
+        for cls in classes
+        for f in sorted((split_dir / cls).iterdir())
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return files, classes
+
+
+def decode_image(path: Path, size: int | None) -> np.ndarray:
+    """One image file -> uint8 (H, W, 3) RGB, resized to ``size`` when given."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from None
+
+
+def _fingerprint(files: list[Path], size: int | None) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _decode_all(files: list[Path], size: int | None, desc: str) -> np.ndarray:
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
+        arrays = list(
+            tqdm(
+                pool.map(lambda f: decode_image(f, size), files, chunksize=64),
+                total=len(files),
+                desc=desc,
+                unit="img",
+                disable=len(files) < 2000,
+            )
+        )
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(
+            f"{desc}: images have different sizes {sorted(shapes)[:3]}...; "
+            "set data.image_size to resize them to one size"
+        )
+    return np.stack(arrays).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+
+
+def _cache_paths(root: Path, split: str, key: str) -> list[Path]:
+    name = f".erde-cache-{split}-{key}.npz"
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return [root / name, cache_dir() / f"imagefolder-{digest}" / name]
+
+
+def _load_cached(paths: list[Path]) -> np.ndarray | None:
+    for path in paths:
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    return data["images"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                continue  # a damaged cache is rebuilt, never trusted
+    return None
+
+
+def _save_cache(paths: list[Path], images: np.ndarray) -> None:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    np.savez(buffer, images=images)
+    for path in paths:
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+            return
+        except OSError:
+            continue  # read-only data folder: fall back to the user cache
+
+
+def read_split(root: Path, split: str, size: int | None) -> tuple[ImageSet, list[str]]:
+    """Decode (or load from cache) one split folder."""
+    split_dir = root / split
+    files, classes = list_images(split_dir)
+    if not classes or not files:
+        raise DataError(
+            f"{split_dir} holds no class folders with images ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[f.parent.name] for f in files], dtype=np.int64)
+    paths = _cache_paths(root, split, _fingerprint(files, size))
+    images = _load_cached(paths)
+    if images is None or len(images) != len(files):
+        images = _decode_all(files, size, f"decoding {split_dir}")
+        _save_cache(paths, images)
+    return make_image_set(images, labels, len(classes), str(split_dir)), classes
+
+
+def find_root(data_dir: str | os.PathLike | None) -> Path:
+    """The folder holding train/ and test/, unpacking a .tar.gz given instead (safely)."""
+    root = require_data_dir(data_dir, "imagefolder", "train/<class>/* and test/<class>/*")
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
+        digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        dest = cache_dir() / f"imagefolder-archive-{digest}"
+        if not all((dest / s).is_dir() for s in SPLITS):
+            safe_extract_folders(root, dest, SPLITS)
+        root = dest
+    missing = [s for s in SPLITS if not (root / s).is_dir()]
+    if missing:
+        raise DataError(
+            f"imagefolder not found in {root}: expected train/<class>/*.png|jpg and "
+            f"test/<class>/*.png|jpg (missing {', '.join(s + '/' for s in missing)})"
+        )
+    return root
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder_raw(
+    data_dir: str | os.PathLike | None = None, image_size: int | None = None
+) -> RawData:
+    """Any image classification folder; the real CIFAR-10 JPEG copy reads this way."""
+    root = find_root(data_dir)
+    train, train_classes = read_split(root, "train", image_size)
+    test, test_classes = read_split(root, "test", image_size)
+    if train_classes != test_classes:
+        raise DataError(
+            f"{root}: train and test have different class folders "
+            f"({len(train_classes)} vs {len(test_classes)})"
+        )
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{root}: train and test images differ in size; set data.image_size")
+    side = train.images.shape[-1]
+    return RawData(
+        train=ImageSet(train.images, train.labels),
+        test=ImageSet(test.images, test.labels),
+        class_names=train_classes,
+        augment=AugmentSpec(crop_padding=max(1, side // 8), flip=True),
+    )
+
+
+__all__ = ["load_imagefolder_raw", "read_split"]
