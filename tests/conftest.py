@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny experiment config and one tiny trained pipeline per test session.
+
+Tiny means digits at 8x8, ResNet-8 teacher and a quarter-width ResNet-8
+student, a handful of steps: seconds on a laptop CPU, yet every code path
+(teacher, three students, evaluation, report) is the real one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from erde.config import ExperimentConfig, load_config
+
+TINY_OVERRIDES = (
+    "data.name=digits",
+    "data.image_size=8",
+    "data.batch_size=64",
+    "teacher.arch=resnet8",
+    "teacher.width=0.5",
+    "student.arch=resnet8",
+    "student.width=0.25",
+    "teacher_train.epochs=2",
+    "teacher_train.max_steps_per_epoch=4",
+    "student_train.epochs=1",
+    "student_train.max_steps_per_epoch=4",
+    "evaluation.num_thresholds=9",
+    "device=cpu",
+)
+
+
+def tiny_config(*extra: str) -> ExperimentConfig:
+    """The tiny experiment, with optional ``section.key=value`` overrides on top."""
+    return load_config(None, [*TINY_OVERRIDES, *extra])
+
+
+@pytest.fixture
+def tiny_cfg() -> ExperimentConfig:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Teacher, ce/kd/erde students and the report, trained once per session.
+
+    Returns paths: ``out`` (the run folder), ``teacher``, ``student_ce``,
+    ``student_kd``, ``student_erde`` (checkpoint files) and ``report`` (report.json).
+    Tests must treat these files as read-only (copy before modifying).
+    """
+    from erde.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    paths = run_pipeline(tiny_config(), out, progress=False)
+    result = {"out": out, "report": paths["json"]}
+    for name in ("teacher", "student_ce", "student_kd", "student_erde"):
+        result[name] = out / name / "checkpoint.pt"
+    return result
