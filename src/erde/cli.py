@@ -44,15 +44,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_config(args: argparse.Namespace) -> ExperimentConfig:
-    """Preset for the data set, then --config, then explicit flags and --set overrides."""
+def build_config(args: argparse.Namespace, fallback: dict | None = None) -> ExperimentConfig:
+    """Preset for the data set, then --config, then explicit flags and --set overrides.
+
+    ``fallback`` (e.g. a checkpoint's own config) replaces the preset when
+    neither --dataset nor --config names a data set.
+    """
     dataset = args.dataset
     if dataset is None and args.config:
         dataset = (load_yaml(args.config).get("data") or {}).get("name")
-    dataset = dataset or "digits"
-    preset = preset_path(dataset)
-    base = load_yaml(preset) if preset.is_file() else {}
-    overrides = [f"data.name={dataset}"]
+    overrides = []
+    if dataset is None and fallback is not None:
+        base = fallback
+    else:
+        dataset = dataset or "digits"
+        preset = preset_path(dataset)
+        base = load_yaml(preset) if preset.is_file() else {}
+        overrides.append(f"data.name={dataset}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     if args.seed is not None:
@@ -102,15 +110,10 @@ def _parse_thresholds(text: str | None) -> list[float] | None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from erde.checkpoints import load_checkpoint
-    from erde.config import config_from_dict
     from erde.pipeline import evaluate_checkpoints
 
-    explicit = args.dataset or args.data_dir or args.config or args.overrides
-    cfg = build_config(args) if explicit else None
-    if cfg is None:  # the data the first checkpoint was trained on
-        cfg = config_from_dict(load_checkpoint(args.checkpoints[0])["config"])
-        if args.device:
-            cfg.device = args.device
+    # without --dataset/--config: the first checkpoint's own config, flags and --set on top
+    cfg = build_config(args, fallback=load_checkpoint(args.checkpoints[0])["config"])
     paths = evaluate_checkpoints(
         args.checkpoints, args.out, cfg=cfg, thresholds=_parse_thresholds(args.thresholds),
         progress=not args.no_progress,
@@ -125,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     paths = run_pipeline(
-        cfg, args.out or f"runs/{cfg.data.name}", methods=args.methods.split(","), resume=args.resume, force=args.force,
+        cfg, args.out or f"runs/{cfg.data.name}", methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume, force=args.force,
         progress=not args.no_progress,
     )  # fmt: skip
     _print_summary(paths["json"])
