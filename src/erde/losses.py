@@ -85,20 +85,24 @@ def exit_mapping(num_student_exits: int, num_teacher_exits: int) -> list[int]:
     """Teacher exit matched to each student exit.
 
     Same index when the counts agree, else the teacher exit at the nearest
-    relative depth ((i+1)/n_S vs (j+1)/n_T); the last exits always match.
+    relative depth ((i+1)/n_S vs (j+1)/n_T), the deeper one on a tie; the last
+    exits always match. Depths are compared in integers, |(j+1) n_S - (i+1) n_T|,
+    so float round-off cannot break a tie the wrong way (10 vs 5 exits).
     """
+    if num_student_exits < 1 or num_teacher_exits < 1:
+        raise ValueError(
+            f"need at least one exit on each side, got {num_student_exits} student "
+            f"and {num_teacher_exits} teacher exits"
+        )
     if num_student_exits == num_teacher_exits:
         return list(range(num_student_exits))
-    mapping = []
-    for i in range(num_student_exits):
-        depth = (i + 1) / num_student_exits
-        mapping.append(
-            min(
-                range(num_teacher_exits),
-                key=lambda j: (abs((j + 1) / num_teacher_exits - depth), -j),
-            )
+    return [
+        min(
+            range(num_teacher_exits),
+            key=lambda j: (abs((j + 1) * num_student_exits - (i + 1) * num_teacher_exits), -j),
         )
-    return mapping
+        for i in range(num_student_exits)
+    ]
 
 
 def teacher_loss(
