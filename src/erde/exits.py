@@ -17,7 +17,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from erde.errors import ErdeError
+
 RULES = ("entropy", "max_softmax")
+
+
+class ThresholdError(ErdeError, ValueError):
+    """A threshold outside its rule's range, or the wrong number of thresholds."""
 
 
 class ExitHead(nn.Module):
@@ -87,26 +93,28 @@ def check_thresholds(
 ) -> list[float]:
     """Validate thresholds for ``rule`` and expand one value to one per early exit.
 
-    Returns ``num_exits - 1`` values (the last exit always answers). Raises
-    ``ValueError`` naming the valid range when a value is outside it.
+    Returns ``num_exits - 1`` values (the last exit always answers). Every value
+    given is range-checked, even one that ends up unused (a single-exit model,
+    a value for the last exit). Raises :class:`ThresholdError` (a ``ValueError``)
+    naming the valid range when a value is outside it.
     """
     low, high = rule_range(rule, num_classes)
-    values = (
-        [float(thresholds)] * (num_exits - 1)
-        if isinstance(thresholds, (int, float))
-        else [float(t) for t in thresholds]
-    )
+    scalar = isinstance(thresholds, (int, float))
+    values = [float(thresholds)] if scalar else [float(t) for t in thresholds]
+    hint = f" (0 to log K, K = {num_classes} classes)" if rule == "entropy" else ""
+    for t in values:
+        if not (low <= t <= high):  # also false for NaN
+            raise ThresholdError(
+                f"threshold {t} is outside the {rule} rule's range [{low:.4g}, {high:.4g}]{hint}"
+            )
+    if scalar:
+        return values * (num_exits - 1)
     if len(values) == num_exits and num_exits > 1:
         values = values[:-1]  # a value for the last exit is accepted and ignored
     if len(values) != num_exits - 1:
-        raise ValueError(
+        raise ThresholdError(
             f"expected 1 or {num_exits - 1} thresholds (one per early exit), got {len(values)}"
         )
-    for t in values:
-        if not (low <= t <= high) or math.isnan(t):
-            raise ValueError(
-                f"threshold {t} is outside the {rule} rule's range [{low:.4g}, {high:.4g}]"
-            )
     return values
 
 
