@@ -226,8 +226,10 @@ def sweep(
     num_exits, n, num_classes = exit_logits.shape
     if thresholds is None:
         thresholds = default_thresholds(rule, num_classes)
-    for t in thresholds:  # validate all before any work; 2 exits so 1 exit still checks range
-        exits.check_thresholds(float(t), rule, num_classes, max(num_exits, 2))
+    if len(thresholds) == 0:
+        raise exits.ThresholdError("no thresholds to sweep; give at least one")
+    for t in thresholds:  # validate all before any work
+        exits.check_thresholds(float(t), rule, num_classes, num_exits)
     logits = exit_logits.detach().cpu()
     scores = exits.rule_score(logits[:-1], rule)  # (E-1, N)
     correct = logits.argmax(dim=-1) == labels.cpu()  # (E, N)
@@ -265,7 +267,7 @@ def mac_reduction_at_equal_accuracy(
         "accuracy": best.accuracy,
         "mean_macs": best.mean_macs,
         "reduction": reference_macs / best.mean_macs if best.mean_macs > 0 else None,
-        "saved_fraction": 1.0 - best.mean_macs / reference_macs,
+        "saved_fraction": 1.0 - best.mean_macs / reference_macs if reference_macs > 0 else None,
         "reference_accuracy": reference_accuracy,
         "reference_macs": reference_macs,
         "tolerance": tolerance,
