@@ -18,9 +18,9 @@ from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
 from erde.errors import ConfigError
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
-from erde.exits import check_thresholds
+from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
-from erde.report import build_report, write_report
+from erde.report import build_report, dataset_summary, write_report
 from erde.training import Job, load_splits, train
 
 STUDENT_METHODS = ("ce", "kd", "erde")
@@ -51,9 +51,14 @@ def evaluate_checkpoints(
         raise ConfigError(f"two checkpoints hold the same model name: {names}")
     for ckpt in loaded:
         check_compatible(ckpt, splits.num_classes, splits.image_shape, "checkpoint")
-    for rule in cfg.evaluation.rules if thresholds is not None else ():
-        for t in thresholds:
-            check_thresholds(t, rule, splits.num_classes, 2)  # ValueError naming the rule's range
+    if thresholds is not None and len(thresholds) == 0:
+        raise ThresholdError("no thresholds given; pass at least one or none for the default grid")
+    grids = {  # one grid per rule; a given grid is range-checked for every rule before any work
+        rule: [check_thresholds(t, rule, splits.num_classes, 2)[0] for t in thresholds]
+        if thresholds is not None
+        else default_thresholds(rule, splits.num_classes, cfg.evaluation.num_thresholds)
+        for rule in cfg.evaluation.rules
+    }
     device = resolve_device(cfg.device)
 
     models: dict[str, dict[str, Any]] = {}
@@ -67,38 +72,23 @@ def evaluate_checkpoints(
             )
         )
         exit_logits, labels = collect_exit_logits(model, batches, device=device, progress=progress)
-        per_rule = []
-        for rule in cfg.evaluation.rules:
-            grid = (
-                list(thresholds)
-                if thresholds is not None
-                else default_thresholds(rule, splits.num_classes, cfg.evaluation.num_thresholds)
-            )
-            per_rule.append(
-                model_report(
-                    ckpt["name"], exit_logits, labels, costs.macs_per_exit, costs.params_per_exit,
-                    thresholds=grid, rules=(rule,),
-                )
-            )  # fmt: skip
-        report = per_rule[0]
-        for extra in per_rule[1:]:
-            report["sweep"] = report["sweep"] + extra["sweep"]
-        report["checkpoint"] = ckpt["path"]
-        report["exit_after"] = ckpt["model_config"].get("exit_after")
-        report["arch"] = ckpt["model_config"]["arch"]
-        models[ckpt["name"]] = report
+        models[ckpt["name"]] = model_report(
+            ckpt["name"], exit_logits, labels, costs.macs_per_exit, costs.params_per_exit,
+            thresholds=grids, rules=cfg.evaluation.rules,
+            extra={
+                "checkpoint": ckpt["path"],
+                "exit_after": ckpt["model_config"].get("exit_after"),
+                "arch": ckpt["model_config"]["arch"],
+            },
+        )  # fmt: skip
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    dataset = {
-        "name": splits.name,
-        "num_classes": splits.num_classes,
-        "image_shape": list(splits.image_shape),
-        "test_images": len(splits.test),
-        "val_images": len(splits.val),
-        "train_images": len(splits.train),
-    }
+    dataset = dataset_summary(
+        splits.name, splits.num_classes, splits.image_shape,
+        len(splits.test), len(splits.val), len(splits.train),
+    )  # fmt: skip
     report = build_report(
         models, config=cfg.to_dict(), dataset=dataset, tolerance=cfg.evaluation.tolerance
     )
@@ -118,11 +108,28 @@ def run_pipeline(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Train the teacher and one student per method, then evaluate all of them."""
+    """Train the teacher and one student per method, then evaluate all of them.
+
+    Every output folder is checked before the first model is trained, so a run
+    into a folder that already holds checkpoints fails without touching any
+    file unless ``resume`` or ``force`` says what to do with them.
+    """
     out_dir = Path(out_dir)
     unknown = [m for m in methods if m not in STUDENT_METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(STUDENT_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"each method may appear once, got {list(methods)}")
+    existing = [
+        out_dir / name / "checkpoint.pt"
+        for name in ("teacher", *(f"student_{m}" for m in methods))
+        if (out_dir / name / "checkpoint.pt").exists()
+    ]
+    if existing and not (resume or force):
+        raise ConfigError(
+            f"{out_dir} already holds {', '.join(str(p) for p in existing)}; "
+            "pass --resume to continue (finished models are reused) or --force to start over"
+        )
     splits = load_splits(cfg)
     teacher = train(
         cfg,

@@ -34,14 +34,21 @@ _EXTRA_MARKERS = ("v", "P", "X", "*", "<", ">")
 
 
 def dataset_summary(
-    name: str, num_classes: int, test_size: int, image_shape: Sequence[int]
+    name: str,
+    num_classes: int,
+    image_shape: Sequence[int],
+    test_images: int,
+    val_images: int | None = None,
+    train_images: int | None = None,
 ) -> dict[str, Any]:
-    """The ``dataset`` block of the report, with fixed key names."""
+    """The ``dataset`` block of the report, with the key names the schema fixes."""
     return {
         "name": name,
         "num_classes": int(num_classes),
-        "test_size": int(test_size),
         "image_shape": [int(s) for s in image_shape],
+        "test_images": int(test_images),
+        "val_images": None if val_images is None else int(val_images),
+        "train_images": None if train_images is None else int(train_images),
     }
 
 
@@ -67,6 +74,12 @@ def _reference(models: Mapping[str, Mapping[str, Any]], wanted: str, tolerance: 
     return ref
 
 
+def _report_rule(models: Mapping[str, Mapping[str, Any]], wanted: str) -> str:
+    """``wanted`` if any model was swept with it, else the first rule that was (e.g. max_softmax only)."""
+    present = [p["rule"] for model in models.values() for p in model["sweep"]]
+    return wanted if wanted in present or not present else present[0]
+
+
 def _sweep_points(model: Mapping[str, Any], rule: str) -> list[SweepPoint]:
     """The model's sweep points for one rule."""
     return [SweepPoint.from_dict(p) for p in model["sweep"] if p["rule"] == rule]
@@ -85,13 +98,17 @@ def build_report(
 
     Any subset of models works. Each model gains ``mac_reduction``: the
     cheapest ``rule`` threshold within ``tolerance`` of the reference's
-    last-exit accuracy (None if no threshold gets there). Inputs are not mutated.
+    last-exit accuracy (None if no threshold gets there). When no model was
+    swept with ``rule``, the first rule found in the sweeps is used instead;
+    the rule used is recorded as ``reference.rule``. Inputs are not mutated.
     """
     if not models:
         raise ValueError("no models to report")
     for name, model in models.items():
         _check_model(name, model)
+    rule = _report_rule(models, rule)
     ref = _reference(models, reference, tolerance)
+    ref["rule"] = rule
     entries = {}
     for name, model in models.items():
         entry = copy.deepcopy(dict(model))
@@ -187,7 +204,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     lines = [
         "## MAC reduction at equal accuracy",
         "",
-        f"Cheapest threshold whose accuracy is at least the reference ({ref['model']}, last exit: "
+        f"Cheapest {ref.get('rule', 'entropy')} threshold whose accuracy is at least the reference ({ref['model']}, last exit: "
         f"{_pct(ref['accuracy'])} at {_fmt_count(ref['macs'])} MACs) minus "
         f"{100 * ref['tolerance']:.2g} points. Reduction = reference MACs / mean MACs.",
         "",
@@ -198,7 +215,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
 
 
 def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
-    """Per-exit table and the rule's sweep table for one model."""
+    """Per-exit table, then one sweep table per rule (``rule`` first) for one model."""
     params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
     exit_rows = [
         [str(i), _fmt_count(p), _fmt_count(m), _pct(a)]
@@ -206,35 +223,43 @@ def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: s
             zip(params, model["macs_per_exit"], model["exit_accuracy"], strict=True)
         )
     ]
-    sweep_rows = [
-        [
-            f"{p['threshold']:.4g}",
-            _pct(p["accuracy"]),
-            _fmt_count(p["mean_macs"]),
-            _pct(p["mean_macs"] / ref_macs, 1) if ref_macs else "—",
-            " / ".join(f"{f:.2f}" for f in p["exit_fractions"]),
-        ]
-        for p in model["sweep"]
-        if p["rule"] == rule
-    ]
     lines = [f"### {_label(name)} (`{name}`)", ""]
     lines += _table(["Exit", "Params", "MACs", "Accuracy"], exit_rows) + [""]
-    if sweep_rows:
-        lines += [f"{rule} sweep (exit fractions: exit 0 / exit 1 / ...):", ""]
-        header = ["θ", "Accuracy", "Mean MACs", "% of ref. MACs", "Exit fractions"]
-        lines += _table(header, sweep_rows) + [""]
+    rules = dict.fromkeys([rule, *(p["rule"] for p in model["sweep"])])  # ordered, unique
+    for sweep_rule in rules:
+        sweep_rows = [
+            [
+                f"{p['threshold']:.4g}",
+                _pct(p["accuracy"]),
+                _fmt_count(p["mean_macs"]),
+                _pct(p["mean_macs"] / ref_macs, 1) if ref_macs else "—",
+                " / ".join(f"{f:.2f}" for f in p["exit_fractions"]),
+            ]
+            for p in model["sweep"]
+            if p["rule"] == sweep_rule
+        ]
+        if sweep_rows:
+            lines += [f"{sweep_rule} sweep (exit fractions: exit 0 / exit 1 / ...):", ""]
+            header = ["θ", "Accuracy", "Mean MACs", "% of ref. MACs", "Exit fractions"]
+            lines += _table(header, sweep_rows) + [""]
     return lines
 
 
-def render_markdown(report: Mapping[str, Any], rule: str = "entropy") -> str:
+def _rule_of(report: Mapping[str, Any], rule: str | None) -> str:
+    """The rule to show: the one asked for, else the one the report's summary used."""
+    return rule or (report.get("reference") or {}).get("rule") or "entropy"
+
+
+def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
     """Human-readable report: summary, per-model tables, then environment and config."""
+    rule = _rule_of(report, rule)
     dataset = report.get("dataset") or {}
     lines = ["# ERDE evaluation report", "", f"Created {report.get('created', '?')}."]
     if dataset:
         shape = "x".join(str(s) for s in dataset.get("image_shape", []))
         lines.append(
             f"Dataset: {dataset.get('name', '?')} ({dataset.get('num_classes', '?')} classes, "
-            f"{dataset.get('test_size', '?')} test images{', ' + shape if shape else ''})."
+            f"{dataset.get('test_images', '?')} test images{', ' + shape if shape else ''})."
         )
     lines += ["", *_summary_section(report), "## Models", ""]
     for name, model in report["models"].items():
@@ -300,8 +325,11 @@ def _draw(ax: Any, report: Mapping[str, Any], rule: str) -> None:
     ax.set_ylabel("Accuracy (%)")
 
 
-def render_tradeoff_png(report: Mapping[str, Any], rule: str = "entropy", dpi: int = 120) -> bytes:
+def render_tradeoff_png(
+    report: Mapping[str, Any], rule: str | None = None, dpi: int = 120
+) -> bytes:
     """The accuracy-vs-MACs plot as PNG bytes (no pyplot, no global backend change)."""
+    rule = _rule_of(report, rule)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -319,6 +347,6 @@ def render_tradeoff_png(report: Mapping[str, Any], rule: str = "entropy", dpi: i
     return buffer.getvalue()
 
 
-def plot_tradeoff(report: Mapping[str, Any], path: str | Path, rule: str = "entropy") -> None:
+def plot_tradeoff(report: Mapping[str, Any], path: str | Path, rule: str | None = None) -> None:
     """Write the accuracy-vs-MACs plot to ``path`` atomically (rendered in memory first)."""
     io.atomic_write_bytes(path, render_tradeoff_png(report, rule))

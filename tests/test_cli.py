@@ -1,0 +1,223 @@
+"""The command line: help texts, a tiny `erde run`, `erde evaluate`, and user errors as exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_OVERRIDES
+
+from erde.cli import build_parser, main
+
+FOUR_MODELS = ["teacher", "student_ce", "student_kd", "student_erde"]
+TINY_SET = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+KEY_OPTIONS = {
+    "train-teacher": ["--out", "--resume", "--force", "--set", "--dataset", "--data-dir"],
+    "train-student": ["--out", "--method", "--teacher", "--resume", "--force", "--set"],
+    "evaluate": ["--out", "--thresholds", "--set", "--dataset", "checkpoints"],
+    "run": ["--out", "--methods", "--resume", "--force", "--set", "--dataset", "--data-dir"],
+}
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("erde: error: ") and "\n" not in err, err
+    return err
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_foundation_subcommands_exist() -> None:
+    assert set(KEY_OPTIONS) <= set(_subcommands())
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_help_of_every_subcommand_exits_0_and_names_its_options(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: erde {command}" in text
+    options = list(KEY_OPTIONS.get(command, []))
+    for action in _subcommands()[command]._actions:
+        if action.help != argparse.SUPPRESS and action.option_strings:
+            options.append(max(action.option_strings, key=len))
+    assert options, f"{command} has no options to document"
+    for option in options:
+        assert option in text, f"{command} --help does not mention {option}"
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "usage: erde" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- run and evaluate
+
+
+def test_run_on_a_tiny_budget_writes_the_report_with_four_curves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--no-progress", *TINY_SET]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == FOUR_MODELS
+    for name, model in report["models"].items():
+        assert (out / name / "checkpoint.pt").is_file()
+        assert name in printed  # the summary table
+        entropy_points = [p for p in model["sweep"] if p["rule"] == "entropy"]
+        assert len(entropy_points) == 9  # evaluation.num_thresholds=9 from the overrides
+        assert len({p["mean_macs"] for p in entropy_points}) >= 2  # a curve, not a single point
+    assert report["config"]["teacher"]["arch"] == "resnet8"
+    assert report["dataset"]["image_shape"] == [3, 8, 8]
+    assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    markdown = (out / "report.md").read_text()
+    assert all(f"`{name}`" in markdown for name in FOUR_MODELS)
+    assert (out / "config.yaml").is_file()
+
+
+def _checkpoints(tiny_run: dict[str, Path]) -> list[str]:
+    return [str(tiny_run[name]) for name in FOUR_MODELS]
+
+
+def test_evaluate_tiny_run_checkpoints(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["evaluate", *_checkpoints(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    original = json.loads(tiny_run["report"].read_text())
+    assert list(report["models"]) == FOUR_MODELS
+    for name in FOUR_MODELS:  # same checkpoints, same test set: same numbers as the run itself
+        assert report["models"][name]["exit_accuracy"] == original["models"][name]["exit_accuracy"]
+        assert report["models"][name]["macs_per_exit"] == original["models"][name]["macs_per_exit"]
+        assert report["models"][name]["checkpoint"] == str(tiny_run[name])
+    assert report["dataset"] == original["dataset"]
+    assert (out / "tradeoff.png").is_file() and (out / "report.md").is_file()
+
+
+def test_evaluate_set_overrides_apply_on_top_of_the_checkpoint_config(
+    tiny_run: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    args = ["evaluate", str(tiny_run["teacher"]), "--out", str(out), "--no-progress"]
+    assert main([*args, "--set", "evaluation.rules=[entropy]", "--thresholds", "0,0.5,2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # still the checkpoint's 8x8 data, not the digits preset's 16x16
+    assert report["dataset"]["image_shape"] == [3, 8, 8]
+    sweep = report["models"]["teacher"]["sweep"]
+    assert [(p["rule"], p["threshold"]) for p in sweep] == [
+        ("entropy", 0.0),
+        ("entropy", 0.5),
+        ("entropy", 2.0),
+    ]
+    assert sweep[0]["exit_fractions"][-1] == 1.0  # theta 0: everyone at the last exit
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "message"),
+    [
+        ("--thresholds=5", r"threshold 5.0 is outside the entropy rule's range [0, 2.303]"),
+        ("--thresholds=-0.5", r"threshold -0.5 is outside the entropy rule's range [0, 2.303]"),
+        ("--thresholds=0.1,nan", "threshold nan is outside"),
+        ("--thresholds=0.5,1.5", "max_softmax rule's range [0, 1]"),
+        ("--thresholds=", "no thresholds"),
+        ("--thresholds=0.1,abc", "comma-separated numbers"),
+    ],
+)
+def test_evaluate_rejects_bad_thresholds_and_keeps_the_report(
+    thresholds: str,
+    message: str,
+    tiny_run: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "report"
+    args = ["evaluate", str(tiny_run["teacher"]), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([*args, thresholds]) == 2
+    assert message in _error_line(capsys)
+    assert _snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("command", ["run", "train-teacher", "train-student"])
+def test_negative_gamma_is_refused_naming_gamma(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = [command, "--out", str(out), "--no-progress", *TINY_SET, "--set", "distill.gamma=-1"]
+    assert main(argv) == 2
+    assert "distill.gamma must be >= 0, got -1" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_unknown_set_key_lists_valid_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), *TINY_SET, "--set", "foo.bar=1"]) == 2
+    err = _error_line(capsys)
+    assert "unknown config key(s) foo" in err
+    for section in ("data", "teacher", "student", "distill", "evaluation", "seed", "device"):
+        assert section in err.split("valid keys", 1)[1]
+    assert main(["run", "--out", str(out), *TINY_SET, "--set", "distill.tau=2"]) == 2
+    err = _error_line(capsys)
+    assert "distill.tau" in err and "alpha, beta, gamma, temperature" in err
+    assert not out.exists()
+
+
+def test_run_into_finished_output_without_resume_or_force_changes_nothing(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run["out"], out)
+    before = _snapshot(out)
+    assert any(name.endswith("checkpoint.pt") for name in before)
+    assert main(["run", "--out", str(out), "--no-progress", *TINY_SET]) == 2
+    err = _error_line(capsys)
+    assert "--resume" in err and "--force" in err and "checkpoint.pt" in err
+    assert _snapshot(out) == before
+
+
+def test_run_refuses_before_training_when_only_a_student_is_finished(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "partial"
+    shutil.copytree(tiny_run["out"] / "student_kd", out / "student_kd")
+    before = _snapshot(out)
+    assert main(["run", "--out", str(out), "--no-progress", *TINY_SET]) == 2
+    assert "student_kd" in _error_line(capsys)
+    assert _snapshot(out) == before  # the teacher was not trained into the folder first
+
+
+def test_run_rejects_unknown_and_repeated_methods(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), *TINY_SET, "--methods", "ce,fitnet"]) == 2
+    assert "fitnet" in _error_line(capsys)
+    assert main(["run", "--out", str(out), *TINY_SET, "--methods", "ce,ce"]) == 2
+    assert "once" in _error_line(capsys)
+    assert not out.exists()
