@@ -39,6 +39,10 @@ def load_data(
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS.names())}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_train is not None and max_train < 1:
+        raise DataError(f"max_train must be a positive number of images, got {max_train}")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
     raw: RawData = DATASETS.build(name, data_dir, image_size)
     train_idx, val_idx = stratified_split(raw.train.labels, val_fraction, seed)
     train, val = raw.train.subset(train_idx), raw.train.subset(val_idx)

@@ -60,11 +60,28 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
+def integer_labels(values: Any, source: str) -> np.ndarray:
+    """Labels as int64, refusing text, booleans and fractional numbers instead of truncating them."""
+    try:
+        labels = np.asarray(values)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise DataError(f"{source}: labels must be integer class indices ({exc})") from None
+    kind = labels.dtype.kind
+    if kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        kind = "i"  # e.g. MATLAB stores labels as doubles
+    if kind not in "iu":
+        raise DataError(
+            f"{source}: labels must be integer class indices, got {labels.dtype} values "
+            f"such as {labels.reshape(-1)[:3].tolist()}"
+        )
+    return labels.astype(np.int64)
+
+
 def make_image_set(
     images: np.ndarray, labels: np.ndarray, num_classes: int, source: str
 ) -> ImageSet:
     """Wrap numpy (N, C, H, W) uint8 + labels, checking labels fit ``num_classes``."""
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    labels = integer_labels(labels, source).reshape(-1)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
             f"{source}: labels must lie in 0..{num_classes - 1}, "
@@ -223,13 +240,13 @@ def read_cifar_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.nd
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
     if data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' must have shape (N, 3072), got {data.shape}")
-    labels = np.asarray(batch[layout.label_key])
+    labels = integer_labels(batch[layout.label_key], str(path))
     if labels.shape != (len(data),):
         raise DataError(
             f"{path}: {len(data)} images but {layout.label_key!r} has shape {labels.shape}"
         )
     # Rows hold the red, green and blue 32x32 planes one after another.
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def read_cifar_names(folder: Path, layout: CifarLayout) -> list[str]:
@@ -323,9 +340,14 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: expected variables 'X' (32, 32, 3, N) and 'y' (N, 1)")
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3:
         raise DataError(f"{path}: 'X' must be uint8 (H, W, 3, N), got {x.dtype} {x.shape}")
-    labels = np.asarray(y).reshape(-1).astype(np.int64)
+    labels = integer_labels(y, str(path)).reshape(-1)
     if len(labels) != x.shape[3]:
         raise DataError(f"{path}: {x.shape[3]} images but 'y' has {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() > 10):
+        raise DataError(
+            f"{path}: labels in 'y' must lie in 1..10 (10 stands for the digit 0), "
+            f"found {labels.min()}..{labels.max()}"
+        )
     labels[labels == 10] = 0  # SVHN stores the digit 0 as label 10
     images = x.transpose(3, 2, 0, 1)  # (H, W, C, N) -> (N, C, H, W)
     return np.ascontiguousarray(images), labels

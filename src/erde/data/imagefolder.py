@@ -137,7 +137,10 @@ def find_root(data_dir: str | os.PathLike | None) -> Path:
     """The folder holding train/ and test/, unpacking a .tar.gz given instead (safely)."""
     root = require_data_dir(data_dir, "imagefolder", "train/<class>/* and test/<class>/*")
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
-        digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        # Keyed by the archive's size and time too, so a replaced archive is unpacked again.
+        st = root.stat()
+        identity = f"{root.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         dest = cache_dir() / f"imagefolder-archive-{digest}"
         if not all((dest / s).is_dir() for s in SPLITS):
             safe_extract_folders(root, dest, SPLITS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
@@ -120,8 +121,10 @@ def safe_extract_folders(archive: Path, dest: Path, folders: tuple[str, ...]) ->
     Extraction goes to a temporary folder first so a truncated archive never leaves a
     half-written data folder that would be mistaken for a complete one later.
     """
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".erde_extract_", dir=dest))
+    ok = False
     try:
         try:
             _extract_checked(archive, tmp)
@@ -138,6 +141,10 @@ def safe_extract_folders(archive: Path, dest: Path, folders: tuple[str, ...]) ->
             if not target.exists():
                 os.replace(tmp / folder, target)
             targets.append(target)
+        ok = True
         return targets
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not ok:
+            with contextlib.suppress(OSError):
+                dest.rmdir()  # only if empty: a failed extraction leaves no trace
