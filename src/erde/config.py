@@ -8,6 +8,8 @@ needs, and the whole thing is saved next to every checkpoint and report.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +106,10 @@ class ExperimentConfig:
 # --- loading and validation ----------------------------------------------------------------
 
 
+# PyYAML follows YAML 1.1, where "1e-3" (no dot) is a string; accept it for float fields.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -140,6 +146,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -171,17 +179,50 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _field_type(parts: list[str]) -> Any:
+    """Annotation of the config field at ``parts`` (``["data", "data_dir"]``), or None."""
+    tp: Any = ExperimentConfig
+    for part in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _is_text_field(tp: Any) -> bool:
+    """``str`` or ``str | None``: values are taken verbatim, not parsed as YAML."""
+    if tp is str:
+        return True
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (Union, types.UnionType) else ()
+    return args == {str, type(None)}
+
+
 def parse_override(text: str) -> dict[str, Any]:
-    """``"student_train.epochs=5"`` -> ``{"student_train": {"epochs": 5}}`` (value parsed as YAML)."""
-    if "=" not in text:
+    """``"student_train.epochs=5"`` -> ``{"student_train": {"epochs": 5}}``.
+
+    Values are parsed as YAML, except for text fields (paths, names), which keep the
+    text as written so that ``data.data_dir=2024`` or ``data.data_dir=/data/run #2`` are
+    paths rather than a number or a truncated comment; ``null`` (or nothing) still
+    means None and a quoted value is unquoted.
+    """
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
         raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
-    out: dict[str, Any] = value
-    for part in reversed(key.strip().split(".")):
+    raw = raw.strip()
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if _is_text_field(_field_type(parts)) and not quoted and raw not in ("", "null", "~"):
+        value: Any = raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+    out: Any = value
+    for part in reversed(parts):
         out = {part: out}
     return out
 
@@ -199,9 +240,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -243,8 +286,14 @@ def validate(cfg: ExperimentConfig) -> None:
     """Range checks that types alone cannot express; one clear message per problem."""
     d = cfg.distill
     for name in ("alpha", "beta", "gamma"):
-        _check(getattr(d, name) >= 0, f"distill.{name} must be >= 0, got {getattr(d, name)}")
-    _check(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
+        v = getattr(d, name)
+        _check(v >= 0 and math.isfinite(v), f"distill.{name} must be >= 0 and finite, got {v}")
+    _check(
+        d.temperature > 0 and math.isfinite(d.temperature),
+        f"distill.temperature must be > 0 and finite, got {d.temperature}",
+    )
+    if d.exit_mapping is not None:
+        _check(all(m >= 0 for m in d.exit_mapping), "distill.exit_mapping must be >= 0")
     _check(
         d.method in ("ce", "kd", "erde"), f"distill.method must be ce, kd or erde, got {d.method!r}"
     )
@@ -252,12 +301,21 @@ def validate(cfg: ExperimentConfig) -> None:
         0 <= cfg.data.val_fraction < 1,
         f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}",
     )
+    for name in ("image_size", "max_train"):
+        v = getattr(cfg.data, name)
+        _check(v is None or v >= 1, f"data.{name} must be >= 1 (or null), got {v}")
     _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
     _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
     for section in ("teacher_train", "student_train"):
         t: TrainConfig = getattr(cfg, section)
         _check(t.epochs >= 1, f"{section}.epochs must be >= 1, got {t.epochs}")
-        _check(t.lr > 0, f"{section}.lr must be > 0, got {t.lr}")
+        _check(t.lr > 0 and math.isfinite(t.lr), f"{section}.lr must be > 0, got {t.lr}")
+        _check(0 <= t.momentum < 1, f"{section}.momentum must be in [0, 1), got {t.momentum}")
+        _check(t.checkpoint_every_steps >= 0, f"{section}.checkpoint_every_steps must be >= 0")
+        _check(
+            t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
+            f"{section}.max_steps_per_epoch must be >= 1 (or null), got {t.max_steps_per_epoch}",
+        )
         _check(t.weight_decay >= 0, f"{section}.weight_decay must be >= 0")
         _check(
             t.optimizer in ("sgd", "adamw"),
@@ -268,15 +326,27 @@ def validate(cfg: ExperimentConfig) -> None:
         )
         _check(t.warmup_epochs >= 0, f"{section}.warmup_epochs must be >= 0")
         if t.exit_weights is not None:
-            _check(all(w >= 0 for w in t.exit_weights), f"{section}.exit_weights must be >= 0")
+            _check(
+                all(w >= 0 and math.isfinite(w) for w in t.exit_weights),
+                f"{section}.exit_weights must be >= 0 and finite",
+            )
     for section in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, section)
         _check(m.width > 0, f"{section}.width must be > 0")
         _check(0 <= m.head_dropout < 1, f"{section}.head_dropout must be in [0, 1)")
         _check(m.head_pool >= 1, f"{section}.head_pool must be >= 1")
+        _check(m.head_hidden >= 0, f"{section}.head_hidden must be >= 0")
+        _check(0 <= m.dropout < 1, f"{section}.dropout must be in [0, 1)")
+        _check(
+            m.num_early_exits is None or m.num_early_exits >= 0,
+            f"{section}.num_early_exits must be >= 0",
+        )
+        if m.exit_after is not None:
+            _check(all(b >= 1 for b in m.exit_after), f"{section}.exit_after values must be >= 1")
     e = cfg.evaluation
     _check(e.num_thresholds >= 2, "evaluation.num_thresholds must be >= 2")
     _check(0 <= e.tolerance < 1, "evaluation.tolerance must be in [0, 1)")
+    _check(len(e.rules) >= 1, "evaluation.rules must name at least one rule")
     for rule in e.rules:
         _check(
             rule in ("entropy", "max_softmax"),
