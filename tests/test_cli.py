@@ -143,8 +143,8 @@ def teacher_report(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathF
 @pytest.mark.parametrize(
     ("thresholds", "message"),
     [
-        ("--thresholds=5", r"threshold 5.0 is outside the entropy rule's range [0, 2.303]"),
-        ("--thresholds=-0.5", r"threshold -0.5 is outside the entropy rule's range [0, 2.303]"),
+        ("--thresholds 5", r"threshold 5.0 is outside the entropy rule's range [0, 2.303]"),
+        ("--thresholds -0.5", r"threshold -0.5 is outside the entropy rule's range [0, 2.303]"),
         ("--thresholds=0.1,nan", "threshold nan is outside"),
         ("--thresholds=0.5,1.5", "max_softmax rule's range [0, 1]"),
         ("--thresholds=", "no thresholds"),
@@ -164,7 +164,7 @@ def test_evaluate_rejects_bad_thresholds_and_keeps_the_report(
     before = _snapshot(out)
     assert "report.json" in before
     args = ["evaluate", str(tiny_run["teacher"]), "--out", str(out), "--no-progress"]
-    assert main([*args, thresholds]) == 2
+    assert main([*args, *thresholds.split(" ")]) == 2
     assert message in _error_line(capsys)
     assert _snapshot(out) == before
 
