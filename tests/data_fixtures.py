@@ -246,3 +246,16 @@ class WritesMarker:
 def malicious_pickle_bytes(marker: Path) -> bytes:
     """A pickled dict that looks like a CIFAR batch but runs a command when loaded."""
     return pickle.dumps({b"data": WritesMarker(marker), b"labels": [0]}, protocol=2)
+
+
+TINY_TEACHER_OVERRIDES = ("teacher_train.epochs=1", "teacher_train.max_steps_per_epoch=1")
+
+
+def train_tiny_teacher(out_dir: Path) -> Path:
+    """A real teacher checkpoint in seconds: the tiny config (conftest), one optimizer step."""
+    from conftest import tiny_config
+
+    from erde.training import Job, train
+
+    cfg = tiny_config(*TINY_TEACHER_OVERRIDES)
+    return train(cfg, Job("teacher"), out_dir, progress=False)

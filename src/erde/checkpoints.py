@@ -8,18 +8,28 @@ a checkpoint found on disk is self-describing and never executes code on load.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from erde.config import ModelConfig
-from erde.errors import CheckpointError
+from erde.errors import CheckpointError, ErdeError
 from erde.io import atomic_torch_save
 
 FORMAT = "erde-checkpoint"
 VERSION = 1
-REQUIRED_KEYS = ("format", "version", "name", "model_config", "num_classes", "image_shape", "model")
+REQUIRED_KEYS = (
+    "format",
+    "version",
+    "name",
+    "model_config",
+    "num_classes",
+    "image_shape",
+    "model",
+    "config",
+)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -36,35 +46,88 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle refusing a foreign class, random bytes ...
+    except pickle.UnpicklingError as exc:  # weights_only stopped at something: nothing ran
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((x for x in lines if "GLOBAL" in x or x.startswith("Unsupported")), "")
+        raise CheckpointError(
+            f"{path} is not a readable erde checkpoint: refused to unpickle it without running "
+            "anything (corrupted, or it holds Python objects other than tensors"
+            f"{'; ' + detail[:200] if detail else ''})"
+        ) from None
+    except Exception as exc:  # truncated zip, random bytes, empty file ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable erde checkpoint ({first[:200]})") from None
+        raise CheckpointError(
+            f"{path} is not a readable erde checkpoint (truncated or corrupted? {first[:200]})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an erde checkpoint (no '{FORMAT}' marker)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
-    if ckpt["version"] > VERSION:
-        raise CheckpointError(
-            f"{path} has format version {ckpt['version']}; this erde reads <= {VERSION}"
-        )
+    _check_fields(ckpt, path)
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
+    """Types of the fields erde reads, so a damaged or hand-edited file fails here, clearly."""
+    version = ckpt["version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format version must be an integer, got {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this erde reads <= {VERSION}")
+    num_classes = ckpt["num_classes"]
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise CheckpointError(
+            f"{path}: num_classes must be a positive integer, got {num_classes!r}"
+        )
+    shape = ckpt["image_shape"]
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 3
+        or not all(isinstance(v, int) and v >= 1 for v in shape)
+    ):
+        raise CheckpointError(f"{path}: image_shape must be [C, H, W], got {shape!r}")
+    for key in ("model_config", "config"):
+        if not isinstance(ckpt[key], dict):
+            raise CheckpointError(
+                f"{path}: {key} must be a mapping, got {type(ckpt[key]).__name__}"
+            )
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{path}: 'model' must map parameter names to tensors")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the early-exit model a checkpoint describes and load its weights."""
     from erde.models import build_model
 
+    where = ckpt.get("path", "checkpoint")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = {k: v for k, v in ckpt["model_config"].items() if k in fields}
-    model = build_model(num_classes=int(ckpt["num_classes"]), **mcfg)
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
+        model = build_model(num_classes=int(ckpt["num_classes"]), **mcfg)
+    except (ErdeError, KeyError, ValueError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where} describes a model erde cannot build: {detail}") from None
+    weights = ckpt["model"]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [
+        k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
         raise CheckpointError(
-            f"{ckpt.get('path', 'checkpoint')}: weights do not fit the model: {exc}"
-        ) from None
+            f"{where}: weights do not fit the model it describes ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {example!r})"
+        )
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{where}: weights do not fit the model: {first[:200]}") from None
     return model
 
 
