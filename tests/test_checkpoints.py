@@ -305,8 +305,18 @@ def _tiny_config_file(trained) -> str:
     return str(trained["config"])
 
 
-@pytest.mark.parametrize("force", [True, False], ids=["force", "no-force"])
-@pytest.mark.parametrize("case", sorted(BAD_TEACHERS))
+# --force is the dangerous case (it may replace the checkpoint), so every bad teacher is
+# tried with it; a few without it.
+BAD_TEACHER_RUNS = [(case, True) for case in sorted(BAD_TEACHERS)] + [
+    (case, False) for case in ("code_in_zip", "three_classes", "truncated_zip")
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "force"),
+    BAD_TEACHER_RUNS,
+    ids=[f"{case}-{'force' if force else 'no-force'}" for case, force in BAD_TEACHER_RUNS],
+)
 def test_bad_teacher_exits_2_and_keeps_out(
     tmp_path: Path, trained, out_with_good_results: Path, capsys, case: str, force: bool
 ) -> None:
@@ -322,6 +332,25 @@ def test_bad_teacher_exits_2_and_keeps_out(
     assert message in line
     assert _snapshot(out_with_good_results) == before
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_cli_stderr_is_exactly_one_line_in_a_real_process(tmp_path: Path, trained) -> None:
+    """Outside pytest's capture too: no warning or traceback before the error line."""
+    import subprocess
+    import sys
+
+    teacher = tmp_path / "teacher.pt"
+    _write_bad("code_in_plain_pickle", teacher, trained)
+    argv = ["train-student", "--method", "kd", "--teacher", str(teacher)]
+    argv += ["--config", str(trained["config"]), "--out", str(tmp_path / "out"), "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, "-m", "erde.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("erde: error: ")
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "code-ran").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_good_teacher_with_force_does_replace_the_checkpoint(

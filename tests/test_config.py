@@ -271,15 +271,17 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
     assert yaml.safe_load(path.read_text())["data"]["data_dir"] == "/data/run #2"
 
 
-def test_config_saved_with_checkpoint_round_trips(tiny_run, tiny_cfg) -> None:
+def test_config_saved_with_checkpoint_round_trips(tmp_path: Path) -> None:
     """The config.yaml next to a checkpoint and the config inside it rebuild the same run."""
-    for name in ("teacher", "student_erde"):
-        folder = tiny_run[name].parent
-        from_yaml = load_config(folder / "config.yaml")
-        ckpt = torch.load(tiny_run[name], map_location="cpu", weights_only=True)
-        from_ckpt = config_from_dict(ckpt["config"])
-        assert from_yaml == from_ckpt == tiny_cfg
-    assert load_config(tiny_run["out"] / "config.yaml") == tiny_cfg
+    from conftest import tiny_config
+    from data_fixtures import TINY_TEACHER_OVERRIDES, train_tiny_teacher
+
+    checkpoint = train_tiny_teacher(tmp_path / "teacher")
+    used = tiny_config(*TINY_TEACHER_OVERRIDES)
+    from_yaml = load_config(checkpoint.parent / "config.yaml")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert from_yaml == config_from_dict(ckpt["config"]) == used
+    assert from_yaml.teacher_train.max_steps_per_epoch == 1  # not the defaults
 
 
 # --- through the command line -------------------------------------------------------------

@@ -136,6 +136,32 @@ def test_cifar10_archive_path_itself_is_accepted(tmp_path: Path) -> None:
     assert image_id(splits.train.images) == image_id(written.train_images)
 
 
+def test_cifar10_archive_in_read_only_folder_unpacks_to_user_cache(
+    tmp_path: Path, monkeypatch, _isolated_cache: Path
+) -> None:
+    import erde.data.formats as formats
+
+    written = write_cifar10(tmp_path / "src")
+    data = tmp_path / "data"
+    data.mkdir()
+    make_tar_gz(data / CIFAR10_ARCHIVE, {CIFAR10_FOLDER: tmp_path / "src" / CIFAR10_FOLDER})
+    real = formats.safe_extract_folder
+
+    def read_only_data_folder(archive: Path, dest: Path, folder: str) -> Path:
+        if dest == data:
+            raise PermissionError(13, "Permission denied", str(dest))
+        return real(archive, dest, folder)
+
+    monkeypatch.setattr(formats, "safe_extract_folder", read_only_data_folder)
+    splits = load_data("cifar10", data, val_fraction=0.0)
+    assert image_id(splits.train.images) == image_id(written.train_images)
+    assert _files_under(data) == {CIFAR10_ARCHIVE}
+    assert list(_isolated_cache.glob(f"extracted-*/{CIFAR10_FOLDER}/test_batch"))
+
+    monkeypatch.setattr(formats, "safe_extract_folder", None)  # found again, not unpacked
+    assert torch.equal(load_data("cifar10", data, val_fraction=0.0).test.images, splits.test.images)
+
+
 # --- CIFAR-100 ----------------------------------------------------------------------------
 
 
@@ -240,6 +266,29 @@ def test_imagefolder_cache_invalidated_when_a_file_is_added(tmp_path: Path) -> N
     splits = load_data("imagefolder", root, val_fraction=0.0)
     assert len(splits.train) == 13
     assert splits.train.labels.tolist().count(1) == 5
+
+
+def test_imagefolder_cache_goes_to_user_cache_when_folder_is_read_only(
+    tmp_path: Path, monkeypatch, _isolated_cache: Path
+) -> None:
+    root = tmp_path / "set"
+    write_imagefolder(root)
+    real = imagefolder.atomic_write_bytes
+
+    def read_only_root(path: Path, data: bytes) -> None:
+        if Path(path).parent == root:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(imagefolder, "atomic_write_bytes", read_only_root)
+    first = load_data("imagefolder", root, val_fraction=0.0)
+    assert not list(root.glob(".erde-cache-*"))
+    assert len(list(_isolated_cache.glob("imagefolder-*/.erde-cache-*.npz"))) == 2
+
+    monkeypatch.setattr(imagefolder, "_decode_all", None)  # must come from the user cache
+    assert torch.equal(
+        load_data("imagefolder", root, val_fraction=0.0).train.images, first.train.images
+    )
 
 
 def test_imagefolder_damaged_cache_is_rebuilt(tmp_path: Path) -> None:
