@@ -46,9 +46,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # torch's notes on foreign pickles: the file is judged below
+        # torch warns about foreign pickle protocols; the file is judged below instead
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only stopped at something: nothing ran
