@@ -1,23 +1,27 @@
 """torch.distributed set-up for `torchrun`: one process per device, rank 0 writes files.
 
 Without torchrun's environment (WORLD_SIZE unset or 1) everything here is a no-op,
-so the same training code runs in one process or many.
+so the same training code runs in one process or many. torchrun sets RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process, on one
+node or several; the process group is NCCL on GPUs and gloo on CPU.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
 class DistContext:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+    rank: int = 0  # global rank of this process
+    local_rank: int = 0  # rank within its node: the GPU index it uses
+    world_size: int = 1  # number of processes in the job
 
     @property
     def enabled(self) -> bool:
@@ -29,7 +33,11 @@ class DistContext:
 
 
 def setup(device: str) -> tuple[DistContext, torch.device]:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU) and pick the device."""
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU) and pick the device.
+
+    Safe to call more than once (the pipeline trains several models in one
+    process); the group is joined once and left when the process exits.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(), resolve_device(device)
@@ -40,6 +48,7 @@ def setup(device: str) -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(cleanup, ctx)
     return ctx, dev
 
 
@@ -61,6 +70,26 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_min(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise minimum over ranks (identity in one process)."""
+    if ctx.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values
+
+
+def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DistributedDataParallel keeps parameters equal, but each rank updates its
+    running statistics on its own batches after the last broadcast; this makes
+    the whole state identical before it is evaluated or saved.
+    """
+    if ctx.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier(ctx: DistContext) -> None:

@@ -1,11 +1,23 @@
 """One training loop for the early-exit teacher and the ce/kd/erde students.
 
-The loop is written out in plain PyTorch: batches come from uint8 tensors on the
-training device, augmentation is batched there, the teacher (for students) runs
-once per batch under ``inference_mode``, and every epoch ends with an atomic
-checkpoint that ``--resume`` continues from exactly (model, optimizer, schedule,
-RNG states, position in the epoch). Under ``torchrun`` the same code runs with
-DistributedDataParallel; only rank 0 writes files.
+The loop is plain PyTorch, written for speed and for crashes:
+
+- the uint8 training set sits on the training device; each batch is sliced,
+  augmented and normalised there in a few batched ops (no DataLoader);
+- channels_last, mixed precision (bf16 on CUDA by default, fp16 + GradScaler on
+  GPUs without bf16) and ``torch.compile`` are config switches;
+- a student's teacher runs once per batch for all its exits, under
+  ``torch.inference_mode()``;
+- running loss and accuracy are summed on the device; the host reads them
+  every ``SYNC_EVERY`` steps (progress bar, non-finite loss check) and at the
+  end of the epoch, never once per step;
+- checkpoints are written atomically every epoch (and every
+  ``checkpoint_every_steps``); ``resume=True`` continues from the exact batch
+  it stopped at, with the same augmentation draws, so an interrupted run ends
+  with the same weights as an uninterrupted one;
+- under ``torchrun`` the model is wrapped in DistributedDataParallel, each
+  process trains on its shard of every epoch, metrics are summed over
+  processes and only rank 0 writes files (see docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -31,11 +43,17 @@ from erde.checkpoints import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from erde.config import ExperimentConfig, ModelConfig, TrainConfig, save_config
-from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch
+from erde.config import DistillConfig, ExperimentConfig, ModelConfig, TrainConfig, save_config
+from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch, to_device
 from erde.errors import CheckpointError, ConfigError, ErdeError
+from erde.io import atomic_write_text
 from erde.losses import exit_mapping, student_loss, teacher_loss
 from erde.models import build_model
+
+SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
+DATA_ON_GPU_FRACTION = 0.25  # keep the training set on the GPU if it takes at most this share
+
+LossFn = Callable[[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor], dict]
 
 
 class TrainingError(ErdeError):
@@ -116,72 +134,180 @@ def exit_weights(t: TrainConfig, num_exits: int, section: str) -> list[float]:
 
 
 def epoch_indices(n: int, seed: int, epoch: int, ctx: D.DistContext) -> torch.Tensor:
-    """The same shuffled order on every rank, then this rank's equal-sized shard."""
+    """The same shuffled order on every rank, then this rank's equal-sized shard.
+
+    This is the distributed sampler: ranks never share an image within an
+    epoch, and the order depends only on (seed, epoch), so a resumed run
+    replays it.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g)
     per_rank = n // ctx.world_size
     return order[ctx.rank * per_rank : (ctx.rank + 1) * per_rank] if ctx.enabled else order
 
 
+def augment_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of one step's crops and flips on one rank.
+
+    A pure function of (seed, rank, step) instead of a generator carried from
+    step to step, so a run resumed from rank 0's checkpoint draws the same
+    augmentations on every rank as the run that was interrupted.
+    """
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
+
+
+def splits_batch(cfg: ExperimentConfig, n_train: int) -> int:
+    """Per-process batch size, shrunk for training sets smaller than one batch."""
+    return max(1, min(cfg.data.batch_size, n_train))
+
+
+def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """Autocast dtype, or None for full fp32: bf16, or fp16 on GPUs without bf16."""
+    enabled = device.type == "cuda" if amp is None else amp
+    if not enabled:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def keep_on_device(data: ImageSet, device: torch.device) -> ImageSet:
+    """The uint8 set on the training device, so batches never cross the host bus.
+
+    A set too large for the GPU (over ``DATA_ON_GPU_FRACTION`` of its memory)
+    stays in host memory and batches are copied over one by one.
+    """
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if data.images.numel() > DATA_ON_GPU_FRACTION * total:
+            return data
+    return to_device(data, device)
+
+
 @torch.no_grad()
 def evaluate_accuracy(
-    model: nn.Module, data: ImageSet, splits: DataSplits, device: torch.device, batch_size: int
+    model: nn.Module,
+    data: ImageSet,
+    splits: DataSplits,
+    device: torch.device,
+    batch_size: int,
+    ctx: D.DistContext | None = None,
 ) -> list[float]:
-    """Accuracy of every exit on ``data`` (fractions in [0, 1])."""
+    """Accuracy of every exit on ``data`` (fractions in [0, 1]).
+
+    Under torchrun each rank scores every world_size-th image and the counts
+    are summed, so the answer is the same as in one process.
+    """
+    ctx = ctx or D.DistContext()
     if len(data) == 0:
         return []
     was_training = model.training
     model.eval()
-    correct: torch.Tensor | None = None
-    for images, labels in iterate_batches(data, batch_size, shuffle=False, device=device):
+    shard = torch.arange(ctx.rank, len(data), ctx.world_size)
+    correct = torch.zeros(model.num_exits, dtype=torch.float64, device=device)
+    for images, labels in iterate_batches(data, batch_size, device=device, indices=shard):
         logits = model(prepare_batch(images, splits, train=False))
-        hits = torch.stack([(z.argmax(-1) == labels).sum() for z in logits])
-        correct = hits if correct is None else correct + hits
+        correct += torch.stack([(z.argmax(-1) == labels).sum() for z in logits])
     model.train(was_training)
-    return (correct.float() / len(data)).tolist()
+    return (D.all_reduce_sum(correct, ctx) / len(data)).tolist()
 
 
-def _autocast(device: torch.device, amp: bool | None):
-    enabled = device.type == "cuda" if amp is None else amp
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def make_loss(job: Job, weights: list[float], mapping: list[int], d: DistillConfig) -> LossFn:
+    """(student exit logits, teacher exit logits or None, labels) -> dict of loss terms."""
+    if job.role == "teacher":
+        return lambda exit_logits, _teacher, labels: teacher_loss(exit_logits, labels, weights)
+
+    def loss(exit_logits, teacher_logits, labels):
+        return student_loss(
+            job.method, exit_logits, teacher_logits, labels, weights, mapping,
+            alpha=d.alpha, beta=d.beta, gamma=d.gamma, tau=d.temperature,
+        )  # fmt: skip
+
+    return loss
 
 
-def _checkpoint_state(
-    job: Job,
-    cfg: ExperimentConfig,
-    mcfg: ModelConfig,
-    splits: DataSplits,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    position: dict[str, Any],
-    aug_gen: torch.Generator,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    rng = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "name": job.name,
-        "role": job.role,
-        "method": job.method,
-        "model_config": dataclasses.asdict(mcfg),
-        "num_classes": splits.num_classes,
-        "image_shape": list(splits.image_shape),
-        "dataset": splits.name,
-        "class_names": list(splits.class_names),
-        "mean": list(splits.mean),
-        "std": list(splits.std),
-        "config": cfg.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng,
-        **position,
-        **extra,
-    }
+def teacher_exit_logits(teacher: Callable, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every teacher exit from one forward pass, with no autograd bookkeeping at all.
+
+    The clones turn inference tensors into ordinary ones that the student's
+    loss may save for its backward pass ((B, K) each: negligible).
+    """
+    with torch.inference_mode():
+        logits = teacher(x)
+    return [z.clone() for z in logits]
+
+
+class EpochSums:
+    """Loss, per-exit hits and loss terms summed over an epoch, on the training device.
+
+    Adding a step queues a few tensor ops and never waits for the device; the
+    host reads the sums every ``SYNC_EVERY`` steps and at the end of the epoch.
+    """
+
+    def __init__(self, device: torch.device, state: dict[str, Any] | None = None) -> None:
+        self.device = device
+        self.names: list[str] = []
+        self.values: torch.Tensor | None = None  # float64 (len(names),)
+        self.images = 0  # images this process trained on this epoch
+        if state is not None:
+            self.names = list(state["names"])
+            self.values = state["values"].to(device)
+            self.images = int(state["images"])
+
+    def add(
+        self,
+        loss: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+        exit_logits: list[torch.Tensor],
+        labels: torch.Tensor,
+    ) -> None:
+        b = labels.shape[0]
+        keys = sorted(k for k in terms if k != "total")
+        if self.values is None:
+            hits_names = [f"correct_{i}" for i in range(len(exit_logits))]
+            self.names = ["loss", *hits_names, *keys]
+            self.values = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            hits = torch.stack([(z.argmax(-1) == labels).sum() for z in exit_logits])  # (E,)
+            means = torch.stack([loss.detach(), *(terms[k].detach() for k in keys)]).float()
+            self.values += torch.cat([means[:1] * b, hits, means[1:] * b])
+        self.images += b
+
+    def local_means(self) -> dict[str, float]:
+        """This process's running means (reads the device: call only every few steps)."""
+        if self.values is None:
+            return {}
+        n = max(self.images, 1)
+        return {k: v / n for k, v in zip(self.names, self.values.tolist(), strict=True)}
+
+    def reduced(self, ctx: D.DistContext) -> dict[str, Any]:
+        """The sums over every process, as a checkpointable state (a collective call)."""
+        values = self.values if self.values is not None else torch.zeros(0, device=self.device)
+        flat = torch.cat([values.double(), values.new_tensor([self.images], dtype=torch.float64)])
+        flat = D.all_reduce_sum(flat, ctx).cpu()
+        return {"names": self.names, "values": flat[:-1], "images": int(flat[-1])}
+
+
+class NonFiniteWatch:
+    """The first step whose loss was nan or inf, tracked on the device without waiting."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(loss.detach())
+        self.first = torch.where(finite, self.first, self.first.clamp(max=step))
+
+    def first_bad_step(self, ctx: D.DistContext) -> int | None:
+        """Earliest bad step on any rank (a collective call), or None."""
+        step = int(D.all_reduce_min(self.first, ctx).item())
+        return None if step == self.NONE else step
 
 
 def _load_teacher(path: str | Path, splits: DataSplits, device: torch.device) -> nn.Module:
@@ -210,6 +336,49 @@ def _existing(out_dir: Path, resume: bool, force: bool) -> dict[str, Any] | None
     )
 
 
+def _check_resumable(
+    previous: dict[str, Any], job: Job, mcfg: ModelConfig, splits: DataSplits, steps: int
+) -> None:
+    check_compatible(previous, splits.num_classes, splits.image_shape, "checkpoint to resume")
+    if previous.get("name") != job.name:
+        raise CheckpointError(f"{previous['path']} holds {previous.get('name')}, not {job.name}")
+    wanted = dataclasses.asdict(mcfg)
+    changed = [k for k in wanted if previous["model_config"].get(k) != wanted[k]]
+    if changed:
+        k = changed[0]
+        raise CheckpointError(
+            f"{previous['path']} holds a model with {k}={previous['model_config'].get(k)!r} but "
+            f"the config asks for {k}={wanted[k]!r}; resume with the config it was trained with"
+        )
+    saved = previous.get("steps_per_epoch", steps)
+    if saved != steps and not previous.get("finished"):
+        raise CheckpointError(
+            f"{previous['path']} was written with {saved} steps per epoch "
+            f"({previous.get('world_size', 1)} process(es), batch size {previous.get('batch_size')}); "
+            f"this run has {steps}: resume with the same number of processes and data.batch_size"
+        )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Global RNG states (dropout). Every rank draws the same stream, so rank 0's is everyone's."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    """Half-written checkpoints a killed process left behind (never the checkpoint itself)."""
+    for stale in out_dir.glob(".checkpoint.pt.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def train(
     cfg: ExperimentConfig,
     job: Job,
@@ -226,7 +395,8 @@ def train(
 
     Everything that can be wrong with the inputs (data, teacher, config) is
     checked before the first file is written, so a bad call never replaces a
-    good checkpoint.
+    good checkpoint. ``on_step(global_step)`` is called after every optimizer
+    step. Under torchrun, ``data.batch_size`` is per process.
     """
     out_dir = Path(out_dir)
     ctx, device = D.setup(cfg.device)
@@ -241,13 +411,22 @@ def train(
         if teacher_checkpoint is None:
             raise ConfigError(f"method {job.method!r} needs a teacher checkpoint (--teacher)")
         teacher = _load_teacher(teacher_checkpoint, splits, device)
+    n_train = len(splits.train) // ctx.world_size
+    batch_size = splits_batch(cfg, n_train)
+    steps_per_epoch = n_train // batch_size
+    if tcfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, tcfg.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"training set of {len(splits.train)} images is smaller than one batch per process"
+        )
     previous = _existing(out_dir, resume, force)
     if previous is not None:
-        check_compatible(previous, splits.num_classes, splits.image_shape, "checkpoint to resume")
-        if previous.get("name") != job.name:
-            raise CheckpointError(
-                f"{previous['path']} holds {previous.get('name')}, not {job.name}"
-            )
+        _check_resumable(previous, job, mcfg, splits, steps_per_epoch)
+        if previous.get("finished"):
+            if ctx.is_main:
+                print(f"{job.name}: already finished in {out_dir}, reusing it")
+            return out_dir / "checkpoint.pt"
 
     seed_everything(cfg.seed)
     try:
@@ -264,188 +443,250 @@ def train(
                 f"for each of the student's {model.num_exits} exits, got {mapping}"
             )
 
-    model.to(device)
-    memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, tcfg)
-    n_train = len(splits.train) // ctx.world_size
-    steps_per_epoch = n_train // splits_batch(cfg, n_train)
-    if tcfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, tcfg.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"training set of {len(splits.train)} images is smaller than one batch per process"
-        )
-    scheduler = build_scheduler(optimizer, tcfg, steps_per_epoch)
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + ctx.rank)
-
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "finished": False}
-    running = None
+    loop = _Loop(
+        cfg=cfg, job=job, tcfg=tcfg, ctx=ctx, device=device, out_dir=out_dir, splits=splits,
+        model=model, teacher=teacher, loss_fn=make_loss(job, weights, mapping, cfg.distill),
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, on_step=on_step,
+        extra={"exit_weights": weights, "exit_mapping": mapping,
+               "teacher_checkpoint": str(teacher_checkpoint) if teacher is not None else None},
+    )  # fmt: skip
     if previous is not None:
-        model.load_state_dict(previous["model"])
-        optimizer.load_state_dict(previous["optimizer"])
-        scheduler.load_state_dict(previous["scheduler"])
-        torch.set_rng_state(previous["rng"]["torch"])
-        aug_gen.set_state(previous["rng"]["augment"])
-        if "cuda" in previous["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(previous["rng"]["cuda"])
-        position = {k: previous[k] for k in position}
-        running = previous.get("running")
-        if position["finished"]:
-            if ctx.is_main:
-                print(f"{job.name}: already finished in {out_dir}, reusing it")
-            return out_dir / "checkpoint.pt"
-
-    train_model = model
-    if ctx.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    forward = torch.compile(train_model) if tcfg.compile else train_model
-
+        loop.restore(previous)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(out_dir)
         save_config(cfg, out_dir / "config.yaml")
-    metrics_path = out_dir / "metrics.jsonl"
-
-    def checkpoint(finished: bool = False) -> None:
-        if not ctx.is_main:
-            return
-        state = _checkpoint_state(
-            job, cfg, mcfg, splits, model, optimizer, scheduler,
-            {**position, "finished": finished}, aug_gen,
-            {"running": running, "exit_weights": weights, "exit_mapping": mapping,
-             "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None},
-        )  # fmt: skip
-        save_checkpoint(state, out_dir / "checkpoint.pt")
-
-    batch_size = splits_batch(cfg, n_train)
-    total_steps = tcfg.epochs * steps_per_epoch
-    bar = tqdm(
-        total=total_steps, initial=position["global_step"], desc=job.name,
-        disable=not (progress and ctx.is_main), dynamic_ncols=True, leave=True,
-    )  # fmt: skip
-    model.train()
-    try:
-        while position["epoch"] < tcfg.epochs:
-            epoch = position["epoch"]
-            start = time.perf_counter()
-            idx = epoch_indices(len(splits.train), cfg.seed, epoch, ctx)
-            idx = idx[position["step_in_epoch"] * batch_size : steps_per_epoch * batch_size]
-            if running is None:
-                running = {"loss_sum": 0.0, "n": 0, "correct": [0] * model.num_exits, "terms": {}}
-            batches = iterate_batches(
-                splits.train, batch_size, shuffle=False, drop_last=True, device=device, indices=idx
-            )
-            for images, labels in batches:
-                x = prepare_batch(images, splits, train=True, generator=aug_gen)
-                x = x.contiguous(memory_format=memory_format)
-                with _autocast(device, tcfg.amp):
-                    exit_logits = forward(x)
-                    if teacher is None and is_teacher:
-                        terms = teacher_loss(exit_logits, labels, weights)
-                    else:
-                        teacher_logits = None
-                        if teacher is not None:
-                            with torch.inference_mode():
-                                teacher_logits = teacher(x)
-                            teacher_logits = [z.clone() for z in teacher_logits]
-                        d = cfg.distill
-                        terms = student_loss(
-                            job.method, exit_logits, teacher_logits, labels, weights, mapping,
-                            alpha=d.alpha, beta=d.beta, gamma=d.gamma, tau=d.temperature,
-                        )  # fmt: skip
-                loss = terms["total"]
-                bad = D.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1), ctx)
-                if bad.item() > 0:
-                    raise TrainingError(
-                        f"{job.name}: loss became {loss.item()} at epoch {epoch + 1}, step "
-                        f"{position['global_step'] + 1}; the last good checkpoint is kept in {out_dir}. "
-                        "Try a lower learning rate."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-
-                with torch.no_grad():
-                    hits = [int((z.argmax(-1) == labels).sum()) for z in exit_logits]
-                running["n"] += len(labels)
-                running["loss_sum"] += float(loss.detach()) * len(labels)
-                running["correct"] = [a + b for a, b in zip(running["correct"], hits, strict=True)]
-                for k, v in terms.items():
-                    if k != "total":
-                        running["terms"][k] = running["terms"].get(k, 0.0) + float(v) * len(labels)
-                position["step_in_epoch"] += 1
-                position["global_step"] += 1
-                bar.update(1)
-                bar.set_postfix(
-                    epoch=f"{epoch + 1}/{tcfg.epochs}",
-                    loss=f"{running['loss_sum'] / running['n']:.3f}",
-                    acc=f"{running['correct'][-1] / running['n']:.3f}",
-                )
-                if on_step is not None:
-                    on_step(position["global_step"])
-                every = tcfg.checkpoint_every_steps
-                if (
-                    every
-                    and position["global_step"] % every == 0
-                    and position["step_in_epoch"] < steps_per_epoch
-                ):
-                    checkpoint()
-
-            record = _epoch_record(job, epoch, running, ctx, time.perf_counter() - start)
-            record["lr"] = scheduler.get_last_lr()[0]
-            record["val_exit_accuracy"] = evaluate_accuracy(
-                model, splits.val, splits, device, cfg.data.eval_batch_size
-            )
-            position["epoch"] += 1
-            position["step_in_epoch"] = 0
-            running = None
-            if ctx.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            checkpoint(finished=position["epoch"] >= tcfg.epochs)
-    except torch.OutOfMemoryError:
-        raise TrainingError(
-            f"{job.name}: out of memory on {device} with batch size {batch_size}; "
-            "try a smaller data.batch_size"
-        ) from None
-    finally:
-        bar.close()
+    loop.run(progress)
     D.barrier(ctx)
     return out_dir / "checkpoint.pt"
 
 
-def splits_batch(cfg: ExperimentConfig, n_train: int) -> int:
-    """Per-process batch size, shrunk for training sets smaller than one batch."""
-    return max(1, min(cfg.data.batch_size, n_train))
+class _Loop:
+    """The state of one training run and the few things done with it.
+
+    ``model`` is the bare module (what is saved); ``forward`` is what batches go
+    through: the same module wrapped in DistributedDataParallel and/or compiled.
+    """
+
+    def __init__(
+        self,
+        *,
+        cfg: ExperimentConfig,
+        job: Job,
+        tcfg: TrainConfig,
+        ctx: D.DistContext,
+        device: torch.device,
+        out_dir: Path,
+        splits: DataSplits,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        loss_fn: LossFn,
+        batch_size: int,
+        steps_per_epoch: int,
+        on_step: Callable[[int], None] | None,
+        extra: dict[str, Any],
+    ) -> None:
+        self.cfg, self.job, self.tcfg, self.ctx, self.device = cfg, job, tcfg, ctx, device
+        self.out_dir, self.splits, self.loss_fn = out_dir, splits, loss_fn
+        self.batch_size, self.steps_per_epoch, self.on_step = batch_size, steps_per_epoch, on_step
+        self.extra = extra
+        self.memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+        self.amp_dtype = amp_dtype(device, tcfg.amp)
+        self.train_set = keep_on_device(splits.train, device)
+        self.val_set = keep_on_device(splits.val, device)
+
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.optimizer = build_optimizer(self.model, tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        forward: nn.Module = self.model
+        if ctx.enabled:
+            device_ids = [device.index] if device.type == "cuda" else None
+            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.forward = torch.compile(forward) if tcfg.compile else forward
+        self.teacher = None
+        if teacher is not None:
+            teacher = teacher.to(memory_format=self.memory_format)
+            self.teacher = torch.compile(teacher) if tcfg.compile else teacher
+
+        self.aug_gen = torch.Generator()
+        self.position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        self.sums = EpochSums(device)
+        self.watch = NonFiniteWatch(device)
+        self.history: list[dict[str, Any]] = []  # one metrics record per finished epoch
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue exactly where ``ckpt`` stopped: weights, optimizer, schedule, RNG, position."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"], self.device)
+        self.position = {k: int(ckpt[k]) for k in self.position}
+        self.history = list(ckpt.get("history", []))
+        running = ckpt.get("running")
+        # the saved sums cover every rank: rank 0 carries them on, the others start from zero
+        if running and self.ctx.is_main:
+            self.sums = EpochSums(self.device, running)
+
+    def save(self, finished: bool = False) -> None:
+        """Write the checkpoint (rank 0; mid-epoch, the running sums are reduced on every rank first)."""
+        running = self.sums.reduced(self.ctx) if self.position["step_in_epoch"] else None
+        if not self.ctx.is_main:
+            return
+        splits = self.splits
+        mcfg = self.cfg.teacher if self.job.role == "teacher" else self.cfg.student
+        state = {
+            "name": self.job.name,
+            "role": self.job.role,
+            "method": self.job.method,
+            "model_config": dataclasses.asdict(mcfg),
+            "num_classes": splits.num_classes,
+            "image_shape": list(splits.image_shape),
+            "dataset": splits.name,
+            "class_names": list(splits.class_names),
+            "mean": list(splits.mean),
+            "std": list(splits.std),
+            "config": self.cfg.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(self.device),
+            **self.position,
+            "finished": finished,
+            "running": running,
+            "history": self.history,
+            "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": self.batch_size,
+            "world_size": self.ctx.world_size,
+            **self.extra,
+        }
+        save_checkpoint(state, self.out_dir / "checkpoint.pt")
+
+    def write_metrics(self) -> None:
+        """metrics.jsonl, rewritten from the checkpoint's history: a crash never duplicates a line."""
+        if self.ctx.is_main:
+            lines = "".join(json.dumps(record) + "\n" for record in self.history)
+            atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step on one uint8 batch (B, C, H, W); queues work, never waits for it."""
+        p = self.position
+        self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, p["global_step"]))
+        x = prepare_batch(images, self.splits, train=True, generator=self.aug_gen)
+        x = x.contiguous(memory_format=self.memory_format)
+        with autocast(self.device, self.amp_dtype):
+            teacher_logits = None if self.teacher is None else teacher_exit_logits(self.teacher, x)
+            exit_logits = self.forward(x)
+            terms = self.loss_fn(exit_logits, teacher_logits, labels)
+        loss = terms["total"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        p["step_in_epoch"] += 1
+        p["global_step"] += 1
+        self.watch.update(loss, p["global_step"])
+        self.sums.add(loss, terms, exit_logits, labels)
+
+    def check_finite(self) -> None:
+        """Stop on a nan/inf loss before anything is saved from the weights it spoilt."""
+        bad = self.watch.first_bad_step(self.ctx)
+        if bad is not None:
+            epoch = (bad - 1) // self.steps_per_epoch + 1
+            raise TrainingError(
+                f"{self.job.name}: the loss became nan or inf at step {bad} (epoch {epoch}); "
+                f"stopped, and the last good checkpoint is kept in {self.out_dir}. "
+                "Try a lower learning rate, or turn mixed precision off (teacher_train/"
+                "student_train.amp=false)."
+            )
+
+    def run_epoch(self, bar: tqdm) -> None:
+        p = self.position
+        start = time.perf_counter()
+        idx = epoch_indices(len(self.train_set), self.cfg.seed, p["epoch"], self.ctx)
+        idx = idx[p["step_in_epoch"] * self.batch_size : self.steps_per_epoch * self.batch_size]
+        every = self.tcfg.checkpoint_every_steps
+        for images, labels in iterate_batches(
+            self.train_set, self.batch_size, drop_last=True, device=self.device, indices=idx
+        ):
+            self.step(images, labels)
+            bar.update(1)
+            if self.on_step is not None:
+                self.on_step(p["global_step"])
+            mid_epoch = p["step_in_epoch"] < self.steps_per_epoch
+            if every and p["global_step"] % every == 0 and mid_epoch:
+                self.check_finite()
+                self.save()
+            elif p["global_step"] % SYNC_EVERY == 0:
+                self.check_finite()
+            if p["global_step"] % SYNC_EVERY == 0 and not bar.disable:
+                m = self.sums.local_means()
+                last = f"correct_{self.model.num_exits - 1}"
+                bar.set_postfix(
+                    epoch=f"{p['epoch'] + 1}/{self.tcfg.epochs}",
+                    loss=f"{m['loss']:.3f}",
+                    acc=f"{m[last]:.3f}",
+                )
+        self.check_finite()
+        self.end_epoch(start)
+
+    def end_epoch(self, start: float) -> None:
+        """Metrics over all ranks, validation accuracy, then checkpoint and metrics.jsonl."""
+        totals = self.sums.reduced(self.ctx)  # waits for the device: the time below is true
+        seconds = time.perf_counter() - start
+        D.broadcast_buffers(self.model, self.ctx)
+        record = _epoch_record(self.job, self.position["epoch"], totals, seconds)
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["val_exit_accuracy"] = evaluate_accuracy(
+            self.model, self.val_set, self.splits, self.device, self.cfg.data.eval_batch_size,
+            self.ctx,
+        )  # fmt: skip
+        self.history.append(record)
+        self.position["epoch"] += 1
+        self.position["step_in_epoch"] = 0
+        self.sums = EpochSums(self.device)
+        self.save(finished=self.position["epoch"] >= self.tcfg.epochs)
+        self.write_metrics()
+
+    def run(self, progress: bool) -> None:
+        bar = tqdm(
+            total=self.tcfg.epochs * self.steps_per_epoch, initial=self.position["global_step"],
+            desc=self.job.name, disable=not (progress and self.ctx.is_main), dynamic_ncols=True,
+        )  # fmt: skip
+        self.model.train()
+        try:
+            while self.position["epoch"] < self.tcfg.epochs:
+                self.run_epoch(bar)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"{self.job.name}: out of memory on {self.device} with batch size "
+                f"{self.batch_size}; try a smaller data.batch_size (e.g. --set "
+                f"data.batch_size={max(1, self.batch_size // 2)})"
+            ) from None
+        finally:
+            bar.close()
 
 
-def _epoch_record(job: Job, epoch: int, running: dict, ctx: D.DistContext, seconds: float) -> dict:
-    """Epoch metrics summed over ranks: mean loss and terms, train accuracy per exit."""
-    keys = sorted(running["terms"])
-    flat = torch.tensor(
-        [
-            running["n"],
-            running["loss_sum"],
-            *running["correct"],
-            *(running["terms"][k] for k in keys),
-        ],
-        dtype=torch.float64,
-    )
-    flat = D.all_reduce_sum(flat, ctx).tolist()
-    n, loss_sum = flat[0], flat[1]
-    num_exits = len(running["correct"])
-    correct = flat[2 : 2 + num_exits]
-    terms = flat[2 + num_exits :]
+def _epoch_record(job: Job, epoch: int, totals: dict[str, Any], seconds: float) -> dict:
+    """Epoch metrics over all ranks: mean loss and terms, train accuracy per exit."""
+    n = max(totals["images"], 1)
+    means = {k: v / n for k, v in zip(totals["names"], totals["values"].tolist(), strict=True)}
+    correct = sorted((k for k in means if k.startswith("correct_")), key=lambda k: int(k[8:]))
     return {
         "model": job.name,
         "epoch": epoch + 1,
-        "train_loss": loss_sum / max(n, 1),
-        "train_exit_accuracy": [c / max(n, 1) for c in correct],
-        "terms": {k: v / max(n, 1) for k, v in zip(keys, terms, strict=True)},
-        "images": int(n),
+        "train_loss": means.get("loss", float("nan")),
+        "train_exit_accuracy": [means[k] for k in correct],
+        "terms": {k: v for k, v in means.items() if k != "loss" and k not in correct},
+        "images": totals["images"],
         "seconds": seconds,
-        "images_per_second": n / seconds if seconds > 0 else None,
+        "images_per_second": totals["images"] / seconds if seconds > 0 else None,
     }

@@ -1,0 +1,113 @@
+"""Training under torchrun: two real CPU processes joined with gloo.
+
+The test launches this very file with ``python -m torch.distributed.run`` (what
+the ``torchrun`` command runs); as a script it trains the tiny teacher and an
+ERDE student with :func:`erde.training.train`, as every ``erde train-*``
+command does, and each rank saves the weights it ended with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from erde.checkpoints import load_checkpoint
+
+TEACHER_STEPS = 6  # per epoch and process
+TEACHER_EPOCHS = 3
+BATCH = 32  # per process
+
+
+def _config():
+    from conftest import tiny_config
+
+    return tiny_config(
+        f"data.batch_size={BATCH}",
+        f"teacher_train.epochs={TEACHER_EPOCHS}",
+        f"teacher_train.max_steps_per_epoch={TEACHER_STEPS}",
+        "teacher_train.lr=0.05",
+        "student_train.max_steps_per_epoch=3",
+    )
+
+
+def _worker(out: Path, dumps: Path) -> None:
+    """One rank: train as the CLI does, then save the weights this process holds."""
+    from erde import training
+    from erde.training import Job
+
+    built = []
+    real_build_model = training.build_model
+
+    def build_and_keep(**kwargs):  # the trained module itself, not rank 0's checkpoint
+        model = real_build_model(**kwargs)
+        built.append(model)
+        return model
+
+    training.build_model = build_and_keep
+    rank = os.environ["RANK"]
+    cfg = _config()
+    teacher = training.train(cfg, Job("teacher"), out / "teacher", progress=False)
+    torch.save(built[-1].state_dict(), dumps / f"teacher_rank{rank}.pt")
+    training.train(
+        cfg,
+        Job("student", "erde"),
+        out / "student_erde",
+        teacher_checkpoint=teacher,
+        progress=False,
+    )
+    torch.save(built[-1].state_dict(), dumps / f"student_erde_rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_gloo_processes_end_with_identical_weights_and_a_lower_loss(tmp_path: Path) -> None:
+    out, dumps = tmp_path / "run", tmp_path / "ranks"
+    dumps.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        __file__, str(out), str(dumps),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for name in ("teacher", "student_erde"):
+        rank0 = torch.load(dumps / f"{name}_rank0.pt", weights_only=True)
+        rank1 = torch.load(dumps / f"{name}_rank1.pt", weights_only=True)
+        _assert_same_state(rank0, rank1)  # parameters and BatchNorm statistics alike
+        ckpt = load_checkpoint(out / name)
+        _assert_same_state(ckpt["model"], rank0)
+        assert ckpt["world_size"] == 2 and ckpt["finished"]
+        # rank 0 alone wrote, and wrote each file once
+        assert sorted(p.name for p in (out / name).iterdir()) == [
+            "checkpoint.pt",
+            "config.yaml",
+            "metrics.jsonl",
+        ]
+
+    records = [json.loads(line) for line in (out / "teacher" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == list(range(1, TEACHER_EPOCHS + 1))
+    assert all(r["images"] == 2 * TEACHER_STEPS * BATCH for r in records)  # summed over ranks
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))

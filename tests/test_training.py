@@ -1,0 +1,143 @@
+"""The training loop: teacher use, device-side metrics, sampler shards, resume checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from erde import training
+from erde.checkpoints import load_checkpoint
+from erde.distributed import DistContext
+from erde.errors import CheckpointError
+from erde.training import EpochSums, Job, NonFiniteWatch, epoch_indices, train
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(
+        tiny_config("teacher_train.epochs=1"),
+        Job("teacher"),
+        tmp_path_factory.mktemp("t"),
+        progress=False,
+    )
+
+
+def test_teacher_and_erde_student_train_without_any_warning(tmp_path: Path) -> None:
+    """Guards against logging a loss term that still requires grad (a warning per step)."""
+    cfg = tiny_config("teacher_train.epochs=1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teacher = train(cfg, Job("teacher"), tmp_path / "t", progress=False)
+        train(
+            cfg, Job("student", "erde"), tmp_path / "s", teacher_checkpoint=teacher, progress=False
+        )
+    assert [str(w.message) for w in caught] == []
+
+
+def test_teacher_runs_once_per_batch_for_all_exits_under_inference_mode(
+    tmp_path: Path, teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, exits = [], []
+    real = training.model_from_checkpoint
+
+    def spied(ckpt):
+        teacher = real(ckpt)
+        exits.append(teacher.num_exits)
+        teacher.register_forward_hook(
+            lambda module, args, out: calls.append((torch.is_inference_mode_enabled(), len(out)))
+        )
+        return teacher
+
+    monkeypatch.setattr(training, "model_from_checkpoint", spied)
+    cfg = tiny_config("student_train.max_steps_per_epoch=3")
+    train(cfg, Job("student", "erde"), tmp_path, teacher_checkpoint=teacher_ckpt, progress=False)
+    assert len(calls) == 3  # one forward per batch, none for validation
+    assert all(inference for inference, _ in calls)
+    assert exits[0] > 1 and {n for _, n in calls} == {exits[0]}  # every exit from that one forward
+
+
+def test_host_reads_metrics_every_few_steps_not_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = {"n": 0}
+    real = NonFiniteWatch.first_bad_step
+
+    def counted(self, ctx):
+        reads["n"] += 1
+        return real(self, ctx)
+
+    monkeypatch.setattr(NonFiniteWatch, "first_bad_step", counted)
+    steps = 2 * training.SYNC_EVERY
+    cfg = tiny_config(
+        "data.batch_size=16", "teacher_train.epochs=1", f"teacher_train.max_steps_per_epoch={steps}"
+    )
+    train(cfg, Job("teacher"), tmp_path, progress=False)
+    assert reads["n"] == steps // training.SYNC_EVERY + 1  # every SYNC_EVERY steps + epoch end
+
+
+def test_epoch_sums_give_image_weighted_means() -> None:
+    sums = EpochSums(torch.device("cpu"))
+    labels = torch.tensor([0, 1])
+    right = [torch.tensor([[5.0, 0.0], [0.0, 5.0]])] * 2  # both exits right on both images
+    half = [right[0], torch.tensor([[5.0, 0.0], [5.0, 0.0]])]  # last exit wrong on one
+    sums.add(torch.tensor(1.0), {"ce_0": torch.tensor(0.5)}, right, labels)
+    sums.add(torch.tensor(3.0), {"ce_0": torch.tensor(1.5)}, half, labels)
+    means = sums.local_means()
+    assert means == {"loss": 2.0, "correct_0": 1.0, "correct_1": 0.75, "ce_0": 1.0}
+    state = sums.reduced(DistContext())
+    assert state["images"] == 4 and state["names"] == ["loss", "correct_0", "correct_1", "ce_0"]
+
+
+def test_non_finite_watch_names_the_first_bad_step() -> None:
+    watch = NonFiniteWatch(torch.device("cpu"))
+    for step, loss in enumerate([1.0, 2.0, math.nan, math.inf, 3.0], start=1):
+        watch.update(torch.tensor(loss), step)
+    assert watch.first_bad_step(DistContext()) == 3
+    assert NonFiniteWatch(torch.device("cpu")).first_bad_step(DistContext()) is None
+
+
+def test_epoch_shards_are_disjoint_equal_and_depend_only_on_seed_and_epoch() -> None:
+    shards = [epoch_indices(100, 0, 4, DistContext(r, r, 3)) for r in range(3)]
+    assert [len(s) for s in shards] == [33, 33, 33]
+    assert len(set(torch.cat(shards).tolist())) == 99
+    assert torch.equal(shards[1], epoch_indices(100, 0, 4, DistContext(1, 1, 3)))
+    assert not torch.equal(shards[1], epoch_indices(100, 0, 5, DistContext(1, 1, 3)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("data.batch_size=32", "same number of processes and data.batch_size"),
+        ("teacher.width=1.0", "width=0.5 but the config asks for width=1.0"),
+    ],
+)
+def test_resume_mid_epoch_refuses_another_batch_size_or_model(
+    change: str, message: str, tmp_path: Path
+) -> None:
+    base = ("data.max_train=256", "teacher_train.max_steps_per_epoch=null")
+    cfg = tiny_config(*base, "teacher_train.checkpoint_every_steps=1")
+
+    def crash(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, Job("teacher"), tmp_path, progress=False, on_step=crash)
+    with pytest.raises(CheckpointError, match=message):
+        train(tiny_config(*base, change), Job("teacher"), tmp_path, resume=True, progress=False)
+
+
+def test_mixed_precision_and_channels_last_train_on_cpu(tmp_path: Path) -> None:
+    cfg = tiny_config(
+        "teacher_train.epochs=1", "teacher_train.amp=true", "teacher_train.channels_last=true"
+    )
+    ckpt = load_checkpoint(train(cfg, Job("teacher"), tmp_path, progress=False))
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # fp32 master weights
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert math.isfinite(json.loads(line)["train_loss"])
