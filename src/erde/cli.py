@@ -155,6 +155,29 @@ def _print_summary(report_json: Path) -> None:
         print(f"{name:15s} {accs:31s} {m['macs_per_exit'][-1]:>17,d}   {red_text}")
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import json
+
+    from erde.reproduce import reproduce, summary_lines
+
+    if not args.dataset:
+        raise ErdeError("reproduce needs --dataset (cifar10, cifar100 or svhn)")
+    flags = [f"seed={args.seed}"] if args.seed is not None else []
+    flags += [f"device={args.device}"] if args.device else []
+    paths = reproduce(
+        args.dataset, args.out or f"runs/reproduce/{args.dataset}-{args.schedule}",
+        data_dir=args.data_dir, seeds=args.seeds, schedule=args.schedule, config=args.config,
+        overrides=[*flags, *args.overrides], download=args.download, docs_dir=args.docs,
+        progress=not args.no_progress, log=print,
+    )  # fmt: skip
+    print()
+    for line in summary_lines(json.loads(paths["results"].read_text())):
+        print(line)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erde",
@@ -225,6 +248,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output folder (default: runs/<dataset>)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "reproduce", help="the paper's comparison over several seeds: table, plot, MAC reduction",
+        epilog=EPILOG_CONFIG + "\nWith reproduce: preset < --schedule overlay < --config < --set. "
+        "--seed is the first seed (default 0).", formatter_class=fmt,
+        description="For each seed, train the teacher and the ce/kd/erde students (finished runs in "
+        "--out are reused, interrupted ones resumed) and evaluate them on a fixed threshold grid; "
+        "then write results.json, results.md (accuracy mean ± std over seeds and mean MACs per "
+        "threshold, MAC reduction at equal accuracy, ERDE vs KD at each threshold, anchors) and "
+        "tradeoff.png (with spread bands). --dataset cifar10 also reads an ImageFolder copy "
+        "(train/<class>/*.jpg, test/<class>/*.jpg, folder or .tar.gz).",
+    )  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    p.add_argument(
+        "--schedule", choices=("full", "reduced"), default="full",
+        help="full: the preset (GPU, 200 epochs); reduced: about an hour per seed on a 2-core CPU",
+    )  # fmt: skip
+    p.add_argument(
+        "--download", action="store_true",
+        help="fetch the official files into --data-dir first (MD5-checked; mirror: env "
+        "ERDE_DOWNLOAD_URL)",
+    )  # fmt: skip
+    p.add_argument(
+        "--docs", metavar="DIR",
+        help="also publish into DIR: results/<dataset>.json and .png, and the data set's block "
+        "of DIR/RESULTS.md",
+    )  # fmt: skip
+    p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -1,0 +1,334 @@
+"""`erde reproduce`: seeds, aggregation over seeds, reuse of finished runs, layouts, publishing.
+
+End-to-end runs use small files generated in the official formats (CIFAR-100
+pickles, SVHN .mat, a CIFAR-10 ImageFolder archive) and the tiny models of
+``conftest.TINY_OVERRIDES``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from data_fixtures import (
+    CIFAR10_NAMES,
+    make_tar_gz,
+    write_cifar10,
+    write_cifar100,
+    write_imagefolder,
+    write_svhn,
+)
+
+from erde.cli import main
+from erde.errors import ConfigError, DataError
+from erde.reproduce import (
+    MODELS,
+    PUBLISHED_PLAIN,
+    TABLE_LEVELS,
+    aggregate,
+    detect_loader,
+    mean_std,
+    publish,
+    replace_block,
+    reproduce,
+    reproduce_config,
+    table_thresholds,
+    threshold_grid,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SHARED_CIFAR10_JPEG = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+)
+# The tiny experiment on official-format files (32x32, read at 16x16): two steps per model.
+TINY = (
+    *(o for o in TINY_OVERRIDES if o.split("=")[0] not in ("data.name", "data.image_size")),
+    "data.image_size=16",
+    "data.val_fraction=0.2",
+    "data.batch_size=32",
+    "teacher_train.epochs=1",
+    "teacher_train.max_steps_per_epoch=2",
+    "student_train.max_steps_per_epoch=2",
+)
+
+
+@pytest.fixture(autouse=True)
+def _user_cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERDE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and lose a lot on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sets(overrides=TINY) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    files = [*out.glob("seed_*/*/checkpoint.pt"), *out.glob("seed_*/report.json")]
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in files}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_reruns_reuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    data = tmp_path / "cifar100"
+    write_cifar100(data, n_train=500, n_test=100)
+    out = tmp_path / "out"
+    argv = ["reproduce", "--dataset", "cifar100", "--data-dir", str(data), "--seeds", "2",
+            "--schedule", "reduced", "--out", str(out), "--no-progress", *_sets()]  # fmt: skip
+
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    seeds = {s: json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in (0, 1)}
+
+    assert (results["seeds"], results["n_seeds"], results["schedule"]) == ([0, 1], 2, "reduced")
+    assert results["dataset"]["name"] == "cifar100" and results["dataset"]["num_classes"] == 100
+    assert list(results["models"]) == list(MODELS)
+    for name, model in results["models"].items():
+        assert len(model["thresholds"]) == len(TABLE_LEVELS)
+        for row in model["thresholds"]:
+            points = [
+                next(
+                    p
+                    for p in seeds[s]["models"][name]["sweep"]
+                    if p["threshold"] == row["threshold"]
+                )
+                for s in (0, 1)
+            ]
+            accs = [p["accuracy"] for p in points]
+            assert row["accuracy_mean"] == pytest.approx(statistics.fmean(accs))
+            assert row["accuracy_std"] == pytest.approx(statistics.stdev(accs))
+            assert row["macs_mean"] == pytest.approx(
+                statistics.fmean(p["mean_macs"] for p in points)
+            )
+            assert (row["n_seeds"], row["schedule"]) == (2, "reduced")
+        last = [seeds[s]["models"][name]["exit_accuracy"][-1] for s in (0, 1)]
+        assert model["exit_accuracy_mean"][-1] == pytest.approx(statistics.fmean(last))
+    erde_vs_kd = results["comparisons"][0]
+    assert (erde_vs_kd["model"], erde_vs_kd["other"]) == ("student_erde", "student_kd")
+    for i, row in enumerate(erde_vs_kd["per_threshold"]):
+        erde = results["models"]["student_erde"]["thresholds"][i]["accuracy_per_seed"]
+        kd = results["models"]["student_kd"]["thresholds"][i]["accuracy_per_seed"]
+        assert row["accuracy_diff_mean"] == pytest.approx(
+            statistics.fmean(e - k for e, k in zip(erde, kd, strict=True))
+        )
+        assert row["winner"] in ("student_erde", "student_kd", "tie")
+    markdown = (out / "results.md").read_text()
+    assert "Accuracy (%) and mean MACs at fixed thresholds" in markdown and " ± " in markdown
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = _mtimes(out)
+    assert len(before) == 10  # 2 seeds x (4 checkpoints + report)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert _mtimes(out) == before  # nothing retrained, nothing re-evaluated
+    again = json.loads((out / "results.json").read_text())
+    assert again["models"] == results["models"]
+
+    changed = [*argv, "--set", "student.width=0.5"]
+    assert main(changed) == 2
+    assert "trained with another config" in capsys.readouterr().err
+    assert _mtimes(out) == before
+
+
+def test_svhn_official_files_one_seed_has_zero_spread(tmp_path: Path, one_thread: None) -> None:
+    data = tmp_path / "svhn"
+    write_svhn(data, n_train=60, n_test=30)
+
+    paths = reproduce(
+        "svhn", tmp_path / "out", data_dir=data, seeds=1, overrides=TINY, progress=False
+    )
+
+    results = json.loads(paths["results"].read_text())
+    assert results["n_seeds"] == 1 and results["dataset"]["loader"] == "svhn"
+    rows = [r for m in results["models"].values() for r in m["thresholds"]]
+    assert all(r["accuracy_std"] == 0.0 and r["n_seeds"] == 1 for r in rows)
+    assert all(a["published_accuracy"] is None for a in results["anchors"])  # none for SVHN
+
+
+def test_cifar10_imagefolder_archive_is_detected_and_trained_on(
+    tmp_path: Path, one_thread: None
+) -> None:
+    folder = tmp_path / "jpeg"
+    write_imagefolder(folder, classes=tuple(CIFAR10_NAMES), per_class=(5, 2), size=32)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    make_tar_gz(archive, {"train": folder / "train", "test": folder / "test"})
+
+    paths = reproduce(
+        "cifar10", tmp_path / "out", data_dir=archive, seeds=1, overrides=TINY, progress=False
+    )
+
+    results = json.loads(paths["results"].read_text())
+    assert results["dataset"]["name"] == "cifar10"
+    assert results["dataset"]["loader"] == "imagefolder"
+    assert results["dataset"]["test_images"] == 20
+
+
+# --------------------------------------------------------------------------- layouts and configs
+
+
+def test_detect_loader_tells_official_cifar10_from_imagefolder(tmp_path: Path) -> None:
+    imagefolder = tmp_path / "if"
+    write_imagefolder(imagefolder, per_class=(1, 1))
+    archive = tmp_path / "copy.tar.gz"
+    make_tar_gz(archive, {"train": imagefolder / "train", "test": imagefolder / "test"})
+    official = tmp_path / "official"
+    write_cifar10(official, per_batch=2, n_test=2)
+    official_archive = tmp_path / "cifar-10-python.tar.gz"
+    make_tar_gz(official_archive, {"cifar-10-batches-py": official / "cifar-10-batches-py"})
+
+    assert detect_loader("cifar10", imagefolder) == "imagefolder"
+    assert detect_loader("cifar10", archive) == "imagefolder"
+    assert detect_loader("cifar10", official) == "cifar10"
+    assert detect_loader("cifar10", official_archive) == "cifar10"
+    with pytest.raises(DataError, match="ImageFolder"):
+        detect_loader("cifar10", tmp_path / "absent")
+    assert detect_loader("cifar100", imagefolder) == "cifar100"  # only CIFAR-10 has a copy
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10_JPEG.is_file(), reason="shared CIFAR-10 JPEG copy absent")
+def test_shared_cifar10_jpeg_archive_is_read_as_imagefolder() -> None:
+    assert detect_loader("cifar10", SHARED_CIFAR10_JPEG) == "imagefolder"
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn"])
+def test_reduced_schedule_keeps_the_models_and_shortens_training(dataset: str) -> None:
+    full = reproduce_config(dataset, "full")
+    reduced = reproduce_config(dataset, "reduced")
+
+    assert full.data.name == dataset
+    assert (full.teacher.arch, full.student.arch) == ("resnet56", "resnet20")
+    assert (reduced.teacher, reduced.student) == (full.teacher, full.student)
+    assert (full.teacher_train.optimizer, full.teacher_train.schedule) == ("sgd", "cosine")
+    for section in ("teacher_train", "student_train"):
+        assert getattr(reduced, section).epochs < getattr(full, section).epochs
+    assert reduced.data.max_train is not None
+    overridden = reproduce_config(dataset, "reduced", overrides=["teacher_train.epochs=3"])
+    assert overridden.teacher_train.epochs == 3
+
+
+def test_unknown_schedule_or_dataset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="schedule"):
+        reproduce_config("cifar10", "weekend")
+    with pytest.raises(ConfigError, match="no preset"):
+        reproduce_config("imagenet")
+
+
+def test_threshold_grid_holds_the_table_thresholds() -> None:
+    for k in (10, 100):
+        table = table_thresholds(k)
+        assert table[0] == 0.0 and table[-1] == pytest.approx(math.log(k))
+        assert set(table) <= set(threshold_grid(k, 9))
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _seed_report(accuracy: dict[str, float], full_macs: dict[str, float], k: int = 10) -> dict:
+    """A per-seed report where every threshold of a model has the same accuracy and
+    MACs fall linearly from full (h = 0) to half (h = 1)."""
+    log_k = math.log(k)
+    models = {}
+    for name, acc in accuracy.items():
+        sweep = [
+            {"rule": "entropy", "threshold": t, "accuracy": acc,
+             "mean_macs": full_macs[name] * (1 - t / log_k / 2), "exit_fractions": [0.5, 0.5]}
+            for t in threshold_grid(k, 9)
+        ]  # fmt: skip
+        models[name] = {
+            "arch": "resnet56" if name == "teacher" else "resnet20",
+            "num_exits": 2,
+            "macs_per_exit": [full_macs[name] / 2, full_macs[name]],
+            "params_per_exit": [1, 2],
+            "exit_accuracy": [acc - 0.1, acc],
+            "sweep": sweep,
+        }
+    return {
+        "dataset": {"name": "cifar10", "num_classes": k, "test_images": 100},
+        "reference": {"tolerance": 0.005},
+        "config": {"teacher": {"arch": "resnet56", "width": 1.0},
+                   "student": {"arch": "resnet20", "width": 1.0}},
+        "models": models,
+    }  # fmt: skip
+
+
+def test_mean_std_is_mean_and_sample_std() -> None:
+    assert mean_std([0.8, 0.9]) == pytest.approx((0.85, math.sqrt(0.005)))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> None:
+    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+    reports = {
+        0: _seed_report({"teacher": 0.90, "student_ce": 0.80, "student_kd": 0.85, "student_erde": 0.90}, macs),
+        1: _seed_report({"teacher": 0.92, "student_ce": 0.82, "student_kd": 0.86, "student_erde": 0.91}, macs),
+    }  # fmt: skip
+
+    results = aggregate(reports, dataset="cifar10", schedule="reduced")
+
+    erde = results["models"]["student_erde"]
+    assert erde["thresholds"][0]["accuracy_mean"] == pytest.approx(0.905)
+    assert erde["thresholds"][0]["accuracy_std"] == pytest.approx(math.sqrt(0.00005))
+    assert erde["thresholds"][-1]["macs_mean"] == pytest.approx(50.0)  # h = 1: half the MACs
+    comparison = results["comparisons"][0]
+    assert comparison["beat_at_every_threshold"] and comparison["wins"] == len(TABLE_LEVELS)
+    assert comparison["per_threshold"][0]["accuracy_diff_mean"] == pytest.approx(0.05)
+    assert comparison["per_threshold"][0]["seeds_ahead"] == 2
+    # teacher last exit 0.91; ERDE (0.905) is within 0.5 points at every threshold, so its
+    # cheapest point is h = 1 at 50 MACs: 400 / 50 = 8x. KD (0.855) never gets there.
+    assert erde["mac_reduction"]["reduction"] == pytest.approx(8.0)
+    assert results["models"]["student_kd"]["mac_reduction"] is None
+    teacher_anchor = next(a for a in results["anchors"] if a["model"] == "teacher")
+    published = PUBLISHED_PLAIN[("cifar10", "resnet56")][0]
+    assert teacher_anchor["gap"] == pytest.approx(0.91 - published)
+
+
+def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
+    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+    acc = {"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85, "student_erde": 0.88}
+    results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced")
+
+    paths = publish(results, docs)
+
+    text = (docs / "RESULTS.md").read_text()
+    cifar10 = text.split("<!-- erde-results:cifar10:begin -->")[1].split(
+        "<!-- erde-results:cifar10:end -->"
+    )[0]
+    svhn = text.split("<!-- erde-results:svhn:begin -->")[1].split(
+        "<!-- erde-results:svhn:end -->"
+    )[0]
+    assert "Pending" not in cifar10 and "88.00 ± 0.00" in cifar10
+    assert "Pending" in svhn
+    assert "results/cifar10.png" in cifar10
+    assert json.loads(paths["docs_results"].read_text())["models"] == results["models"]
+    assert paths["docs_plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replace_block_appends_markers_when_absent() -> None:
+    text = replace_block("# Results\n", "svhn", "numbers")
+    assert replace_block(text, "svhn", "new numbers").count("numbers") == 1
+    assert "<!-- erde-results:svhn:begin -->\nnew numbers\n<!-- erde-results:svhn:end -->" in (
+        replace_block(text, "svhn", "new numbers")
+    )
