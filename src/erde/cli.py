@@ -114,6 +114,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     # without --dataset/--config: the first checkpoint's own config, flags and --set on top
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoints[0])["config"])
+    if args.budgeted:
+        return _evaluate_budgeted(args, cfg)
     paths = evaluate_checkpoints(
         args.checkpoints, args.out, cfg=cfg, thresholds=_parse_thresholds(args.thresholds),
         progress=not args.no_progress,
@@ -178,6 +180,139 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit_args(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--rule", choices=("entropy", "max_softmax"), default="entropy", help="exit rule (default: entropy)")
+    g.add_argument("--per-exit", action="store_true", help="fit one threshold per early exit (default: one shared)")
+    g.add_argument("--temperature", action="store_true", help="fit a softmax temperature per exit on validation first")
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("exit policy (default: the thresholds file written by `erde calibrate`)")
+    g.add_argument("--threshold", help="threshold(s): one value, or one per early exit, comma-separated")
+    g.add_argument("--rule", choices=("entropy", "max_softmax"), help="rule for --threshold (default: entropy)")
+    g.add_argument("--thresholds-file", help="a thresholds JSON written by `erde calibrate`")
+
+
+def _policy_kwargs(args: argparse.Namespace) -> dict:
+    values = _parse_thresholds(args.threshold)
+    if args.threshold is not None and not values:
+        raise ErdeError("--threshold needs at least one number")
+    return {"thresholds": values, "rule": args.rule, "thresholds_file": args.thresholds_file}
+
+
+def _fraction_list(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ErdeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    from erde.calibration import DEFAULT_BUDGETS, evaluate_budgeted
+
+    budgets = _fraction_list(args.budgets, "--budgets") or list(DEFAULT_BUDGETS)
+    paths = evaluate_budgeted(
+        args.checkpoints, args.out, budgets=budgets, rule=args.rule, per_exit=args.per_exit,
+        temperature=args.temperature, cfg=cfg, progress=not args.no_progress,
+    )  # fmt: skip
+    print(Path(paths["markdown"]).read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import warnings
+
+    from erde.calibration import CalibrationWarning, calibrate_checkpoint
+    from erde.checkpoints import load_checkpoint
+
+    cfg = build_config(args, fallback=load_checkpoint(args.checkpoint)["config"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # printed below, once
+        result, path = calibrate_checkpoint(
+            args.checkpoint, budget=args.budget, max_drop=args.max_drop, rule=args.rule,
+            per_exit=args.per_exit, temperature=args.temperature, out=args.out, cfg=cfg,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    if result.warning:
+        print(f"erde: warning: {result.warning}", file=sys.stderr)
+    thresholds = ", ".join(f"{t:.6g}" for t in result.policy.thresholds)
+    print(f"{result.policy.rule} thresholds: {thresholds}")
+    if result.policy.temperatures:
+        print(f"temperatures: {', '.join(f'{t:.4g}' for t in result.policy.temperatures)}")
+    for split, r in (("validation", result.validation), ("test", result.test)):
+        if r is not None:
+            exits = " ".join(f"{100 * f:.1f}" for f in r["exit_fractions"])
+            print(
+                f"{split:10s} accuracy {100 * r['accuracy']:.2f}% (last exit "
+                f"{100 * r['last_exit_accuracy']:.2f}%), MACs {r['macs_fraction']:.3f} x full, "
+                f"exits (%) {exits}"
+            )
+    print(f"thresholds: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from erde.export import export_checkpoint
+
+    manifest = export_checkpoint(
+        args.checkpoint, args.out, thresholds_file=args.thresholds_file, opset=args.opset
+    )
+    print(f"ONNX export: {manifest.parent} ({manifest.name} + one stage_<i>.onnx per stage)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from erde.inference import list_image_files, load_predictor, predict_files
+
+    predictor = load_predictor(args.source, device=args.device or "cpu", **_policy_kwargs(args))
+    files = list_image_files(args.inputs)
+    if not files:
+        raise ErdeError(f"no image files found in {', '.join(args.inputs)}")
+    failed = 0
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for record in predict_files(
+            predictor, files, resize=not args.no_resize, batch_size=args.batch_size
+        ):
+            failed += "error" in record
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if failed:
+        print(f"erde: {failed} of {len(files)} images could not be used", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from erde.inference import bench_checkpoint, load_predictor
+
+    policy = load_predictor(args.checkpoint, **_policy_kwargs(args)).policy
+    devices = (args.device or "cpu").split(",")
+    batch_sizes = [int(b) for b in _fraction_list(args.batch_sizes, "--batch-sizes") or []]
+    onnx = False if args.no_onnx else (args.onnx or True)
+    records = bench_checkpoint(
+        args.checkpoint, policy, batch_sizes=batch_sizes, images=args.images, devices=devices,
+        onnx=onnx, repeats=args.repeats, min_time=args.min_time, compile=args.compile, log=print,
+    )  # fmt: skip
+    if args.json:
+        from erde.io import atomic_write_json
+
+        atomic_write_json(args.json, records)
+        print(f"records: {json.dumps(str(args.json))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erde",
@@ -233,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--thresholds", help="comma-separated thresholds instead of the default grid")
     p.add_argument("--out", default="runs/report", help="output folder (default: runs/report)")
+    g = p.add_argument_group(
+        "budgeted mode (MSDNet protocol): test accuracy against test MACs, each point's thresholds "
+        "fitted on the validation split for one MAC budget; writes budgeted.json/.md/.png"
+    )
+    g.add_argument("--budgeted", action="store_true", help="run the budgeted evaluation instead of the sweep")
+    g.add_argument("--budgets", help="comma-separated fractions of the full MACs (default: 0.2,0.3,...,1.0)")
+    _add_fit_args(g)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -278,6 +420,71 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "calibrate", help="fit exit thresholds on the validation split for a MAC budget or accuracy drop",
+        epilog=EPILOG_CONFIG, formatter_class=fmt,
+        description="Record every exit's validation logits once, choose the thresholds that meet the target "
+        "(never looking at the test set), report what they give on validation and test, and write them to "
+        "<checkpoint stem>.thresholds.json beside the checkpoint (used by predict, export and bench). An "
+        "unreachable target is a warning and the nearest feasible setting.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget", type=float, help="mean MACs at most this fraction of the full network, e.g. 0.5")
+    target.add_argument("--max-drop", type=float, help="accuracy at most this far below the last exit, e.g. 0.01 (1 point)")
+    _add_fit_args(p)
+    p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "export", help="export to ONNX, one graph per stage, for the early-exit runtime",
+        description="Write stage_<i>.onnx (stage input -> stage features + exit logits, dynamic batch) for "
+        "every stage and a manifest.json; the checkpoint's thresholds file is checked and copied in. Each "
+        "graph is compared with PyTorch on ONNX Runtime before the manifest is written.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
+    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument("--thresholds-file", help="thresholds to ship (default: the one beside the checkpoint)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "predict", help="classify image files with early exit; one JSON line per image",
+        description="Route image files (or every image in the folders given) through a checkpoint (PyTorch) "
+        "or an export folder (ONNX Runtime). Each line: file, class, class_name, probability, exit, score "
+        "(the rule's) and macs (spent on that image). Images are converted to the model's channels and, "
+        "unless --no-resize, resized bilinearly to its input size. A bad file gives {file, error} and the "
+        "others go on; the exit status is then 1.",
+    )  # fmt: skip
+    p.add_argument("source", help="checkpoint file/folder, or an `erde export` folder")
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    _add_policy_args(p)
+    p.add_argument("--no-resize", action="store_true", help="refuse images whose size differs from the model's")
+    p.add_argument("--batch-size", type=int, default=64, help="images routed together (default: 64)")
+    p.add_argument("--device", help="cpu (default) or cuda[:N], for checkpoints")
+    p.add_argument("--output", help="write the JSON lines here instead of stdout")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "bench", help="measure full-network vs early-exit throughput on the checkpoint's test images",
+        description="For each batch size: full-network and early-exit images/s (PyTorch per-sample routing, "
+        "batch-level routing, ONNX Runtime), the measured speedup, the ideal speedup (full MACs / mean MACs "
+        "spent) and their ratio. See benchmarks/inference.py for the full benchmark.",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
+    _add_policy_args(p)
+    p.add_argument("--batch-sizes", default="1,32,256", help="comma-separated (default: 1,32,256)")
+    p.add_argument("--images", type=int, default=512, help="images per timed pass (default: 512)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per candidate, at least (default: 5)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds per candidate, at least (default: 1)")
+    p.add_argument("--device", help="cpu (default), cuda, or both: cpu,cuda")
+    p.add_argument("--onnx", help="existing export folder of this model (default: export to a temporary folder)")
+    p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    p.add_argument("--compile", action="store_true", help="torch.compile each stage")
+    p.add_argument("--json", help="write the records to this JSON file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

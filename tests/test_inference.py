@@ -1,0 +1,273 @@
+"""Per-sample routing: equals the evaluation sweep exactly, answers in order, bad input refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erde import exits
+from erde.checkpoints import load_checkpoint, model_from_checkpoint
+from erde.cli import main
+from erde.config import config_from_dict
+from erde.data import prepare_batch
+from erde.evaluation import collect_exit_logits, simulate, sweep
+from erde.inference import (
+    EarlyExitRouter,
+    ExitPolicy,
+    ImageInputError,
+    ModelIdentity,
+    Routed,
+    ThresholdsFileError,
+    apply_temperatures,
+    benchmark_routing,
+    full_network_macs,
+    load_image,
+    load_thresholds,
+    model_fingerprint,
+    route_whole_batch,
+    save_thresholds,
+    thresholds_path,
+)
+from erde.models import measure_exit_costs
+from erde.training import load_splits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models gain nothing from a second thread, and a busy CPU makes two stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _setup(checkpoint: Path) -> dict:
+    """Model, normalised test images, and every exit's logits recorded in one pass."""
+    ckpt = load_checkpoint(checkpoint)
+    splits = load_splits(config_from_dict(ckpt["config"]))
+    model = model_from_checkpoint(ckpt).eval()
+    x = prepare_batch(splits.test.images, splits, train=False)
+    logits, labels = collect_exit_logits(model, [(x, splits.test.labels)])
+    costs = measure_exit_costs(model, splits.image_shape)
+    identity = ModelIdentity(
+        ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
+    )
+    return dict(ckpt=ckpt, splits=splits, model=model, x=x, logits=logits, labels=labels,
+                macs=costs.macs_per_exit, identity=identity)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_run) -> dict:
+    return _setup(tiny_run["teacher"])
+
+
+def _route(router: EarlyExitRouter, x: torch.Tensor, batch_size: int) -> Routed:
+    return Routed.concat([router(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _spread_thresholds(logits: torch.Tensor, rule: str) -> list[float]:
+    """Thresholds at quantiles of the recorded exit-0 scores (each one a recorded score itself,
+    so some images sit exactly on the threshold), so that images really leave at every exit."""
+    scores = exits.rule_score(logits[0], rule).sort().values
+    return [scores[int(q * (len(scores) - 1))].item() for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
+
+
+@pytest.mark.parametrize("rule", exits.RULES)
+def test_routing_equals_the_sweep_prediction_exactly(teacher, rule) -> None:
+    t = teacher
+    thresholds = _spread_thresholds(t["logits"], rule)
+    points = sweep(t["logits"], t["labels"], t["macs"], thresholds, rule)
+    seen_exits = set()
+    for threshold, point in zip(thresholds, points, strict=True):
+        policy = ExitPolicy.create(threshold, rule, 10, t["model"].num_exits)
+        assert policy.thresholds[0] == threshold  # recorded scores are float32 already
+        router = EarlyExitRouter(t["model"], policy, image_shape=t["splits"].image_shape)
+        reference = simulate(t["logits"], t["labels"], t["macs"], threshold, rule)
+        for batch_size in (len(t["x"]), 64, 7):
+            out = _route(router, t["x"], batch_size)
+            assert torch.equal(out.exit_index, reference.exit_index)
+            assert torch.equal(
+                out.classes, t["logits"].argmax(-1)[out.exit_index, torch.arange(len(out))]
+            )
+            assert (out.classes == t["labels"]).double().mean().item() == point.accuracy
+            assert out.macs.double().mean().item() == pytest.approx(point.mean_macs, rel=1e-12)
+            fractions = torch.bincount(out.exit_index, minlength=3).double() / len(out)
+            assert fractions.tolist() == pytest.approx(point.exit_fractions, abs=1e-12)
+        seen_exits |= set(out.exit_index.tolist())
+    assert seen_exits == set(range(t["model"].num_exits))  # the test really exercised every exit
+
+
+def test_batch_size_one_routes_like_a_large_batch(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    router = EarlyExitRouter(t["model"], policy)
+    x = t["x"][:48]
+    one, many = _route(router, x, 1), router(x)
+    assert torch.equal(one.exit_index, many.exit_index)
+    assert torch.equal(one.classes, many.classes)
+    torch.testing.assert_close(one.probabilities, many.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_per_exit_thresholds_and_temperatures_match_simulate(teacher) -> None:
+    t = teacher
+    q = _spread_thresholds(t["logits"], "entropy")
+    policy = ExitPolicy.create([q[1], q[3]], "entropy", 10, 3, temperatures=[0.7, 1.3, 2.0])
+    out = EarlyExitRouter(t["model"], policy)(t["x"])
+    reference = simulate(
+        apply_temperatures(t["logits"], policy),
+        t["labels"],
+        t["macs"],
+        policy.thresholds,
+        "entropy",
+    )
+    assert torch.equal(out.exit_index, reference.exit_index)
+    scaled = apply_temperatures(t["logits"], policy)[out.exit_index, torch.arange(len(out))]
+    torch.testing.assert_close(out.probabilities, scaled.softmax(-1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.scores, exits.entropy(scaled), rtol=1e-4, atol=1e-5)
+
+
+def test_answers_come_back_in_input_order(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(
+        _spread_thresholds(t["logits"], "max_softmax")[2], "max_softmax", 10, 3
+    )
+    router = EarlyExitRouter(t["model"], policy)
+    perm = torch.randperm(len(t["x"]), generator=torch.Generator().manual_seed(0))
+    straight, shuffled = router(t["x"]), router(t["x"][perm])
+    assert torch.equal(shuffled.exit_index, straight.exit_index[perm])
+    assert torch.equal(shuffled.classes, straight.classes[perm])
+
+
+def test_macs_spent_are_the_cumulative_macs_of_the_exit_taken(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    out = EarlyExitRouter(t["model"], policy)(t["x"])
+    assert out.macs.tolist() == [t["macs"][e] for e in out.exit_index.tolist()]
+    assert full_network_macs(t["model"], t["splits"].image_shape) < t["macs"][-1]  # no early heads
+
+
+def test_batch_level_routing_waits_for_the_hardest_image(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    router = EarlyExitRouter(t["model"], policy)
+    macs = router.macs_per_exit(t["splits"].image_shape, torch.device("cpu"))
+    for batch in (t["x"][:1], t["x"][:16], t["x"]):
+        per_sample = router(batch)
+        whole = route_whole_batch(t["model"], batch, policy, macs)
+        assert whole.exit_index.unique().tolist() == [per_sample.exit_index.max().item()]
+    assert torch.equal(route_whole_batch(t["model"], t["x"][:1], policy, macs).exit_index,
+                       router(t["x"][:1]).exit_index)  # fmt: skip
+
+
+def test_images_of_the_wrong_shape_are_a_clear_error(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(0.5, "entropy", 10, 3)
+    router = EarlyExitRouter(t["model"], policy, image_shape=t["splits"].image_shape)
+    with pytest.raises(ImageInputError, match="model expects 3x8x8"):
+        router(torch.zeros(2, 3, 9, 8))
+    with pytest.raises(ImageInputError, match=r"\(B, C, H, W\)"):
+        router(torch.zeros(3, 8, 8))
+
+
+def test_thresholds_outside_the_rule_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="range"):
+        ExitPolicy.create(2.5, "entropy", 10, 3)  # log 10 = 2.303
+    with pytest.raises(ValueError, match="range"):
+        ExitPolicy.create([0.5, 1.5], "max_softmax", 10, 3)
+    with pytest.raises(ValueError, match="one per early exit"):
+        ExitPolicy.create([0.1, 0.2, 0.3, 0.4], "entropy", 10, 3)
+    top = ExitPolicy.create(float(np.log(10)), "entropy", 10, 3).thresholds[0]
+    assert top <= np.log(10) and top == float(np.float32(top))  # float32 kept inside the range
+
+
+def test_thresholds_file_round_trip_and_refusals(tmp_path, teacher, tiny_run) -> None:
+    t = teacher
+    policy = ExitPolicy.create([0.4, 0.9], "entropy", 10, 3, temperatures=[1.0, 1.5, 2.0])
+    path = save_thresholds(tmp_path / "t.json", policy, t["identity"], {"note": "test"})
+    assert load_thresholds(path, t["identity"]) == policy
+    student = _setup(tiny_run["student_erde"])["identity"]
+    with pytest.raises(ThresholdsFileError, match="another model"):
+        load_thresholds(path, student)
+    data = json.loads(path.read_text())
+    bad = {
+        "range": {**data, "thresholds": [0.4, 7.0]},
+        "list of numbers": {**data, "thresholds": "0.4"},
+        "temperatures": {**data, "temperatures": [1.0, -1.0, 2.0]},
+        "not an erde thresholds file": {**data, "format": "other"},
+        "calibrated for a model with num_exits": {
+            **data,
+            "model": {**data["model"], "num_exits": 4},
+        },
+    }
+    for message, content in bad.items():
+        (tmp_path / "bad.json").write_text(json.dumps(content))
+        with pytest.raises(ThresholdsFileError, match=message):
+            load_thresholds(tmp_path / "bad.json", t["identity"])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ThresholdsFileError, match="not a readable"):
+        load_thresholds(tmp_path / "bad.json", t["identity"])
+    assert thresholds_path(tmp_path / "run" / "checkpoint.pt").name == "checkpoint.thresholds.json"
+
+
+def test_load_image_converts_mode_and_resizes(tmp_path) -> None:
+    rgba = np.random.default_rng(0).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgba[:, :, 0], "L").save(tmp_path / "g.png")
+    assert load_image(tmp_path / "a.png", (3, 8, 8)).shape == (3, 8, 8)
+    grey = load_image(tmp_path / "g.png", (3, 20, 30))
+    assert grey.dtype == torch.uint8 and torch.equal(grey[0], grey[2])  # grey expanded to RGB
+    assert torch.equal(grey[0], torch.from_numpy(rgba[:, :, 0]))  # right size: pixels untouched
+    assert load_image(tmp_path / "a.png", (1, 20, 30)).shape == (1, 20, 30)
+    with pytest.raises(ImageInputError, match="expects 8x8"):
+        load_image(tmp_path / "a.png", (3, 8, 8), resize=False)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ImageInputError, match="cannot read image"):
+        load_image(tmp_path / "broken.png", (3, 8, 8))
+
+
+def test_predict_cli_reports_bad_files_and_goes_on(tmp_path, tiny_run, capsys) -> None:
+    ckpt = tmp_path / "model" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_run["teacher"], ckpt)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(images / "big.png")
+    (images / "z.png").write_bytes(b"garbage")
+    assert main(["predict", str(ckpt), str(images)]) == 2  # not calibrated yet: no thresholds
+    assert "erde calibrate" in capsys.readouterr().err
+    assert main(["predict", str(ckpt), str(images), "--threshold", "1.0", "--no-resize"]) == 1
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [Path(r["file"]).name for r in lines] == ["0.png", "1.png", "2.png", "big.png", "z.png"]
+    assert {"class", "class_name", "probability", "exit", "score", "macs"} <= set(lines[0])
+    assert "expects 8x8" in lines[3]["error"] and "cannot read image" in lines[4]["error"]
+    assert "2 of 5 images" in err
+    assert main(["predict", str(ckpt), str(images / "big.png"), "--threshold", "1.0"]) == 0
+    assert json.loads(capsys.readouterr().out)["exit"] in (0, 1, 2)  # resized by default
+    assert main(["predict", str(ckpt), str(images), "--threshold", "9"]) == 2
+    assert "outside the entropy rule's range" in capsys.readouterr().err
+
+
+def test_benchmark_records_relate_speedups_and_macs(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    x = t["x"][:8]
+    records = benchmark_routing(t["model"], x, policy, (1, 4), repeats=1, min_time=0.0)
+    spent = EarlyExitRouter(t["model"], policy)(x).macs.double().mean().item()
+    ideal = full_network_macs(t["model"], t["splits"].image_shape) / spent
+    assert [(r["backend"], r["batch_size"]) for r in records] == [
+        ("torch", 1), ("torch-batch-routing", 1), ("torch", 4), ("torch-batch-routing", 4)
+    ]  # fmt: skip
+    for r in records:
+        assert r["ideal_speedup"] == pytest.approx(ideal)
+        assert r["measured_speedup"] == pytest.approx(r["early_exit_ips"] / r["full_ips"])
+        assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
