@@ -581,6 +581,10 @@ def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     return f"{100 * mean:.{digits}f} ± {100 * (std or 0.0):.{digits}f}"
 
 
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
 def _points(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:+.2f}"
 
@@ -631,7 +635,7 @@ def render_markdown(
         "",
         f"Models: {archs}. Epochs: teacher {cfg.get('teacher_train', {}).get('epochs', '?')}, "
         f"students {cfg.get('student_train', {}).get('epochs', '?')}. Seeds: "
-        f"{', '.join(str(s) for s in results['seeds'])}. Test set: {data.get('test_images', '?')} "
+        f"{', '.join(str(s) for s in results['seeds'])}. Test set: {_count(data.get('test_images'))} "
         f"images{loader}, {data['num_classes']} classes.",
         "",
         f"Entropy exit rule at θ = h · log K. Accuracy: mean ± std over seeds (sample std), in %. "
