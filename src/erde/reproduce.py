@@ -801,22 +801,27 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     return buffer.getvalue()
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, default=io.json_default).encode() + b"\n"
+
+
+def _write_rendered(files: Mapping[str, tuple[Path, bytes]]) -> dict[str, Path]:
+    """Write ``{kind: (path, bytes)}`` atomically; all were rendered before the first write."""
+    for path, data in files.values():
+        io.atomic_write_bytes(path, data)
+    return {kind: path for kind, (path, _) in files.items()}
+
+
 def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, Path]:
     """results.json, results.md and tradeoff.png in ``out_dir``, each written atomically."""
     out = Path(out_dir)
-    contents = {
-        "results": json.dumps(results, indent=2, default=io.json_default).encode() + b"\n",
-        "markdown": render_markdown(results).encode(),
-        "plot": render_plot(results),
-    }
-    paths = {
-        "results": out / "results.json",
-        "markdown": out / "results.md",
-        "plot": out / "tradeoff.png",
-    }
-    for key, path in paths.items():
-        io.atomic_write_bytes(path, contents[key])
-    return paths
+    return _write_rendered(
+        {
+            "results": (out / "results.json", _json_bytes(results)),
+            "markdown": (out / "results.md", render_markdown(results).encode()),
+            "plot": (out / "tradeoff.png", render_plot(results)),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- publishing
@@ -842,19 +847,13 @@ def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
     block = render_markdown(results, plot_link=f"results/{name}.png", level=3)
-    paths = {
-        "docs_results": docs / "results" / f"{name}.json",
-        "docs_plot": docs / "results" / f"{name}.png",
-        "docs_markdown": doc,
-    }
-    contents = {
-        "docs_results": json.dumps(results, indent=2, default=io.json_default).encode() + b"\n",
-        "docs_plot": render_plot(results),
-        "docs_markdown": replace_block(text, name, block).encode(),
-    }
-    for key, path in paths.items():
-        io.atomic_write_bytes(path, contents[key])
-    return paths
+    return _write_rendered(
+        {
+            "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
+            "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
+            "docs_markdown": (doc, replace_block(text, name, block).encode()),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- the command
