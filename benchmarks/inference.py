@@ -28,6 +28,11 @@ from pathlib import Path
 
 import torch
 
+try:  # run from a fresh clone without `pip install -e .` as well
+    import erde  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -195,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         [round(s, 3) for s in shares],
         "share of MACs:",
         [round(m / sum(stage_macs), 3) for m in stage_macs],
+    )
+    # With zero routing overhead, an image leaving at exit i costs the time of stages 0..i:
+    # the exit fractions and these time shares bound the ratio reachable at batch 256.
+    cumulative = torch.tensor(shares).cumsum(0)
+    time_bound = 1 / float((torch.tensor(on_test.exit_fractions) * cumulative).sum())
+    ideal = full / on_test.mean_macs
+    print(
+        f"bound from the time shares at batch 256: speedup <= {time_bound:.2f}x, "
+        f"ratio <= {time_bound / ideal:.2f} (ideal by MACs {ideal:.2f}x)"
     )
 
     print()

@@ -210,7 +210,7 @@ def test_thresholds_file_round_trip_and_refusals(tmp_path, teacher, tiny_run) ->
         with pytest.raises(ThresholdsFileError, match=message):
             load_thresholds(tmp_path / "bad.json", t["identity"])
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ThresholdsFileError, match="not a readable"):
+    with pytest.raises(ThresholdsFileError, match="not readable JSON"):
         load_thresholds(tmp_path / "bad.json", t["identity"])
     assert thresholds_path(tmp_path / "run" / "checkpoint.pt").name == "checkpoint.thresholds.json"
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import os
 import warnings
@@ -39,6 +38,7 @@ from erde.inference import (
     StageWithExit,
     check_image_batch,
     load_thresholds,
+    read_marked_json,
     route_stages,
 )
 
@@ -46,7 +46,6 @@ MANIFEST = "manifest.json"
 FORMAT = "erde-onnx"
 VERSION = 1
 DEFAULT_OPSET = 18
-MAX_MANIFEST_BYTES = 1 << 20
 
 
 class ExportError(ErdeError):
@@ -234,18 +233,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ExportError(
             f"{directory} is not an erde ONNX export (no {MANIFEST}); run `erde export`"
         )
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ExportError(f"{path} is too large to be an export manifest")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} is not readable JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an erde ONNX manifest (no '{FORMAT}' marker)")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise ExportError(
-            f"{path} has version {manifest.get('version')!r}; this erde reads <= {VERSION}"
-        )
+    manifest = read_marked_json(path, FORMAT, VERSION, ExportError, "an erde ONNX manifest")
     stages, model = manifest.get("stages"), manifest.get("model")
     ok = (
         isinstance(stages, list) and stages and isinstance(model, dict)

@@ -33,7 +33,7 @@ from erde.errors import ErdeError
 
 THRESHOLDS_FORMAT = "erde-thresholds"
 THRESHOLDS_VERSION = 1
-MAX_THRESHOLDS_BYTES = 1 << 20  # a thresholds file is a few hundred bytes; refuse anything huge
+MAX_JSON_BYTES = 1 << 20  # thresholds files and manifests are a few kB; refuse anything huge
 
 H = TypeVar("H")  # what flows between stages: a torch tensor, or a numpy array for ONNX Runtime
 
@@ -195,26 +195,32 @@ def save_thresholds(
     return Path(path)
 
 
-def load_thresholds(path: str | Path, model: ModelIdentity) -> ExitPolicy:
-    """Read a thresholds file (untrusted JSON) and check it was made for ``model``."""
-    path = Path(path)
+def read_marked_json(
+    path: Path, marker: str, version: int, error: type[ErdeError], what: str
+) -> dict[str, Any]:
+    """A small JSON file erde wrote (untrusted): size-capped, a dict with our marker and a known version."""
     if not path.is_file():
-        raise ThresholdsFileError(f"thresholds file not found: {path}")
-    if path.stat().st_size > MAX_THRESHOLDS_BYTES:
-        raise ThresholdsFileError(f"{path} is too large to be a thresholds file")
+        raise error(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise error(f"{path} is too large to be {what}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ThresholdsFileError(f"{path} is not a readable thresholds file ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != THRESHOLDS_FORMAT:
-        raise ThresholdsFileError(
-            f"{path} is not an erde thresholds file (no '{THRESHOLDS_FORMAT}' marker)"
-        )
-    version = data.get("version")
-    if not isinstance(version, int) or version > THRESHOLDS_VERSION:
-        raise ThresholdsFileError(
-            f"{path} has version {version!r}; this erde reads <= {THRESHOLDS_VERSION}"
-        )
+        raise error(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != marker:
+        raise error(f"{path} is not {what} (no '{marker}' marker)")
+    found = data.get("version")
+    if not isinstance(found, int) or found > version:
+        raise error(f"{path} has version {found!r}; this erde reads <= {version}")
+    return data
+
+
+def load_thresholds(path: str | Path, model: ModelIdentity) -> ExitPolicy:
+    """Read a thresholds file (untrusted JSON) and check it was made for ``model``."""
+    path = Path(path)
+    data = read_marked_json(
+        path, THRESHOLDS_FORMAT, THRESHOLDS_VERSION, ThresholdsFileError, "an erde thresholds file"
+    )
     made_for = data.get("model")
     if not isinstance(made_for, dict):
         raise ThresholdsFileError(f"{path} does not say which model it was calibrated for")
@@ -824,7 +830,7 @@ def bench_checkpoint(
     with tempfile.TemporaryDirectory(prefix="erde-onnx-") as tmp:
         runtime = None
         if onnx is not False:
-            from erde.export import OnnxEarlyExitRuntime, export_onnx
+            from erde.export import ExportError, OnnxEarlyExitRuntime, export_onnx
 
             folder = Path(tmp) if onnx is True else Path(onnx)
             if onnx is True:
@@ -834,9 +840,7 @@ def bench_checkpoint(
                 )  # fmt: skip
             runtime = OnnxEarlyExitRuntime(folder, policy)
             if runtime.identity.fingerprint != identity.fingerprint:
-                raise ThresholdsFileError(
-                    f"{folder} is an export of another model than {checkpoint}"
-                )
+                raise ExportError(f"{folder} is an export of another model than {checkpoint}")
         records = []
         for device in devices:
             dev = torch.device(device)
