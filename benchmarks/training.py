@@ -57,6 +57,8 @@ PRESETS = {
     # CIFAR-10 (configs/cifar10.yaml): 32x32 images, batch 128
     "cifar": {"teacher": "resnet56", "student": "resnet20", "width": 1.0, "size": 32, "batch": 128},
 }
+# options recorded with the figures
+SETTINGS = ("preset", "steps", "warmup", "rounds", "channels_last", "compile", "amp", "threads")
 CIFAR10_TRAIN = 45_000  # CIFAR-10's 50,000 training images less the 10% validation hold-out
 
 
@@ -187,7 +189,7 @@ def naive(args, splits, teacher_path: Path) -> float:
 
 def epoch_seconds(args, work: Path) -> dict[str, float]:
     """One full epoch of CIFAR-10-sized data: the teacher, then the ERDE student from it."""
-    splits = synthetic_splits(CIFAR10_TRAIN, PRESETS[args.preset]["size"], seed=1)
+    splits = synthetic_splits(args.epoch_images, PRESETS[args.preset]["size"], seed=1)
     cfg = experiment(args, None)
     out = {}
     teacher = train(
@@ -224,8 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="DataLoader workers of the naive loop (PyTorch's CIFAR tutorial: 2)")  # fmt: skip
     parser.add_argument("--epoch-time", action="store_true",
                         help="also time one CIFAR-10-sized epoch of teacher and ERDE student")  # fmt: skip
+    parser.add_argument("--epoch-images", type=int, default=CIFAR10_TRAIN,
+                        help="training images in the --epoch-time epoch (default: CIFAR-10's 45,000)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.device_obj = resolve_device(args.device)
     args.device = str(args.device_obj)
     args.preset = args.preset or ("cifar" if args.device_obj.type == "cuda" else "cpu")
@@ -272,18 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         **extra,
         "rounds": rounds,
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "steps",
-                "warmup",
-                "channels_last",
-                "compile",
-                "amp",
-                "naive_workers",
-                "preset",
-            )
-        },  # fmt: skip
+        "settings": {k: getattr(args, k) for k in (*SETTINGS, "naive_workers")},
         "environment": env,
         "command": " ".join(["python", "benchmarks/training.py", *(argv or sys.argv[1:])]),
     }
