@@ -42,14 +42,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from erde.checkpoints import load_checkpoint, model_from_checkpoint
-from erde.config import load_config
-from erde.data import AugmentSpec, DataSplits, ImageSet
-from erde.distributed import resolve_device
-from erde.io import environment_info
-from erde.losses import exit_mapping, student_loss
-from erde.models import build_model
-from erde.training import Job, build_optimizer, build_scheduler, train
+try:  # run from a fresh clone without `pip install -e .` as well
+    import erde  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from erde.checkpoints import load_checkpoint, model_from_checkpoint  # noqa: E402
+from erde.config import load_config  # noqa: E402
+from erde.data import AugmentSpec, DataSplits, ImageSet  # noqa: E402
+from erde.distributed import resolve_device  # noqa: E402
+from erde.io import environment_info  # noqa: E402
+from erde.losses import exit_mapping, student_loss  # noqa: E402
+from erde.models import build_model  # noqa: E402
+from erde.training import Job, build_optimizer, build_scheduler, train  # noqa: E402
 
 PRESETS = {
     # the digits preset (`erde run` on a laptop CPU): 16x16 images, batch 64
