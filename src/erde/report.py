@@ -155,7 +155,7 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Pa
 # --------------------------------------------------------------------------- markdown
 
 
-def _fmt_count(value: float | None) -> str:
+def fmt_count(value: float | None) -> str:
     """Human-readable count: 40.81M, 272.5K, 1.23G."""
     if value is None:
         return "—"
@@ -170,13 +170,13 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _label(name: str) -> str:
+def model_label(name: str) -> str:
     """Display name of a model (the four paper models get their plot labels)."""
     return STYLES[name][0] if name in STYLES else name
 
@@ -189,13 +189,13 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
         red = model.get("mac_reduction")
         rows.append(
             [
-                f"{_label(name)} (`{name}`)",
-                _fmt_count(model["params_per_exit"][-1]) if model.get("params_per_exit") else "—",
+                f"{model_label(name)} (`{name}`)",
+                fmt_count(model["params_per_exit"][-1]) if model.get("params_per_exit") else "—",
                 _pct(model["exit_accuracy"][-1]),
-                _fmt_count(model["macs_per_exit"][-1]),
+                fmt_count(model["macs_per_exit"][-1]),
                 f"{red['threshold']:.4g}" if red else "—",
                 _pct(red["accuracy"]) if red else "not reached",
-                _fmt_count(red["mean_macs"]) if red else "—",
+                fmt_count(red["mean_macs"]) if red else "—",
                 f"{red['reduction']:.2f}x" if red and red["reduction"] else "—",
                 _pct(red["saved_fraction"], 1) if red else "—",
             ]
@@ -205,33 +205,33 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
         "## MAC reduction at equal accuracy",
         "",
         f"Cheapest {ref.get('rule', 'entropy')} threshold whose accuracy is at least the reference ({ref['model']}, last exit: "
-        f"{_pct(ref['accuracy'])} at {_fmt_count(ref['macs'])} MACs) minus "
+        f"{_pct(ref['accuracy'])} at {fmt_count(ref['macs'])} MACs) minus "
         f"{100 * ref['tolerance']:.2g} points. Reduction = reference MACs / mean MACs.",
         "",
     ]
     if ref.get("note"):
         lines += [f"Note: {ref['note']}.", ""]
-    return lines + _table([*header, "Reduction", "Saved"], rows) + [""]
+    return lines + markdown_table([*header, "Reduction", "Saved"], rows) + [""]
 
 
 def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
     """Per-exit table, then one sweep table per rule (``rule`` first) for one model."""
     params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
     exit_rows = [
-        [str(i), _fmt_count(p), _fmt_count(m), _pct(a)]
+        [str(i), fmt_count(p), fmt_count(m), _pct(a)]
         for i, (p, m, a) in enumerate(
             zip(params, model["macs_per_exit"], model["exit_accuracy"], strict=True)
         )
     ]
-    lines = [f"### {_label(name)} (`{name}`)", ""]
-    lines += _table(["Exit", "Params", "MACs", "Accuracy"], exit_rows) + [""]
+    lines = [f"### {model_label(name)} (`{name}`)", ""]
+    lines += markdown_table(["Exit", "Params", "MACs", "Accuracy"], exit_rows) + [""]
     rules = dict.fromkeys([rule, *(p["rule"] for p in model["sweep"])])  # ordered, unique
     for sweep_rule in rules:
         sweep_rows = [
             [
                 f"{p['threshold']:.4g}",
                 _pct(p["accuracy"]),
-                _fmt_count(p["mean_macs"]),
+                fmt_count(p["mean_macs"]),
                 _pct(p["mean_macs"] / ref_macs, 1) if ref_macs else "—",
                 " / ".join(f"{f:.2f}" for f in p["exit_fractions"]),
             ]
@@ -241,7 +241,7 @@ def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: s
         if sweep_rows:
             lines += [f"{sweep_rule} sweep (exit fractions: exit 0 / exit 1 / ...):", ""]
             header = ["θ", "Accuracy", "Mean MACs", "% of ref. MACs", "Exit fractions"]
-            lines += _table(header, sweep_rows) + [""]
+            lines += markdown_table(header, sweep_rows) + [""]
     return lines
 
 
@@ -265,7 +265,14 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
     for name, model in report["models"].items():
         lines += _model_section(name, model, report["reference"]["macs"], rule)
     env_rows = [[str(k), str(v)] for k, v in (report.get("environment") or {}).items()]
-    lines += ["## Environment", "", *_table(["Key", "Value"], env_rows), "", "## Config", ""]
+    lines += [
+        "## Environment",
+        "",
+        *markdown_table(["Key", "Value"], env_rows),
+        "",
+        "## Config",
+        "",
+    ]
     config = json.dumps(report.get("config"), indent=2, default=io.json_default)
     lines += ["```json", config, "```", ""]
     return "\n".join(lines)
@@ -274,7 +281,7 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
 # --------------------------------------------------------------------------- plot
 
 
-def _mac_unit(models: Mapping[str, Mapping[str, Any]]) -> tuple[float, str]:
+def mac_unit(models: Mapping[str, Mapping[str, Any]]) -> tuple[float, str]:
     """Scale and unit for the MAC axis from the largest MAC count shown."""
     largest = max(max(m["macs_per_exit"]) for m in models.values())
     for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
@@ -283,7 +290,7 @@ def _mac_unit(models: Mapping[str, Mapping[str, Any]]) -> tuple[float, str]:
     return 1.0, ""
 
 
-def _style(name: str, index: int) -> tuple[str, str, str, str]:
+def curve_style(name: str, index: int) -> tuple[str, str, str, str]:
     """Fixed style for the paper's models, a cycling one for anything else."""
     if name in STYLES:
         return STYLES[name]
@@ -294,9 +301,9 @@ def _style(name: str, index: int) -> tuple[str, str, str, str]:
 def _draw(ax: Any, report: Mapping[str, Any], rule: str) -> None:
     """Curves (one per model), per-exit hollow markers and the reference line."""
     models = report["models"]
-    scale, unit = _mac_unit(models)
+    scale, unit = mac_unit(models)
     for index, (name, model) in enumerate(models.items()):
-        label, colour, line, marker = _style(name, index)
+        label, colour, line, marker = curve_style(name, index)
         points = sorted(
             (p for p in model["sweep"] if p["rule"] == rule), key=lambda p: p["mean_macs"]
         )
@@ -319,10 +326,18 @@ def _draw(ax: Any, report: Mapping[str, Any], rule: str) -> None:
         color="gray",
         linestyle="--",
         linewidth=1,
-        label=f"{_label(ref['model'])} last exit − {100 * ref['tolerance']:.2g} pts",
+        label=f"{model_label(ref['model'])} last exit − {100 * ref['tolerance']:.2g} pts",
     )
     ax.set_xlabel(f"Mean MACs per image ({unit}MACs)" if unit else "Mean MACs per image")
     ax.set_ylabel("Accuracy (%)")
+    use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
+
+
+def use_log_macs(ax: Any, macs: Sequence[float]) -> None:
+    """Log MAC axis when models differ by 10x or more, so small students do not collapse."""
+    positive = [m for m in macs if m > 0]
+    if positive and max(positive) >= 10 * min(positive):
+        ax.set_xscale("log")
 
 
 def render_tradeoff_png(

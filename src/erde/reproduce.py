@@ -46,7 +46,7 @@ from erde.errors import ConfigError, DataError
 from erde.evaluation import SweepPoint, default_thresholds, mac_reduction_at_equal_accuracy
 from erde.exits import rule_range
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
-from erde.report import _fmt_count, _label, _mac_unit, _style, _table
+from erde.report import curve_style, fmt_count, mac_unit, markdown_table, model_label, use_log_macs
 from erde.training import Job, load_splits, train
 
 SCHEDULES = ("full", "reduced")
@@ -386,7 +386,7 @@ def _model_summary(
     reductions = [(m.get("mac_reduction") or {}).get("reduction") for m in per_seed]
     reached = [r for r in reductions if r is not None]
     return {
-        "label": _label(name),
+        "label": model_label(name),
         "arch": first.get("arch"),
         "num_exits": first["num_exits"],
         "macs_per_exit": first["macs_per_exit"],
@@ -598,14 +598,14 @@ def _comparison_rows(comp: Mapping[str, Any]) -> list[list[str]]:
             f"{r['seeds_ahead']}/{r['n_seeds']}",
             "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.2f}",
             _points(r["accuracy_diff_at_equal_macs"]),
-            _label(r["winner"]) if r["winner"] != "tie" else "tie",
+            model_label(r["winner"]) if r["winner"] != "tie" else "tie",
         ]
         for r in comp["per_threshold"]
     ]
 
 
 def _comparison_sentence(comp: Mapping[str, Any]) -> str:
-    a, b = _label(comp["model"]), _label(comp["other"])
+    a, b = model_label(comp["model"]), model_label(comp["other"])
     return (
         f"{a} beat {b} at {comp['wins']} of {comp['thresholds']} thresholds "
         f"({'every one' if comp['beat_at_every_threshold'] else 'not every one'}); "
@@ -626,7 +626,7 @@ def render_markdown(
     cfg = results.get("config") or {}
     loader = "" if data["loader"] == data["name"] else f", read with the {data['loader']} loader"
     archs = ", ".join(
-        f"{_label(k)} {m['arch']} ({m['num_exits']} exits)" for k, m in models.items()
+        f"{model_label(k)} {m['arch']} ({m['num_exits']} exits)" for k, m in models.items()
     )
     lines = [
         f"{h} {data['name']}: {results['schedule']} schedule, {n} seed{'s' * (n != 1)}",
@@ -644,25 +644,25 @@ def render_markdown(
         f"{sub} Accuracy (%) and mean MACs at fixed thresholds",
         "",
     ]
-    header = ["h", "θ", *(_label(k) for k in models)]
+    header = ["h", "θ", *(model_label(k) for k in models)]
     rows = []
     for i, level_h in enumerate(TABLE_LEVELS):
         row = [f"{level_h:g}", f"{next(iter(models.values()))['thresholds'][i]['threshold']:.4g}"]
         for m in models.values():
             r = m["thresholds"][i]
             row.append(
-                f"{_pm(r['accuracy_mean'], r['accuracy_std'])} · {_fmt_count(r['macs_mean'])}"
+                f"{_pm(r['accuracy_mean'], r['accuracy_std'])} · {fmt_count(r['macs_mean'])}"
             )
         rows.append(row)
-    lines += _table(header, rows) + [""]
+    lines += markdown_table(header, rows) + [""]
 
     ref = results["reference"]
     lines += [
         f"{sub} MAC reduction at equal accuracy",
         "",
         f"Cheapest threshold on the mean curve whose mean accuracy is at least the "
-        f"{_label(ref['model'])}'s last exit ({_pm(ref['accuracy_mean'], ref['accuracy_std'])}% at "
-        f"{_fmt_count(ref['macs'])} MACs) minus {100 * ref['tolerance']:.2g} points; reduction = "
+        f"{model_label(ref['model'])}'s last exit ({_pm(ref['accuracy_mean'], ref['accuracy_std'])}% at "
+        f"{fmt_count(ref['macs'])} MACs) minus {100 * ref['tolerance']:.2g} points; reduction = "
         f"reference MACs / mean MACs. Per seed: the same on each seed's own curve.",
         "",
     ]
@@ -672,13 +672,13 @@ def render_markdown(
         per_seed = m["mac_reduction_per_seed"]
         rows.append(
             [
-                _label(name),
+                model_label(name),
                 str(m["arch"]),
                 _pm(m["exit_accuracy_mean"][-1], m["exit_accuracy_std"][-1]),
-                _fmt_count(m["macs_per_exit"][-1]),
+                fmt_count(m["macs_per_exit"][-1]),
                 f"{red['threshold']:.4g}" if red else "—",
                 f"{100 * red['accuracy']:.2f}" if red else "not reached",
-                _fmt_count(red["mean_macs"]) if red else "—",
+                fmt_count(red["mean_macs"]) if red else "—",
                 f"{red['reduction']:.2f}x" if red and red.get("reduction") else "—",
                 (
                     f"{per_seed['mean']:.2f}x ± {per_seed['std']:.2f} ({per_seed['reached']}/{per_seed['n_seeds']})"
@@ -687,7 +687,7 @@ def render_markdown(
                 ),
             ]
         )
-    lines += _table(
+    lines += markdown_table(
         ["Model", "Arch", "Last exit (%)", "Full MACs", "θ", "Acc. (%)", "Mean MACs",
          "Reduction", "Per seed (reached)"],
         rows,
@@ -702,7 +702,7 @@ def render_markdown(
         if (comp["model"], comp["other"]) != PAIRS[0]:
             continue
         lines += [
-            f"{sub} {_label(comp['model'])} vs {_label(comp['other'])} at each threshold",
+            f"{sub} {model_label(comp['model'])} vs {model_label(comp['other'])} at each threshold",
             "",
             _comparison_sentence(comp),
             "Accuracy diff.: paired by seed. MACs ratio: mean MACs of the first over the second. "
@@ -710,7 +710,7 @@ def render_markdown(
             "mean MACs on its mean curve (— outside its range).",
             "",
         ]
-        lines += _table(compare_header, _comparison_rows(comp)) + [""]
+        lines += markdown_table(compare_header, _comparison_rows(comp)) + [""]
     others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]
     if others:
         lines += [f"{sub} Other pairs", ""]
@@ -719,7 +719,7 @@ def render_markdown(
     lines += [f"{sub} Anchors: last exit against published accuracies", ""]
     rows = [
         [
-            _label(a["model"]),
+            model_label(a["model"]),
             str(a["arch"]),
             _pm(a["accuracy_mean"], a["accuracy_std"]),
             "—" if a["published_accuracy"] is None else f"{100 * a['published_accuracy']:.2f}",
@@ -728,7 +728,7 @@ def render_markdown(
         ]
         for a in results["anchors"]
     ]
-    lines += _table(
+    lines += markdown_table(
         ["Model", "Arch", "Measured (%)", "Published (%)", "Gap (points)", "Source"], rows
     )
     lines += ["", f"Note: {results['anchor_note']}.", ""]
@@ -758,9 +758,9 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     models = results["models"]
-    scale, unit = _mac_unit(models)
+    scale, unit = mac_unit(models)
     for index, (name, model) in enumerate(models.items()):
-        label, colour, line, marker = _style(name, index)
+        label, colour, line, marker = curve_style(name, index)
         curve = sorted(model["curve"], key=lambda p: p["macs_mean"])
         xs = np.array([p["macs_mean"] for p in curve]) / scale
         ys = np.array([100 * p["accuracy_mean"] for p in curve])
@@ -783,10 +783,11 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     ref = results["reference"]
     ax.axhline(
         100 * (ref["accuracy_mean"] - ref["tolerance"]), color="gray", linestyle="--", linewidth=1,
-        label=f"{_label(ref['model'])} last exit − {100 * ref['tolerance']:.2g} pts",
+        label=f"{model_label(ref['model'])} last exit − {100 * ref['tolerance']:.2g} pts",
     )  # fmt: skip
     ax.set_xlabel(f"Mean MACs per image ({unit}MACs)" if unit else "Mean MACs per image")
     ax.set_ylabel("Accuracy (%)")
+    use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
     n = results["n_seeds"]
     ax.set_title(
         f"{results['dataset']['name']}, {results['schedule']} schedule: mean ± std over "
@@ -925,7 +926,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             f"{red['reduction']:.2f}x fewer MACs" if red and red.get("reduction") else "not reached"
         )
         lines.append(
-            f"{_label(name):14s} last exit {_pm(m['exit_accuracy_mean'][-1], m['exit_accuracy_std'][-1])}%"
+            f"{model_label(name):14s} last exit {_pm(m['exit_accuracy_mean'][-1], m['exit_accuracy_std'][-1])}%"
             f"   at equal accuracy: {text}"
         )
     lines += [_comparison_sentence(c) for c in results["comparisons"][:1]]
