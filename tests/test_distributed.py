@@ -111,3 +111,23 @@ def test_two_gloo_processes_end_with_identical_weights_and_a_lower_loss(tmp_path
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_erde_run_under_torchrun_reports_once_from_rank_zero(tmp_path: Path) -> None:
+    from conftest import TINY_OVERRIDES
+
+    out = tmp_path / "run"
+    sets = [arg for o in TINY_OVERRIDES for arg in ("--set", o)]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "erde.cli", "run", "--no-progress", "--methods", "erde", "--out", str(out),
+        "--set", "data.batch_size=32", *sets,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "student_erde"}
+    assert done.stdout.count("report.json") == 1  # one process printed the summary
+    assert load_checkpoint(out / "student_erde")["world_size"] == 2

@@ -133,6 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, args.out or f"runs/{cfg.data.name}", methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume, force=args.force,
         progress=not args.no_progress,
     )  # fmt: skip
+    if not paths:  # a non-zero rank under torchrun: rank 0 evaluates and prints
+        return 0
     _print_summary(paths["json"])
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from erde import distributed as D
 from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
 from erde.config import ExperimentConfig, config_from_dict, save_config
 from erde.data import DataSplits, iterate_batches, prepare_batch
@@ -148,4 +149,9 @@ def run_pipeline(
                 teacher_checkpoint=teacher, resume=resume, force=force, progress=progress, splits=splits,
             )
         )  # fmt: skip
-    return evaluate_checkpoints(checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress)
+    ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes
+    paths: dict[str, Path] = {}
+    if ctx.is_main:
+        paths = evaluate_checkpoints(checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress)
+    D.barrier(ctx)
+    return paths
