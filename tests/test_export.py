@@ -146,6 +146,10 @@ def test_missing_or_altered_stage_is_a_clear_error(exported, tmp_path, capsys) -
     shutil.copy(exported["dir"] / "stage_2.onnx", folder / "stage_1.onnx")
     with pytest.raises(ExportError, match="does not match the manifest"):
         OnnxEarlyExitRuntime(folder)
+    manifest = json.loads((exported["dir"] / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "mean": [0.5]}))
+    with pytest.raises(ExportError, match="malformed"):
+        OnnxEarlyExitRuntime(folder)
     (folder / "manifest.json").write_text("{oops")
     with pytest.raises(ExportError, match="not readable JSON"):
         OnnxEarlyExitRuntime(folder)

@@ -271,3 +271,21 @@ def test_benchmark_records_relate_speedups_and_macs(teacher) -> None:
         assert r["ideal_speedup"] == pytest.approx(ideal)
         assert r["measured_speedup"] == pytest.approx(r["early_exit_ips"] / r["full_ips"])
         assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
+
+
+@pytest.mark.slow
+def test_compiled_stages_route_like_eager_ones(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    x = t["x"][:40]
+    eager = EarlyExitRouter(t["model"], policy)(x)
+    compiled = EarlyExitRouter(t["model"], policy, compile=True)
+    for batch in (x, x[:9]):  # a second batch size reuses the dynamic-shape graphs
+        out = compiled(batch)
+        same = out.exit_index == eager.exit_index[: len(batch)]
+        fence = (eager.scores[: len(batch)] - policy.thresholds[0]).abs() < 1e-4  # float tolerance
+        assert bool((same | fence).all())
+        torch.testing.assert_close(
+            out.probabilities[same], eager.probabilities[: len(batch)][same], rtol=1e-4, atol=1e-5
+        )
+    assert len(set(eager.exit_index.tolist())) > 1

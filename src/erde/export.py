@@ -235,15 +235,20 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         )
     manifest = read_marked_json(path, FORMAT, VERSION, ExportError, "an erde ONNX manifest")
     stages, model = manifest.get("stages"), manifest.get("model")
+    shape, names = manifest.get("image_shape"), manifest.get("class_names")
     ok = (
         isinstance(stages, list) and stages and isinstance(model, dict)
         and all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in stages)
-        and model.get("num_exits") == len(stages)
-        and isinstance(manifest.get("macs_per_exit"), list) and len(manifest["macs_per_exit"]) == len(stages)
-        and isinstance(manifest.get("image_shape"), list) and len(manifest["image_shape"]) == 3
+        and model.get("num_exits") == len(stages) and _ints(model.get("num_classes"), 1)
+        and _ints(manifest.get("macs_per_exit"), len(stages)) and _ints(shape, 3)
+        and _numbers(manifest.get("mean"), shape[0]) and _numbers(manifest.get("std"), shape[0])
+        and (names is None or (isinstance(names, list) and len(names) == model["num_classes"]))
     )  # fmt: skip
     if not ok:
-        raise ExportError(f"{path} is malformed (stages, model, macs_per_exit or image_shape)")
+        raise ExportError(
+            f"{path} is malformed (stages, model, macs_per_exit, image_shape, mean, std or "
+            "class_names); export again"
+        )
     for i, stage in enumerate(stages):
         name = stage["file"]
         if name != f"stage_{i}.onnx":
@@ -258,6 +263,22 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
                 f"{file} does not match the manifest (altered, or from another export)"
             )
     return manifest
+
+
+def _ints(value: Any, count: int) -> bool:
+    """``value`` is ``count`` positive ints (one int when ``count`` is 1 and it is not a list)."""
+    items = value if isinstance(value, list) else [value]
+    return len(items) == count and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items
+    )
+
+
+def _numbers(value: Any, count: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
 
 
 class OnnxEarlyExitRuntime:
@@ -279,13 +300,7 @@ class OnnxEarlyExitRuntime:
         ort = _require_onnxruntime()
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        m = self.manifest["model"]
-        self.identity = ModelIdentity(
-            str(m.get("name")),
-            str(m.get("fingerprint")),
-            int(m["num_classes"]),
-            int(m["num_exits"]),
-        )
+        self.identity = ModelIdentity.from_dict(self.manifest["model"])
         self.num_exits = self.identity.num_exits
         self.image_shape = tuple(int(s) for s in self.manifest["image_shape"])
         self.class_names = self.manifest.get("class_names")

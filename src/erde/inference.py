@@ -166,6 +166,15 @@ class ModelIdentity:
     num_classes: int
     num_exits: int
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelIdentity:
+        """From a manifest's ``model`` entry (already checked to be a dict)."""
+        try:
+            return cls(str(data.get("name")), str(data.get("fingerprint")),
+                       int(data["num_classes"]), int(data["num_exits"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            raise ThresholdsFileError(f"malformed model identity {dict(data)!r}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -362,15 +371,15 @@ def route_stages(
         score = exits.rule_score(z, policy.rule)  # (B,)
         if probabilities is None:
             probabilities = torch.empty(n, z.shape[-1], dtype=torch.float32, device=device)
-        answers = (logits.float().argmax(dim=-1), F.softmax(z, dim=-1), score)
+        predicted, p = logits.float().argmax(dim=-1), F.softmax(z, dim=-1)  # (B,), (B, K)
         if where is None:
-            classes.copy_(answers[0])
-            probabilities.copy_(answers[1])
+            classes.copy_(predicted)
+            probabilities.copy_(p)
             scores.copy_(score)
             exit_index.fill_(i)
         else:
-            classes.index_copy_(0, where, answers[0])
-            probabilities.index_copy_(0, where, answers[1])
+            classes.index_copy_(0, where, predicted)
+            probabilities.index_copy_(0, where, p)
             scores.index_copy_(0, where, score)
             exit_index.index_fill_(0, where, i)
         if i == num_exits - 1:
@@ -446,10 +455,11 @@ class EarlyExitRouter:
         check_image_batch(x.shape, self.image_shape)
         macs = self.macs_per_exit(x.shape[1:], x.device)
         with torch.inference_mode():
-            return route_stages(
+            out = route_stages(
                 lambda i, h: self._stages[i](h), _index_rows, x, x.shape[0], self.policy,
                 self.num_exits, macs, x.device,
             )  # fmt: skip
+        return Routed(*(t.clone() for t in out._tensors()))  # ordinary tensors for the caller
 
 
 def _index_rows(h: Tensor, keep: Tensor) -> Tensor:
@@ -595,14 +605,7 @@ def load_predictor(
     if source.is_dir() and not (source / "checkpoint.pt").is_file():
         from erde.export import OnnxEarlyExitRuntime, read_manifest
 
-        manifest = read_manifest(source)
-        m = manifest["model"]
-        identity = ModelIdentity(
-            str(m.get("name")),
-            str(m.get("fingerprint")),
-            int(m["num_classes"]),
-            int(m["num_exits"]),
-        )
+        identity = ModelIdentity.from_dict(read_manifest(source)["model"])
         policy = resolve_policy(
             identity, thresholds=thresholds, rule=rule, thresholds_file=thresholds_file,
             default_file=source / "thresholds.json",
@@ -613,9 +616,10 @@ def load_predictor(
             runtime.class_names, policy, torch.device("cpu"),
         )  # fmt: skip
     from erde.checkpoints import load_checkpoint, model_from_checkpoint
+    from erde.distributed import resolve_device
 
     ckpt = load_checkpoint(source)
-    dev = torch.device(device)
+    dev = resolve_device(str(device))  # a clear error when CUDA is asked for but absent
     model = model_from_checkpoint(ckpt).to(dev)
     identity = ModelIdentity(
         ckpt["name"], model_fingerprint(ckpt["model"]), int(ckpt["num_classes"]), model.num_exits
