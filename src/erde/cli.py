@@ -299,6 +299,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from erde.inference import bench_checkpoint, load_predictor
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     policy = load_predictor(args.checkpoint, **_policy_kwargs(args)).policy
     devices = (args.device or "cpu").split(",")
     batch_sizes = [int(b) for b in _fraction_list(args.batch_sizes, "--batch-sizes") or []]
@@ -485,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="existing export folder of this model (default: export to a temporary folder)")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: all cores)")
     p.add_argument("--json", help="write the records to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser
