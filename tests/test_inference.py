@@ -197,6 +197,7 @@ def test_thresholds_file_round_trip_and_refusals(tmp_path, teacher, tiny_run) ->
     data = json.loads(path.read_text())
     bad = {
         "range": {**data, "thresholds": [0.4, 7.0]},
+        "unknown exit rule": {**data, "rule": "margin"},
         "list of numbers": {**data, "thresholds": "0.4"},
         "temperatures": {**data, "temperatures": [1.0, -1.0, 2.0]},
         "not an erde thresholds file": {**data, "format": "other"},

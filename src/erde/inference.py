@@ -89,9 +89,7 @@ class ExitPolicy:
     ) -> ExitPolicy:
         """Validated policy; raises ``ValueError`` naming the rule's range or the bad count."""
         if rule not in exits.RULES:
-            raise ThresholdsFileError(
-                f"unknown exit rule {rule!r}; valid rules: {', '.join(exits.RULES)}"
-            )
+            raise ValueError(f"unknown exit rule {rule!r}; valid rules: {', '.join(exits.RULES)}")
         values = exits.check_thresholds(thresholds, rule, num_classes, num_exits)
         low, high = exits.rule_range(rule, num_classes)
         temps = None
