@@ -35,6 +35,18 @@ def tiny_config(*extra: str) -> ExperimentConfig:
     return load_config(None, [*TINY_OVERRIDES, *extra])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: small models gain nothing from a second, and a busy CPU
+    makes two stall."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_cfg() -> ExperimentConfig:
     return tiny_config()

@@ -27,13 +27,7 @@ from erde.models import EarlyExitNet
 MACS = [100.0, 250.0, 400.0]  # cumulative MACs of a 3-exit model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models gain nothing from a second thread, and a busy CPU makes two stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

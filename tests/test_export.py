@@ -21,14 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from erde.export import ExportError, OnnxEarlyExitRuntime, read_manifest  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models gain nothing from a second thread, and a busy CPU makes two stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

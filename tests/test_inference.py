@@ -37,14 +37,7 @@ from erde.inference import (
 from erde.models import measure_exit_costs
 from erde.training import load_splits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models gain nothing from a second thread, and a busy CPU makes two stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(checkpoint: Path) -> dict:

@@ -183,15 +183,34 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_fit_args(g: argparse._ActionsContainer) -> None:
-    g.add_argument("--rule", choices=("entropy", "max_softmax"), default="entropy", help="exit rule (default: entropy)")
-    g.add_argument("--per-exit", action="store_true", help="fit one threshold per early exit (default: one shared)")
-    g.add_argument("--temperature", action="store_true", help="fit a softmax temperature per exit on validation first")
+    g.add_argument(
+        "--rule",
+        choices=("entropy", "max_softmax"),
+        default="entropy",
+        help="exit rule (default: entropy)",
+    )
+    g.add_argument(
+        "--per-exit",
+        action="store_true",
+        help="fit one threshold per early exit (default: one shared)",
+    )
+    g.add_argument(
+        "--temperature",
+        action="store_true",
+        help="fit a softmax temperature per exit on validation first",
+    )
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("exit policy (default: the thresholds file written by `erde calibrate`)")
-    g.add_argument("--threshold", help="threshold(s): one value, or one per early exit, comma-separated")
-    g.add_argument("--rule", choices=("entropy", "max_softmax"), help="rule for --threshold (default: entropy)")
+    g = p.add_argument_group(
+        "exit policy (default: the thresholds file written by `erde calibrate`)"
+    )
+    g.add_argument(
+        "--threshold", help="threshold(s): one value, or one per early exit, comma-separated"
+    )
+    g.add_argument(
+        "--rule", choices=("entropy", "max_softmax"), help="rule for --threshold (default: entropy)"
+    )
     g.add_argument("--thresholds-file", help="a thresholds JSON written by `erde calibrate`")
 
 
@@ -378,8 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         "budgeted mode (MSDNet protocol): test accuracy against test MACs, each point's thresholds "
         "fitted on the validation split for one MAC budget; writes budgeted.json/.md/.png"
     )
-    g.add_argument("--budgeted", action="store_true", help="run the budgeted evaluation instead of the sweep")
-    g.add_argument("--budgets", help="comma-separated fractions of the full MACs (default: 0.2,0.3,...,1.0)")
+    g.add_argument(
+        "--budgeted", action="store_true", help="run the budgeted evaluation instead of the sweep"
+    )
+    g.add_argument(
+        "--budgets", help="comma-separated fractions of the full MACs (default: 0.2,0.3,...,1.0)"
+    )
     _add_fit_args(g)
     p.set_defaults(func=cmd_evaluate)
 
@@ -437,8 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--budget", type=float, help="mean MACs at most this fraction of the full network, e.g. 0.5")
-    target.add_argument("--max-drop", type=float, help="accuracy at most this far below the last exit, e.g. 0.01 (1 point)")
+    target.add_argument(
+        "--budget", type=float, help="mean MACs at most this fraction of the full network, e.g. 0.5"
+    )
+    target.add_argument(
+        "--max-drop",
+        type=float,
+        help="accuracy at most this far below the last exit, e.g. 0.01 (1 point)",
+    )
     _add_fit_args(p)
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
     _add_config_args(p)
@@ -452,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
     p.add_argument("--out", required=True, help="export folder")
-    p.add_argument("--thresholds-file", help="thresholds to ship (default: the one beside the checkpoint)")
+    p.add_argument(
+        "--thresholds-file", help="thresholds to ship (default: the one beside the checkpoint)"
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.set_defaults(func=cmd_export)
 
@@ -467,8 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="checkpoint file/folder, or an `erde export` folder")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     _add_policy_args(p)
-    p.add_argument("--no-resize", action="store_true", help="refuse images whose size differs from the model's")
-    p.add_argument("--batch-size", type=int, default=64, help="images routed together (default: 64)")
+    p.add_argument(
+        "--no-resize", action="store_true", help="refuse images whose size differs from the model's"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images routed together (default: 64)"
+    )
     p.add_argument("--device", help="cpu (default) or cuda[:N], for checkpoints")
     p.add_argument("--output", help="write the JSON lines here instead of stdout")
     p.set_defaults(func=cmd_predict)
@@ -483,13 +518,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.add_argument("--batch-sizes", default="1,32,256", help="comma-separated (default: 1,32,256)")
     p.add_argument("--images", type=int, default=512, help="images per timed pass (default: 512)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per candidate, at least (default: 5)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds per candidate, at least (default: 1)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed passes per candidate, at least (default: 5)"
+    )
+    p.add_argument(
+        "--min-time", type=float, default=1.0, help="seconds per candidate, at least (default: 1)"
+    )
     p.add_argument("--device", help="cpu (default), cuda, or both: cpu,cuda")
-    p.add_argument("--onnx", help="existing export folder of this model (default: export to a temporary folder)")
+    p.add_argument(
+        "--onnx",
+        help="existing export folder of this model (default: export to a temporary folder)",
+    )
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: all cores)"
+    )
     p.add_argument("--json", help="write the records to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser

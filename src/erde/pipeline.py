@@ -152,6 +152,8 @@ def run_pipeline(
     ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes
     paths: dict[str, Path] = {}
     if ctx.is_main:
-        paths = evaluate_checkpoints(checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress)
+        paths = evaluate_checkpoints(
+            checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress
+        )
     D.barrier(ctx)
     return paths

@@ -354,6 +354,11 @@ def render_tradeoff_png(
     _draw(ax, report, rule)
     name = (report.get("dataset") or {}).get("name")
     ax.set_title(f"Accuracy vs MACs{' on ' + name if name else ''} ({rule} rule)")
+    return figure_png(fig, ax, dpi)
+
+
+def figure_png(fig: Any, ax: Any, dpi: int) -> bytes:
+    """Grid, legend and layout shared by every trade-off plot, rendered to PNG bytes."""
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -33,7 +33,6 @@ import statistics
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,15 @@ from erde.errors import ConfigError, DataError
 from erde.evaluation import SweepPoint, default_thresholds, mac_reduction_at_equal_accuracy
 from erde.exits import rule_range
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
-from erde.report import curve_style, fmt_count, mac_unit, markdown_table, model_label, use_log_macs
+from erde.report import (
+    curve_style,
+    figure_png,
+    fmt_count,
+    mac_unit,
+    markdown_table,
+    model_label,
+    use_log_macs,
+)
 from erde.training import Job, load_splits, train
 
 SCHEDULES = ("full", "reduced")
@@ -794,12 +801,7 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
         f"{n} seed{'s' * (n != 1)} ({results['rule']} rule)",
         fontsize=10,
     )
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    return figure_png(fig, ax, dpi)
 
 
 def _json_bytes(obj: Any) -> bytes:
