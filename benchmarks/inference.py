@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile each stage for the PyTorch path"
     )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run full network and early exit alike in NHWC (default: on)",
+    )
     p.add_argument("--json", help="also write the records as JSON to this path")
     return p.parse_args(argv)
 
@@ -193,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         f"last exit {100 * best.test['last_exit_accuracy']:.2f}%)"
     )
     x = prepare_batch(splits.test.images[:256], splits, train=False)
+    if args.channels_last:
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
     shares = stage_shares(model, x)
     stage_macs = [s + h for s, h in zip(costs.stage_macs, costs.head_macs, strict=True)]
     print(
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     records = bench_checkpoint(
         path, policy, batch_sizes=batch_sizes, images=args.images, devices=devices,
         onnx=not args.no_onnx, repeats=args.repeats, min_time=args.min_time,
-        compile=args.compile, log=print,
+        compile=args.compile, channels_last=args.channels_last, log=print,
     )  # fmt: skip
     if args.json:
         keys = ("backend", "batch_size", "full_ips", "early_exit_ips", "measured_speedup")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from erde.inference import (
     ThresholdsFileError,
     apply_temperatures,
     benchmark_routing,
+    compact_rows,
     full_network_macs,
     load_image,
     load_thresholds,
@@ -283,3 +285,35 @@ def test_compiled_stages_route_like_eager_ones(teacher) -> None:
             out.probabilities[same], eager.probabilities[: len(batch)][same], rtol=1e-4, atol=1e-5
         )
     assert len(set(eager.exit_index.tolist())) > 1
+
+
+def test_channels_last_routing_keeps_nhwc_and_gives_the_same_answers(teacher) -> None:
+    t = teacher
+    scores = exits.rule_score(t["logits"][0], "entropy").sort().values
+    middle = len(scores) // 2
+    threshold = 0.5 * (scores[middle] + scores[middle + 1]).item()  # no image sits on it
+    policy = ExitPolicy.create(threshold, "entropy", 10, t["model"].num_exits)
+    reference = _route(EarlyExitRouter(t["model"], policy), t["x"], 64)
+
+    nhwc_model = copy.deepcopy(t["model"]).to(memory_format=torch.channels_last)
+    x = t["x"].contiguous(memory_format=torch.channels_last)
+    out = _route(EarlyExitRouter(nhwc_model, policy), x, 64)
+    assert torch.equal(out.exit_index, reference.exit_index)
+    assert torch.equal(out.classes, reference.classes)
+    assert 0 < int((out.exit_index == 0).sum()) < len(out)  # some images left early, some did not
+
+    h = nhwc_model.stages[0](x[:8])
+    assert h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    kept = compact_rows(h, torch.tensor([1, 5, 6]))
+    assert kept.is_contiguous(memory_format=torch.channels_last) and torch.equal(kept, h[[1, 5, 6]])
+
+
+def test_benchmark_in_channels_last_leaves_the_callers_model_alone(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    conv = next(m for m in t["model"].modules() if isinstance(m, torch.nn.Conv2d))
+    records = benchmark_routing(
+        t["model"], t["x"][:8], policy, (4,), repeats=1, min_time=0.0, channels_last=True
+    )
+    assert {r["backend"] for r in records} == {"torch", "torch-batch-routing"}
+    assert conv.weight.is_contiguous()  # still NCHW
