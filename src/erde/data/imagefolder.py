@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,7 +74,7 @@ def _decode_all(files: list[Path], size: int | None, desc: str) -> np.ndarray:
                 total=len(files),
                 desc=desc,
                 unit="img",
-                disable=len(files) < 2000,
+                disable=len(files) < 2000 or not sys.stderr.isatty(),  # no bars in logs
             )
         )
     shapes = {a.shape for a in arrays}
