@@ -317,3 +317,22 @@ def test_benchmark_in_channels_last_leaves_the_callers_model_alone(teacher) -> N
     )
     assert {r["backend"] for r in records} == {"torch", "torch-batch-routing"}
     assert conv.weight.is_contiguous()  # still NCHW
+
+
+def test_bench_cli_writes_one_record_per_backend_and_batch_size(tmp_path, tiny_run) -> None:
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench", str(tiny_run["teacher"]), "--threshold", "0.5", "--batch-sizes", "1,4",
+            "--images", "8", "--repeats", "1", "--min-time", "0", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["backend"], r["batch_size"]) for r in records) == sorted(
+        (b, n) for b in ("torch", "torch-batch-routing", "onnxruntime") for n in (1, 4)
+    )
+    for r in records:
+        assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
+        assert r["full_ips"] > 0 and r["early_exit_ips"] > 0
+    assert len({r["ideal_speedup"] for r in records}) == 1  # one policy, one MAC budget

@@ -328,7 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     onnx = False if args.no_onnx else (args.onnx or True)
     records = bench_checkpoint(
         args.checkpoint, policy, batch_sizes=batch_sizes, images=args.images, devices=devices,
-        onnx=onnx, repeats=args.repeats, min_time=args.min_time, compile=args.compile, log=print,
+        onnx=onnx, repeats=args.repeats, min_time=args.min_time, compile=args.compile,
+        channels_last=args.channels_last, log=print,
     )  # fmt: skip
     if args.json:
         from erde.io import atomic_write_json
@@ -525,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-time", type=float, default=1.0, help="seconds per candidate, at least (default: 1)"
     )
     p.add_argument("--device", help="cpu (default), cuda, or both: cpu,cuda")
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="run full network and early exit alike in NHWC (default: on; faster on CPU)",
+    )  # fmt: skip
     p.add_argument(
         "--onnx",
         help="existing export folder of this model (default: export to a temporary folder)",
