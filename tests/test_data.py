@@ -426,34 +426,27 @@ def _cifar10_symlink_archive(tmp: Path) -> Broken:
     )
 
 
-def _cifar10_label_out_of_range(tmp: Path) -> Broken:
+def _cifar10_with_test_labels(tmp: Path, labels: list, expected: list[str]) -> Broken:
+    """A complete CIFAR-10 folder whose test batch holds two images with ``labels``."""
     write_cifar10(tmp / "data")
     images = tagged_images(2, np.random.default_rng(0), 0)
     dump_pickle(
-        {b"data": to_cifar_rows(images), b"labels": [3, 10]},
+        {b"data": to_cifar_rows(images), b"labels": labels},
         tmp / "data" / CIFAR10_FOLDER / "test_batch",
     )
-    return Broken("cifar10", tmp / "data", ["0..9", "10"])
+    return Broken("cifar10", tmp / "data", expected)
+
+
+def _cifar10_label_out_of_range(tmp: Path) -> Broken:
+    return _cifar10_with_test_labels(tmp, [3, 10], ["0..9", "10"])
 
 
 def _cifar10_fractional_labels(tmp: Path) -> Broken:
-    write_cifar10(tmp / "data")
-    images = tagged_images(2, np.random.default_rng(0), 0)
-    dump_pickle(
-        {b"data": to_cifar_rows(images), b"labels": [1.5, 2.0]},
-        tmp / "data" / CIFAR10_FOLDER / "test_batch",
-    )
-    return Broken("cifar10", tmp / "data", ["test_batch", "integer"])
+    return _cifar10_with_test_labels(tmp, [1.5, 2.0], ["test_batch", "integer"])
 
 
 def _cifar10_text_labels(tmp: Path) -> Broken:
-    write_cifar10(tmp / "data")
-    images = tagged_images(2, np.random.default_rng(0), 0)
-    dump_pickle(
-        {b"data": to_cifar_rows(images), b"labels": [b"cat", b"dog"]},
-        tmp / "data" / CIFAR10_FOLDER / "test_batch",
-    )
-    return Broken("cifar10", tmp / "data", ["test_batch", "integer"])
+    return _cifar10_with_test_labels(tmp, [b"cat", b"dog"], ["test_batch", "integer"])
 
 
 def _cifar100_missing(tmp: Path) -> Broken:
