@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 from collections.abc import Iterator
@@ -44,8 +45,9 @@ from erde.reproduce import (
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-SHARED_CIFAR10_JPEG = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SHARED_CIFAR10_JPEG = Path(
+    os.environ.get("ERDE_CIFAR10_JPEG")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 )
 # The tiny experiment on official-format files (32x32, read at 16x16): two steps per model.
 TINY = (
