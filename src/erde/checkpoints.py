@@ -59,9 +59,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{'; ' + detail[:200] if detail else ''})"
         ) from None
     except Exception as exc:  # truncated zip, random bytes, empty file ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path} is not a readable erde checkpoint (truncated or corrupted? {first[:200]})"
+            f"{path} is not a readable erde checkpoint (truncated or corrupted? {_brief(exc)})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an erde checkpoint (no '{FORMAT}' marker)")
@@ -130,8 +129,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{where}: weights do not fit the model: {first[:200]}") from None
+        raise CheckpointError(f"{where}: weights do not fit the model: {_brief(exc)}") from None
     return model
 
 
@@ -149,3 +147,13 @@ def check_compatible(
         raise CheckpointError(
             f"{what} {where} expects {ckpt['image_shape'][0]}-channel images, the data has {image_shape[0]}"
         )
+
+
+def _brief(exc: BaseException) -> str:
+    """The first sentence of an exception's first line: library messages run on for lines."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    first = text.splitlines()[0]
+    end = first.find(". ")
+    return (first[: end + 1] if 0 < end < 200 else first[:200]).rstrip()
