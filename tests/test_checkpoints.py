@@ -242,12 +242,26 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path: Path, trained) -> None:
     assert "\n" not in message
 
 
-def test_check_compatible_refuses_other_classes_and_channels(trained) -> None:
+def test_check_compatible_refuses_other_classes_channels_and_sizes(trained) -> None:
     ckpt = load_checkpoint(trained["teacher"])
     with pytest.raises(CheckpointError, match="trained for 10 classes but the data set has 3"):
         check_compatible(ckpt, 3, (3, 8, 8), "teacher checkpoint")
     with pytest.raises(CheckpointError, match="expects 3-channel images, the data has 1"):
         check_compatible(ckpt, 10, (1, 8, 8), "teacher checkpoint")
+    with pytest.raises(
+        CheckpointError, match=r"trained on 8x8 images, the data has 16x16; set data.image_size=8"
+    ):
+        check_compatible(ckpt, 10, (3, 16, 16), "teacher checkpoint")
+
+
+def test_evaluate_on_another_image_size_exits_2_with_the_fix(
+    trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report"
+    argv = ["evaluate", str(trained["teacher"]), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--set", "data.image_size=16"]) == 2
+    assert "--set data.image_size=8" in _one_error_line(capsys)
+    assert not out.exists()
 
 
 # --- bad teachers through the CLI: exit 2, and the output folder is untouched -------------

@@ -268,6 +268,22 @@ def test_imagefolder_cache_invalidated_when_a_file_is_added(tmp_path: Path) -> N
     assert splits.train.labels.tolist().count(1) == 5
 
 
+def test_imagefolder_stale_cache_is_deleted_other_sizes_kept(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    write_imagefolder(root)
+    load_data("imagefolder", root, val_fraction=0.0)
+    load_data("imagefolder", root, val_fraction=0.0, image_size=4)
+    first = {p.name for p in root.glob(".erde-cache-*.npz")}
+    assert len(first) == 4  # train/test at the native size and at 4x4
+    write_image(root / "train" / "dog" / "zzz.png", np.full((8, 8, 3), 9, dtype=np.uint8))
+    load_data("imagefolder", root, val_fraction=0.0)
+    now = {p.name for p in root.glob(".erde-cache-*.npz")}
+    assert len(now) == 4
+    replaced = first - now
+    assert len(replaced) == 1 and replaced.pop().startswith(".erde-cache-train-native-")
+    assert {n for n in now if "-4-" in n} == {n for n in first if "-4-" in n}
+
+
 def test_imagefolder_cache_goes_to_user_cache_when_folder_is_read_only(
     tmp_path: Path, monkeypatch, _isolated_cache: Path
 ) -> None:
@@ -313,13 +329,17 @@ def test_imagefolder_tar_gz_matches_folder(tmp_path: Path, _isolated_cache: Path
     assert from_archive.class_names == from_folder.class_names
 
 
-def test_imagefolder_replaced_archive_is_unpacked_again(tmp_path: Path) -> None:
+def test_imagefolder_replaced_archive_is_unpacked_again(
+    tmp_path: Path, _isolated_cache: Path
+) -> None:
     archive = tmp_path / "set.tar.gz"
     for name, classes in (("a", ("cat", "dog")), ("b", ("x", "y", "z"))):
         write_imagefolder(tmp_path / name, classes=classes)
         make_tar_gz(archive, {s: tmp_path / name / s for s in ("train", "test")})
         splits = load_data("imagefolder", archive)
         assert splits.class_names == list(classes)
+        # the copy of the replaced archive is gone: one unpacked version on disk
+        assert len(list(_isolated_cache.glob("imagefolder-archive-*"))) == 1
 
 
 def test_imagefolder_mixed_sizes_need_image_size(tmp_path: Path) -> None:

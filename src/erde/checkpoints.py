@@ -136,7 +136,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
 def check_compatible(
     ckpt: dict[str, Any], num_classes: int, image_shape: tuple[int, ...], what: str
 ) -> None:
-    """Refuse a checkpoint trained for another number of classes or input shape."""
+    """Refuse a checkpoint trained for another number of classes, channels or image size."""
     where = ckpt.get("path", "checkpoint")
     if int(ckpt["num_classes"]) != num_classes:
         raise CheckpointError(
@@ -146,6 +146,16 @@ def check_compatible(
     if tuple(ckpt["image_shape"])[0] != image_shape[0]:
         raise CheckpointError(
             f"{what} {where} expects {ckpt['image_shape'][0]}-channel images, the data has {image_shape[0]}"
+        )
+    trained_hw = tuple(int(v) for v in ckpt["image_shape"][1:])
+    if trained_hw != tuple(image_shape[1:]):
+        # Adaptive pooling would let any size run, but exit costs and accuracy would be
+        # those of another input: refuse and say how to match it.
+        size = "x".join(str(v) for v in trained_hw)
+        raise CheckpointError(
+            f"{what} {where} was trained on {size} images, the data has "
+            f"{'x'.join(str(v) for v in image_shape[1:])}; set data.image_size={trained_hw[0]} "
+            f"(--set data.image_size={trained_hw[0]}) to resize the data to match"
         )
 
 

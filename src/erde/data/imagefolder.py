@@ -3,13 +3,16 @@
 Decoding tens of thousands of small JPEGs takes a while on a laptop, so the
 decoded images are cached once as a uint8 ``.npz`` next to the folder (or in
 the user cache when the folder is read-only), keyed by the file list, sizes
-and modification times: editing the folder invalidates the cache.
+and modification times: editing the folder invalidates the cache, and the
+stale cache is deleted once the new one is written, so caches never pile up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -86,10 +89,22 @@ def _decode_all(files: list[Path], size: int | None, desc: str) -> np.ndarray:
     return np.stack(arrays).transpose(0, 3, 1, 2)  # (N, 3, H, W)
 
 
-def _cache_paths(root: Path, split: str, key: str) -> list[Path]:
-    name = f".erde-cache-{split}-{key}.npz"
+def _cache_prefix(split: str, size: int | None) -> str:
+    """Caches of one split at one size share this prefix; only the newest is kept."""
+    return f".erde-cache-{split}-{size or 'native'}-"
+
+
+def _cache_paths(root: Path, split: str, size: int | None, key: str) -> list[Path]:
+    name = f"{_cache_prefix(split, size)}{key}.npz"
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     return [root / name, cache_dir() / f"imagefolder-{digest}" / name]
+
+
+def _prune_stale(fresh: Path, prefix: str) -> None:
+    """Delete the caches ``fresh`` replaces: same split and size, older file list."""
+    for old in fresh.parent.glob(f"{prefix}*.npz"):
+        if old != fresh:
+            old.unlink(missing_ok=True)
 
 
 def _load_cached(paths: list[Path]) -> np.ndarray | None:
@@ -103,7 +118,7 @@ def _load_cached(paths: list[Path]) -> np.ndarray | None:
     return None
 
 
-def _save_cache(paths: list[Path], images: np.ndarray) -> None:
+def _save_cache(paths: list[Path], images: np.ndarray, prefix: str) -> None:
     from io import BytesIO
 
     buffer = BytesIO()
@@ -111,9 +126,11 @@ def _save_cache(paths: list[Path], images: np.ndarray) -> None:
     for path in paths:
         try:
             atomic_write_bytes(path, buffer.getvalue())
-            return
         except OSError:
             continue  # read-only data folder: fall back to the user cache
+        with contextlib.suppress(OSError):  # a cache we cannot delete is only wasted space
+            _prune_stale(path, prefix)
+        return
 
 
 def read_split(root: Path, split: str, size: int | None) -> tuple[ImageSet, list[str]]:
@@ -126,26 +143,37 @@ def read_split(root: Path, split: str, size: int | None) -> tuple[ImageSet, list
         )
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[f.parent.name] for f in files], dtype=np.int64)
-    paths = _cache_paths(root, split, _fingerprint(files, size))
+    paths = _cache_paths(root, split, size, _fingerprint(files, size))
     images = _load_cached(paths)
     if images is None or len(images) != len(files):
         images = _decode_all(files, size, f"decoding {split_dir}")
-        _save_cache(paths, images)
+        _save_cache(paths, images, _cache_prefix(split, size))
     return make_image_set(images, labels, len(classes), str(split_dir)), classes
+
+
+def _unpacked(archive: Path) -> Path:
+    """The archive's folders in the user cache, unpacked once per version of the archive.
+
+    Keyed by the archive's path, size and time, so a replaced archive is unpacked again;
+    the copy of the version it replaces is then deleted.
+    """
+    where = hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:12]
+    st = archive.stat()
+    version = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_dir() / f"imagefolder-archive-{where}-{version}"
+    if not all((dest / s).is_dir() for s in SPLITS):
+        safe_extract_folders(archive, dest, SPLITS)
+        for old in dest.parent.glob(f"imagefolder-archive-{where}-*"):
+            if old != dest:
+                shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def find_root(data_dir: str | os.PathLike | None) -> Path:
     """The folder holding train/ and test/, unpacking a .tar.gz given instead (safely)."""
     root = require_data_dir(data_dir, "imagefolder", "train/<class>/* and test/<class>/*")
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz", ".tar")):
-        # Keyed by the archive's size and time too, so a replaced archive is unpacked again.
-        st = root.stat()
-        identity = f"{root.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        dest = cache_dir() / f"imagefolder-archive-{digest}"
-        if not all((dest / s).is_dir() for s in SPLITS):
-            safe_extract_folders(root, dest, SPLITS)
-        root = dest
+        root = _unpacked(root)
     missing = [s for s in SPLITS if not (root / s).is_dir()]
     if missing:
         raise DataError(
