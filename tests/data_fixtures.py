@@ -15,21 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from erde.data.formats import CIFAR10_NAMES  # the names batches.meta lists
+
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR100_FOLDER = "cifar-100-python"
-CIFAR10_NAMES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
 
 
 @dataclass
