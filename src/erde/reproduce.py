@@ -567,7 +567,7 @@ def aggregate(
         "anchors": _anchors(dataset, config, models),
         "anchor_note": ANCHOR_NOTE
         + (
-            f"; the images were read from a {loader} copy, whose pixels may differ from the "
+            f"; the images were read with the {loader} loader from a copy, whose pixels may differ from the "
             "official release (e.g. a JPEG re-encoding)"
             if loader not in (None, dataset)
             else ""
