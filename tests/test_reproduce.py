@@ -36,6 +36,7 @@ from erde.reproduce import (
     aggregate,
     detect_loader,
     mean_std,
+    paired_p_value,
     publish,
     replace_block,
     reproduce,
@@ -134,8 +135,11 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
             statistics.fmean(e - k for e, k in zip(erde, kd, strict=True))
         )
         assert row["winner"] in ("student_erde", "student_kd", "tie")
+        diffs = [e - k for e, k in zip(erde, kd, strict=True)]
+        assert row["p_value"] == paired_p_value(diffs)
     markdown = (out / "results.md").read_text()
     assert "Accuracy (%) and mean MACs at fixed thresholds" in markdown and " ± " in markdown
+    assert "| Seeds ahead | p | MACs ratio |" in markdown
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     before = _mtimes(out)
@@ -278,6 +282,16 @@ def test_mean_std_is_mean_and_sample_std() -> None:
     assert mean_std([0.5]) == (0.5, 0.0)
 
 
+def test_paired_p_value_matches_the_closed_form_for_two_degrees_of_freedom() -> None:
+    # diffs 0.01, 0.02, 0.03: mean 0.02, sd 0.01, t = 2 sqrt(3); with 2 degrees of freedom
+    # the t tail is 0.5 (1 - t / sqrt(t^2 + 2)), so p = 1 - sqrt(12 / 14)
+    assert paired_p_value([0.01, 0.02, 0.03]) == pytest.approx(1 - math.sqrt(12 / 14))
+    assert paired_p_value([-0.01, -0.02, -0.03]) == pytest.approx(1 - math.sqrt(12 / 14))
+    assert paired_p_value([0.05, 0.05]) is None  # no spread: undefined, not 0
+    assert paired_p_value([0.3 - 0.2, 0.1]) is None  # equal up to float noise
+    assert paired_p_value([0.05]) is None
+
+
 def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> None:
     macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
     reports = {
@@ -295,6 +309,7 @@ def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> Non
     assert comparison["beat_at_every_threshold"] and comparison["wins"] == len(TABLE_LEVELS)
     assert comparison["per_threshold"][0]["accuracy_diff_mean"] == pytest.approx(0.05)
     assert comparison["per_threshold"][0]["seeds_ahead"] == 2
+    assert comparison["per_threshold"][0]["p_value"] is None  # both seeds +0.05: no spread
     # teacher last exit 0.91; ERDE (0.905) is within 0.5 points at every threshold, so its
     # cheapest point is h = 1 at 50 MACs: 400 / 50 = 8x. KD (0.855) never gets there.
     assert erde["mac_reduction"]["reduction"] == pytest.approx(8.0)

@@ -7,7 +7,8 @@ with its own ``report.json``. The seeds are then aggregated into
 
 - ``results.json``: per model and fixed threshold, accuracy mean and std over
   seeds, mean MACs, number of seeds and schedule; the MAC reduction at equal
-  accuracy; which model beat which at each threshold and by how much; anchors
+  accuracy; which model beat which at each threshold, by how much and with
+  what paired-t p-value; anchors
   (last-exit accuracy against published numbers);
 - ``results.md``: the paper-style table and the same facts as tables;
 - ``tradeoff.png``: mean accuracy against mean MACs with a +-1 std band.
@@ -315,6 +316,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_p_value(diffs: Sequence[float]) -> float | None:
+    """Two-sided paired t-test of the per-seed differences against 0.
+
+    None when it is undefined (one seed, or every seed giving the same difference):
+    with three seeds a consistent gap is still weak evidence, and the table says so.
+    """
+    from scipy.stats import t as student_t
+
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    if std < 1e-12:  # equal differences up to float noise: t is not defined
+        return None
+    t_stat = mean / (std / math.sqrt(len(diffs)))
+    return float(2 * student_t.sf(abs(t_stat), len(diffs) - 1))
+
+
 def _mean_fractions(points: Sequence[Mapping[str, Any]]) -> list[float]:
     """Per-exit mean of the exit fractions of one threshold over seeds."""
     return [statistics.fmean(f) for f in zip(*(p["exit_fractions"] for p in points), strict=True)]
@@ -426,6 +444,7 @@ def _compare(name: str, other: str, models: Mapping[str, Mapping[str, Any]]) -> 
                 "threshold": a["threshold"],
                 "accuracy_diff_mean": diff_mean,
                 "accuracy_diff_std": diff_std,
+                "p_value": paired_p_value(diffs),
                 "seeds_ahead": sum(d > 0 for d in diffs),
                 "n_seeds": len(diffs),
                 "winner": winner,
@@ -559,6 +578,8 @@ def aggregate(
             "accuracy": "fraction of test images in [0, 1]",
             "macs": "multiply-accumulates per test image, exit heads included",
             "std": "sample standard deviation over seeds (ddof=1); 0 with one seed",
+            "p_value": "two-sided paired t-test of the per-seed accuracy differences; "
+            "null with one seed or identical differences",
             "normalized_threshold": "entropy threshold / log(num_classes)",
         },
         "reference": reference,
@@ -567,8 +588,8 @@ def aggregate(
         "anchors": _anchors(dataset, config, models),
         "anchor_note": ANCHOR_NOTE
         + (
-            f"; the images were read with the {loader} loader from a copy, whose pixels may differ from the "
-            "official release (e.g. a JPEG re-encoding)"
+            f"; the images were read with the {loader} loader from a copy, whose pixels may "
+            "differ from the official release (e.g. a JPEG re-encoding)"
             if loader not in (None, dataset)
             else ""
         ),
@@ -603,6 +624,7 @@ def _comparison_rows(comp: Mapping[str, Any]) -> list[list[str]]:
             f"{r['threshold']:.4g}",
             f"{_points(r['accuracy_diff_mean'])} ± {100 * r['accuracy_diff_std']:.2f}",
             f"{r['seeds_ahead']}/{r['n_seeds']}",
+            "—" if r["p_value"] is None else f"{r['p_value']:.2g}",
             "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.2f}",
             _points(r["accuracy_diff_at_equal_macs"]),
             model_label(r["winner"]) if r["winner"] != "tie" else "tie",
@@ -702,7 +724,7 @@ def render_markdown(
     lines.append("")
 
     compare_header = [
-        "h", "θ", "Accuracy diff. (points, mean ± std)", "Seeds ahead", "MACs ratio",
+        "h", "θ", "Accuracy diff. (points, mean ± std)", "Seeds ahead", "p", "MACs ratio",
         "Diff. at equal MACs", "Winner",
     ]  # fmt: skip
     for comp in results["comparisons"]:
@@ -712,7 +734,9 @@ def render_markdown(
             f"{sub} {model_label(comp['model'])} vs {model_label(comp['other'])} at each threshold",
             "",
             _comparison_sentence(comp),
-            "Accuracy diff.: paired by seed. MACs ratio: mean MACs of the first over the second. "
+            "Accuracy diff.: paired by seed. p: two-sided paired t-test of the per-seed "
+            "differences (— with one seed or identical differences). "
+            "MACs ratio: mean MACs of the first over the second. "
             "Diff. at equal MACs: against the best accuracy the second reaches with the same "
             "mean MACs on its mean curve (— outside its range).",
             "",
@@ -946,6 +970,7 @@ __all__ = [
     "check_reusable",
     "detect_loader",
     "mean_std",
+    "paired_p_value",
     "publish",
     "render_markdown",
     "render_plot",
