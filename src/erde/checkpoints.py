@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,16 +148,19 @@ def check_compatible(
         raise CheckpointError(
             f"{what} {where} expects {ckpt['image_shape'][0]}-channel images, the data has {image_shape[0]}"
         )
-    trained_hw = tuple(int(v) for v in ckpt["image_shape"][1:])
-    if trained_hw != tuple(image_shape[1:]):
+    trained, given = ckpt["image_shape"][1:], image_shape[1:]
+    if [int(v) for v in trained] != [int(v) for v in given]:
         # Adaptive pooling would let any size run, but exit costs and accuracy would be
         # those of another input: refuse and say how to match it.
-        size = "x".join(str(v) for v in trained_hw)
         raise CheckpointError(
-            f"{what} {where} was trained on {size} images, the data has "
-            f"{'x'.join(str(v) for v in image_shape[1:])}; set data.image_size={trained_hw[0]} "
-            f"(--set data.image_size={trained_hw[0]}) to resize the data to match"
+            f"{what} {where} was trained on {_hw(trained)} images, the data has {_hw(given)}; "
+            f"set data.image_size={trained[0]} (--set data.image_size={trained[0]}) "
+            "to resize the data to match"
         )
+
+
+def _hw(shape: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in shape)
 
 
 def _brief(exc: BaseException) -> str:
