@@ -152,9 +152,9 @@ def _loss_that_turns_nan_at(bad_step: int, monkeypatch: pytest.MonkeyPatch) -> N
     calls = {"n": 0}
     real = training.teacher_loss
 
-    def loss(exit_logits, labels, weights):
+    def loss(exit_logits, labels, weights, **kwargs):
         calls["n"] += 1
-        terms = real(exit_logits, labels, weights)
+        terms = real(exit_logits, labels, weights, **kwargs)
         if calls["n"] == bad_step:
             terms["total"] = terms["total"] * float("nan")
         return terms

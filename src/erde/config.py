@@ -58,10 +58,11 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum (AdamW beta1)
     nesterov: bool = True  # Nesterov momentum for SGD
     weight_decay: float = 5e-4  # L2 weight decay (decoupled for AdamW)
-    schedule: str = "cosine"  # cosine | constant (per step, after warmup)
+    schedule: str = "cosine"  # cosine | linear | constant (per step, after warmup; to zero)
     warmup_epochs: float = 0.0  # linear warm-up length in epochs
     exit_weights: list[float] | None = None  # loss weight per exit; None = 1 for every exit
-    amp: bool | None = None  # mixed precision (bf16); None = on for CUDA, off on CPU
+    label_smoothing: float = 0.0  # on the cross-entropy with labels (0 = off; not the KD targets)
+    amp: bool | None = None  # bf16 autocast; None = on for CUDA and CPUs with bf16 hardware
     channels_last: bool = False  # NHWC memory format (faster convs on recent GPUs)
     compile: bool = False  # torch.compile the model
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = once per epoch
@@ -322,7 +323,12 @@ def validate(cfg: ExperimentConfig) -> None:
             f"{section}.optimizer must be sgd or adamw, got {t.optimizer!r}",
         )
         _check(
-            t.schedule in ("cosine", "constant"), f"{section}.schedule must be cosine or constant"
+            t.schedule in ("cosine", "linear", "constant"),
+            f"{section}.schedule must be cosine, linear or constant, got {t.schedule!r}",
+        )
+        _check(
+            0 <= t.label_smoothing < 1,
+            f"{section}.label_smoothing must be in [0, 1), got {t.label_smoothing}",
         )
         _check(t.warmup_epochs >= 0, f"{section}.warmup_epochs must be >= 0")
         if t.exit_weights is not None:

@@ -40,6 +40,7 @@ def erde_exit_loss(
     beta: float,
     gamma: float,
     tau: float,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """ERDE loss of one exit.
 
@@ -52,7 +53,7 @@ def erde_exit_loss(
     is pushed towards uncertainty there instead of imitating it.
     """
     correct = (teacher_logits.argmax(dim=-1) == labels).float()  # (B,)
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     kl = (correct * kl_per_sample(student_logits, teacher_logits, tau)).mean()
     ent = ((1.0 - correct) * normalized_entropy_loss(student_logits)).mean()
     total = alpha * ce + beta * kl + gamma * ent
@@ -66,18 +67,19 @@ def kd_exit_loss(
     alpha: float,
     beta: float,
     tau: float,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Classic Hinton KD of one exit: alpha CE(z_S, y) + beta tau^2 KL on every sample."""
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     kl = kl_per_sample(student_logits, teacher_logits, tau).mean()
     return {"total": alpha * ce + beta * kl, "ce": ce, "kl": kl}
 
 
 def ce_exit_loss(
-    student_logits: torch.Tensor, labels: torch.Tensor, alpha: float
+    student_logits: torch.Tensor, labels: torch.Tensor, alpha: float, label_smoothing: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """Label-only baseline of one exit: alpha CE(z_S, y)."""
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return {"total": alpha * ce, "ce": ce}
 
 
@@ -106,13 +108,19 @@ def exit_mapping(num_student_exits: int, num_teacher_exits: int) -> list[int]:
 
 
 def teacher_loss(
-    exit_logits: Sequence[torch.Tensor], labels: torch.Tensor, weights: Sequence[float]
+    exit_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    weights: Sequence[float],
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """L_T = sum_i w_i CE(z_i, y), with each exit's CE logged as ``ce_<i>``."""
+    """L_T = sum_i w_i CE(z_i, y), with each exit's CE logged as ``ce_<i>``.
+
+    ``label_smoothing`` (0 = off) mixes the one-hot target with the uniform one.
+    """
     terms: dict[str, torch.Tensor] = {}
     total = exit_logits[0].new_zeros(())
     for i, (z, w) in enumerate(zip(exit_logits, weights, strict=True)):
-        ce = F.cross_entropy(z, labels)
+        ce = F.cross_entropy(z, labels, label_smoothing=label_smoothing)
         terms[f"ce_{i}"] = ce
         total = total + w * ce
     terms["total"] = total
@@ -131,8 +139,13 @@ def student_loss(
     beta: float = 1.0,
     gamma: float = 1.0,
     tau: float = 4.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """L_tot = sum_i w_i L_i for ``method`` in ce | kd | erde; per-exit terms logged as ``<term>_<i>``."""
+    """L_tot = sum_i w_i L_i for ``method`` in ce | kd | erde; per-exit terms logged as ``<term>_<i>``.
+
+    ``label_smoothing`` applies to the cross-entropy on labels only, never to the
+    teacher's soft targets.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if method != "ce" and teacher_exits is None:
@@ -141,13 +154,15 @@ def student_loss(
     total = student_exits[0].new_zeros(())
     for i, (z_s, w) in enumerate(zip(student_exits, weights, strict=True)):
         if method == "ce":
-            parts = ce_exit_loss(z_s, labels, alpha)
+            parts = ce_exit_loss(z_s, labels, alpha, label_smoothing)
         else:
             z_t = teacher_exits[mapping[i]].float()
             if method == "kd":
-                parts = kd_exit_loss(z_s.float(), z_t, labels, alpha, beta, tau)
+                parts = kd_exit_loss(z_s.float(), z_t, labels, alpha, beta, tau, label_smoothing)
             else:
-                parts = erde_exit_loss(z_s.float(), z_t, labels, alpha, beta, gamma, tau)
+                parts = erde_exit_loss(
+                    z_s.float(), z_t, labels, alpha, beta, gamma, tau, label_smoothing
+                )
         total = total + w * parts.pop("total")
         terms.update({f"{k}_{i}": v for k, v in parts.items()})
     terms["total"] = total

@@ -4,10 +4,11 @@ The loop is plain PyTorch, written for speed and for crashes:
 
 - the uint8 training set sits on the training device; each batch is sliced,
   augmented and normalised there in a few batched ops (no DataLoader);
-- channels_last, mixed precision (bf16 on CUDA by default, fp16 + GradScaler on
-  GPUs without bf16) and ``torch.compile`` are config switches;
+- channels_last, mixed precision (bf16 by default on CUDA and on CPUs with bf16
+  hardware, fp16 + GradScaler on GPUs without bf16) and ``torch.compile`` are config switches;
 - a student's teacher runs once per batch for all its exits, under
-  ``torch.inference_mode()``;
+  ``torch.inference_mode()``; students trained side by side (:func:`train_students`)
+  share the batch and that one teacher forward;
 - running loss and accuracy are summed on the device; the host reads them
   every ``SYNC_EVERY`` steps (progress bar, non-finite loss check) and at the
   end of the epoch, never once per step;
@@ -26,7 +27,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from erde.checkpoints import (
 from erde.config import DistillConfig, ExperimentConfig, ModelConfig, TrainConfig, save_config
 from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch, to_device
 from erde.errors import CheckpointError, ConfigError, ErdeError
+from erde.hardware import cpu_has_bf16
 from erde.io import atomic_write_text
 from erde.losses import exit_mapping, student_loss, teacher_loss
 from erde.models import build_model
@@ -108,7 +110,11 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, t: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up then cosine decay to zero (or constant)."""
+    """Per-step linear warm-up, then cosine or linear decay to zero (or constant).
+
+    ``linear`` is the one-cycle shape of fast CIFAR recipes (warm up, then anneal
+    straight to zero); ``cosine`` spends longer near the peak.
+    """
     total = max(1, t.epochs * steps_per_epoch)
     warmup = int(t.warmup_epochs * steps_per_epoch)
 
@@ -118,6 +124,8 @@ def build_scheduler(
         if t.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if t.schedule == "linear":
+            return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -162,8 +170,14 @@ def splits_batch(cfg: ExperimentConfig, n_train: int) -> int:
 
 
 def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
-    """Autocast dtype, or None for full fp32: bf16, or fp16 on GPUs without bf16."""
-    enabled = device.type == "cuda" if amp is None else amp
+    """Autocast dtype, or None for full fp32.
+
+    ``amp=None`` (the default) means bf16 where the hardware computes in it: CUDA,
+    and CPUs with AVX-512 BF16 or AMX (read from the CPU's flags at run time);
+    fp32 on other CPUs, where bf16 is emulated and slower than fp32. fp16 on GPUs
+    without bf16.
+    """
+    enabled = (device.type == "cuda" or cpu_has_bf16()) if amp is None else amp
     if not enabled:
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -216,15 +230,24 @@ def evaluate_accuracy(
     return (D.all_reduce_sum(correct, ctx) / len(data)).tolist()
 
 
-def make_loss(job: Job, weights: list[float], mapping: list[int], d: DistillConfig) -> LossFn:
+def make_loss(
+    job: Job,
+    weights: list[float],
+    mapping: list[int],
+    d: DistillConfig,
+    label_smoothing: float = 0.0,
+) -> LossFn:
     """(student exit logits, teacher exit logits or None, labels) -> dict of loss terms."""
     if job.role == "teacher":
-        return lambda exit_logits, _teacher, labels: teacher_loss(exit_logits, labels, weights)
+        return lambda exit_logits, _teacher, labels: teacher_loss(
+            exit_logits, labels, weights, label_smoothing=label_smoothing
+        )
 
     def loss(exit_logits, teacher_logits, labels):
         return student_loss(
             job.method, exit_logits, teacher_logits, labels, weights, mapping,
             alpha=d.alpha, beta=d.beta, gamma=d.gamma, tau=d.temperature,
+            label_smoothing=label_smoothing,
         )  # fmt: skip
 
     return loss
@@ -398,18 +421,91 @@ def train(
     good checkpoint. ``on_step(global_step)`` is called after every optimizer
     step. Under torchrun, ``data.batch_size`` is per process.
     """
-    out_dir = Path(out_dir)
+    (path,) = train_together(
+        cfg, [job], [out_dir], teacher_checkpoint=teacher_checkpoint, resume=resume,
+        force=force, progress=progress, splits=splits, on_step=on_step,
+    )  # fmt: skip
+    return path
+
+
+def train_students(
+    cfg: ExperimentConfig,
+    methods: Sequence[str],
+    out_dirs: Sequence[str | Path],
+    *,
+    teacher_checkpoint: str | Path | None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    splits: DataSplits | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Train one student per method side by side: same batches, one teacher forward per batch.
+
+    The students then differ only by their loss (a paired comparison), and the
+    teacher runs once per batch for all of them instead of once per student.
+    Each student ends with exactly the weights that :func:`train` would give it
+    alone with the same config (each keeps its own dropout random stream), and
+    keeps its own checkpoint in its own folder.
+    """
+    jobs = [Job("student", m) for m in methods]
+    return train_together(
+        cfg, jobs, out_dirs, teacher_checkpoint=teacher_checkpoint, resume=resume, force=force,
+        progress=progress, splits=splits, on_step=on_step,
+    )  # fmt: skip
+
+
+def _check_jobs(jobs: Sequence[Job], out_dirs: Sequence[Path]) -> None:
+    if not jobs:
+        raise ConfigError("nothing to train: no job given")
+    if len(jobs) != len(out_dirs):
+        raise ConfigError(f"{len(jobs)} jobs but {len(out_dirs)} output folders")
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"each model may be trained once per call, got {names}")
+    if len({d.resolve() for d in out_dirs}) != len(out_dirs):
+        raise ConfigError("each model needs its own output folder")
+    if any(j.role == "teacher" for j in jobs) and len(jobs) > 1:
+        raise ConfigError("the teacher trains alone: its students need it finished")
+    bad = [j.method for j in jobs if j.role == "student" and j.method not in ("ce", "kd", "erde")]
+    if bad:
+        raise ConfigError(f"unknown student method(s) {bad}; valid: ce, kd, erde")
+
+
+def train_together(
+    cfg: ExperimentConfig,
+    jobs: Sequence[Job],
+    out_dirs: Sequence[str | Path],
+    *,
+    teacher_checkpoint: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    splits: DataSplits | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Train ``jobs`` (the teacher, or any students) in one loop over the same batches.
+
+    Every input and every output folder is checked before the first file is
+    written. Finished models in ``out_dirs`` are reused with ``resume``; models
+    resumed at different steps (a kill between two checkpoint writes) each
+    continue from their own step, so every one ends as if never interrupted.
+    Returns the checkpoint paths in the order of ``jobs``.
+    """
+    out_dirs = [Path(d) for d in out_dirs]
+    _check_jobs(jobs, out_dirs)
     ctx, device = D.setup(cfg.device)
-    is_teacher = job.role == "teacher"
+    is_teacher = jobs[0].role == "teacher"
     mcfg = cfg.teacher if is_teacher else cfg.student
     tcfg = cfg.teacher_train if is_teacher else cfg.student_train
     section = "teacher_train" if is_teacher else "student_train"
 
     splits = splits or load_splits(cfg)
     teacher = None
-    if not is_teacher and job.method != "ce":
+    if any(j.role == "student" and j.method != "ce" for j in jobs):
         if teacher_checkpoint is None:
-            raise ConfigError(f"method {job.method!r} needs a teacher checkpoint (--teacher)")
+            method = next(j.method for j in jobs if j.method != "ce")
+            raise ConfigError(f"method {method!r} needs a teacher checkpoint (--teacher)")
         teacher = _load_teacher(teacher_checkpoint, splits, device)
     n_train = len(splits.train) // ctx.world_size
     batch_size = splits_batch(cfg, n_train)
@@ -420,100 +516,209 @@ def train(
         raise ConfigError(
             f"training set of {len(splits.train)} images is smaller than one batch per process"
         )
-    previous = _existing(out_dir, resume, force)
-    if previous is not None:
-        _check_resumable(previous, job, mcfg, splits, steps_per_epoch)
-        if previous.get("finished"):
+    previous = [_existing(d, resume, force) for d in out_dirs]
+    for prev, job in zip(previous, jobs, strict=True):
+        if prev is not None:
+            _check_resumable(prev, job, mcfg, splits, steps_per_epoch)
+
+    env = _Shared(
+        cfg=cfg, tcfg=tcfg, ctx=ctx, device=device, splits=splits, teacher=teacher,
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, on_step=on_step,
+    )  # fmt: skip
+    runs: list[_Run] = []
+    for job, out_dir, prev in zip(jobs, out_dirs, previous, strict=True):
+        if prev is not None and prev.get("finished"):
             if ctx.is_main:
                 print(f"{job.name}: already finished in {out_dir}, reusing it")
-            return out_dir / "checkpoint.pt"
-
-    seed_everything(cfg.seed)
-    try:
-        model = build_model(num_classes=splits.num_classes, **dataclasses.asdict(mcfg))
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"{'teacher' if is_teacher else 'student'}: {exc}") from None
-    weights = exit_weights(tcfg, model.num_exits, section)
-    mapping: list[int] = []
-    if teacher is not None:
-        mapping = cfg.distill.exit_mapping or exit_mapping(model.num_exits, teacher.num_exits)
-        if len(mapping) != model.num_exits or not all(0 <= m < teacher.num_exits for m in mapping):
-            raise ConfigError(
-                f"distill.exit_mapping must give one teacher exit in [0, {teacher.num_exits - 1}] "
-                f"for each of the student's {model.num_exits} exits, got {mapping}"
-            )
-
-    loop = _Loop(
-        cfg=cfg, job=job, tcfg=tcfg, ctx=ctx, device=device, out_dir=out_dir, splits=splits,
-        model=model, teacher=teacher, loss_fn=make_loss(job, weights, mapping, cfg.distill),
-        batch_size=batch_size, steps_per_epoch=steps_per_epoch, on_step=on_step,
-        extra={"exit_weights": weights, "exit_mapping": mapping,
-               "teacher_checkpoint": str(teacher_checkpoint) if teacher is not None else None},
-    )  # fmt: skip
-    if previous is not None:
-        loop.restore(previous)
+            continue
+        seed_everything(cfg.seed)  # every model starts from the seed, as when trained alone
+        try:
+            model = build_model(num_classes=splits.num_classes, **dataclasses.asdict(mcfg))
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"{'teacher' if is_teacher else 'student'}: {exc}") from None
+        weights = exit_weights(tcfg, model.num_exits, section)
+        mapping = _mapping(cfg, model, teacher) if job.method in ("kd", "erde") else []
+        run = _Run(
+            env=env, job=job, out_dir=out_dir, model=model,
+            loss_fn=make_loss(job, weights, mapping, cfg.distill, tcfg.label_smoothing),
+            extra={"exit_weights": weights, "exit_mapping": mapping,
+                   "teacher_checkpoint": str(teacher_checkpoint) if job.method in ("kd", "erde") else None},
+        )  # fmt: skip
+        if prev is not None:
+            run.restore(prev)
+        runs.append(run)
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(out_dir)
-        save_config(cfg, out_dir / "config.yaml")
-    loop.run(progress)
+        for run in runs:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(run.out_dir)
+            save_config(cfg, run.out_dir / "config.yaml")
+    if runs:
+        _drive(env, runs, progress)
     D.barrier(ctx)
-    return out_dir / "checkpoint.pt"
+    return [d / "checkpoint.pt" for d in out_dirs]
 
 
-class _Loop:
-    """The state of one training run and the few things done with it.
+def _mapping(cfg: ExperimentConfig, model: nn.Module, teacher: nn.Module | None) -> list[int]:
+    """Teacher exit for each student exit, checked against both models."""
+    assert teacher is not None
+    mapping = cfg.distill.exit_mapping or exit_mapping(model.num_exits, teacher.num_exits)
+    if len(mapping) != model.num_exits or not all(0 <= m < teacher.num_exits for m in mapping):
+        raise ConfigError(
+            f"distill.exit_mapping must give one teacher exit in [0, {teacher.num_exits - 1}] "
+            f"for each of the student's {model.num_exits} exits, got {mapping}"
+        )
+    return mapping
+
+
+@dataclass
+class _Shared:
+    """What every model of one training loop shares: data, batches, teacher, precision."""
+
+    cfg: ExperimentConfig
+    tcfg: TrainConfig
+    ctx: D.DistContext
+    device: torch.device
+    splits: DataSplits
+    teacher: nn.Module | None
+    batch_size: int
+    steps_per_epoch: int
+    on_step: Callable[[int], None] | None
+
+    def __post_init__(self) -> None:
+        self.memory_format = (
+            torch.channels_last if self.tcfg.channels_last else torch.contiguous_format
+        )
+        self.amp_dtype = amp_dtype(self.device, self.tcfg.amp)
+        self.train_set = keep_on_device(self.splits.train, self.device)
+        self.val_set = keep_on_device(self.splits.val, self.device)
+        self.aug_gen = torch.Generator()
+        self._order: tuple[int, torch.Tensor] | None = None
+        if self.teacher is not None:
+            teacher = self.teacher.to(memory_format=self.memory_format)
+            self.teacher = torch.compile(teacher) if self.tcfg.compile else teacher
+
+    @property
+    def total_steps(self) -> int:
+        return self.tcfg.epochs * self.steps_per_epoch
+
+    def batch(self, global_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented, normalised batch (B, C, H, W) and labels (B,) of one global step.
+
+        A pure function of (seed, rank, step): every model trained on that step,
+        together or alone, resumed or not, sees the same pixels.
+        """
+        epoch, k = divmod(global_step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_indices(len(self.train_set), self.cfg.seed, epoch, self.ctx)
+            self._order = (epoch, order.to(self.train_set.images.device))
+        idx = self._order[1][k * self.batch_size : (k + 1) * self.batch_size]
+        images = self.train_set.images[idx].to(self.device, non_blocking=True)
+        labels = self.train_set.labels[idx].to(self.device, non_blocking=True)
+        self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, global_step))
+        x = prepare_batch(images, self.splits, train=True, generator=self.aug_gen)
+        return x.contiguous(memory_format=self.memory_format), labels
+
+    def teacher_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        assert self.teacher is not None
+        with autocast(self.device, self.amp_dtype):
+            return teacher_exit_logits(self.teacher, x)
+
+
+def _drive(env: _Shared, runs: list[_Run], progress: bool) -> None:
+    """The loop: one batch per global step, shared by every model still due at that step."""
+    names = "+".join(r.job.method or r.job.name for r in runs)
+    start = min(r.position["global_step"] for r in runs)
+    bar = tqdm(
+        total=env.total_steps, initial=start, desc=runs[0].job.name if len(runs) == 1 else
+        f"students {names}", disable=not (progress and env.ctx.is_main), dynamic_ncols=True,
+    )  # fmt: skip
+    for run in runs:
+        run.model.train()
+    try:
+        while True:
+            active = [r for r in runs if r.position["epoch"] < env.tcfg.epochs]
+            if not active:
+                break
+            step = min(r.position["global_step"] for r in active)
+            due = [r for r in active if r.position["global_step"] == step]
+            x, labels = env.batch(step)
+            teacher_logits = env.teacher_logits(x) if any(r.needs_teacher for r in due) else None
+            for run in due:
+                run.step(x, labels, teacher_logits)
+            bar.update(1)
+            if env.on_step is not None:
+                env.on_step(step + 1)
+            for run in due:
+                run.after_step()
+            if (step + 1) % SYNC_EVERY == 0 and not bar.disable:
+                bar.set_postfix(_postfix(env, due))
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"{names}: out of memory on {env.device} with batch size {env.batch_size}; try a "
+            f"smaller data.batch_size (e.g. --set data.batch_size={max(1, env.batch_size // 2)})"
+        ) from None
+    finally:
+        bar.close()
+
+
+def _postfix(env: _Shared, runs: list[_Run]) -> dict[str, str]:
+    """Progress-bar fields: epoch, then running last-exit train accuracy (and loss when alone)."""
+    out = {"epoch": f"{runs[0].position['epoch'] + 1}/{env.tcfg.epochs}"}
+    for run in runs:
+        m = run.sums.local_means()
+        if not m:
+            continue
+        acc = f"{m[f'correct_{run.model.num_exits - 1}']:.3f}"
+        if len(runs) == 1:
+            out.update(loss=f"{m['loss']:.3f}", acc=acc)
+        else:
+            out[run.job.method or run.job.name] = acc
+    return out
+
+
+class _Run:
+    """The state of one model being trained and the few things done with it.
 
     ``model`` is the bare module (what is saved); ``forward`` is what batches go
     through: the same module wrapped in DistributedDataParallel and/or compiled.
+    ``rng`` is the model's own global-RNG stream (dropout), swapped in around
+    its steps, so models trained side by side draw what they would draw alone.
     """
 
     def __init__(
         self,
         *,
-        cfg: ExperimentConfig,
+        env: _Shared,
         job: Job,
-        tcfg: TrainConfig,
-        ctx: D.DistContext,
-        device: torch.device,
         out_dir: Path,
-        splits: DataSplits,
         model: nn.Module,
-        teacher: nn.Module | None,
         loss_fn: LossFn,
-        batch_size: int,
-        steps_per_epoch: int,
-        on_step: Callable[[int], None] | None,
         extra: dict[str, Any],
     ) -> None:
-        self.cfg, self.job, self.tcfg, self.ctx, self.device = cfg, job, tcfg, ctx, device
-        self.out_dir, self.splits, self.loss_fn = out_dir, splits, loss_fn
-        self.batch_size, self.steps_per_epoch, self.on_step = batch_size, steps_per_epoch, on_step
-        self.extra = extra
-        self.memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
-        self.amp_dtype = amp_dtype(device, tcfg.amp)
-        self.train_set = keep_on_device(splits.train, device)
-        self.val_set = keep_on_device(splits.val, device)
-
-        self.model = model.to(device, memory_format=self.memory_format)
-        self.optimizer = build_optimizer(self.model, tcfg)
-        self.scheduler = build_scheduler(self.optimizer, tcfg, steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.env, self.job, self.out_dir, self.loss_fn, self.extra = (
+            env,
+            job,
+            out_dir,
+            loss_fn,
+            extra,
+        )
+        self.cfg, self.tcfg, self.ctx, self.device = env.cfg, env.tcfg, env.ctx, env.device
+        self.needs_teacher = job.method in ("kd", "erde")
+        self.rng = _rng_state(env.device)  # taken right after the model was built from the seed
+        self.model = model.to(env.device, memory_format=env.memory_format)
+        self.optimizer = build_optimizer(self.model, self.tcfg)
+        self.scheduler = build_scheduler(self.optimizer, self.tcfg, env.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
         forward: nn.Module = self.model
-        if ctx.enabled:
-            device_ids = [device.index] if device.type == "cuda" else None
+        if self.ctx.enabled:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
             forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.forward = torch.compile(forward) if tcfg.compile else forward
-        self.teacher = None
-        if teacher is not None:
-            teacher = teacher.to(memory_format=self.memory_format)
-            self.teacher = torch.compile(teacher) if tcfg.compile else teacher
-
-        self.aug_gen = torch.Generator()
+        self.forward = torch.compile(forward) if self.tcfg.compile else forward
         self.position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-        self.sums = EpochSums(device)
-        self.watch = NonFiniteWatch(device)
+        self.sums = EpochSums(env.device)
+        self.watch = NonFiniteWatch(env.device)
         self.history: list[dict[str, Any]] = []  # one metrics record per finished epoch
+        self.epoch_start = time.perf_counter()
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -524,7 +729,7 @@ class _Loop:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], self.device)
+        self.rng = ckpt["rng"]
         self.position = {k: int(ckpt[k]) for k in self.position}
         self.history = list(ckpt.get("history", []))
         running = ckpt.get("running")
@@ -537,7 +742,7 @@ class _Loop:
         running = self.sums.reduced(self.ctx) if self.position["step_in_epoch"] else None
         if not self.ctx.is_main:
             return
-        splits = self.splits
+        splits = self.env.splits
         mcfg = self.cfg.teacher if self.job.role == "teacher" else self.cfg.student
         state = {
             "name": self.job.name,
@@ -555,13 +760,13 @@ class _Loop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": self.rng,
             **self.position,
             "finished": finished,
             "running": running,
             "history": self.history,
-            "steps_per_epoch": self.steps_per_epoch,
-            "batch_size": self.batch_size,
+            "steps_per_epoch": self.env.steps_per_epoch,
+            "batch_size": self.env.batch_size,
             "world_size": self.ctx.world_size,
             **self.extra,
         }
@@ -575,16 +780,16 @@ class _Loop:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One optimizer step on one uint8 batch (B, C, H, W); queues work, never waits for it."""
+    def step(
+        self, x: torch.Tensor, labels: torch.Tensor, teacher_logits: list[torch.Tensor] | None
+    ) -> None:
+        """One optimizer step on one prepared batch; queues work, never waits for it."""
         p = self.position
-        self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, p["global_step"]))
-        x = prepare_batch(images, self.splits, train=True, generator=self.aug_gen)
-        x = x.contiguous(memory_format=self.memory_format)
-        with autocast(self.device, self.amp_dtype):
-            teacher_logits = None if self.teacher is None else teacher_exit_logits(self.teacher, x)
+        _set_rng_state(self.rng, self.device)
+        with autocast(self.device, self.env.amp_dtype):
             exit_logits = self.forward(x)
             terms = self.loss_fn(exit_logits, teacher_logits, labels)
+        self.rng = _rng_state(self.device)
         loss = terms["total"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -596,11 +801,24 @@ class _Loop:
         self.watch.update(loss, p["global_step"])
         self.sums.add(loss, terms, exit_logits, labels)
 
+    def after_step(self) -> None:
+        """Mid-epoch checkpoints and finite checks, then the end of the epoch when it comes."""
+        p = self.position
+        every = self.tcfg.checkpoint_every_steps
+        if p["step_in_epoch"] >= self.env.steps_per_epoch:
+            self.check_finite()
+            self.end_epoch()
+        elif every and p["global_step"] % every == 0:
+            self.check_finite()
+            self.save()
+        elif p["global_step"] % SYNC_EVERY == 0:
+            self.check_finite()
+
     def check_finite(self) -> None:
         """Stop on a nan/inf loss before anything is saved from the weights it spoilt."""
         bad = self.watch.first_bad_step(self.ctx)
         if bad is not None:
-            epoch = (bad - 1) // self.steps_per_epoch + 1
+            epoch = (bad - 1) // self.env.steps_per_epoch + 1
             raise TrainingError(
                 f"{self.job.name}: the loss became nan or inf at step {bad} (epoch {epoch}); "
                 f"stopped, and the last good checkpoint is kept in {self.out_dir}. "
@@ -608,46 +826,20 @@ class _Loop:
                 "student_train.amp=false)."
             )
 
-    def run_epoch(self, bar: tqdm) -> None:
-        p = self.position
-        start = time.perf_counter()
-        idx = epoch_indices(len(self.train_set), self.cfg.seed, p["epoch"], self.ctx)
-        idx = idx[p["step_in_epoch"] * self.batch_size : self.steps_per_epoch * self.batch_size]
-        every = self.tcfg.checkpoint_every_steps
-        for images, labels in iterate_batches(
-            self.train_set, self.batch_size, drop_last=True, device=self.device, indices=idx
-        ):
-            self.step(images, labels)
-            bar.update(1)
-            if self.on_step is not None:
-                self.on_step(p["global_step"])
-            mid_epoch = p["step_in_epoch"] < self.steps_per_epoch
-            if every and p["global_step"] % every == 0 and mid_epoch:
-                self.check_finite()
-                self.save()
-            elif p["global_step"] % SYNC_EVERY == 0:
-                self.check_finite()
-            if p["global_step"] % SYNC_EVERY == 0 and not bar.disable:
-                m = self.sums.local_means()
-                last = f"correct_{self.model.num_exits - 1}"
-                bar.set_postfix(
-                    epoch=f"{p['epoch'] + 1}/{self.tcfg.epochs}",
-                    loss=f"{m['loss']:.3f}",
-                    acc=f"{m[last]:.3f}",
-                )
-        self.check_finite()
-        self.end_epoch(start)
+    def end_epoch(self) -> None:
+        """Metrics over all ranks, validation accuracy, then checkpoint and metrics.jsonl.
 
-    def end_epoch(self, start: float) -> None:
-        """Metrics over all ranks, validation accuracy, then checkpoint and metrics.jsonl."""
+        ``seconds`` is the wall time of the epoch for this model; models trained
+        side by side share it (their epochs run interleaved).
+        """
         totals = self.sums.reduced(self.ctx)  # waits for the device: the time below is true
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - self.epoch_start
         D.broadcast_buffers(self.model, self.ctx)
         record = _epoch_record(self.job, self.position["epoch"], totals, seconds)
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["val_exit_accuracy"] = evaluate_accuracy(
-            self.model, self.val_set, self.splits, self.device, self.cfg.data.eval_batch_size,
-            self.ctx,
+            self.model, self.env.val_set, self.env.splits, self.device,
+            self.cfg.data.eval_batch_size, self.ctx,
         )  # fmt: skip
         self.history.append(record)
         self.position["epoch"] += 1
@@ -655,24 +847,7 @@ class _Loop:
         self.sums = EpochSums(self.device)
         self.save(finished=self.position["epoch"] >= self.tcfg.epochs)
         self.write_metrics()
-
-    def run(self, progress: bool) -> None:
-        bar = tqdm(
-            total=self.tcfg.epochs * self.steps_per_epoch, initial=self.position["global_step"],
-            desc=self.job.name, disable=not (progress and self.ctx.is_main), dynamic_ncols=True,
-        )  # fmt: skip
-        self.model.train()
-        try:
-            while self.position["epoch"] < self.tcfg.epochs:
-                self.run_epoch(bar)
-        except torch.OutOfMemoryError:
-            raise TrainingError(
-                f"{self.job.name}: out of memory on {self.device} with batch size "
-                f"{self.batch_size}; try a smaller data.batch_size (e.g. --set "
-                f"data.batch_size={max(1, self.batch_size // 2)})"
-            ) from None
-        finally:
-            bar.close()
+        self.epoch_start = time.perf_counter()
 
 
 def _epoch_record(job: Job, epoch: int, totals: dict[str, Any], seconds: float) -> dict:
