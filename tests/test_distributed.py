@@ -2,8 +2,9 @@
 
 The test launches this very file with ``python -m torch.distributed.run`` (what
 the ``torchrun`` command runs); as a script it trains the tiny teacher and an
-ERDE student with :func:`erde.training.train`, as every ``erde train-*``
-command does, and each rank saves the weights it ended with.
+KD and ERDE students side by side with :func:`erde.training.train` and
+:func:`erde.training.train_students`, as the ``erde`` commands do, and each
+rank saves the weights it ended with.
 """
 
 from __future__ import annotations
@@ -54,14 +55,13 @@ def _worker(out: Path, dumps: Path) -> None:
     cfg = _config()
     teacher = training.train(cfg, Job("teacher"), out / "teacher", progress=False)
     torch.save(built[-1].state_dict(), dumps / f"teacher_rank{rank}.pt")
-    training.train(
-        cfg,
-        Job("student", "erde"),
-        out / "student_erde",
-        teacher_checkpoint=teacher,
+    methods = ("kd", "erde")  # side by side, as `erde run` trains them
+    training.train_students(
+        cfg, methods, [out / f"student_{m}" for m in methods], teacher_checkpoint=teacher,
         progress=False,
-    )
-    torch.save(built[-1].state_dict(), dumps / f"student_erde_rank{rank}.pt")
+    )  # fmt: skip
+    for method, model in zip(methods, built[-2:], strict=True):
+        torch.save(model.state_dict(), dumps / f"student_{method}_rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -88,7 +88,7 @@ def test_two_gloo_processes_end_with_identical_weights_and_a_lower_loss(tmp_path
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    for name in ("teacher", "student_erde"):
+    for name in ("teacher", "student_kd", "student_erde"):
         rank0 = torch.load(dumps / f"{name}_rank0.pt", weights_only=True)
         rank1 = torch.load(dumps / f"{name}_rank1.pt", weights_only=True)
         _assert_same_state(rank0, rank1)  # parameters and BatchNorm statistics alike

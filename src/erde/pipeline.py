@@ -22,7 +22,7 @@ from erde.evaluation import collect_exit_logits, default_thresholds, model_repor
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.report import build_report, dataset_summary, write_report
-from erde.training import Job, load_splits, train
+from erde.training import Job, load_splits, train, train_students
 
 STUDENT_METHODS = ("ce", "kd", "erde")
 
@@ -109,7 +109,10 @@ def run_pipeline(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Train the teacher and one student per method, then evaluate all of them.
+    """Train the teacher, then one student per method side by side, then evaluate all of them.
+
+    The students share every batch and one teacher forward per batch (see
+    :func:`erde.training.train_students`), so they differ only by their loss.
 
     Every output folder is checked before the first model is trained, so a run
     into a folder that already holds checkpoints fails without touching any
@@ -141,14 +144,11 @@ def run_pipeline(
         progress=progress,
         splits=splits,
     )
-    checkpoints = [teacher]
-    for method in methods:
-        checkpoints.append(
-            train(
-                cfg, Job("student", method), out_dir / f"student_{method}",
-                teacher_checkpoint=teacher, resume=resume, force=force, progress=progress, splits=splits,
-            )
-        )  # fmt: skip
+    students = train_students(
+        cfg, methods, [out_dir / f"student_{m}" for m in methods], teacher_checkpoint=teacher,
+        resume=resume, force=force, progress=progress, splits=splits,
+    )  # fmt: skip
+    checkpoints = [teacher, *students]
     ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes
     paths: dict[str, Path] = {}
     if ctx.is_main:
