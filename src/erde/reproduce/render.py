@@ -1,0 +1,321 @@
+"""The results document as Markdown tables, a plot, files, and the docs page's blocks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erde import io
+from erde.report import (
+    curve_style,
+    figure_png,
+    fmt_count,
+    mac_unit,
+    markdown_table,
+    model_label,
+    use_log_macs,
+)
+from erde.reproduce.stats import PAIRS, TABLE_LEVELS
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    """Fraction as "mean +- std" in percent."""
+    if mean is None:
+        return "—"
+    return f"{100 * mean:.{digits}f} ± {100 * (std or 0.0):.{digits}f}"
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def _points(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:+.2f}"
+
+
+def _comparison_rows(comp: Mapping[str, Any]) -> list[list[str]]:
+    return [
+        [
+            f"{r['normalized_threshold']:g}",
+            f"{r['threshold']:.4g}",
+            f"{_points(r['accuracy_diff_mean'])} ± {100 * r['accuracy_diff_std']:.2f}",
+            f"{r['seeds_ahead']}/{r['n_seeds']}",
+            "—" if r["p_value"] is None else f"{r['p_value']:.2g}",
+            "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.2f}",
+            _points(r["accuracy_diff_at_equal_macs"]),
+            model_label(r["winner"]) if r["winner"] != "tie" else "tie",
+        ]
+        for r in comp["per_threshold"]
+    ]
+
+
+def _comparison_sentence(comp: Mapping[str, Any]) -> str:
+    a, b = model_label(comp["model"]), model_label(comp["other"])
+    return (
+        f"{a} beat {b} at {comp['wins']} of {comp['thresholds']} thresholds "
+        f"({'every one' if comp['beat_at_every_threshold'] else 'not every one'}); "
+        f"difference in accuracy {_points(comp['accuracy_diff_mean'])} points on average "
+        f"(from {_points(comp['accuracy_diff_min'])} to {_points(comp['accuracy_diff_max'])})."
+    )
+
+
+def render_markdown(
+    results: Mapping[str, Any], *, plot_link: str = "tradeoff.png", level: int = 1
+) -> str:
+    """The results as Markdown; ``level`` is the heading level of the title."""
+    h = "#" * level
+    sub = "#" * (level + 1)
+    data = results["dataset"]
+    models = results["models"]
+    n = results["n_seeds"]
+    cfg = results.get("config") or {}
+    loader = "" if data["loader"] == data["name"] else f", read with the {data['loader']} loader"
+    archs = ", ".join(
+        f"{model_label(k)} {m['arch']} ({m['num_exits']} exits)" for k, m in models.items()
+    )
+    lines = [
+        f"{h} {data['name']}: {results['schedule']} schedule, {n} seed{'s' * (n != 1)}",
+        "",
+        f"Command: `{results['command']}`" if results.get("command") else "",
+        "",
+        f"Models: {archs}. Epochs: teacher {cfg.get('teacher_train', {}).get('epochs', '?')}, "
+        f"students {cfg.get('student_train', {}).get('epochs', '?')}. Seeds: "
+        f"{', '.join(str(s) for s in results['seeds'])}. Test set: {_count(data.get('test_images'))} "
+        f"images{loader}, {data['num_classes']} classes.",
+        "",
+        f"Entropy exit rule at θ = h · log K. Accuracy: mean ± std over seeds (sample std), in %. "
+        f"MACs: mean per test image, averaged over seeds. Created {results['created']}.",
+        "",
+        f"{sub} Accuracy (%) and mean MACs at fixed thresholds",
+        "",
+    ]
+    header = ["h", "θ", *(model_label(k) for k in models)]
+    rows = []
+    for i, level_h in enumerate(TABLE_LEVELS):
+        row = [f"{level_h:g}", f"{next(iter(models.values()))['thresholds'][i]['threshold']:.4g}"]
+        for m in models.values():
+            r = m["thresholds"][i]
+            row.append(
+                f"{_pm(r['accuracy_mean'], r['accuracy_std'])} · {fmt_count(r['macs_mean'])}"
+            )
+        rows.append(row)
+    lines += markdown_table(header, rows) + [""]
+
+    ref = results["reference"]
+    lines += [
+        f"{sub} MAC reduction at equal accuracy",
+        "",
+        f"Cheapest threshold on the mean curve whose mean accuracy is at least the "
+        f"{model_label(ref['model'])}'s last exit ({_pm(ref['accuracy_mean'], ref['accuracy_std'])}% at "
+        f"{fmt_count(ref['macs'])} MACs) minus {100 * ref['tolerance']:.2g} points; reduction = "
+        f"reference MACs / mean MACs. Per seed: the same on each seed's own curve.",
+        "",
+    ]
+    rows = []
+    for name, m in models.items():
+        red = m.get("mac_reduction")
+        per_seed = m["mac_reduction_per_seed"]
+        rows.append(
+            [
+                model_label(name),
+                str(m["arch"]),
+                _pm(m["exit_accuracy_mean"][-1], m["exit_accuracy_std"][-1]),
+                fmt_count(m["macs_per_exit"][-1]),
+                f"{red['threshold']:.4g}" if red else "—",
+                f"{100 * red['accuracy']:.2f}" if red else "not reached",
+                fmt_count(red["mean_macs"]) if red else "—",
+                f"{red['reduction']:.2f}x" if red and red.get("reduction") else "—",
+                (
+                    f"{per_seed['mean']:.2f}x ± {per_seed['std']:.2f} ({per_seed['reached']}/{per_seed['n_seeds']})"
+                    if per_seed["mean"] is not None
+                    else f"not reached (0/{per_seed['n_seeds']})"
+                ),
+            ]
+        )
+    lines += markdown_table(
+        ["Model", "Arch", "Last exit (%)", "Full MACs", "θ", "Acc. (%)", "Mean MACs",
+         "Reduction", "Per seed (reached)"],
+        rows,
+    )  # fmt: skip
+    lines.append("")
+
+    compare_header = [
+        "h", "θ", "Accuracy diff. (points, mean ± std)", "Seeds ahead", "p", "MACs ratio",
+        "Diff. at equal MACs", "Winner",
+    ]  # fmt: skip
+    for comp in results["comparisons"]:
+        if (comp["model"], comp["other"]) != PAIRS[0]:
+            continue
+        lines += [
+            f"{sub} {model_label(comp['model'])} vs {model_label(comp['other'])} at each threshold",
+            "",
+            _comparison_sentence(comp),
+            "Accuracy diff.: paired by seed. p: two-sided paired t-test of the per-seed "
+            "differences (— with one seed or identical differences). "
+            "MACs ratio: mean MACs of the first over the second. "
+            "Diff. at equal MACs: against the best accuracy the second reaches with the same "
+            "mean MACs on its mean curve (— outside its range).",
+            "",
+        ]
+        lines += markdown_table(compare_header, _comparison_rows(comp)) + [""]
+    others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]
+    if others:
+        lines += [f"{sub} Other pairs", ""]
+        lines += [f"- {_comparison_sentence(c)}" for c in others] + [""]
+
+    lines += [f"{sub} Anchors: last exit against published accuracies", ""]
+    rows = [
+        [
+            model_label(a["model"]),
+            str(a["arch"]),
+            _pm(a["accuracy_mean"], a["accuracy_std"]),
+            "—" if a["published_accuracy"] is None else f"{100 * a['published_accuracy']:.2f}",
+            _points(a["gap"]),
+            a["source"] or "no published number for this setting",
+        ]
+        for a in results["anchors"]
+    ]
+    lines += markdown_table(
+        ["Model", "Arch", "Measured (%)", "Published (%)", "Gap (points)", "Source"], rows
+    )
+    lines += ["", f"Note: {results['anchor_note']}.", ""]
+    if results["schedule"] != "full":
+        lines += [
+            f"The {results['schedule']} schedule trains far shorter than the published "
+            "recipes: its anchors measure the budget, not the method.",
+            "",
+        ]
+    lines += [f"{sub} Trade-off curves", "", f"![accuracy vs MACs]({plot_link})", ""]
+    env = results.get("environment") or {}
+    lines += [
+        f"Environment: erde {env.get('erde', '?')}, torch {env.get('torch', '?')}, "
+        f"{env.get('cuda_device') or 'CPU'} ({env.get('cpu_count', '?')} CPUs), "
+        f"{env.get('platform', '?')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
+    """Mean accuracy vs mean MACs per model, a +-1 std band, table points and single exits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    models = results["models"]
+    scale, unit = mac_unit(models)
+    for index, (name, model) in enumerate(models.items()):
+        label, colour, line, marker = curve_style(name, index)
+        curve = sorted(model["curve"], key=lambda p: p["macs_mean"])
+        xs = np.array([p["macs_mean"] for p in curve]) / scale
+        ys = np.array([100 * p["accuracy_mean"] for p in curve])
+        spread = np.array([100 * p["accuracy_std"] for p in curve])
+        ax.fill_between(xs, ys - spread, ys + spread, color=colour, alpha=0.15, linewidth=0)
+        ax.plot(xs, ys, linestyle=line, color=colour, linewidth=1.4, label=label)
+        rows = model["thresholds"]
+        ax.plot(
+            [r["macs_mean"] / scale for r in rows],
+            [100 * r["accuracy_mean"] for r in rows],
+            linestyle="none", marker=marker, color=colour, markersize=4,
+        )  # fmt: skip
+        ax.errorbar(
+            [m / scale for m in model["macs_per_exit"]],
+            [100 * a for a in model["exit_accuracy_mean"]],
+            yerr=[100 * s for s in model["exit_accuracy_std"]],
+            fmt=marker, markersize=8, markerfacecolor="none", color=colour, capsize=3,
+            linewidth=1, label=f"{label}: single exits",
+        )  # fmt: skip
+    ref = results["reference"]
+    ax.axhline(
+        100 * (ref["accuracy_mean"] - ref["tolerance"]), color="gray", linestyle="--", linewidth=1,
+        label=f"{model_label(ref['model'])} last exit − {100 * ref['tolerance']:.2g} pts",
+    )  # fmt: skip
+    ax.set_xlabel(f"Mean MACs per image ({unit}MACs)" if unit else "Mean MACs per image")
+    ax.set_ylabel("Accuracy (%)")
+    use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
+    n = results["n_seeds"]
+    ax.set_title(
+        f"{results['dataset']['name']}, {results['schedule']} schedule: mean ± std over "
+        f"{n} seed{'s' * (n != 1)} ({results['rule']} rule)",
+        fontsize=10,
+    )
+    return figure_png(fig, ax, dpi)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, default=io.json_default).encode() + b"\n"
+
+
+def _write_rendered(files: Mapping[str, tuple[Path, bytes]]) -> dict[str, Path]:
+    """Write ``{kind: (path, bytes)}`` atomically; all were rendered before the first write."""
+    for path, data in files.values():
+        io.atomic_write_bytes(path, data)
+    return {kind: path for kind, (path, _) in files.items()}
+
+
+def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, Path]:
+    """results.json, results.md and tradeoff.png in ``out_dir``, each written atomically."""
+    out = Path(out_dir)
+    return _write_rendered(
+        {
+            "results": (out / "results.json", _json_bytes(results)),
+            "markdown": (out / "results.md", render_markdown(results).encode()),
+            "plot": (out / "tradeoff.png", render_plot(results)),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- erde-results:{name}:begin -->", f"<!-- erde-results:{name}:end -->"
+
+
+def replace_block(text: str, name: str, block: str) -> str:
+    """Put ``block`` between the data set's markers in ``text`` (appended with markers if absent)."""
+    begin, end = _markers(name)
+    i, j = text.find(begin), text.find(end)
+    if i >= 0 and j > i:
+        return f"{text[: i + len(begin)]}\n{block.strip()}\n{text[j:]}"
+    return f"{text.rstrip()}\n\n## {name}\n\n{begin}\n{block.strip()}\n{end}\n"
+
+
+def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
+    """Copy the results into the docs: ``results/<name>.json``, ``.png`` and RESULTS.md's block."""
+    docs = Path(docs_dir)
+    name = results["dataset"]["name"]
+    doc = docs / "RESULTS.md"
+    text = doc.read_text() if doc.is_file() else "# Results\n"
+    block = render_markdown(results, plot_link=f"results/{name}.png", level=3)
+    return _write_rendered(
+        {
+            "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
+            "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
+            "docs_markdown": (doc, replace_block(text, name, block).encode()),
+        }
+    )
+
+
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    """A few lines for the terminal: the reduction per model and ERDE vs KD."""
+    lines = []
+    for name, m in results["models"].items():
+        red = m.get("mac_reduction")
+        text = (
+            f"{red['reduction']:.2f}x fewer MACs" if red and red.get("reduction") else "not reached"
+        )
+        lines.append(
+            f"{model_label(name):14s} last exit {_pm(m['exit_accuracy_mean'][-1], m['exit_accuracy_std'][-1])}%"
+            f"   at equal accuracy: {text}"
+        )
+    lines += [_comparison_sentence(c) for c in results["comparisons"][:1]]
+    return lines

@@ -1,0 +1,368 @@
+"""Statistics over seeds: per-threshold mean and spread, paired tests, MAC reduction, anchors.
+
+Pure functions of per-seed ``report.json`` dicts: nothing here trains or reads
+files, so every number can be tested on hand-made reports.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from erde import io
+from erde.errors import ConfigError
+from erde.evaluation import SweepPoint, default_thresholds, mac_reduction_at_equal_accuracy
+from erde.exits import rule_range
+from erde.pipeline import STUDENT_METHODS
+from erde.report import (
+    model_label,
+)
+
+MODELS = ("teacher", *(f"student_{m}" for m in STUDENT_METHODS))
+RULE = "entropy"
+# Table rows: entropy threshold as a fraction h of its maximum log K. h = 0 sends every
+# image to the last exit, h = 1 lets every non-uniform prediction leave at the first one.
+TABLE_LEVELS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+# (model, other): "did model beat other at this threshold, and by how much?"
+PAIRS = (
+    ("student_erde", "student_kd"),
+    ("student_erde", "student_ce"),
+    ("student_kd", "student_ce"),
+)
+RESULTS_SCHEMA_VERSION = 1
+
+_HE = "He et al. 2016 (arXiv 1512.03385), Table 6"
+_CRD = "Tian et al. 2020 (CRD, arXiv 1910.10699), Table 1"
+# Published top-1 accuracy of the plain (single-exit) network, by (dataset, arch).
+PUBLISHED_PLAIN: dict[tuple[str, str], tuple[float, str]] = {
+    ("cifar10", "resnet20"): (0.9125, f"{_HE}: 8.75% error"),
+    ("cifar10", "resnet32"): (0.9249, f"{_HE}: 7.51% error"),
+    ("cifar10", "resnet44"): (0.9283, f"{_HE}: 7.17% error"),
+    ("cifar10", "resnet56"): (0.9303, f"{_HE}: 6.97% error"),
+    ("cifar10", "resnet110"): (0.9339, f"{_HE}: 6.61 +- 0.16% error, mean of 5 runs"),
+    ("cifar100", "resnet20"): (0.6906, _CRD),
+    ("cifar100", "resnet32"): (0.7114, _CRD),
+    ("cifar100", "resnet56"): (0.7234, _CRD),
+    ("cifar100", "resnet110"): (0.7431, _CRD),
+}
+# Published accuracy of a plain student distilled with classic KD, by (dataset, teacher, student).
+PUBLISHED_KD: dict[tuple[str, str, str], tuple[float, str]] = {
+    ("cifar100", "resnet56", "resnet20"): (0.7066, _CRD),
+    ("cifar100", "resnet110", "resnet20"): (0.7067, _CRD),
+    ("cifar100", "resnet110", "resnet32"): (0.7308, _CRD),
+}
+ANCHOR_NOTE = (
+    "published numbers are for single-exit networks trained with the authors' own schedule; "
+    "here the last exit is the same network trained jointly with its early-exit heads"
+)
+
+
+def table_thresholds(num_classes: int) -> list[float]:
+    """The fixed table grid as entropy thresholds: ``h * log K`` for each ``h``."""
+    log_k = rule_range(RULE, num_classes)[1]
+    return [level * log_k for level in TABLE_LEVELS]
+
+
+def threshold_grid(num_classes: int, num_thresholds: int) -> list[float]:
+    """The dense default grid (for the curves) plus the table grid, ascending."""
+    dense = default_thresholds(RULE, num_classes, num_thresholds)
+    return sorted(set(dense) | set(table_thresholds(num_classes)))
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("no values")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_p_value(diffs: Sequence[float]) -> float | None:
+    """Two-sided paired t-test of the per-seed differences against 0.
+
+    None when it is undefined (one seed, or every seed giving the same difference):
+    with three seeds a consistent gap is still weak evidence, and the table says so.
+    """
+    from scipy.stats import t as student_t
+
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    if std < 1e-12:  # equal differences up to float noise: t is not defined
+        return None
+    t_stat = mean / (std / math.sqrt(len(diffs)))
+    return float(2 * student_t.sf(abs(t_stat), len(diffs) - 1))
+
+
+def _mean_fractions(points: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Per-exit mean of the exit fractions of one threshold over seeds."""
+    return [statistics.fmean(f) for f in zip(*(p["exit_fractions"] for p in points), strict=True)]
+
+
+def _sweep_by_threshold(model: Mapping[str, Any]) -> dict[float, Mapping[str, Any]]:
+    return {float(p["threshold"]): p for p in model["sweep"] if p["rule"] == RULE}
+
+
+def _at(points: Mapping[float, Mapping[str, Any]], threshold: float, where: str) -> Mapping:
+    """The sweep point at ``threshold`` (exact, or within float round-off)."""
+    if threshold in points:
+        return points[threshold]
+    for t, p in points.items():
+        if math.isclose(t, threshold, rel_tol=1e-9, abs_tol=1e-12):
+            return p
+    raise ConfigError(f"{where} has no {RULE} point at threshold {threshold:.6g}; re-evaluate it")
+
+
+def _envelope_accuracy(curve: Sequence[Mapping[str, Any]], macs: float) -> float | None:
+    """Best mean accuracy reachable with at most ``macs`` on ``curve`` (linear between points).
+
+    None outside the curve's MAC range.
+    """
+    pts = sorted((p["macs_mean"], p["accuracy_mean"]) for p in curve)
+    xs = np.array([x for x, _ in pts])
+    ys = np.maximum.accumulate(np.array([y for _, y in pts]))
+    if len(xs) == 0 or macs < xs[0] - 1e-9 or macs > xs[-1] + 1e-9:
+        return None
+    return float(np.interp(macs, xs, ys))
+
+
+def _model_summary(
+    name: str, per_seed: Sequence[Mapping[str, Any]], thresholds: Sequence[float], schedule: str
+) -> dict[str, Any]:
+    n = len(per_seed)
+    first = per_seed[0]
+    for other in per_seed[1:]:
+        if other["macs_per_exit"] != first["macs_per_exit"]:
+            raise ConfigError(f"{name}: seeds disagree on the model's MACs (different configs?)")
+    sweeps = [_sweep_by_threshold(m) for m in per_seed]
+    exit_stats = [mean_std(a) for a in zip(*(m["exit_accuracy"] for m in per_seed), strict=True)]
+    rows = []
+    for level, threshold in zip(TABLE_LEVELS, thresholds, strict=True):
+        points = [_at(s, threshold, f"{name} report") for s in sweeps]
+        acc_mean, acc_std = mean_std([p["accuracy"] for p in points])
+        macs_mean, macs_std = mean_std([p["mean_macs"] for p in points])
+        rows.append(
+            {
+                "normalized_threshold": level,
+                "threshold": threshold,
+                "accuracy_mean": acc_mean,
+                "accuracy_std": acc_std,
+                "accuracy_per_seed": [p["accuracy"] for p in points],
+                "macs_mean": macs_mean,
+                "macs_std": macs_std,
+                "exit_fractions_mean": _mean_fractions(points),
+                "n_seeds": n,
+                "schedule": schedule,
+            }
+        )
+    common = sorted(set.intersection(*(set(s) for s in sweeps)))
+    curve = []
+    for threshold in common:
+        points = [s[threshold] for s in sweeps]
+        acc_mean, acc_std = mean_std([p["accuracy"] for p in points])
+        curve.append(
+            {
+                "threshold": threshold,
+                "accuracy_mean": acc_mean,
+                "accuracy_std": acc_std,
+                "macs_mean": statistics.fmean(p["mean_macs"] for p in points),
+                "exit_fractions_mean": _mean_fractions(points),
+            }
+        )
+    reductions = [(m.get("mac_reduction") or {}).get("reduction") for m in per_seed]
+    reached = [r for r in reductions if r is not None]
+    return {
+        "label": model_label(name),
+        "arch": first.get("arch"),
+        "num_exits": first["num_exits"],
+        "macs_per_exit": first["macs_per_exit"],
+        "params_per_exit": first.get("params_per_exit"),
+        "exit_accuracy_mean": [m for m, _ in exit_stats],
+        "exit_accuracy_std": [s for _, s in exit_stats],
+        "thresholds": rows,
+        "curve": curve,
+        "mac_reduction_per_seed": {
+            "reductions": reductions,
+            "reached": len(reached),
+            "n_seeds": n,
+            "mean": mean_std(reached)[0] if reached else None,
+            "std": mean_std(reached)[1] if reached else None,
+        },
+    }
+
+
+def _compare(name: str, other: str, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Paired (same seed) accuracy differences of ``name`` minus ``other`` at each table threshold."""
+    rows = []
+    for a, b in zip(models[name]["thresholds"], models[other]["thresholds"], strict=True):
+        diffs = [x - y for x, y in zip(a["accuracy_per_seed"], b["accuracy_per_seed"], strict=True)]
+        diff_mean, diff_std = mean_std(diffs)
+        at_equal = _envelope_accuracy(models[other]["curve"], a["macs_mean"])
+        winner = name if diff_mean > 1e-12 else other if diff_mean < -1e-12 else "tie"
+        rows.append(
+            {
+                "normalized_threshold": a["normalized_threshold"],
+                "threshold": a["threshold"],
+                "accuracy_diff_mean": diff_mean,
+                "accuracy_diff_std": diff_std,
+                "p_value": paired_p_value(diffs),
+                "seeds_ahead": sum(d > 0 for d in diffs),
+                "n_seeds": len(diffs),
+                "winner": winner,
+                "macs_ratio": a["macs_mean"] / b["macs_mean"] if b["macs_mean"] else None,
+                "accuracy_diff_at_equal_macs": (
+                    None if at_equal is None else a["accuracy_mean"] - at_equal
+                ),
+            }
+        )
+    diffs = [r["accuracy_diff_mean"] for r in rows]
+    return {
+        "model": name,
+        "other": other,
+        "per_threshold": rows,
+        "wins": sum(r["winner"] == name for r in rows),
+        "losses": sum(r["winner"] == other for r in rows),
+        "ties": sum(r["winner"] == "tie" for r in rows),
+        "thresholds": len(rows),
+        "beat_at_every_threshold": all(r["winner"] == name for r in rows),
+        "accuracy_diff_mean": statistics.fmean(diffs),
+        "accuracy_diff_min": min(diffs),
+        "accuracy_diff_max": max(diffs),
+    }
+
+
+def _anchors(
+    dataset: str, config: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Last-exit accuracy of teacher, CE and KD students next to published numbers."""
+    teacher, student = config["teacher"], config["student"]
+    wanted = {
+        "teacher": PUBLISHED_PLAIN.get((dataset, teacher["arch"])),
+        "student_ce": PUBLISHED_PLAIN.get((dataset, student["arch"])),
+        "student_kd": PUBLISHED_KD.get((dataset, teacher["arch"], student["arch"])),
+    }
+    anchors = []
+    for name, published in wanted.items():
+        if name not in models:
+            continue
+        model_cfg = teacher if name == "teacher" else student
+        model = models[name]
+        entry = {
+            "model": name,
+            "arch": model["arch"],
+            "accuracy_mean": model["exit_accuracy_mean"][-1],
+            "accuracy_std": model["exit_accuracy_std"][-1],
+            "published_accuracy": None,
+            "source": None,
+            "gap": None,
+        }
+        if published is not None and model_cfg.get("width", 1.0) == 1.0:
+            entry.update(
+                published_accuracy=published[0],
+                source=published[1],
+                gap=entry["accuracy_mean"] - published[0],
+            )
+        anchors.append(entry)
+    return anchors
+
+
+def aggregate(
+    reports: Mapping[int, Mapping[str, Any]],
+    *,
+    dataset: str,
+    schedule: str,
+    loader: str | None = None,
+    command: str | None = None,
+    seed_reports: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """Per-seed ``report.json`` dicts ``{seed: report}`` -> the results document.
+
+    Every seed must hold the same models, evaluated on the table grid.
+    """
+    if not reports:
+        raise ValueError("no seed reports to aggregate")
+    seeds = sorted(reports)
+    first = reports[seeds[0]]
+    names = [n for n in MODELS if all(n in reports[s]["models"] for s in seeds)]
+    names += [
+        n
+        for n in first["models"]
+        if n not in names and all(n in reports[s]["models"] for s in seeds)
+    ]
+    num_classes = int(first["dataset"]["num_classes"])
+    thresholds = table_thresholds(num_classes)
+    models = {
+        n: _model_summary(n, [reports[s]["models"][n] for s in seeds], thresholds, schedule)
+        for n in names
+    }
+    ref_name = "teacher" if "teacher" in models else names[0]
+    reference = {
+        "model": ref_name,
+        "accuracy_mean": models[ref_name]["exit_accuracy_mean"][-1],
+        "accuracy_std": models[ref_name]["exit_accuracy_std"][-1],
+        "macs": float(models[ref_name]["macs_per_exit"][-1]),
+        "tolerance": float(first["reference"]["tolerance"]),
+    }
+    for model in models.values():
+        points = [
+            SweepPoint(
+                RULE, p["threshold"], p["accuracy_mean"], p["macs_mean"], p["exit_fractions_mean"]
+            )
+            for p in model["curve"]
+        ]
+        model["mac_reduction"] = mac_reduction_at_equal_accuracy(
+            points, reference["accuracy_mean"], reference["macs"], reference["tolerance"]
+        )
+        for row in model["thresholds"]:
+            row["macs_fraction_of_reference"] = row["macs_mean"] / reference["macs"]
+    comparisons = [_compare(a, b, models) for a, b in PAIRS if a in models and b in models]
+    config = first.get("config") or {}
+    data = first.get("dataset") or {}
+    return {
+        "schema": "erde-reproduce",
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "dataset": {
+            "name": dataset,
+            "loader": loader or data.get("name", dataset),
+            "num_classes": num_classes,
+            "test_images": data.get("test_images"),
+            "train_images": data.get("train_images"),
+            "val_images": data.get("val_images"),
+        },
+        "schedule": schedule,
+        "seeds": seeds,
+        "n_seeds": len(seeds),
+        "rule": RULE,
+        "units": {
+            "accuracy": "fraction of test images in [0, 1]",
+            "macs": "multiply-accumulates per test image, exit heads included",
+            "std": "sample standard deviation over seeds (ddof=1); 0 with one seed",
+            "p_value": "two-sided paired t-test of the per-seed accuracy differences; "
+            "null with one seed or identical differences",
+            "normalized_threshold": "entropy threshold / log(num_classes)",
+        },
+        "reference": reference,
+        "models": models,
+        "comparisons": comparisons,
+        "anchors": _anchors(dataset, config, models),
+        "anchor_note": ANCHOR_NOTE
+        + (
+            f"; the images were read with the {loader} loader from a copy, whose pixels may "
+            "differ from the official release (e.g. a JPEG re-encoding)"
+            if loader not in (None, dataset)
+            else ""
+        ),
+        "seed_reports": {str(s): p for s, p in (seed_reports or {}).items()},
+        "config": config,
+        "environment": first.get("environment") or io.environment_info(),
+    }
