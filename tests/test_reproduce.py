@@ -27,6 +27,7 @@ from data_fixtures import (
     write_svhn,
 )
 
+from erde.checkpoints import load_checkpoint
 from erde.cli import main
 from erde.errors import ConfigError, DataError
 from erde.reproduce import (
@@ -41,6 +42,7 @@ from erde.reproduce import (
     replace_block,
     reproduce,
     reproduce_config,
+    seed_plans,
     table_thresholds,
     threshold_grid,
 )
@@ -156,6 +158,66 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
     assert _mtimes(out) == before
 
 
+def test_one_teacher_shared_by_two_student_seeds_and_a_folder_of_another_design_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    data = tmp_path / "svhn"
+    write_svhn(data, n_train=60, n_test=30)
+    out = tmp_path / "out"
+    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--seeds", "2",
+            "--teacher-seeds", "1", "--out", str(out), "--no-progress", *_sets()]  # fmt: skip
+
+    assert main(argv) == 0
+    assert (out / "seed_0" / "teacher" / "checkpoint.pt").is_file()
+    assert not (out / "seed_1" / "teacher").exists()  # seed 1's students learn from seed 0's
+    for method in ("ce", "kd", "erde"):
+        ckpt = load_checkpoint(out / "seed_1" / f"student_{method}")
+        assert ckpt["config"]["seed"] == 1 and ckpt["config"]["data"]["split_seed"] == 0
+    kd = load_checkpoint(out / "seed_1" / "student_kd")
+    assert Path(kd["teacher_checkpoint"]) == out / "seed_0" / "teacher" / "checkpoint.pt"
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher_seeds"] == 1 and "1 teacher shared by 2" in results["teacher_design"]
+    assert "--teacher-seeds 1" in results["command"]
+    teacher = results["models"]["teacher"]
+    assert all(r["accuracy_std"] == 0.0 for r in teacher["thresholds"])  # the same teacher twice
+    assert "1 teacher shared by 2 student seeds" in (out / "results.md").read_text()
+
+    before = _mtimes(out)
+    capsys.readouterr()
+    independent = [a for a in argv if a not in ("--teacher-seeds", "1")]
+    assert main(independent) == 2
+    err = capsys.readouterr().err
+    assert "trained with another config" in err and "data.split_seed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert _mtimes(out) == before  # nothing trained, nothing overwritten
+
+
+@pytest.mark.parametrize(("seeds", "teacher_seeds"), [("2", "3"), ("2", "0"), ("1", "-1")])
+def test_teacher_seeds_out_of_range_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, seeds: str, teacher_seeds: str
+) -> None:
+    out = tmp_path / "out"
+    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(tmp_path), "--seeds", seeds,
+            "--teacher-seeds", teacher_seeds, "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--teacher-seeds must be between 1 and --seeds" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_seed_plans_share_teachers_in_turn() -> None:
+    plans = seed_plans(5, 4, 2)
+    assert [(p.seed, p.teacher_seed) for p in plans] == [(5, 5), (6, 6), (7, 5), (8, 6)]
+    assert all(p.shared_teacher for p in plans)
+    alone = seed_plans(0, 3)
+    assert [(p.seed, p.teacher_seed, p.shared_teacher) for p in alone] == [
+        (0, 0, False), (1, 1, False), (2, 2, False)
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="--seeds must be >= 1"):
+        seed_plans(0, 0)
+
+
 def test_svhn_official_files_one_seed_has_zero_spread(tmp_path: Path, one_thread: None) -> None:
     data = tmp_path / "svhn"
     write_svhn(data, n_train=60, n_test=30)
@@ -217,9 +279,18 @@ def test_shared_cifar10_jpeg_archive_is_read_as_imagefolder() -> None:
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn"])
-def test_reduced_schedule_keeps_the_models_and_shortens_training(dataset: str) -> None:
+def test_reduced_and_fast_schedules_keep_the_models_and_shorten_training(dataset: str) -> None:
     full = reproduce_config(dataset, "full")
     reduced = reproduce_config(dataset, "reduced")
+    fast = reproduce_config(dataset, "fast")
+    assert (fast.teacher, fast.student) == (full.teacher, full.student)
+    for section in ("teacher_train", "student_train"):
+        assert (
+            getattr(reduced, section).epochs
+            < getattr(fast, section).epochs
+            < getattr(full, section).epochs
+        )
+    assert fast.teacher_train.label_smoothing == 0.0  # a smoothed teacher distils worse
 
     assert full.data.name == dataset
     assert (full.teacher.arch, full.student.arch) == ("resnet56", "resnet20")
@@ -313,6 +384,10 @@ def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> Non
     # teacher last exit 0.91; ERDE (0.905) is within 0.5 points at every threshold, so its
     # cheapest point is h = 1 at 50 MACs: 400 / 50 = 8x. KD (0.855) never gets there.
     assert erde["mac_reduction"]["reduction"] == pytest.approx(8.0)
+    # 8x = 400 / 100 from the smaller network x 100 / 50 from the early exits
+    assert erde["mac_reduction"]["from_network"] == pytest.approx(4.0)
+    assert erde["mac_reduction"]["from_exits"] == pytest.approx(2.0)
+    assert results["teacher_seeds"] == 2 and "independent" in results["teacher_design"]
     assert results["models"]["student_kd"]["mac_reduction"] is None
     teacher_anchor = next(a for a in results["anchors"] if a["model"] == "teacher")
     published = PUBLISHED_PLAIN[("cifar10", "resnet56")][0]
@@ -330,15 +405,16 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> 
     paths = publish(results, docs)
 
     text = (docs / "RESULTS.md").read_text()
-    cifar10 = text.split("<!-- erde-results:cifar10:begin -->")[1].split(
-        "<!-- erde-results:cifar10:end -->"
+    cifar10 = text.split("<!-- erde-results:cifar10-reduced:begin -->")[1].split(
+        "<!-- erde-results:cifar10-reduced:end -->"
     )[0]
-    svhn = text.split("<!-- erde-results:svhn:begin -->")[1].split(
-        "<!-- erde-results:svhn:end -->"
+    svhn = text.split("<!-- erde-results:svhn-reduced:begin -->")[1].split(
+        "<!-- erde-results:svhn-reduced:end -->"
     )[0]
     assert "Pending" not in cifar10 and "88.00 ± 0.00" in cifar10
     assert "Pending" in svhn
-    assert "results/cifar10.png" in cifar10
+    assert "results/cifar10-reduced.png" in cifar10
+    assert paths["docs_results"].name == "cifar10-reduced.json"
     assert json.loads(paths["docs_results"].read_text())["models"] == results["models"]
     assert paths["docs_plot"].read_bytes()[:4] == b"\x89PNG"
 

@@ -170,7 +170,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     flags += [f"device={args.device}"] if args.device else []
     paths = reproduce(
         args.dataset, args.out or f"runs/reproduce/{args.dataset}-{args.schedule}",
-        data_dir=args.data_dir, seeds=args.seeds, schedule=args.schedule, config=args.config,
+        data_dir=args.data_dir, seeds=args.seeds, teacher_seeds=args.teacher_seeds,
+        schedule=args.schedule, config=args.config,
         overrides=[*flags, *args.overrides], download=args.download, docs_dir=args.docs,
         progress=not args.no_progress, log=print,
     )  # fmt: skip
@@ -425,18 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", help="the paper's comparison over several seeds: table, plot, MAC reduction",
         epilog=EPILOG_CONFIG + "\nWith reproduce: preset < --schedule overlay < --config < --set. "
         "--seed is the first seed (default 0).", formatter_class=fmt,
-        description="For each seed, train the teacher and the ce/kd/erde students (finished runs in "
-        "--out are reused, interrupted ones resumed) and evaluate them on a fixed threshold grid; "
+        description="For each seed, train the teacher and the ce/kd/erde students side by side (finished "
+        "runs in --out are reused, interrupted ones resumed) and evaluate them on a fixed threshold grid; "
         "then write results.json, results.md (accuracy mean ± std over seeds and mean MACs per "
         "threshold, MAC reduction at equal accuracy, ERDE vs KD at each threshold, anchors) and "
         "tradeoff.png (with spread bands). --dataset cifar10 also reads an ImageFolder copy "
         "(train/<class>/*.jpg, test/<class>/*.jpg, folder or .tar.gz).",
     )  # fmt: skip
     _add_config_args(p)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    p.add_argument("--seeds", type=int, default=3, help="number of student seeds (default: 3)")
     p.add_argument(
-        "--schedule", choices=("full", "reduced"), default="full",
-        help="full: the preset (GPU, 200 epochs); reduced: about an hour per seed on a 2-core CPU",
+        "--teacher-seeds", type=int, metavar="N",
+        help="train N teachers (1 <= N <= --seeds) and let the student seeds share them in turn, "
+        "as KD papers do (default: one teacher per seed). Shared-teacher students use their "
+        "teacher's validation split",
+    )  # fmt: skip
+    p.add_argument(
+        "--schedule", choices=("full", "reduced", "fast"), default="full",
+        help="full: the preset (GPU, 200 epochs); fast: a few tens of epochs for a teacher near "
+        "its trained accuracy (hours per seed on a 2-core CPU); reduced: 7 epochs, about an hour "
+        "per seed on a 2-core CPU",
     )  # fmt: skip
     p.add_argument(
         "--download", action="store_true",
@@ -445,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--docs", metavar="DIR",
-        help="also publish into DIR: results/<dataset>.json and .png, and the data set's block "
-        "of DIR/RESULTS.md",
+        help="also publish into DIR: results/<dataset>-<schedule>.json and .png, and the block "
+        "of that name in DIR/RESULTS.md",
     )  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")
     p.set_defaults(func=cmd_reproduce)

@@ -30,6 +30,7 @@ class DataConfig:
     )
     val_fraction: float = 0.1  # share of train held out for validation/calibration (never test)
     max_train: int | None = None  # keep at most this many training images (quick runs)
+    split_seed: int | None = None  # seeds the validation split and max_train subset; None = seed
     batch_size: int = 128  # training batch size (per process)
     eval_batch_size: int = 512  # batch size for validation/test passes
 
@@ -305,6 +306,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for name in ("image_size", "max_train"):
         v = getattr(cfg.data, name)
         _check(v is None or v >= 1, f"data.{name} must be >= 1 (or null), got {v}")
+    _check(
+        cfg.data.split_seed is None or cfg.data.split_seed >= 0,
+        f"data.split_seed must be >= 0 (or null), got {cfg.data.split_seed}",
+    )
     _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
     _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
     for section in ("teacher_train", "student_train"):

@@ -86,7 +86,7 @@ def load_splits(cfg: ExperimentConfig) -> DataSplits:
         d.name,
         d.data_dir,
         val_fraction=d.val_fraction,
-        seed=cfg.seed,
+        seed=cfg.seed if d.split_seed is None else d.split_seed,
         image_size=d.image_size,
         max_train=d.max_train,
     )

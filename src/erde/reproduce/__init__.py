@@ -40,6 +40,7 @@ from erde.reproduce.render import (
 )
 from erde.reproduce.runs import (
     SCHEDULES,
+    SeedPlan,
     check_reusable,
     detect_loader,
     reproduce,
@@ -47,6 +48,8 @@ from erde.reproduce.runs import (
     reproduce_config,
     run_seed,
     schedule_path,
+    seed_plans,
+    teacher_design,
 )
 from erde.reproduce.stats import (
     MODELS,
@@ -63,6 +66,7 @@ from erde.reproduce.stats import (
 
 __all__ = [
     "MODELS",
+    "SeedPlan",
     "PAIRS",
     "PUBLISHED_KD",
     "PUBLISHED_PLAIN",
@@ -82,8 +86,10 @@ __all__ = [
     "reproduce_config",
     "run_seed",
     "schedule_path",
+    "seed_plans",
     "summary_lines",
     "table_thresholds",
+    "teacher_design",
     "threshold_grid",
     "write_results",
 ]

@@ -87,7 +87,8 @@ def render_markdown(
         f"Models: {archs}. Epochs: teacher {cfg.get('teacher_train', {}).get('epochs', '?')}, "
         f"students {cfg.get('student_train', {}).get('epochs', '?')}. Seeds: "
         f"{', '.join(str(s) for s in results['seeds'])}. Test set: {_count(data.get('test_images'))} "
-        f"images{loader}, {data['num_classes']} classes.",
+        f"images{loader}, {data['num_classes']} classes. Teacher design: "
+        f"{results.get('teacher_design', 'one teacher per seed (independent replicates)')}.",
         "",
         f"Entropy exit rule at θ = h · log K. Accuracy: mean ± std over seeds (sample std), in %. "
         f"MACs: mean per test image, averaged over seeds. Created {results['created']}.",
@@ -114,7 +115,9 @@ def render_markdown(
         f"Cheapest threshold on the mean curve whose mean accuracy is at least the "
         f"{model_label(ref['model'])}'s last exit ({_pm(ref['accuracy_mean'], ref['accuracy_std'])}% at "
         f"{fmt_count(ref['macs'])} MACs) minus {100 * ref['tolerance']:.2g} points; reduction = "
-        f"reference MACs / mean MACs. Per seed: the same on each seed's own curve.",
+        f"reference MACs / mean MACs = (reference MACs / the model's full MACs: from the smaller "
+        f"network) × (full MACs / mean MACs: from early exits). Per seed: the same on each seed's "
+        f"own curve.",
         "",
     ]
     rows = []
@@ -131,6 +134,8 @@ def render_markdown(
                 f"{100 * red['accuracy']:.2f}" if red else "not reached",
                 fmt_count(red["mean_macs"]) if red else "—",
                 f"{red['reduction']:.2f}x" if red and red.get("reduction") else "—",
+                f"{red['from_network']:.2f}x" if red and red.get("from_network") else "—",
+                f"{red['from_exits']:.2f}x" if red and red.get("from_exits") else "—",
                 (
                     f"{per_seed['mean']:.2f}x ± {per_seed['std']:.2f} ({per_seed['reached']}/{per_seed['n_seeds']})"
                     if per_seed["mean"] is not None
@@ -140,7 +145,7 @@ def render_markdown(
         )
     lines += markdown_table(
         ["Model", "Arch", "Last exit (%)", "Full MACs", "θ", "Acc. (%)", "Mean MACs",
-         "Reduction", "Per seed (reached)"],
+         "Reduction", "Network", "Exits", "Per seed (reached)"],
         rows,
     )  # fmt: skip
     lines.append("")
@@ -289,10 +294,16 @@ def replace_block(text: str, name: str, block: str) -> str:
     return f"{text.rstrip()}\n\n## {name}\n\n{begin}\n{block.strip()}\n{end}\n"
 
 
+def results_name(results: Mapping[str, Any]) -> str:
+    """``<dataset>-<schedule>``: the file stem and RESULTS.md block of one set of results."""
+    return f"{results['dataset']['name']}-{results['schedule']}"
+
+
 def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
-    """Copy the results into the docs: ``results/<name>.json``, ``.png`` and RESULTS.md's block."""
+    """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png`` and
+    RESULTS.md's block of that name."""
     docs = Path(docs_dir)
-    name = results["dataset"]["name"]
+    name = results_name(results)
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
     block = render_markdown(results, plot_link=f"results/{name}.png", level=3)

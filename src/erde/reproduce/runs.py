@@ -11,13 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from erde.config import ExperimentConfig, load_config, load_yaml, preset_path
+from erde.config import ExperimentConfig, config_from_dict, load_config, load_yaml, preset_path
 from erde.data.formats import CIFAR10
 from erde.errors import ConfigError, DataError
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid
-from erde.training import Job, load_splits, train
+from erde.training import Job, load_splits, train, train_students
 
 SCHEDULES = ("full", "reduced", "fast")
 
@@ -60,12 +60,17 @@ def reproduce_command(
     seeds: int,
     schedule: str,
     overrides: Sequence[str] = (),
+    *,
+    teacher_seeds: int | None = None,
 ) -> str:
     """The ``erde reproduce`` command line that produces these results (for the record)."""
     parts = ["erde", "reproduce", "--dataset", dataset]
     if data_dir is not None:
         parts += ["--data-dir", str(data_dir)]
-    parts += ["--seeds", str(seeds), "--schedule", schedule]
+    parts += ["--seeds", str(seeds)]
+    if teacher_seeds is not None and teacher_seeds != seeds:
+        parts += ["--teacher-seeds", str(teacher_seeds)]
+    parts += ["--schedule", schedule]
     for text in overrides:
         parts += ["--set", text]
     return shlex.join(parts)
@@ -121,15 +126,23 @@ def detect_loader(dataset: str, data_dir: str | Path | None) -> str:
 # --------------------------------------------------------------------------- one seed
 
 
-def _training_view(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a config that change what training produces."""
-    view = copy.deepcopy(dict(config))
+def _training_view(config: Mapping[str, Any], role: str) -> dict[str, Any]:
+    """The parts of a config that change what training ``role`` (teacher | student) produces.
+
+    The config is first completed with today's defaults, so a folder written
+    before a field existed compares equal when it used that field's default.
+    A teacher depends on its data, model, schedule and seed only; a student on
+    everything (its teacher included).
+    """
+    view = config_from_dict(copy.deepcopy(dict(config))).to_dict()
     for key in ("device", "evaluation"):
         view.pop(key, None)
     data = dict(view.get("data") or {})
     for key in ("data_dir", "eval_batch_size"):
         data.pop(key, None)
     view["data"] = data
+    if role == "teacher":
+        view = {k: view[k] for k in ("data", "teacher", "teacher_train", "seed")}
     return view
 
 
@@ -143,18 +156,23 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_reusable(seed_dir: Path, cfg: ExperimentConfig) -> None:
+def check_reusable(seed_dir: Path, cfg: ExperimentConfig, names: Sequence[str] = MODELS) -> None:
     """Refuse to reuse runs in ``seed_dir`` that were trained with another config.
 
     Training resumes or reuses whatever checkpoint it finds, so a folder left by
-    another schedule or architecture would silently enter the statistics.
+    another schedule, architecture or teacher design would silently enter the
+    statistics.
     """
-    want = _flatten(_training_view(cfg.to_dict()))
-    for name in MODELS:
+    for name in names:
         saved = seed_dir / name / "config.yaml"
         if not saved.is_file():
             continue
-        have = _flatten(_training_view(load_yaml(saved)))
+        role = "teacher" if name == "teacher" else "student"
+        want = _flatten(_training_view(cfg.to_dict(), role))
+        try:
+            have = _flatten(_training_view(load_yaml(saved), role))
+        except ConfigError as exc:
+            raise ConfigError(f"{saved}: cannot be compared with this run ({exc})") from None
         differing = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if differing:
             shown = ", ".join(
@@ -186,38 +204,97 @@ def _report_is_current(report: Path, checkpoints: Sequence[Path], grid: Sequence
     )
 
 
-def run_seed(cfg: ExperimentConfig, seed_dir: str | Path, *, progress: bool = True) -> Path:
-    """Teacher + ce/kd/erde students for ``cfg.seed`` (reused when finished), then their report.
+@dataclasses.dataclass(frozen=True)
+class SeedPlan:
+    """Which teacher a student seed learns from, and where each lives.
 
-    The evaluation runs once per model on :func:`threshold_grid` and is skipped
-    when ``seed_dir/report.json`` is already newer than all four checkpoints.
+    With one teacher per seed (``teacher_seeds == seeds``) every seed is an
+    independent replicate. With fewer teachers, as KD papers do, student seed
+    ``s`` learns from the teacher of seed ``teacher_seed`` and uses that
+    teacher's validation split (``data.split_seed``), so no student is
+    calibrated on images its teacher trained on.
+    """
+
+    seed: int
+    teacher_seed: int
+    shared_teacher: bool
+
+    def student_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        data = dataclasses.replace(
+            cfg.data, split_seed=self.teacher_seed if self.shared_teacher else None
+        )
+        return dataclasses.replace(cfg, seed=self.seed, data=data)
+
+    def teacher_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        data = dataclasses.replace(cfg.data, split_seed=None)
+        return dataclasses.replace(cfg, seed=self.teacher_seed, data=data)
+
+
+def seed_plans(first_seed: int, seeds: int, teacher_seeds: int | None = None) -> list[SeedPlan]:
+    """Student seeds ``first_seed .. first_seed + seeds - 1`` and their teachers, in order."""
+    teacher_seeds = seeds if teacher_seeds is None else teacher_seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if not 1 <= teacher_seeds <= seeds:
+        raise ConfigError(
+            f"--teacher-seeds must be between 1 and --seeds ({seeds}), got {teacher_seeds}"
+        )
+    shared = teacher_seeds < seeds
+    return [SeedPlan(first_seed + i, first_seed + i % teacher_seeds, shared) for i in range(seeds)]
+
+
+def teacher_design(seeds: int, teacher_seeds: int) -> str:
+    """The design in words, for tables and results.json."""
+    if teacher_seeds == seeds:
+        return "one teacher per seed (independent replicates)"
+    return (
+        f"{teacher_seeds} teacher{'s' * (teacher_seeds != 1)} shared by {seeds} student seeds "
+        "(student seeds vary initialisation, augmentation and dropout; the data split is the "
+        "teacher's)"
+    )
+
+
+def run_seed(
+    cfg: ExperimentConfig,
+    seed_dir: str | Path,
+    *,
+    progress: bool = True,
+    plan: SeedPlan | None = None,
+    teacher_dir: str | Path | None = None,
+) -> Path:
+    """Teacher + ce/kd/erde students of one seed (reused when finished), then their report.
+
+    ``plan`` (default: an independent seed ``cfg.seed``) says which teacher the
+    students learn from; a shared teacher lives in ``teacher_dir`` (the folder
+    of its own seed) and is trained there if it is not finished yet. The
+    students train side by side. The evaluation runs once per model on
+    :func:`threshold_grid` and is skipped when ``seed_dir/report.json`` is
+    already newer than all four checkpoints.
     """
     seed_dir = Path(seed_dir)
-    check_reusable(seed_dir, cfg)
-    splits = load_splits(cfg)
+    plan = plan or SeedPlan(cfg.seed, cfg.seed, False)
+    teacher_dir = Path(teacher_dir) if teacher_dir is not None else seed_dir / "teacher"
+    student_cfg, teacher_cfg = plan.student_config(cfg), plan.teacher_config(cfg)
+    check_reusable(teacher_dir.parent, teacher_cfg, ["teacher"])
+    check_reusable(seed_dir, student_cfg, [m for m in MODELS if m != "teacher"])
+    splits = load_splits(student_cfg)
     common = {"resume": True, "progress": progress, "splits": splits}
-    teacher = train(cfg, Job("teacher"), seed_dir / "teacher", **common)
-    checkpoints = [teacher]
-    for method in STUDENT_METHODS:
-        checkpoints.append(
-            train(
-                cfg, Job("student", method), seed_dir / f"student_{method}",
-                teacher_checkpoint=teacher, **common,
-            )
-        )  # fmt: skip
+    teacher = train(teacher_cfg, Job("teacher"), teacher_dir, **common)
+    students = train_students(
+        student_cfg, STUDENT_METHODS, [seed_dir / f"student_{m}" for m in STUDENT_METHODS],
+        teacher_checkpoint=teacher, **common,
+    )  # fmt: skip
+    checkpoints = [teacher, *students]
     grid = threshold_grid(splits.num_classes, cfg.evaluation.num_thresholds)
     report = seed_dir / "report.json"
     if not _report_is_current(report, checkpoints, grid):
         eval_cfg = dataclasses.replace(
-            cfg, evaluation=dataclasses.replace(cfg.evaluation, rules=[RULE])
+            student_cfg, evaluation=dataclasses.replace(cfg.evaluation, rules=[RULE])
         )
         evaluate_checkpoints(
             checkpoints, seed_dir, cfg=eval_cfg, splits=splits, thresholds=grid, progress=progress
         )
     return report
-
-
-# --------------------------------------------------------------------------- the command
 
 
 def reproduce(
@@ -226,6 +303,7 @@ def reproduce(
     *,
     data_dir: str | Path | None = None,
     seeds: int = 3,
+    teacher_seeds: int | None = None,
     schedule: str = "full",
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -237,13 +315,16 @@ def reproduce(
     """Train and evaluate every seed (reusing finished runs), then aggregate and write.
 
     Seeds are ``seed, seed + 1, ...`` from the config's ``seed`` (default 0).
-    The results are rewritten after every seed, so an interrupted run still
-    leaves the statistics of the seeds it finished.
+    ``teacher_seeds`` (default: ``seeds``) is how many teachers are trained;
+    with fewer teachers than seeds, student seeds share them in turn (see
+    :class:`SeedPlan`). Every seed folder is checked against the config before
+    anything trains. The results are rewritten after every seed, so an
+    interrupted run still leaves the statistics of the seeds it finished.
     """
     log = log or (lambda _message: None)
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     cfg = reproduce_config(dataset, schedule, config=config, overrides=overrides)
+    plans = seed_plans(cfg.seed, seeds, teacher_seeds)
+    teacher_seeds = len({p.teacher_seed for p in plans})
     if data_dir is not None:
         cfg.data.data_dir = str(data_dir)
     if download:
@@ -257,19 +338,28 @@ def reproduce(
         log(f"{cfg.data.data_dir}: {dataset} in {loader} layout, read with the {loader} loader")
         cfg.data.name = loader
     out = Path(out_dir)
-    command = reproduce_command(dataset, cfg.data.data_dir, seeds, schedule, overrides)
+    design = teacher_design(seeds, teacher_seeds)
+    command = reproduce_command(
+        dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds
+    )
+    for plan in plans:  # refuse a reused folder of another config or design before any training
+        check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
+        students = [m for m in MODELS if m != "teacher"]
+        check_reusable(out / f"seed_{plan.seed}", plan.student_config(cfg), students)
     reports: dict[int, dict[str, Any]] = {}
     relative: dict[int, str] = {}
     paths: dict[str, Path] = {}
-    for i, seed in enumerate(range(cfg.seed, cfg.seed + seeds)):
-        seed_dir = out / f"seed_{seed}"
-        log(f"seed {seed} ({i + 1}/{seeds}) -> {seed_dir}")
-        report = run_seed(dataclasses.replace(cfg, seed=seed), seed_dir, progress=progress)
-        reports[seed] = json.loads(report.read_text())
-        relative[seed] = str(report.relative_to(out))
+    log(f"{schedule} schedule, {design}")
+    for i, plan in enumerate(plans):
+        seed_dir = out / f"seed_{plan.seed}"
+        teacher_dir = out / f"seed_{plan.teacher_seed}" / "teacher"
+        log(f"seed {plan.seed} ({i + 1}/{seeds}) -> {seed_dir} (teacher: {teacher_dir})")
+        report = run_seed(cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir)
+        reports[plan.seed] = json.loads(report.read_text())
+        relative[plan.seed] = str(report.relative_to(out))
         results = aggregate(
             reports, dataset=dataset, schedule=schedule, loader=loader, command=command,
-            seed_reports=relative,
+            seed_reports=relative, teacher_seeds=teacher_seeds, design=design,
         )  # fmt: skip
         paths = write_results(out, results)
     if docs_dir is not None:

@@ -274,6 +274,22 @@ def _anchors(
     return anchors
 
 
+def split_reduction(reduction: dict[str, Any] | None, full_macs: float) -> dict[str, Any] | None:
+    """Add to a MAC reduction how much comes from the smaller network and how much from exits.
+
+    reduction = reference MACs / mean MACs
+              = (reference MACs / the model's full MACs) x (full MACs / mean MACs)
+              =  from_network                            x  from_exits
+    """
+    if reduction is None or not reduction.get("mean_macs"):
+        return reduction
+    return {
+        **reduction,
+        "from_network": reduction["reference_macs"] / full_macs,
+        "from_exits": full_macs / reduction["mean_macs"],
+    }
+
+
 def aggregate(
     reports: Mapping[int, Mapping[str, Any]],
     *,
@@ -282,10 +298,14 @@ def aggregate(
     loader: str | None = None,
     command: str | None = None,
     seed_reports: Mapping[int, str] | None = None,
+    teacher_seeds: int | None = None,
+    design: str | None = None,
 ) -> dict[str, Any]:
     """Per-seed ``report.json`` dicts ``{seed: report}`` -> the results document.
 
     Every seed must hold the same models, evaluated on the table grid.
+    ``teacher_seeds`` and ``design`` record how many teachers the student seeds
+    learnt from (default: one per seed).
     """
     if not reports:
         raise ValueError("no seed reports to aggregate")
@@ -318,8 +338,11 @@ def aggregate(
             )
             for p in model["curve"]
         ]
-        model["mac_reduction"] = mac_reduction_at_equal_accuracy(
-            points, reference["accuracy_mean"], reference["macs"], reference["tolerance"]
+        model["mac_reduction"] = split_reduction(
+            mac_reduction_at_equal_accuracy(
+                points, reference["accuracy_mean"], reference["macs"], reference["tolerance"]
+            ),
+            float(model["macs_per_exit"][-1]),
         )
         for row in model["thresholds"]:
             row["macs_fraction_of_reference"] = row["macs_mean"] / reference["macs"]
@@ -342,6 +365,8 @@ def aggregate(
         "schedule": schedule,
         "seeds": seeds,
         "n_seeds": len(seeds),
+        "teacher_seeds": teacher_seeds if teacher_seeds is not None else len(seeds),
+        "teacher_design": design or "one teacher per seed (independent replicates)",
         "rule": RULE,
         "units": {
             "accuracy": "fraction of test images in [0, 1]",
