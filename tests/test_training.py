@@ -142,3 +142,58 @@ def test_mixed_precision_and_channels_last_train_on_cpu(tmp_path: Path) -> None:
     assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # fp32 master weights
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert math.isfinite(json.loads(line)["train_loss"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_follow_their_shape(schedule: str) -> None:
+    from erde.config import TrainConfig
+
+    t = TrainConfig(epochs=4, lr=0.4, schedule=schedule, warmup_epochs=1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched = training.build_scheduler(opt, t, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4)  # linear warm-up
+    after = lrs[10:]
+    if schedule == "constant":
+        assert after == pytest.approx([0.4] * 30)
+    else:
+        assert all(a >= b for a, b in zip(after, after[1:], strict=False))  # never rises
+        mid = (
+            0.4 * (1 - 15 / 30) if schedule == "linear" else 0.4 * 0.5 * (1 + math.cos(math.pi / 2))
+        )
+        assert after[15] == pytest.approx(mid)
+        assert after[-1] < 0.03  # annealed to (almost) zero by the last step
+
+
+def test_label_smoothing_reaches_the_loss(tmp_path: Path) -> None:
+    base = tiny_config("teacher_train.epochs=1", "teacher_train.max_steps_per_epoch=2")
+    smooth = tiny_config(
+        "teacher_train.epochs=1", "teacher_train.max_steps_per_epoch=2",
+        "teacher_train.label_smoothing=0.3",
+    )  # fmt: skip
+    plain = load_checkpoint(train(base, Job("teacher"), tmp_path / "a", progress=False))
+    smoothed = load_checkpoint(train(smooth, Job("teacher"), tmp_path / "b", progress=False))
+    # same seed, batches and initial weights: only the targets differ
+    assert plain["history"][0]["train_loss"] != smoothed["history"][0]["train_loss"]
+    assert any(not torch.equal(plain["model"][k], smoothed["model"][k]) for k in plain["model"])
+
+
+def test_amp_default_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from erde import hardware
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert training.amp_dtype(cpu, None) is None  # fp32 where bf16 would be emulated
+    assert training.amp_dtype(cpu, True) is torch.bfloat16  # asked for: obeyed
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.amp_dtype(cpu, None) is torch.bfloat16
+    assert training.amp_dtype(cpu, False) is None
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n"
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert "amx_bf16" in hardware.cpu_flags(amx)
+    assert not set(hardware.BF16_FLAGS) & hardware.cpu_flags(zen3)
+    assert hardware.cpu_flags("no flags here") == set()
