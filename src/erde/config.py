@@ -80,6 +80,7 @@ class DistillConfig:
     exit_mapping: list[int] | None = (
         None  # teacher exit for each student exit; None = by relative depth
     )
+    teacher_amp: bool | None = None  # teacher forward in bf16; None = as student_train.amp
 
 
 @dataclass

@@ -326,6 +326,29 @@ def reference_point(report: Mapping[str, Any]) -> tuple[float, float]:
     return float(report["exit_accuracy"][-1]), float(report["macs_per_exit"][-1])
 
 
+def precision_agreement(reference: Tensor, other: Tensor, labels: Tensor) -> dict[str, list[float]]:
+    """How far a lower-precision forward changes a model's answers, per exit.
+
+    ``reference`` and ``other`` are exit logits (E, N, K) of the same images, e.g.
+    fp32 and bf16; ``labels`` (N,). Returns, per exit: ``same_class`` (share of
+    images with the same argmax), ``same_correctness`` (share whose right/wrong
+    verdict is unchanged: what splits ERDE's KL and entropy terms) and
+    ``max_abs_diff`` of the logits.
+    """
+    if reference.shape != other.shape or reference.ndim != 3:
+        raise ValueError(
+            f"need two (E, N, K) tensors of one shape, got {tuple(reference.shape)} "
+            f"and {tuple(other.shape)}"
+        )
+    a, b = reference.float().argmax(-1), other.float().argmax(-1)  # (E, N)
+    right_a, right_b = a == labels, b == labels
+    return {
+        "same_class": (a == b).float().mean(dim=1).tolist(),
+        "same_correctness": (right_a == right_b).float().mean(dim=1).tolist(),
+        "max_abs_diff": (reference.float() - other.float()).abs().amax(dim=(1, 2)).tolist(),
+    }
+
+
 __all__ = [
     "SweepPoint",
     "Simulation",
@@ -334,6 +357,7 @@ __all__ = [
     "exit_accuracy",
     "mac_reduction_at_equal_accuracy",
     "model_report",
+    "precision_agreement",
     "reference_point",
     "simulate",
     "sweep",

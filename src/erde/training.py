@@ -589,6 +589,10 @@ class _Shared:
             torch.channels_last if self.tcfg.channels_last else torch.contiguous_format
         )
         self.amp_dtype = amp_dtype(self.device, self.tcfg.amp)
+        teacher_amp = self.cfg.distill.teacher_amp
+        self.teacher_dtype = (
+            self.amp_dtype if teacher_amp is None else amp_dtype(self.device, teacher_amp)
+        )
         self.train_set = keep_on_device(self.splits.train, self.device)
         self.val_set = keep_on_device(self.splits.val, self.device)
         self.aug_gen = torch.Generator()
@@ -619,8 +623,14 @@ class _Shared:
         return x.contiguous(memory_format=self.memory_format), labels
 
     def teacher_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every teacher exit for one batch, in ``distill.teacher_amp``'s precision.
+
+        A bf16 teacher is faster where the hardware has bf16; whether it leaves
+        the teacher's answers (and so ERDE's right/wrong split) unchanged is
+        measured by ``benchmarks/precision.py``.
+        """
         assert self.teacher is not None
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.teacher_dtype):
             return teacher_exit_logits(self.teacher, x)
 
 

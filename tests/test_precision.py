@@ -1,0 +1,73 @@
+"""Reduced precision: answer agreement per exit, the teacher's own autocast switch, the script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from erde import training
+from erde.evaluation import precision_agreement
+from erde.training import train_students
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "precision.py"
+
+
+def test_agreement_counts_changed_classes_and_verdicts_per_exit() -> None:
+    labels = torch.tensor([0, 1, 2, 0])
+    ref = torch.zeros(2, 4, 3)
+    ref[0, torch.arange(4), torch.tensor([0, 1, 2, 1])] = 5.0  # exit 0: right, right, right, wrong
+    ref[1, torch.arange(4), labels] = 5.0  # exit 1: all right
+    other = ref.clone()
+    other[0, 3] = torch.tensor([0.0, 0.0, 9.0])  # wrong -> another wrong class: verdict kept
+    other[1, 0] = torch.tensor([0.0, 9.0, 0.0])  # right -> wrong
+    out = precision_agreement(ref, other, labels)
+    assert out["same_class"] == [0.75, 0.75]
+    assert out["same_correctness"] == [1.0, 0.75]
+    assert out["max_abs_diff"] == [9.0, 9.0]
+    same = precision_agreement(ref, ref.clone(), labels)
+    assert same["same_class"] == [1.0, 1.0] and same["max_abs_diff"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="one shape"):
+        precision_agreement(ref, other[:, :2], labels)
+
+
+def test_teacher_amp_sets_the_teacher_forward_precision_only(
+    tmp_path: Path, tiny_run: dict, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    from conftest import tiny_config
+
+    seen = []
+    real = training.teacher_exit_logits
+
+    def spy(teacher, x):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(teacher, x)
+
+    monkeypatch.setattr(training, "teacher_exit_logits", spy)
+    cfg = tiny_config("distill.teacher_amp=true", "student_train.amp=false")
+    train_students(cfg, ["kd"], [tmp_path / "kd"], teacher_checkpoint=tiny_run["teacher"],
+                   progress=False)  # fmt: skip
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    cfg = tiny_config("student_train.amp=false")  # default: as the student
+    train_students(cfg, ["kd"], [tmp_path / "kd2"], teacher_checkpoint=tiny_run["teacher"],
+                   progress=False)  # fmt: skip
+    assert seen and set(seen) == {None}
+
+
+def test_precision_script_reports_agreement_of_a_trained_teacher(
+    tmp_path: Path, tiny_run: dict, capsys: pytest.CaptureFixture, one_thread
+) -> None:
+    spec = importlib.util.spec_from_file_location("precision", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "precision.json"
+    assert script.main([str(tiny_run["teacher"]), "--rounds", "1", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    n_exits = len(record["agreement"]["same_class"])
+    assert n_exits >= 2 and record["images"] > 0
+    assert all(0.5 <= a <= 1.0 for a in record["agreement"]["same_class"])  # bf16 ~ fp32
+    assert "same right/wrong" in capsys.readouterr().out
