@@ -330,7 +330,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records = bench_checkpoint(
         args.checkpoint, policy, batch_sizes=batch_sizes, images=args.images, devices=devices,
         onnx=onnx, repeats=args.repeats, min_time=args.min_time, compile=args.compile,
-        channels_last=args.channels_last, log=print,
+        channels_last=args.channels_last, fold_bn=args.fold_bn, log=print,
     )  # fmt: skip
     if args.json:
         from erde.io import atomic_write_json
@@ -538,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="run full network and early exit alike in NHWC (default: on; faster on CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+        help="run full network and early exit alike with BatchNorm folded into the convolutions "
+        "(default: on; the inference graph erde predict routes through)",
     )  # fmt: skip
     p.add_argument(
         "--onnx",

@@ -412,8 +412,11 @@ class EarlyExitRouter:
 
     ``image_shape`` (C, H, W), when given, is checked on every batch (a clear
     :class:`ImageInputError` instead of a shape error deep in a conv).
-    ``compile=True`` wraps each stage (with its exit head) in ``torch.compile``
-    with dynamic batch sizes. The model is put in eval mode.
+    ``optimize=True`` routes through :func:`erde.fusion.inference_copy` of the
+    model (BatchNorm folded into the convolutions, NHWC, ``dtype`` weights)
+    instead of the training graph. ``compile=True`` wraps each stage (with its
+    exit head) in ``torch.compile`` with dynamic batch sizes. The model is put
+    in eval mode.
     """
 
     def __init__(
@@ -423,6 +426,8 @@ class EarlyExitRouter:
         *,
         image_shape: Sequence[int] | None = None,
         compile: bool = False,
+        optimize: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if len(policy.thresholds) != model.num_exits - 1:
             raise ValueError(
@@ -433,7 +438,19 @@ class EarlyExitRouter:
         self.policy = policy
         self.num_exits = model.num_exits
         self.image_shape = tuple(image_shape) if image_shape is not None else None
-        stages = [StageWithExit(model, i).eval() for i in range(self.num_exits)]
+        self.dtype = dtype if dtype not in (None, torch.float32) else None
+        self.channels_last = optimize
+        graph = model
+        if optimize or self.dtype is not None:
+            from erde.fusion import check_precision, inference_copy
+
+            device = next(model.parameters()).device
+            check_precision(self.dtype, device)
+            graph = inference_copy(
+                model, fold_bn=optimize, channels_last=optimize, dtype=self.dtype
+            )
+        self.graph = graph
+        stages = [StageWithExit(graph, i).eval() for i in range(self.num_exits)]
         if compile:
             stages = [torch.compile(s, dynamic=True) for s in stages]
         self._stages = stages
@@ -453,11 +470,19 @@ class EarlyExitRouter:
         """Route a normalised float batch (B, C, H, W); answers come back in input order."""
         check_image_batch(x.shape, self.image_shape)
         macs = self.macs_per_exit(x.shape[1:], x.device)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def run(i: int, h: Tensor) -> tuple[Tensor, Tensor]:
+            h, logits = self._stages[i](h)
+            return h, logits.float()  # scores and probabilities in fp32 whatever the graph's dtype
+
         with torch.inference_mode():
             out = route_stages(
-                lambda i, h: self._stages[i](h), compact_rows, x, x.shape[0], self.policy,
-                self.num_exits, macs, x.device,
-            )  # fmt: skip
+                run, compact_rows, x, x.shape[0], self.policy, self.num_exits, macs, x.device
+            )
         return Routed(*(t.clone() for t in out._tensors()))  # ordinary tensors for the caller
 
 
@@ -602,8 +627,13 @@ def load_predictor(
     thresholds_file: str | Path | None = None,
     device: str | torch.device = "cpu",
     compile: bool = False,
+    optimize: bool = True,
 ) -> Predictor:
     """A checkpoint (file, or folder with checkpoint.pt) -> PyTorch router; else an ONNX export folder.
+
+    A checkpoint routes through its inference copy (``optimize``: BatchNorm
+    folded, NHWC; see :mod:`erde.fusion`), whose answers equal the training
+    graph's up to float round-off.
 
     Thresholds: given values, else ``thresholds_file``, else the file ``erde
     calibrate`` wrote (beside the checkpoint, or thresholds.json in the export).
@@ -636,7 +666,9 @@ def load_predictor(
         default_file=thresholds_path(ckpt["path"]),
     )  # fmt: skip
     image_shape = tuple(int(s) for s in ckpt["image_shape"])
-    router = EarlyExitRouter(model, policy, image_shape=image_shape, compile=compile)
+    router = EarlyExitRouter(
+        model, policy, image_shape=image_shape, compile=compile, optimize=optimize
+    )
     c = image_shape[0]
     return Predictor(
         router, ckpt["name"], image_shape, list(ckpt.get("mean") or [0.0] * c),
@@ -745,12 +777,15 @@ def benchmark_routing(
     min_time: float = 1.0,
     compile: bool = False,
     channels_last: bool = False,
+    fold_bn: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Throughput of the full network and of early exit on ``images``, per batch size.
 
     ``channels_last`` runs both the full network and early exit in NHWC, which
     on CPU speeds up the wide-map, few-channel first stages the most.
+    ``fold_bn`` runs both on :func:`erde.fusion.inference_copy` (BatchNorm
+    folded into the convolutions), so the ratio compares like with like.
 
     ``images``: normalised float (N, C, H, W) on the device to measure. One
     record per (backend, batch size) with full_ips and early_exit_ips (images
@@ -763,8 +798,13 @@ def benchmark_routing(
     device = images.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = model.eval()
-    if channels_last:  # on a copy: the caller's model keeps its layout
+    if fold_bn:
+        from erde.fusion import inference_copy
+
+        model = inference_copy(model, channels_last=channels_last)
+    elif channels_last:  # on a copy: the caller's model keeps its layout
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     router = EarlyExitRouter(model, policy, compile=compile)
     macs = router.macs_per_exit(images.shape[1:], device)
@@ -821,6 +861,7 @@ def bench_checkpoint(
     min_time: float = 1.0,
     compile: bool = False,
     channels_last: bool = False,
+    fold_bn: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`benchmark_routing` on a checkpoint's own test images (cycled to ``images``).
@@ -869,7 +910,8 @@ def bench_checkpoint(
             records += benchmark_routing(
                 model.to(dev), pool.to(dev), policy, batch_sizes,
                 onnx_runtime=runtime if dev.type == "cpu" else None, repeats=repeats,
-                min_time=min_time, compile=compile, channels_last=channels_last, log=log,
+                min_time=min_time, compile=compile, channels_last=channels_last, fold_bn=fold_bn,
+                log=log,
             )  # fmt: skip
     return records
 
