@@ -280,10 +280,41 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from erde.export import export_checkpoint
 
+    if args.int8:
+        return _export_int8(args)
     manifest = export_checkpoint(
         args.checkpoint, args.out, thresholds_file=args.thresholds_file, opset=args.opset
     )
     print(f"ONNX export: {manifest.parent} ({manifest.name} + one stage_<i>.onnx per stage)")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    import warnings
+
+    from erde.quantize import quantize_checkpoint
+
+    if args.thresholds_file:
+        raise ErdeError(
+            "--int8 fits its own thresholds on the quantised model; drop --thresholds-file"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the result carries the warning: printed once below
+        result = quantize_checkpoint(
+            args.checkpoint, args.out, max_drop=args.max_drop,
+            calibration_images=args.calibration_images, accuracy_budget=args.accuracy_budget,
+            opset=args.opset, warn=False,
+        )  # fmt: skip
+    r = result.report
+    print(f"int8 ONNX export: {result.directory} (manifest.json, stage_<i>.onnx, thresholds.json, "
+          f"quantization.json); {r['calibration_images']} validation images calibrated it")  # fmt: skip
+    for i, (a, b) in enumerate(zip(r["exit_accuracy_fp32"], r["exit_accuracy_int8"], strict=True)):
+        print(f"exit {i}: test accuracy fp32 {100 * a:.2f} % -> int8 {100 * b:.2f} %")
+    test = r["thresholds"]["test"]
+    print(f"thresholds fitted on the int8 model (max drop {args.max_drop:g} on validation): "
+          f"test accuracy {100 * test['accuracy']:.2f} % at {test['macs_fraction']:.3f} of full MACs")  # fmt: skip
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
     return 0
 
 
@@ -495,6 +526,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--thresholds-file", help="thresholds to ship (default: the one beside the checkpoint)"
     )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    q = p.add_argument_group("int8 (post-training static quantisation with ONNX Runtime)")
+    q.add_argument(
+        "--int8", action="store_true",
+        help="quantise every stage to int8, calibrated on validation images, and fit the "
+        "thresholds again on the quantised model (its scores differ from fp32)",
+    )  # fmt: skip
+    q.add_argument(
+        "--calibration-images", type=int, default=512,
+        help="validation images that calibrate the activation ranges (default: 512)",
+    )  # fmt: skip
+    q.add_argument(
+        "--max-drop", type=float, default=0.005,
+        help="threshold target: accuracy drop on validation vs the int8 last exit (default 0.005)",
+    )  # fmt: skip
+    q.add_argument(
+        "--accuracy-budget", type=float, default=0.005,
+        help="warn when any exit loses more test accuracy than this to int8 (default 0.005)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -239,6 +239,11 @@ def load_thresholds(path: str | Path, model: ModelIdentity) -> ExitPolicy:
                 f"{want}; run `erde calibrate` on this model"
             )
     if made_for.get("fingerprint") != model.fingerprint:
+        if model.fingerprint == f"{made_for.get('fingerprint')}:int8":
+            raise ThresholdsFileError(
+                f"{path} was fitted on the fp32 model, but this export is int8 and its scores "
+                "differ; use the thresholds that `erde export --int8` fitted on it"
+            )
         raise ThresholdsFileError(
             f"{path} was calibrated for another model ({made_for.get('name')!r}, weights "
             f"{made_for.get('fingerprint')!r}), not for {model.name!r} (weights {model.fingerprint}); "

@@ -1,0 +1,99 @@
+"""int8 export: real ONNX Runtime quantisation of the staged graphs, thresholds refitted on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from erde.cli import main
+from erde.errors import ConfigError
+from erde.evaluation import simulate
+from erde.export import OnnxEarlyExitRuntime, export_checkpoint
+from erde.inference import ThresholdsFileError
+from erde.quantize import all_exit_logits, check_calibration_images, quantize_checkpoint
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_run, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("int8")
+    return quantize_checkpoint(tiny_run["student_erde"], out, accuracy_budget=0.0, warn=False)
+
+
+def test_every_stage_is_quantised_and_the_manifest_says_int8(int8) -> None:
+    manifest = json.loads((int8.directory / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    assert manifest["model"]["fingerprint"].endswith(":int8")
+    assert manifest["quantization"]["calibration_split"] == "validation"
+    for stage in manifest["stages"]:
+        ops = {n.op_type for n in onnx.load(str(int8.directory / stage["file"])).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    thresholds = json.loads((int8.directory / "thresholds.json").read_text())
+    assert thresholds["model"]["fingerprint"] == manifest["model"]["fingerprint"]
+    assert thresholds["calibration"]["precision"] == "int8"
+
+
+def test_int8_routing_equals_the_sweep_of_the_int8_graphs(int8, tiny_run) -> None:
+    from erde.checkpoints import load_checkpoint
+    from erde.config import config_from_dict
+    from erde.data import prepare_batch
+    from erde.training import load_splits
+
+    ckpt = load_checkpoint(tiny_run["student_erde"])
+    splits = load_splits(config_from_dict(ckpt["config"]))
+    x = prepare_batch(splits.test.images, splits, train=False)
+    runtime = OnnxEarlyExitRuntime(int8.directory)
+    routed = runtime(x)
+    logits = all_exit_logits(runtime, x)
+    sim = simulate(logits, splits.test.labels, runtime.macs.tolist(),
+                   list(runtime.policy.thresholds), runtime.policy.rule)  # fmt: skip
+    assert torch.equal(routed.exit_index, sim.exit_index)
+    assert (routed.classes == splits.test.labels).double().mean().item() == pytest.approx(
+        sim.accuracy
+    )
+    report = json.loads((int8.directory / "quantization.json").read_text())
+    acc = (logits.argmax(-1) == splits.test.labels).double().mean(dim=1).tolist()
+    assert report["exit_accuracy_int8"] == pytest.approx(acc)
+    # a zero budget warns exactly when some exit lost accuracy
+    assert (int8.warning is not None) == (max(report["exit_accuracy_drop"]) > 0)
+
+
+def test_fp32_thresholds_in_an_int8_export_are_refused(int8, tiny_run, tmp_path) -> None:
+    fp32 = tmp_path / "fp32"
+    export_checkpoint(tiny_run["student_erde"], fp32)
+    from erde.calibration import calibrate_checkpoint
+
+    _, fitted = calibrate_checkpoint(
+        tiny_run["student_erde"], max_drop=0.01, out=tmp_path / "t.json"
+    )
+    bad = tmp_path / "bad"
+    shutil.copytree(int8.directory, bad)
+    shutil.copy(fitted, bad / "thresholds.json")
+    with pytest.raises(ThresholdsFileError, match="fitted on the fp32 model"):
+        OnnxEarlyExitRuntime(bad)
+
+
+def test_calibration_set_of_wrong_shape_or_too_small_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"must be \(N, 3, 8, 8\)"):
+        check_calibration_images(torch.zeros(32, 1, 8, 8), (3, 8, 8))
+    with pytest.raises(ConfigError, match="at least 16"):
+        check_calibration_images(torch.zeros(4, 3, 8, 8), (3, 8, 8))
+
+
+def test_cli_int8_export_prints_accuracies_and_refuses_a_thresholds_file(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "q"
+    assert main(["export", str(tiny_run["student_ce"]), "--out", str(out), "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 ONNX export" in printed and "exit 0: test accuracy fp32" in printed
+    assert (out / "quantization.json").is_file()
+    argv = ["export", str(tiny_run["student_ce"]), "--out", str(tmp_path / "r"), "--int8",
+            "--thresholds-file", str(tmp_path / "x.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert "drop --thresholds-file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
