@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="run full network and early exit alike in NHWC (default: on)",
     )
+    p.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run both on the inference copy, BatchNorm folded into the convolutions (default: on)",
+    )
     p.add_argument("--json", help="also write the records as JSON to this path")
     return p.parse_args(argv)
 
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     records = bench_checkpoint(
         path, policy, batch_sizes=batch_sizes, images=args.images, devices=devices,
         onnx=not args.no_onnx, repeats=args.repeats, min_time=args.min_time,
-        compile=args.compile, channels_last=args.channels_last, log=print,
+        compile=args.compile, channels_last=args.channels_last, fold_bn=args.fold_bn, log=print,
     )  # fmt: skip
     if args.json:
         keys = ("backend", "batch_size", "full_ips", "early_exit_ips", "measured_speedup")

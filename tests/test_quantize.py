@@ -97,3 +97,21 @@ def test_cli_int8_export_prints_accuracies_and_refuses_a_thresholds_file(
     assert main(argv) == 2
     assert "drop --thresholds-file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_without_the_onnx_extra_export_and_bench_name_the_extra(
+    tiny_run, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now fails
+    assert main(["export", str(tiny_run["student_ce"]), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert 'needs onnxscript: install the extra with pip install -e ".[onnx]"' in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e" / "manifest.json").exists()
+    argv = ["bench", str(tiny_run["student_ce"]), "--threshold", "0.5", "--images", "16",
+            "--batch-sizes", "8", "--repeats", "1", "--min-time", "0"]  # fmt: skip
+    assert main(argv) == 0  # PyTorch rows measured, ONNX Runtime rows skipped with the reason
+    out = capsys.readouterr().out
+    assert "ONNX Runtime rows skipped: onnxscript not installed" in out
+    assert "torch" in out and "onnxruntime" not in out.replace("ONNX Runtime rows", "")

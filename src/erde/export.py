@@ -62,6 +62,32 @@ def _require_onnxruntime() -> Any:
     return onnxruntime
 
 
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # what the `onnx` extra installs
+
+
+def missing_onnx_modules() -> list[str]:
+    """The modules of the ``onnx`` extra that cannot be imported here (empty when all can)."""
+    import importlib
+
+    missing = []
+    for name in ONNX_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def require_onnx_extra(what: str = "ONNX export") -> None:
+    """One clear line naming the extra, instead of an ImportError deep inside the exporter."""
+    missing = missing_onnx_modules()
+    if missing:
+        raise ExportError(
+            f"{what} needs {', '.join(missing)}: install the extra with "
+            'pip install -e ".[onnx]" (or pip install "erde[onnx]")'
+        )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -128,6 +154,7 @@ def export_onnx(
     """
     from erde.models import measure_exit_costs
 
+    require_onnx_extra()
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model stays where it is
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,9 +386,12 @@ class OnnxEarlyExitRuntime:
 
 
 __all__ = [
+    "ONNX_MODULES",
     "ExportError",
     "OnnxEarlyExitRuntime",
     "export_checkpoint",
     "export_onnx",
+    "missing_onnx_modules",
     "read_manifest",
+    "require_onnx_extra",
 ]

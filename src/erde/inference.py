@@ -892,6 +892,14 @@ def bench_checkpoint(
     identity = ModelIdentity(
         ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
     )
+    if onnx is not False:
+        from erde.export import missing_onnx_modules
+
+        if missing := missing_onnx_modules():
+            if log is not None:
+                log(f"ONNX Runtime rows skipped: {', '.join(missing)} not installed "
+                    '(pip install -e ".[onnx]")')  # fmt: skip
+            onnx = False
     with tempfile.TemporaryDirectory(prefix="erde-onnx-") as tmp:
         runtime = None
         if onnx is not False:

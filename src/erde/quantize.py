@@ -151,6 +151,7 @@ def quantize_checkpoint(
         raise ConfigError(f"accuracy budget must be in [0, 1), got {accuracy_budget}")
     from erde.data import prepare_batch
 
+    _require_quantization()  # before any work
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, None, "cpu")
     n_cal = min(calibration_images, len(splits.val))
     calib = prepare_batch(splits.val.images[:n_cal], splits, train=False)
