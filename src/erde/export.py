@@ -313,7 +313,10 @@ class OnnxEarlyExitRuntime:
 
     ``policy`` None reads ``thresholds.json`` from the folder (checked against
     the manifest's model). ``threads`` sets ONNX Runtime's intra-op threads
-    (default: as many as PyTorch uses).
+    (default: as many as PyTorch uses). Every stage is its own session with its
+    own thread pool; ``spin=False`` (the default) stops idle pools from
+    busy-waiting, so the pools of the stages not running do not take the cores
+    from the one that is.
     """
 
     def __init__(
@@ -323,6 +326,7 @@ class OnnxEarlyExitRuntime:
         *,
         threads: int | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        spin: bool = False,
     ) -> None:
         ort = _require_onnxruntime()
         self.directory = Path(directory)
@@ -345,6 +349,7 @@ class OnnxEarlyExitRuntime:
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.sessions = [
                 ort.InferenceSession(
