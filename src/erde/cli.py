@@ -289,6 +289,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_deploy(args: argparse.Namespace) -> int:
+    from erde.deploy import deployment_table, render_table
+
+    if not (args.deploy and args.teacher):
+        raise ErdeError(
+            "--deploy compares a student with its teacher: give both --deploy and --teacher"
+        )
+    if args.threshold is not None or args.thresholds_file:
+        raise ErdeError("--deploy fits the student's thresholds on validation (--max-drop); "
+                        "drop --threshold/--thresholds-file")  # fmt: skip
+    batch_sizes = [int(b) for b in _fraction_list(args.batch_sizes, "--batch-sizes") or []]
+    result = deployment_table(
+        args.teacher, args.checkpoint, max_drop=args.max_drop, batch_sizes=batch_sizes,
+        images=args.images, repeats=args.repeats, min_time=args.min_time, onnx=not args.no_onnx,
+        int8=not args.no_onnx, log=print,
+    )  # fmt: skip
+    print()
+    print("\n".join(render_table(result)))
+    for row in result["rows"]:
+        if row.get("int8_warning"):
+            print(f"warning: {row['int8_warning']}", file=sys.stderr)
+    if args.json:
+        from erde.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+        print(f"records: {args.json}")
+    return 0
+
+
 def _export_int8(args: argparse.Namespace) -> int:
     import warnings
 
@@ -354,6 +383,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.deploy or args.teacher:
+        return _bench_deploy(args)
     policy = load_predictor(args.checkpoint, **_policy_kwargs(args)).policy
     devices = (args.device or "cpu").split(",")
     batch_sizes = [int(b) for b in _fraction_list(args.batch_sizes, "--batch-sizes") or []]
@@ -575,6 +606,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
     _add_policy_args(p)
+    d = p.add_argument_group("deployment table (--deploy): the student against its teacher")
+    d.add_argument(
+        "--deploy", action="store_true",
+        help="rows teacher full fp32, student full fp32, student early exit fp32 (PyTorch, ONNX "
+        "Runtime) and int8 (ONNX Runtime); accuracy, mean MACs, img/s, speedup over the teacher",
+    )  # fmt: skip
+    d.add_argument("--teacher", help="the teacher checkpoint the student is compared with")
+    d.add_argument(
+        "--max-drop", type=float, default=0.005,
+        help="the student's thresholds: at most this accuracy drop on validation (default 0.005)",
+    )  # fmt: skip
     p.add_argument("--batch-sizes", default="1,32,256", help="comma-separated (default: 1,32,256)")
     p.add_argument("--images", type=int, default=512, help="images per timed pass (default: 512)")
     p.add_argument(

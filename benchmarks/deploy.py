@@ -1,0 +1,99 @@
+"""The deployment table: the deployed ERDE student against the teacher a user had.
+
+    python benchmarks/deploy.py --teacher RUN/teacher --student RUN/student_erde
+    python benchmarks/deploy.py                      # trains (or reuses) the digits pipeline first
+
+Rows: teacher full network fp32, student full network fp32, student early exit
+fp32 (PyTorch, ONNX Runtime) and int8 (ONNX Runtime), at the student's
+thresholds calibrated on validation for at most --max-drop accuracy loss.
+Columns: test accuracy, mean MACs, img/s at batch 1 and 256, measured speedup
+over the teacher and the MAC-ideal speedup. Also prints the two targets of the
+deployment: measured speedup / MAC-ideal speedup of the early-exit student
+(target >= 0.9), and whether int8 early exit beats fp32 early exit at each
+batch size with at most 0.5 points lost. Same as `erde bench --deploy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+try:  # run from a fresh clone without `pip install -e .` as well
+    import erde  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from erde.deploy import deployment_table, render_table  # noqa: E402
+from erde.io import environment_info  # noqa: E402
+
+
+def targets(result: dict) -> list[str]:
+    """The deployment targets, each with the measured figure that meets or misses it."""
+    rows = {r["row"]: r for r in result["rows"]}
+    lines = []
+    sizes = result["setup"]["batch_sizes"]
+    for name in ("student, early exit, fp32 (PyTorch)", "student, early exit, fp32 (ONNX Runtime)"):
+        if name in rows:
+            r = rows[name]
+            for bs in sizes:
+                ratio = r[f"speedup_{bs}"] / r["mac_ideal_speedup"]
+                lines.append(f"{name} @{bs}: measured / MAC-ideal = {ratio:.2f} "
+                             f"({'meets' if ratio >= 0.9 else 'misses'} >= 0.9)")  # fmt: skip
+    q, f = (
+        rows.get("student, early exit, int8 (ONNX Runtime)"),
+        rows.get("student, early exit, fp32 (ONNX Runtime)"),
+    )
+    if q and f:
+        lost = f["accuracy"] - q["accuracy"]
+        for bs in sizes:
+            faster = q[f"ips_{bs}"] / f[f"ips_{bs}"]
+            ok = faster > 1 and lost <= 0.005
+            lines.append(f"int8 vs fp32 early exit @{bs}: {faster:.2f}x the speed, "
+                         f"{100 * lost:+.2f} points lost ({'meets' if ok else 'misses'} target)")  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--teacher")
+    p.add_argument("--student")
+    p.add_argument("--out", default="runs/bench-deploy", help="where the default pipeline trains")
+    p.add_argument("--max-drop", type=float, default=0.005)
+    p.add_argument("--batch-sizes", default="1,256")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=0.5)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.teacher and args.student):
+        from erde.config import load_config, load_yaml, preset_path
+        from erde.pipeline import run_pipeline
+
+        cfg = load_config(None, [], base=load_yaml(preset_path("digits")))
+        run_pipeline(cfg, args.out, methods=("erde",), resume=True, progress=False)
+        args.teacher, args.student = f"{args.out}/teacher", f"{args.out}/student_erde"
+    print("environment:", json.dumps(environment_info()))
+    result = deployment_table(
+        args.teacher, args.student, max_drop=args.max_drop,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], images=args.images,
+        repeats=args.repeats, min_time=args.min_time, log=print,
+    )  # fmt: skip
+    print("\n".join(["", *render_table(result), "", *targets(result)]))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({**result, "environment": environment_info()}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
