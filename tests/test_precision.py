@@ -71,3 +71,18 @@ def test_precision_script_reports_agreement_of_a_trained_teacher(
     assert n_exits >= 2 and record["images"] > 0
     assert all(0.5 <= a <= 1.0 for a in record["agreement"]["same_class"])  # bf16 ~ fp32
     assert "same right/wrong" in capsys.readouterr().out
+
+
+def test_cpu_settings_benchmark_times_every_setting(tmp_path: Path, one_thread) -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_settings.py"
+    spec = importlib.util.spec_from_file_location("cpu_settings", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "cpu.json"
+    argv = ["--batch-size", "4", "--steps", "1", "--rounds", "1", "--teacher-arch", "resnet8",
+            "--student-arch", "resnet8", "--bf16", "--json", str(out)]  # fmt: skip
+    assert script.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    for kind in ("teacher", "erde"):
+        assert set(results[kind]) == {"NCHW fp32", "NHWC fp32", "NHWC bf16"}
+        assert all(v > 0 for v in results[kind].values())
