@@ -460,8 +460,10 @@ def calibrate_checkpoint(
     (or ``out``) and returns the result and the path.
     """
     from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
+    from erde.outputs import check_output_file
 
     Target.create(budget, max_drop)  # fail before loading anything
+    check_output_file(Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint])
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device)
     bs = cfg.data.eval_batch_size
     val_logits, val_labels = _record(model, splits, "val", dev, bs, progress)

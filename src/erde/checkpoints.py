@@ -19,6 +19,15 @@ import torch
 from erde.config import ModelConfig
 from erde.errors import CheckpointError, ErdeError
 from erde.io import atomic_torch_save
+from erde.limits import (
+    MAX_CLASSES,
+    check_class_names,
+    check_finite_tensors,
+    check_image_shape,
+    check_int,
+    check_model_fields,
+    check_stats,
+)
 
 FORMAT = "erde-checkpoint"
 VERSION = 1
@@ -80,18 +89,13 @@ def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path}: format version must be an integer, got {version!r}")
     if version > VERSION:
         raise CheckpointError(f"{path} has format version {version}; this erde reads <= {VERSION}")
-    num_classes = ckpt["num_classes"]
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise CheckpointError(
-            f"{path}: num_classes must be a positive integer, got {num_classes!r}"
-        )
-    shape = ckpt["image_shape"]
-    if (
-        not isinstance(shape, (list, tuple))
-        or len(shape) != 3
-        or not all(isinstance(v, int) and v >= 1 for v in shape)
-    ):
-        raise CheckpointError(f"{path}: image_shape must be [C, H, W], got {shape!r}")
+    where = str(path)
+    num_classes = check_int(
+        ckpt["num_classes"], "num_classes", 1, MAX_CLASSES, where, CheckpointError
+    )
+    channels, _, _ = check_image_shape(ckpt["image_shape"], where, CheckpointError)
+    check_stats(ckpt.get("mean"), ckpt.get("std"), channels, where, CheckpointError)
+    check_class_names(ckpt.get("class_names"), num_classes, where, CheckpointError)
     for key in ("model_config", "config"):
         if not isinstance(ckpt[key], dict):
             raise CheckpointError(
@@ -100,22 +104,20 @@ def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
     model = ckpt["model"]
     if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise CheckpointError(f"{path}: 'model' must map parameter names to tensors")
+    check_model_fields(ckpt["model_config"], f"{where}: model_config", CheckpointError)
+    check_finite_tensors(model, where, CheckpointError)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the early-exit model a checkpoint describes and load its weights."""
-    from erde.models import build_model
-
     where = ckpt.get("path", "checkpoint")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = {k: v for k, v in ckpt["model_config"].items() if k in fields}
-    try:
-        model = build_model(num_classes=int(ckpt["num_classes"]), **mcfg)
-    except (ErdeError, KeyError, ValueError, TypeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where} describes a model erde cannot build: {detail}") from None
+    # Built on the meta device first (no memory): sizes the file claims are compared with the
+    # weights it really holds before a single parameter is allocated.
+    shell = _build(ckpt, mcfg, where, torch.device("meta"))
     weights = ckpt["model"]
-    expected = model.state_dict()
+    expected = shell.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     reshaped = [
@@ -127,11 +129,25 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
             f"{where}: weights do not fit the model it describes ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {example!r})"
         )
+    model = _build(ckpt, mcfg, where, torch.device("cpu"))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(f"{where}: weights do not fit the model: {_brief(exc)}") from None
     return model
+
+
+def _build(
+    ckpt: dict[str, Any], mcfg: dict[str, Any], where: str, device: torch.device
+) -> torch.nn.Module:
+    from erde.models import build_model
+
+    try:
+        with device:
+            return build_model(num_classes=int(ckpt["num_classes"]), **mcfg)
+    except (ErdeError, KeyError, ValueError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where} describes a model erde cannot build: {detail}") from None
 
 
 def check_compatible(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +19,19 @@ Sections: data, teacher, student, teacher_train, student_train, distill, evaluat
 The config actually used is saved as config.yaml next to every checkpoint and report."""
 
 
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**32 - 1] (argparse names the option)."""
+    from erde.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {text}")
+    return value
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and configuration")
     g.add_argument(
@@ -28,7 +43,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value, e.g. distill.gamma=0.5 (repeatable)",
     )  # fmt: skip
-    g.add_argument("--seed", type=int, help="random seed (split, init, augmentation)")
+    g.add_argument("--seed", type=_seed, help="random seed (split, init, augmentation)")
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -41,6 +56,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--force", action="store_true", help="start over even if --out already holds a checkpoint"
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: reuse or continue models whose saved config differs from this one",
     )
 
 
@@ -81,6 +101,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         resume=args.resume,
         force=args.force,
         progress=not args.no_progress,
+        allow_config_change=args.allow_config_change,
     )
     print(f"teacher checkpoint: {path}")
     return 0
@@ -94,18 +115,19 @@ def cmd_train_student(args: argparse.Namespace) -> int:
     path = train(
         cfg, Job("student", method), args.out, teacher_checkpoint=args.teacher,
         resume=args.resume, force=args.force, progress=not args.no_progress,
+        allow_config_change=args.allow_config_change,
     )  # fmt: skip
     print(f"student ({method}) checkpoint: {path}")
     return 0
 
 
-def _parse_thresholds(text: str | None) -> list[float] | None:
+def _parse_thresholds(text: str | None, option: str = "--thresholds") -> list[float] | None:
     if text is None:
         return None
     try:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ErdeError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+        raise ErdeError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -126,12 +148,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    args.out = args.out or f"runs/{cfg.data.name}"
+    return _locked(args, lambda a: _run_pipeline(a, cfg))
+
+
+def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     from erde.pipeline import run_pipeline
 
-    cfg = build_config(args)
     paths = run_pipeline(
-        cfg, args.out or f"runs/{cfg.data.name}", methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume, force=args.force,
-        progress=not args.no_progress,
+        cfg, args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume, force=args.force,
+        progress=not args.no_progress, allow_config_change=args.allow_config_change,
     )  # fmt: skip
     if not paths:  # a non-zero rank under torchrun: rank 0 evaluates and prints
         return 0
@@ -160,16 +187,28 @@ def _print_summary(report_json: Path) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    if not args.dataset:
+        raise ErdeError("reproduce needs --dataset (cifar10, cifar100 or svhn)")
+    args.out = args.out or f"runs/reproduce/{args.dataset}-{args.schedule}"
+    return _locked(args, _reproduce)
+
+
+def _locked(args: argparse.Namespace, func: Callable[[argparse.Namespace], int]) -> int:
+    from erde.outputs import output_lock
+
+    with output_lock(args.out, enabled=_writes_files()):
+        return func(args)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
     import json
 
     from erde.reproduce import reproduce, summary_lines
 
-    if not args.dataset:
-        raise ErdeError("reproduce needs --dataset (cifar10, cifar100 or svhn)")
     flags = [f"seed={args.seed}"] if args.seed is not None else []
     flags += [f"device={args.device}"] if args.device else []
     paths = reproduce(
-        args.dataset, args.out or f"runs/reproduce/{args.dataset}-{args.schedule}",
+        args.dataset, args.out,
         data_dir=args.data_dir, seeds=args.seeds, teacher_seeds=args.teacher_seeds,
         schedule=args.schedule, config=args.config,
         overrides=[*flags, *args.overrides], download=args.download, docs_dir=args.docs,
@@ -216,7 +255,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _policy_kwargs(args: argparse.Namespace) -> dict:
-    values = _parse_thresholds(args.threshold)
+    values = _parse_thresholds(args.threshold, "--threshold")
     if args.threshold is not None and not values:
         raise ErdeError("--threshold needs at least one number")
     return {"thresholds": values, "rule": args.rule, "thresholds_file": args.thresholds_file}
@@ -351,23 +390,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     from erde.inference import list_image_files, load_predictor, predict_files
+    from erde.outputs import atomic_text_output, check_output_file
 
-    predictor = load_predictor(args.source, device=args.device or "cpu", **_policy_kwargs(args))
+    if args.batch_size < 1:  # every option is checked before anything is read or written
+        raise ErdeError(f"--batch-size must be >= 1, got {args.batch_size}")
     files = list_image_files(args.inputs)
     if not files:
         raise ErdeError(f"no image files found in {', '.join(args.inputs)}")
+    if args.output:
+        check_output_file(args.output, [args.source, *files])
+    predictor = load_predictor(args.source, device=args.device or "cpu", **_policy_kwargs(args))
     failed = 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
+    with (
+        atomic_text_output(args.output) if args.output else contextlib.nullcontext(sys.stdout)
+    ) as out:
         for record in predict_files(
             predictor, files, resize=not args.no_resize, batch_size=args.batch_size
         ):
             failed += "error" in record
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(record, allow_nan=False) + "\n")
             out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
     if failed:
         print(f"erde: {failed} of {len(files)} images could not be used", file=sys.stderr)
         return 1
@@ -649,21 +691,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose --out is a folder they write into: one writer at a time (see erde.outputs)
+LOCKED_COMMANDS = ("train-teacher", "train-student", "evaluate", "export", "run", "reproduce")
+
+
+def _writes_files() -> bool:
+    """Under torchrun only rank 0 writes, so only rank 0 takes the output lock."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``erde: warning:`` line, like errors (no file and line of source)."""
+    print(f"erde: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    """What an interruption leaves: the last checkpoint if one was written, else nothing."""
+    if args.command not in ("train-teacher", "train-student", "run", "reproduce"):
+        return "erde: interrupted"
+    default = f"runs/{args.dataset or 'digits'}" if args.command == "run" else None
+    out = Path(getattr(args, "out", None) or default or ".")
+    if out.is_dir() and any(out.rglob("checkpoint.pt")):
+        return f"erde: interrupted; the last checkpoint in {out} is kept (use --resume)"
+    return "erde: interrupted before the first checkpoint was written; nothing to resume"
+
+
+def _run(args: argparse.Namespace) -> int:
+    func: Callable[[argparse.Namespace], int] = args.func
+    if args.command in LOCKED_COMMANDS and getattr(args, "out", None) is not None:
+        return _locked(args, func)
+    return func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
-        return func(args)
+        return _run(args)
     except ErdeError as exc:
         print(f"erde: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # thresholds out of range and similar argument errors
         print(f"erde: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file system refusal not anticipated above: still one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"erde: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("erde: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        print(_interrupted_message(args), file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

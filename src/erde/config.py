@@ -19,6 +19,11 @@ from typing import Any, Union
 import yaml
 
 from erde.errors import ConfigError
+from erde.limits import MAX_HEAD_HIDDEN, MAX_HEAD_POOL, MAX_IMAGE_SIDE, MAX_WIDTH
+
+MAX_YAML_BYTES = 1 << 20  # configs are a few kB; refuse anything huge
+MAX_SEED = 2**32 - 1  # numpy and torch both accept seeds in [0, 2**32)
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
@@ -221,8 +226,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value: Any = raw
     else:
         try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError as exc:
+            value = _safe_load(raw) if raw else None
+        except (yaml.YAMLError, ConfigError) as exc:
             raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
     out: Any = value
     for part in reversed(parts):
@@ -238,12 +243,41 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML lets the last win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                    "give each key once"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str) -> Any:
+    """Safe YAML with unique keys; nesting too deep to parse is a YAML error like any other."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path} is too large to be a config file (over {MAX_YAML_BYTES} bytes)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_load(path.read_text(encoding="utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except OSError as exc:
@@ -308,8 +342,17 @@ def validate(cfg: ExperimentConfig) -> None:
         v = getattr(cfg.data, name)
         _check(v is None or v >= 1, f"data.{name} must be >= 1 (or null), got {v}")
     _check(
-        cfg.data.split_seed is None or cfg.data.split_seed >= 0,
-        f"data.split_seed must be >= 0 (or null), got {cfg.data.split_seed}",
+        cfg.data.split_seed is None or 0 <= cfg.data.split_seed <= MAX_SEED,
+        f"data.split_seed must be in [0, {MAX_SEED}] (or null), got {cfg.data.split_seed}",
+    )
+    _check(
+        cfg.data.image_size is None or cfg.data.image_size <= MAX_IMAGE_SIDE,
+        f"data.image_size must be <= {MAX_IMAGE_SIDE}, got {cfg.data.image_size}",
+    )
+    _check(0 <= cfg.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
+    _check(
+        _DEVICE.fullmatch(cfg.device) is not None,
+        f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}",
     )
     _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
     _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
@@ -342,12 +385,25 @@ def validate(cfg: ExperimentConfig) -> None:
                 all(w >= 0 and math.isfinite(w) for w in t.exit_weights),
                 f"{section}.exit_weights must be >= 0 and finite",
             )
+            _check(
+                sum(t.exit_weights) > 0,
+                f"{section}.exit_weights are all 0: no exit would be trained",
+            )
     for section in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, section)
-        _check(m.width > 0, f"{section}.width must be > 0")
+        _check(
+            0 < m.width <= MAX_WIDTH and math.isfinite(m.width),
+            f"{section}.width must be in (0, {MAX_WIDTH:g}], got {m.width}",
+        )
         _check(0 <= m.head_dropout < 1, f"{section}.head_dropout must be in [0, 1)")
-        _check(m.head_pool >= 1, f"{section}.head_pool must be >= 1")
-        _check(m.head_hidden >= 0, f"{section}.head_hidden must be >= 0")
+        _check(
+            1 <= m.head_pool <= MAX_HEAD_POOL,
+            f"{section}.head_pool must be in [1, {MAX_HEAD_POOL}], got {m.head_pool}",
+        )
+        _check(
+            0 <= m.head_hidden <= MAX_HEAD_HIDDEN,
+            f"{section}.head_hidden must be in [0, {MAX_HEAD_HIDDEN}], got {m.head_hidden}",
+        )
         _check(0 <= m.dropout < 1, f"{section}.dropout must be in [0, 1)")
         _check(
             m.num_early_exits is None or m.num_early_exits >= 0,

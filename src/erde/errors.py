@@ -15,3 +15,11 @@ class ConfigError(ErdeError):
 
 class CheckpointError(ErdeError):
     """A checkpoint is corrupted, foreign, or does not match the data/model."""
+
+
+class OutputError(ErdeError):
+    """An output path that cannot or must not be written (read-only, a file, also an input)."""
+
+
+class DiskFullError(OutputError):
+    """A write ran out of disk space; the previous version of the file is kept."""

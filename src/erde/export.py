@@ -41,11 +41,20 @@ from erde.inference import (
     read_marked_json,
     route_stages,
 )
+from erde.limits import (
+    MAX_CLASSES,
+    check_class_names,
+    check_image_shape,
+    check_int,
+    check_stats,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "erde-onnx"
 VERSION = 1
 DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 7, 99  # what any ONNX Runtime could know of; the exporter narrows it
+MAX_FEATURE_SIZE = 1 << 20  # channels or pixels per side of a stage's input or output
 
 
 class ExportError(ErdeError):
@@ -126,11 +135,29 @@ def _export_stage(stage: nn.Module, example: Tensor, path: Path, opset: int) -> 
                 output_names=["features", "logits"], opset_version=opset, dynamo=True,
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
             )  # fmt: skip
-        os.replace(tmp, path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"ONNX export of {path.name} failed: {first[:300]}") from exc
+    written = _graph_opset(tmp)
+    if written is not None and written != opset:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(
+            f"ONNX opset {opset} was asked for but torch {torch.__version__} wrote opset "
+            f"{written}; use --opset {written} (the default is {DEFAULT_OPSET})"
+        )
+    os.replace(tmp, path)
+
+
+def _graph_opset(path: Path) -> int | None:
+    """The default-domain opset a graph file declares (None when the onnx package is absent)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return versions[0] if versions else None
 
 
 def export_onnx(
@@ -154,6 +181,8 @@ def export_onnx(
     """
     from erde.models import measure_exit_costs
 
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"ONNX opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
     require_onnx_extra()
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model stays where it is
     out = Path(out_dir)
@@ -276,6 +305,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{path} is malformed (stages, model, macs_per_exit, image_shape, mean, std or "
             "class_names); export again"
         )
+    where = str(path)
+    check_int(model["num_classes"], "model.num_classes", 1, MAX_CLASSES, where, ExportError)
+    check_image_shape(shape, where, ExportError)
+    check_stats(manifest["mean"], manifest["std"], shape[0], where, ExportError)
+    check_class_names(names, model["num_classes"], where, ExportError)
+    _check_stage_shapes(stages, shape, where)
     for i, stage in enumerate(stages):
         name = stage["file"]
         if name != f"stage_{i}.onnx":
@@ -290,6 +325,47 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
                 f"{file} does not match the manifest (altered, or from another export)"
             )
     return manifest
+
+
+def _check_stage_shapes(stages: list[dict[str, Any]], image_shape: list[int], where: str) -> None:
+    """Each stage's input is the previous stage's features (the image for stage 0), all bounded."""
+    previous = list(image_shape)
+    for i, stage in enumerate(stages):
+        for key in ("input_shape", "feature_shape"):
+            dims = stage.get(key)
+            if not isinstance(dims, list) or not 1 <= len(dims) <= 4:
+                raise ExportError(f"{where}: stages[{i}].{key} must be a list of sizes")
+            for j, v in enumerate(dims):
+                check_int(v, f"stages[{i}].{key}[{j}]", 1, MAX_FEATURE_SIZE, where, ExportError)
+        if stage["input_shape"] != previous:
+            raise ExportError(
+                f"{where}: stages[{i}].input_shape {stage['input_shape']} is not the output "
+                f"{previous} of the stage before it"
+            )
+        previous = stage["feature_shape"]
+
+
+def _check_graph(session: Any, stage: dict[str, Any], num_classes: int, where: str) -> None:
+    """The graph ONNX Runtime loaded has the inputs and outputs the manifest describes.
+
+    A stage file from another model, with its checksum updated in the manifest,
+    stops here instead of failing (or answering) mid-run.
+    """
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    want = {
+        "input": [None, *stage["input_shape"]],
+        "features": [None, *stage["feature_shape"]],
+        "logits": [None, num_classes],
+    }
+    got = {x.name: list(x.shape) for x in [*inputs, *outputs]}
+    for name, dims in want.items():
+        found = got.get(name)
+        fixed = None if found is None else [d if isinstance(d, int) else None for d in found[1:]]
+        if found is None or len(found) != len(dims) or fixed != dims[1:]:
+            raise ExportError(
+                f"{where}: {stage['file']} does not fit the manifest ({name} is {found}, the "
+                f"manifest says {['batch', *dims[1:]]}); it is from another model or export"
+            )
 
 
 def _ints(value: Any, count: int) -> bool:
@@ -361,6 +437,8 @@ class OnnxEarlyExitRuntime:
             raise ExportError(
                 f"{self.directory}: ONNX Runtime cannot load a stage ({exc})"
             ) from None
+        for session, stage in zip(self.sessions, self.manifest["stages"], strict=True):
+            _check_graph(session, stage, self.identity.num_classes, str(self.directory))
 
     def _run(self, i: int, h: np.ndarray) -> tuple[np.ndarray, Tensor]:
         features, logits = self.sessions[i].run(None, {"input": h})

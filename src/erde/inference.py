@@ -215,6 +215,8 @@ def read_marked_json(
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{path} is not readable JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{path} is not {what} (nested too deeply to read)") from None
     if not isinstance(data, dict) or data.get("format") != marker:
         raise error(f"{path} is not {what} (no '{marker}' marker)")
     found = data.get("version")
@@ -566,21 +568,20 @@ def load_image(path: str | Path, image_shape: Sequence[int], resize: bool = True
     c, height, width = (int(v) for v in image_shape)
     if c not in (1, 3):
         raise ImageInputError(f"image files can feed 1- or 3-channel models, this one has {c}")
+    from erde.data.pixels import read_errors, read_image
+
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if c == 3 else "L")
-            if img.size != (width, height):
-                if not resize:
-                    raise ImageInputError(
-                        f"{path}: image is {img.size[0]}x{img.size[1]} (W x H), the model "
-                        f"expects {width}x{height}; allow resizing or resize it first"
-                    )
-                img = img.resize((width, height), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except ImageInputError:
-        raise
-    except Exception as exc:  # PIL raises many types for truncated, foreign or huge files
+        img = read_image(path, "RGB" if c == 3 else "L")
+    except read_errors() as exc:  # truncated, foreign, huge or rangeless files
         raise ImageInputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    if img.size != (width, height):
+        if not resize:
+            raise ImageInputError(
+                f"{path}: image is {img.size[0]}x{img.size[1]} (W x H), the model "
+                f"expects {width}x{height}; allow resizing or resize it first"
+            )
+        img = img.resize((width, height), Image.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (C, H, W)
@@ -713,12 +714,23 @@ def predict_files(
             batch = torch.stack([img for _, img in loaded]).to(predictor.device)  # (B, C, H, W)
             x = normalize_images(batch, predictor.mean, predictor.std)
             records = predictor.engine(x).records(predictor.class_names)
+            _check_finite(records, [str(chunk[j]) for j, _ in loaded])
             answers = {j: r for (j, _), r in zip(loaded, records, strict=True)}
         for j, f in enumerate(chunk):
             yield (
                 {"file": str(f), "error": errors[j]}
                 if j in errors
                 else {"file": str(f), **answers[j]}
+            )
+
+
+def _check_finite(records: Sequence[Mapping[str, Any]], files: Sequence[str]) -> None:
+    """A NaN or infinite answer is a broken model, never a result (nor valid JSON)."""
+    for record, f in zip(records, files, strict=True):
+        if not all(math.isfinite(record[k]) for k in ("probability", "score")):
+            raise ErdeError(
+                f"the model answered NaN or infinity for {f}: its weights or normalisation "
+                "are not finite; re-export or retrain it"
             )
 
 

@@ -9,9 +9,11 @@ truncated mix, and no stray temporary file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from erde import __version__
+from erde.errors import DiskFullError, OutputError
 
 PathLike = str | os.PathLike
 
@@ -49,9 +52,13 @@ def _fsync_dir(directory: Path) -> None:
 def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Run ``write`` on a temp file next to ``path``, then move it over ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = target.stat().st_mode & 0o777 if target.exists() else _default_mode()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = target.stat().st_mode & 0o777 if target.exists() else _default_mode()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        _raise_write_error(exc, target)
+        raise
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -60,10 +67,37 @@ def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _raise_write_error(exc, target)
         raise
     _fsync_dir(target.parent)
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: torch.save reports a full disk as a RuntimeError from C++."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _raise_write_error(exc: BaseException, target: Path) -> None:
+    """A full disk or an unwritable folder as one clear ``OutputError`` (other errors pass)."""
+    cause = _os_error_in(exc)
+    if cause is None:
+        return
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(target.parent).free
+        raise DiskFullError(
+            f"disk full: no space left to write {target} ({free} bytes free on its file system); "
+            "the previous version of the file, if any, is kept"
+        ) from None
+    if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        raise OutputError(f"cannot write {target}: {cause.strerror}") from None
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -108,6 +108,7 @@ def run_pipeline(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    allow_config_change: bool = False,
 ) -> dict[str, Path]:
     """Train the teacher, then one student per method side by side, then evaluate all of them.
 
@@ -134,6 +135,8 @@ def run_pipeline(
             f"{out_dir} already holds {', '.join(str(p) for p in existing)}; "
             "pass --resume to continue (finished models are reused) or --force to start over"
         )
+    if resume and not force and not allow_config_change:
+        _check_same_models(out_dir, ["teacher", *(f"student_{m}" for m in methods)])
     splits = load_splits(cfg)
     teacher = train(
         cfg,
@@ -143,10 +146,12 @@ def run_pipeline(
         force=force,
         progress=progress,
         splits=splits,
+        allow_config_change=allow_config_change,
     )
     students = train_students(
         cfg, methods, [out_dir / f"student_{m}" for m in methods], teacher_checkpoint=teacher,
         resume=resume, force=force, progress=progress, splits=splits,
+        allow_config_change=allow_config_change,
     )  # fmt: skip
     checkpoints = [teacher, *students]
     ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes
@@ -157,3 +162,21 @@ def run_pipeline(
         )
     D.barrier(ctx)
     return paths
+
+
+def _check_same_models(out_dir: Path, names: list[str]) -> None:
+    """A resumed run must not silently replace a report on other models with a smaller one."""
+    import json
+
+    path = out_dir / "report.json"
+    if not path.is_file():
+        return
+    try:
+        before = list(json.loads(path.read_text(encoding="utf-8")).get("models", {}))
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable report is replaced like a missing one
+    if sorted(before) != sorted(names):
+        raise ConfigError(
+            f"{path} reports {', '.join(before)}; this run would replace it with a report on "
+            f"{', '.join(names)}; pass the same --methods, or --allow-config-change to replace it"
+        )

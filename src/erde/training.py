@@ -382,6 +382,60 @@ def _check_resumable(
         )
 
 
+# Settings that do not change what a model learns: a resumed run may differ in them.
+_NOT_COMPARED = (
+    "device",
+    "data.data_dir",
+    "data.eval_batch_size",
+    "distill.method",
+    *(f"{t}.{k}" for t in ("teacher_train", "student_train")
+      for k in ("checkpoint_every_steps", "compile")),
+)  # fmt: skip
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def settings_that_shape(job: Job) -> tuple[str, ...]:
+    """Config sections (and keys) a model of ``job`` depends on."""
+    if job.role == "teacher":
+        return ("data", "teacher", "teacher_train", "seed")
+    return ("data", "student", "student_train", "distill", "seed")
+
+
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any], job: Job) -> list[str]:
+    """``key: saved -> wanted`` for every setting of ``job`` that differs."""
+    old, new = _flatten(saved), _flatten(wanted)
+    sections = settings_that_shape(job)
+    keys = [
+        k
+        for k in new
+        if k.split(".")[0] in sections and k not in _NOT_COMPARED and old.get(k, new[k]) != new[k]
+    ]
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in keys]
+
+
+def check_same_settings(previous: dict[str, Any], cfg: ExperimentConfig, job: Job) -> None:
+    """Refuse to reuse or continue a model trained with other settings than those asked for.
+
+    Otherwise the report and config.yaml written next would claim settings the
+    model was never trained with.
+    """
+    diffs = config_differences(previous["config"], cfg.to_dict(), job)
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise ConfigError(
+            f"{previous['path']} was trained with other settings than asked for ({shown}); "
+            "resume with the same configuration, or pass --allow-config-change to use it anyway"
+        )
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """Global RNG states (dropout). Every rank draws the same stream, so rank 0's is everyone's."""
     state = {"torch": torch.get_rng_state()}
@@ -413,17 +467,21 @@ def train(
     progress: bool = True,
     splits: DataSplits | None = None,
     on_step: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
 ) -> Path:
     """Train ``job`` with ``cfg`` into ``out_dir``; returns the checkpoint path.
 
     Everything that can be wrong with the inputs (data, teacher, config) is
     checked before the first file is written, so a bad call never replaces a
     good checkpoint. ``on_step(global_step)`` is called after every optimizer
-    step. Under torchrun, ``data.batch_size`` is per process.
+    step. Under torchrun, ``data.batch_size`` is per process. With ``resume``,
+    a checkpoint trained with other settings is refused (the differing keys
+    listed) unless ``allow_config_change``.
     """
     (path,) = train_together(
         cfg, [job], [out_dir], teacher_checkpoint=teacher_checkpoint, resume=resume,
         force=force, progress=progress, splits=splits, on_step=on_step,
+        allow_config_change=allow_config_change,
     )  # fmt: skip
     return path
 
@@ -439,6 +497,7 @@ def train_students(
     progress: bool = True,
     splits: DataSplits | None = None,
     on_step: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
 ) -> list[Path]:
     """Train one student per method side by side: same batches, one teacher forward per batch.
 
@@ -451,7 +510,7 @@ def train_students(
     jobs = [Job("student", m) for m in methods]
     return train_together(
         cfg, jobs, out_dirs, teacher_checkpoint=teacher_checkpoint, resume=resume, force=force,
-        progress=progress, splits=splits, on_step=on_step,
+        progress=progress, splits=splits, on_step=on_step, allow_config_change=allow_config_change,
     )  # fmt: skip
 
 
@@ -483,6 +542,7 @@ def train_together(
     progress: bool = True,
     splits: DataSplits | None = None,
     on_step: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
 ) -> list[Path]:
     """Train ``jobs`` (the teacher, or any students) in one loop over the same batches.
 
@@ -520,6 +580,8 @@ def train_together(
     for prev, job in zip(previous, jobs, strict=True):
         if prev is not None:
             _check_resumable(prev, job, mcfg, splits, steps_per_epoch)
+            if not allow_config_change:
+                check_same_settings(prev, cfg, job)
 
     env = _Shared(
         cfg=cfg, tcfg=tcfg, ctx=ctx, device=device, splits=splits, teacher=teacher,
@@ -545,7 +607,7 @@ def train_together(
                    "teacher_checkpoint": str(teacher_checkpoint) if job.method in ("kd", "erde") else None},
         )  # fmt: skip
         if prev is not None:
-            run.restore(prev)
+            _restore(run, prev)
         runs.append(run)
     if ctx.is_main:
         for run in runs:
@@ -556,6 +618,18 @@ def train_together(
         _drive(env, runs, progress)
     D.barrier(ctx)
     return [d / "checkpoint.pt" for d in out_dirs]
+
+
+def _restore(run: _Run, previous: dict[str, Any]) -> None:
+    """Continue from ``previous``; a checkpoint whose training state is damaged is one error."""
+    try:
+        run.restore(previous)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:200]
+        raise CheckpointError(
+            f"{previous['path']} cannot be resumed: its training state is damaged ({what}); "
+            "pass --force to start over"
+        ) from None
 
 
 def _mapping(cfg: ExperimentConfig, model: nn.Module, teacher: nn.Module | None) -> list[int]:

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import sys
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from erde.data.formats import DATASETS, make_image_set, require_data_dir
+from erde.data.pixels import read_errors, read_image
 from erde.data.safety import cache_dir, safe_extract_folders
 from erde.data.types import AugmentSpec, ImageSet, RawData
 from erde.errors import DataError
@@ -29,7 +31,11 @@ from erde.io import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 SPLITS = ("train", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit images scaled to 8 bits instead of clipped
+
+
+class DataWarning(UserWarning):
+    """A data set that loads but is probably not what was meant (e.g. empty class folders)."""
 
 
 def list_images(split_dir: Path) -> tuple[list[Path], list[str]]:
@@ -37,27 +43,50 @@ def list_images(split_dir: Path) -> tuple[list[Path], list[str]]:
     classes = sorted(
         d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
     )
-    files = [
-        f
+    for name in classes:
+        _check_class_name(split_dir, name)
+    per_class = {
+        cls: [
+            f
+            for f in sorted((split_dir / cls).iterdir())
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        ]
         for cls in classes
-        for f in sorted((split_dir / cls).iterdir())
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return files, classes
+    }
+    empty = [cls for cls, found in per_class.items() if not found]
+    if empty and len(empty) < len(classes):
+        warnings.warn(
+            f"{split_dir}: {len(empty)} class folder(s) hold no images "
+            f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); they still count as "
+            "classes the model can answer",
+            DataWarning,
+            stacklevel=2,
+        )
+    return [f for cls in classes for f in per_class[cls]], classes
+
+
+def _check_class_name(split_dir: Path, name: str) -> None:
+    """Class names go into checkpoints, reports and JSON lines: they must be valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(name)
+        raise DataError(
+            f"{split_dir}: class folder {raw!r} has a name that is not valid UTF-8; rename it"
+        ) from None
 
 
 def decode_image(path: Path, size: int | None) -> np.ndarray:
     """One image file -> uint8 (H, W, 3) RGB, resized to ``size`` when given."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
+        img = read_image(path, "RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+    except read_errors() as exc:
+        raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def _fingerprint(files: list[Path], size: int | None) -> str:

@@ -10,6 +10,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any, BinaryIO
 
@@ -25,6 +26,14 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
     | {(m, "_frombuffer") for m in _NUMERIC}
 )
 _HAS_TAR_FILTER = hasattr(tarfile, "data_filter")
+
+DEFAULT_MAX_UNPACKED_BYTES = 64 << 30  # 64 GiB
+DEFAULT_MAX_MEMBERS = 2_000_000
+MAX_EXPANSION = 100.0  # unpacked bytes per archive byte, beyond RATIO_FLOOR_BYTES
+RATIO_FLOOR_BYTES = 64 << 20  # any archive may unpack to 64 MiB whatever its ratio
+ENV_MAX_BYTES = "ERDE_MAX_UNPACKED_BYTES"
+ENV_MAX_MEMBERS = "ERDE_MAX_ARCHIVE_MEMBERS"
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -98,16 +107,95 @@ def check_tar_member(member: tarfile.TarInfo, dest: Path, archive: Path) -> None
         raise DataError(f"refusing to extract {archive}: unsafe member {name!r} ({bad})")
 
 
-def _extract_checked(archive: Path, dest: Path) -> None:
-    """Check every member first, so nothing is written if any member is unsafe."""
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """How much an archive may unpack to: total bytes and number of members.
+
+    Defaults fit the data sets erde reads (CIFAR-10 as JPEGs: 60,000 files,
+    about 150 MB) with a wide margin; ``ERDE_MAX_UNPACKED_BYTES`` and
+    ``ERDE_MAX_ARCHIVE_MEMBERS`` raise them for genuinely large archives.
+    """
+
+    max_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
+    max_members: int = DEFAULT_MAX_MEMBERS
+    max_ratio: float | None = MAX_EXPANSION  # unpacked / archive bytes; None = no ratio check
+
+    @classmethod
+    def from_env(cls) -> ArchiveLimits:
+        """Defaults, or the environment's; an explicit byte limit replaces the ratio check."""
+        explicit = bool(os.environ.get(ENV_MAX_BYTES, "").strip())
+        return cls(
+            _env_size(ENV_MAX_BYTES, DEFAULT_MAX_UNPACKED_BYTES),
+            _env_size(ENV_MAX_MEMBERS, DEFAULT_MAX_MEMBERS),
+            None if explicit else MAX_EXPANSION,
+        )
+
+    def for_archive(self, archive: Path) -> ArchiveLimits:
+        """The byte limit for this archive: a compression bomb (far above any image
+        archive's ratio, which is near 1 since PNG and JPEG are compressed) stops early."""
+        if self.max_ratio is None:
+            return self
+        by_ratio = max(RATIO_FLOOR_BYTES, int(self.max_ratio * archive.stat().st_size))
+        return ArchiveLimits(min(self.max_bytes, by_ratio), self.max_members, self.max_ratio)
+
+
+def _env_size(name: str, default: int) -> int:
+    """A positive integer from the environment, with an optional K/M/G/T suffix (powers of 1024)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    scale = 1
+    if text[-1].upper() in _SUFFIXES:
+        scale, text = _SUFFIXES[text[-1].upper()], text[:-1]
+    try:
+        value = int(text) * scale
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(
+            f"{name} must be a positive integer (optionally K, M, G or T), got {os.environ[name]!r}"
+        )
+    return value
+
+
+def _check_totals(archive: Path, count: int, total: int, limits: ArchiveLimits) -> None:
+    if count > limits.max_members:
+        raise DataError(
+            f"refusing to extract {archive}: more than {limits.max_members:,} members "
+            f"(set {ENV_MAX_MEMBERS} to allow more)"
+        )
+    if total > limits.max_bytes:
+        raise DataError(
+            f"refusing to extract {archive}: it unpacks to more than {limits.max_bytes:,} bytes "
+            f"(set {ENV_MAX_BYTES} to allow more, e.g. {ENV_MAX_BYTES}=100G)"
+        )
+
+
+def _extract_checked(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> None:
+    """Check every member first (safety, count, total size), so nothing is written if any fails.
+
+    The count and size are checked while the member list is read (a stream of
+    100,000 tiny members stops at the limit instead of being listed in full),
+    and again while extracting, on the bytes actually written.
+    """
+    limits = (limits or ArchiveLimits.from_env()).for_archive(archive)
     with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        for member in members:
+        members: list[tarfile.TarInfo] = []
+        total = 0
+        for member in tar:
             check_tar_member(member, dest, archive)
-        if _HAS_TAR_FILTER:
-            tar.extractall(dest, members=members, filter="data")
-        else:  # pragma: no cover - Python < 3.11.4
-            tar.extractall(dest, members=members)  # noqa: S202 - members checked above
+            members.append(member)
+            total += max(member.size, 0) if member.isfile() else 0
+            _check_totals(archive, len(members), total, limits)
+        written = 0
+        for member in members:
+            if _HAS_TAR_FILTER:
+                tar.extract(member, dest, filter="data")
+            else:  # pragma: no cover - Python < 3.11.4
+                tar.extract(member, dest)  # noqa: S202 - member checked above
+            if member.isfile():
+                written += (dest / member.name).stat().st_size
+                _check_totals(archive, 1, written, limits)
 
 
 def safe_extract_folder(archive: Path, dest: Path, folder: str) -> Path:

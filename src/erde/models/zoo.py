@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from functools import partial
 
+from erde.limits import MAX_DEPTH, MAX_WIDEN_FACTOR
 from erde.models.backbone import Backbone, UnknownModelError
 from erde.models.resnet import CifarResNet
 from erde.models.wrn import WideResNet
@@ -59,13 +60,17 @@ def resolve(name: str) -> Callable[..., Backbone]:
         return MODELS.get(name)
     if match := _RESNET.fullmatch(name):
         depth = int(match[1])
-        if depth < 8 or (depth - 2) % 6:
-            raise _unknown(name, "ResNet depth must be 6n+2, n >= 1")
+        if depth < 8 or (depth - 2) % 6 or depth > MAX_DEPTH:
+            raise _unknown(name, f"ResNet depth must be 6n+2, n >= 1, at most {MAX_DEPTH}")
         return partial(resnet, depth)
     if match := _WRN.fullmatch(name):
         depth, k = int(match[1]), int(match[2])
-        if depth < 10 or (depth - 4) % 6 or k < 1:
-            raise _unknown(name, "WideResNet depth must be 6n+4, n >= 1, and k >= 1")
+        if depth < 10 or (depth - 4) % 6 or depth > MAX_DEPTH or not 1 <= k <= MAX_WIDEN_FACTOR:
+            raise _unknown(
+                name,
+                f"WideResNet depth must be 6n+4, n >= 1, at most {MAX_DEPTH}, "
+                f"and 1 <= k <= {MAX_WIDEN_FACTOR}",
+            )
         return partial(wrn, depth, k)
     raise _unknown(name)
 
