@@ -68,3 +68,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name in ("teacher", "student_ce", "student_kd", "student_erde"):
         result[name] = out / name / "checkpoint.pt"
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny teacher, calibrated then exported once through the CLI (ONNX Runtime needed).
+
+    Returns ``ckpt`` (a copy of the teacher checkpoint, with its thresholds file
+    beside it) and ``dir`` (the export folder). Read-only for tests, like ``tiny_run``.
+    """
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    from erde.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "teacher" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_run["teacher"], ckpt)
+    assert main(["calibrate", str(ckpt), "--budget", "0.7", "--no-progress"]) == 0
+    assert main(["export", str(ckpt), "--out", str(root / "onnx")]) == 0
+    return {"ckpt": ckpt, "dir": root / "onnx"}

@@ -192,7 +192,7 @@ BAD_AT_LOAD: dict[str, tuple[BadMaker, str]] = {
     "missing_keys": (_missing_keys, "missing num_classes, model"),
     "newer_version": (_newer_version, f"format version {VERSION + 1}"),
     "version_not_a_number": (_version_not_a_number, "format version must be an integer"),
-    "num_classes_text": (_num_classes_text, "num_classes must be a positive integer"),
+    "num_classes_text": (_num_classes_text, "num_classes must be an integer in [1, "),
     "bad_image_shape": (_bad_image_shape, "image_shape must be [C, H, W]"),
     "model_config_not_a_mapping": (_model_config_not_a_mapping, "model_config must be a mapping"),
     "weights_not_tensors": (_weights_not_tensors, "must map parameter names to tensors"),
@@ -280,7 +280,8 @@ def _teacher_for_classes(path: Path, good: dict, num_classes: int) -> None:
 
 
 def _teacher_for_grey_images(path: Path, good: dict) -> None:
-    torch.save({**good, "image_shape": [1, *good["image_shape"][1:]]}, path)
+    grey = {"image_shape": [1, *good["image_shape"][1:]], "mean": good["mean"][:1], "std": good["std"][:1]}
+    torch.save({**good, **grey}, path)
 
 
 BAD_TEACHERS: dict[str, tuple[BadMaker, str]] = {

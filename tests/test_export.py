@@ -25,19 +25,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory) -> dict:
-    """The tiny teacher, calibrated then exported once through the CLI."""
-    root = tmp_path_factory.mktemp("export")
-    ckpt = root / "teacher" / "checkpoint.pt"
-    ckpt.parent.mkdir()
-    shutil.copy(tiny_run["teacher"], ckpt)
-    assert main(["calibrate", str(ckpt), "--budget", "0.7", "--no-progress"]) == 0
-    assert main(["export", str(ckpt), "--out", str(root / "onnx")]) == 0
+def exported(tiny_export) -> dict:
+    """The tiny teacher, calibrated then exported once through the CLI, and its test images."""
+    ckpt = tiny_export["ckpt"]
     loaded = load_checkpoint(ckpt)
     splits = load_splits(config_from_dict(loaded["config"]))
     x = prepare_batch(splits.test.images, splits, train=False)
     model = model_from_checkpoint(loaded).eval()
-    return {"ckpt": ckpt, "dir": root / "onnx", "model": model, "x": x, "splits": splits}
+    return {"ckpt": ckpt, "dir": tiny_export["dir"], "model": model, "x": x, "splits": splits}
 
 
 def _middle_policy(model: torch.nn.Module, x: torch.Tensor) -> ExitPolicy:

@@ -134,6 +134,7 @@ def output_lock(folder: str | os.PathLike, *, enabled: bool = True) -> Iterator[
     if not enabled:
         yield path
         return
+    created = _missing_folders(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -148,13 +149,35 @@ def output_lock(folder: str | os.PathLike, *, enabled: bool = True) -> Iterator[
         finally:
             _held[key] -= 1
         return
-    fd = _acquire(path / LOCK_NAME)
+    try:
+        fd = _acquire(path / LOCK_NAME)
+    except OutputError:
+        _remove_if_empty(created)
+        raise
     _held[key] = 1
     try:
         yield path
     finally:
         del _held[key]
         _release(path / LOCK_NAME, fd)
+        _remove_if_empty(created)  # a command that failed before writing leaves no folder
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (the command wrote something) or already gone
 
 
 def _acquire(lock: Path) -> int:

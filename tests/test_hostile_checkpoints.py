@@ -1,0 +1,162 @@
+"""Crafted checkpoints and ONNX exports: refused at load, with the bad field named.
+
+Sizes that would make erde allocate without bound are tried in a child
+process under an address-space limit, so a regression fails the test instead
+of bringing the machine down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hostile import crafted_checkpoint, erde, one_error_line, png
+
+from erde.checkpoints import load_checkpoint
+from erde.cli import main
+from erde.errors import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MEMORY_LIMIT = 3 << 30  # the child needs ~0.7 GB for Python + torch; a 1e11-pixel image needs 1e12
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return png(tmp_path_factory.mktemp("img") / "a.png", np.full((8, 8, 3), 120, np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"image_shape": [3, 100_000, 100_000]}, "image_shape[1] (height)"),
+        ({"model_config": {"width": 1e6}}, "width must be a number in (0, 16]"),
+    ],
+    ids=["huge_image_shape", "huge_width"],
+)
+def test_crafted_sizes_are_refused_before_allocating(
+    tiny_run, tmp_path: Path, image: Path, changes: dict, named: str
+) -> None:
+    bad = crafted_checkpoint(tiny_run["teacher"], tmp_path / "bad" / "checkpoint.pt", **changes)
+    done = erde("predict", str(bad), str(image), "--threshold", "0.5", memory_limit=MEMORY_LIMIT)
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and named in line and str(bad) in line
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"mean": [float("nan")] * 3}, "mean must be finite"),
+        ({"std": [0.0, 1.0, 1.0]}, "std must be > 0"),
+        ({"std": [float("inf")] * 3}, "std must be finite"),
+        (
+            {"class_names": ["only", "three", "names"]},
+            "class_names has 3 names but num_classes is 10",
+        ),
+        ({"model_config": {"head_hidden": 10**9}}, "head_hidden must be an integer in [0, 65536]"),
+        ({"num_classes": 10**9}, "num_classes must be an integer in [1, 100000]"),
+        ({"image_shape": [64, 8, 8]}, "image_shape[0] (channels)"),
+    ],
+    ids=[
+        "nan_mean",
+        "zero_std",
+        "inf_std",
+        "short_class_names",
+        "huge_head",
+        "huge_num_classes",
+        "many_channels",
+    ],
+)
+def test_bad_sizes_statistics_and_names_are_refused_at_load(
+    tiny_run, tmp_path: Path, changes: dict, named: str
+) -> None:
+    bad = crafted_checkpoint(tiny_run["teacher"], tmp_path / "bad.pt", **changes)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    assert named in str(info.value) and str(bad) in str(info.value)
+
+
+def test_nan_weight_is_refused_naming_it(tiny_run, tmp_path: Path, image: Path, capsys) -> None:
+    ckpt = torch.load(tiny_run["teacher"], weights_only=True)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    weights = {**ckpt["model"], name: torch.full_like(ckpt["model"][name], math.nan)}
+    bad = crafted_checkpoint(tiny_run["teacher"], tmp_path / "nan.pt", model=weights)
+    assert main(["predict", str(bad), str(image), "--threshold", "0.5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no "probability": NaN line
+    assert name in one_error_line(captured.err)
+
+
+# --------------------------------------------------------------------------- ONNX exports
+
+
+def _edited_export(source: Path, target: Path, **changes) -> Path:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest.update(changes)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_crafted_manifest_size_is_refused_before_allocating(
+    tiny_export, tmp_path: Path, image: Path
+) -> None:
+    folder = _edited_export(tiny_export["dir"], tmp_path / "export", image_shape=[3, 10**5, 10**5])
+    done = erde("predict", str(folder), str(image), "--threshold", "0.5", memory_limit=4 << 30)
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "image_shape[1] (height)" in line
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"mean": [float("nan")] * 3}, "mean must be finite"),
+        ({"std": [0.0, 0.0, 0.0]}, "std must be > 0"),
+        ({"class_names": None, "model": "num_classes"}, "model.num_classes"),
+    ],
+    ids=["nan_mean", "zero_std", "huge_num_classes"],
+)
+def test_crafted_manifest_statistics_are_refused_naming_the_field(
+    tiny_export, tmp_path: Path, image: Path, capsys, changes: dict, named: str
+) -> None:
+    if changes.get("model") == "num_classes":  # keep the rest of the model entry as it was
+        manifest = json.loads((tiny_export["dir"] / "manifest.json").read_text())
+        changes = {**changes, "model": {**manifest["model"], "num_classes": 10**9}}
+    folder = _edited_export(tiny_export["dir"], tmp_path / "export", **changes)
+    assert main(["predict", str(folder), str(image), "--threshold", "0.5"]) == 2
+    captured = capsys.readouterr()
+    assert named in one_error_line(captured.err) and captured.out == ""
+
+
+def test_stage_graph_not_the_manifests_with_its_checksum_updated_is_refused(
+    tiny_export, tmp_path: Path, image: Path, capsys
+) -> None:
+    """Stage 2's graph in stage 1's place: another network's inputs and outputs."""
+    folder = _edited_export(tiny_export["dir"], tmp_path / "export")
+    shutil.copy(folder / "stage_2.onnx", folder / "stage_1.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["stages"][1]["sha256"] = hashlib.sha256(
+        (folder / "stage_1.onnx").read_bytes()
+    ).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["predict", str(folder), str(image), "--threshold", "0.5"]) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert "stage_1.onnx does not fit the manifest" in line and captured.out == ""
+
+
+def test_export_with_an_opset_the_exporter_cannot_write_fails_and_claims_nothing(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "export"
+    assert main(["export", str(tiny_run["teacher"]), "--out", str(out), "--opset", "999"]) == 2
+    assert "opset" in one_error_line(capsys.readouterr().err)
+    assert not (out / "manifest.json").exists()
