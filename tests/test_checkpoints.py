@@ -280,7 +280,11 @@ def _teacher_for_classes(path: Path, good: dict, num_classes: int) -> None:
 
 
 def _teacher_for_grey_images(path: Path, good: dict) -> None:
-    grey = {"image_shape": [1, *good["image_shape"][1:]], "mean": good["mean"][:1], "std": good["std"][:1]}
+    grey = {
+        "image_shape": [1, *good["image_shape"][1:]],
+        "mean": good["mean"][:1],
+        "std": good["std"][:1],
+    }
     torch.save({**good, **grey}, path)
 
 

@@ -1,0 +1,176 @@
+"""Output paths: nothing good overwritten, one writer per folder, clear errors for bad places.
+
+Real processes for the concurrency cases, real read-only and full file
+systems (small tmpfs mounts; skipped with the reason where mounting is refused).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hostile import SRC, erde, one_error_line, png, snapshot, tmpfs
+
+from erde.cli import main
+from erde.outputs import LOCK_NAME, OutputLockedError, output_lock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "--set", "data.image_size=8", "--set", "teacher.arch=resnet8", "--set", "teacher.width=0.5",
+    "--set", "student.arch=resnet8", "--set", "student.width=0.25", "--set", "device=cpu",
+    "--set", "teacher_train.max_steps_per_epoch=4", "--set", "student_train.max_steps_per_epoch=4",
+    "--set", "student_train.epochs=1", "--set", "evaluation.num_thresholds=5", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(3):
+        png(folder / f"{i}.png", np.full((8, 8, 3), 60 * i, np.uint8))
+    return folder
+
+
+# --------------------------------------------------------------------------- erde predict --output
+
+
+def test_predict_refuses_an_output_that_is_one_of_its_inputs(
+    tiny_run, images: Path, tmp_path: Path, capsys
+) -> None:
+    target = shutil.copy(images / "1.png", tmp_path / "1.png")
+    before = Path(target).read_bytes()
+    argv = ["predict", str(tiny_run["teacher"]), str(tmp_path), "--threshold", "0.5"]
+    assert main([*argv, "--output", str(target)]) == 2
+    assert "is also an input" in one_error_line(capsys.readouterr().err)
+    assert Path(target).read_bytes() == before
+
+
+def test_predict_checks_options_before_touching_an_existing_output(
+    tiny_run, images: Path, tmp_path: Path, capsys
+) -> None:
+    output = tmp_path / "answers.jsonl"
+    output.write_text("earlier results\n")
+    argv = ["predict", str(tiny_run["teacher"]), str(images), "--threshold", "0.5"]
+    assert main([*argv, "--output", str(output), "--batch-size", "0"]) == 2
+    assert "--batch-size" in one_error_line(capsys.readouterr().err)
+    assert output.read_text() == "earlier results\n"
+
+
+def test_predict_output_is_replaced_only_when_complete(
+    tiny_run, images: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "answers.jsonl"
+    output.write_text("earlier results\n")
+    argv = ["predict", str(tiny_run["teacher"]), str(images), "--threshold", "0.5"]
+    assert main([*argv, "--output", str(output)]) == 0
+    assert len(output.read_text().splitlines()) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["answers.jsonl"]  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["folder", "missing_folder"])
+def test_predict_output_in_a_bad_place_is_one_line(
+    tiny_run, images: Path, tmp_path: Path, capsys, where: str
+) -> None:
+    output = tmp_path if where == "folder" else tmp_path / "nope" / "a.jsonl"
+    argv = ["predict", str(tiny_run["teacher"]), str(images), "--threshold", "0.5"]
+    assert main([*argv, "--output", str(output)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert ("is a folder" if where == "folder" else "does not exist") in line
+
+
+# --------------------------------------------------------------------------- output folder lock
+
+
+def test_two_runs_into_one_out_the_second_is_refused_and_the_first_is_whole(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    first = erde("run", "--out", str(out), "--methods", "ce", "--seed", "1", *TINY, start_only=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = erde("run", "--out", str(out), "--methods", "ce", "--seed", "2", *TINY)
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    line = one_error_line(second.stderr)
+    assert second.returncode == 2 and "is in use by pid" in line and str(first.pid) in line
+    for saved in (
+        out / "config.yaml",
+        out / "teacher" / "config.yaml",
+        out / "student_ce" / "config.yaml",
+    ):
+        assert yaml.safe_load(saved.read_text())["seed"] == 1  # all of the first run's
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from erde.outputs import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
+         str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"), output_lock(tmp_path):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / LOCK_NAME).exists()  # the killed holder left its file behind...
+    with output_lock(tmp_path):  # ...which does not block
+        assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_a_process_may_nest_locks_on_its_own_folder(tmp_path: Path) -> None:
+    with output_lock(tmp_path), output_lock(tmp_path):
+        assert (tmp_path / LOCK_NAME).exists()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------------- bad output folders
+
+
+def test_out_that_is_an_existing_file_is_one_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "a-file"
+    out.write_text("keep me")
+    assert main(["train-teacher", "--out", str(out), *TINY]) == 2
+    assert "exists and is not a folder" in one_error_line(capsys.readouterr().err)
+    assert out.read_text() == "keep me"
+
+
+def test_read_only_out_is_one_line(tmp_path: Path, capsys) -> None:
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        assert main(["train-teacher", "--out", str(ro / "teacher"), *TINY]) == 2
+        assert "Read-only file system" in one_error_line(capsys.readouterr().err)
+
+
+def test_calibrate_on_a_read_only_checkpoint_folder_fails_and_writes_nothing(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    with tmpfs(tmp_path / "ro", "2m", read_only=True, fill=tiny_run["teacher"].parent) as ro:
+        before = snapshot(ro)
+        assert main(["calibrate", str(ro), "--budget", "0.5", "--no-progress"]) == 2
+        assert "not writable" in one_error_line(capsys.readouterr().err)
+        assert snapshot(ro) == before
+
+
+def test_full_disk_during_training_says_so_and_keeps_the_last_checkpoint(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    with tmpfs(tmp_path / "small", "1m", fill=tiny_run["teacher"].parent) as disk:
+        good = (disk / "checkpoint.pt").read_bytes()
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * max(0, free - len(good) // 4))
+        code = main(["train-teacher", "--out", str(disk), "--force", *TINY])
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 2 and "disk full" in line and str(disk / "checkpoint.pt") in line
+        assert (disk / "checkpoint.pt").read_bytes() == good
+        assert not list(disk.glob(".checkpoint.pt.*"))  # no half-written temporary file
