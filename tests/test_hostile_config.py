@@ -1,0 +1,164 @@
+"""Configurations, command-line values, thresholds files and resumed runs: named refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_OVERRIDES
+from hostile import one_error_line, snapshot
+
+from erde.cli import main
+from erde.config import load_config
+from erde.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+
+
+def _error(capsys) -> str:
+    return one_error_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def test_duplicate_key_in_a_config_file_is_refused(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text("teacher_train:\n  epochs: 5\n  lr: 0.1\n  epochs: 50\n")
+    assert main(["train-teacher", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    line = _error(capsys)
+    assert "duplicate key 'epochs' at line 4 (first at line 2)" in line and str(config) in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_deeply_nested_config_file_is_one_line(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "deep.yaml"
+    config.write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    assert main(["train-teacher", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "nested too deeply" in _error(capsys)
+
+
+def test_all_zero_exit_weights_are_refused() -> None:
+    with pytest.raises(ConfigError, match="teacher_train.exit_weights are all 0"):
+        load_config(None, ["teacher_train.exit_weights=[0, 0, 0]"])
+
+
+@pytest.mark.parametrize("value", ["1e23", "-5", "4294967296"])
+def test_out_of_range_seed_names_the_option(value: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train-teacher", "--seed", value, "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    assert "argument --seed: " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 4294967295\]"):
+        load_config(None, ["seed=-5"])
+
+
+@pytest.mark.parametrize("argv", [["--device", "tpu"], ["--set", "device=tpu"]])
+def test_unknown_device_is_one_line(argv: list[str], tmp_path: Path, capsys) -> None:
+    assert main(["train-teacher", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "tpu" in _error(capsys)
+
+
+def test_unknown_device_for_predict_is_one_line(tiny_run, tmp_path: Path, capsys) -> None:
+    argv = ["predict", str(tiny_run["teacher"]), str(tmp_path), "--threshold", "0.5"]
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main([*argv, "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in _error(capsys)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def test_threshold_parse_error_names_the_option_given(tiny_run, tmp_path: Path, capsys) -> None:
+    argv = ["predict", str(tiny_run["teacher"]), str(tmp_path), "--threshold", "x"]
+    (tmp_path / "a.png").write_bytes(b"")
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert "--threshold must be" in line and "--thresholds" not in line
+
+
+def test_deeply_nested_thresholds_file_is_one_line(tiny_run, tmp_path: Path, capsys) -> None:
+    nested = tmp_path / "t.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "a.png").write_bytes(b"")
+    argv = ["predict", str(tiny_run["teacher"]), str(tmp_path / "a.png")]
+    assert main([*argv, "--thresholds-file", str(nested)]) == 2
+    assert "nested too deeply" in _error(capsys)
+
+
+# --------------------------------------------------------------------------- interruptions
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_interruption_before_the_first_checkpoint_does_not_promise_one(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr("erde.training.train", _interrupt)
+    assert main(["train-teacher", "--out", str(tmp_path / "o"), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert "before the first checkpoint" in err and "is kept" not in err
+
+
+def test_interruption_after_a_checkpoint_says_it_is_kept(
+    tiny_run, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    out = shutil.copytree(tiny_run["teacher"].parent, tmp_path / "teacher")
+    monkeypatch.setattr("erde.training.train", _interrupt)
+    assert main(["train-teacher", "--out", str(out), "--resume", *TINY]) == 130
+    assert f"the last checkpoint in {out} is kept" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --resume
+
+
+@pytest.fixture
+def finished_run(tiny_run, tmp_path: Path) -> Path:
+    """A writable copy of the tiny run (teacher, three students, report)."""
+    return shutil.copytree(tiny_run["out"], tmp_path / "run")
+
+
+def test_resume_with_a_changed_config_lists_the_differences_and_changes_nothing(
+    finished_run: Path, capsys
+) -> None:
+    before = snapshot(finished_run)
+    same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
+    argv = ["run", "--out", str(finished_run), "--resume", *same]
+    assert main([*argv, "--set", "distill.gamma=0.5", "--set", "student_train.lr=0.05"]) == 2
+    line = _error(capsys)
+    assert "distill.gamma: 1.0 -> 0.5" in line and "student_train.lr: 0.1 -> 0.05" in line
+    assert "--allow-config-change" in line
+    assert snapshot(finished_run) == before
+
+
+def test_resume_with_fewer_methods_does_not_silently_shrink_the_report(
+    finished_run: Path, capsys
+) -> None:
+    before = snapshot(finished_run)
+    argv = [
+        "run",
+        "--out",
+        str(finished_run),
+        "--resume",
+        "--methods",
+        "ce",
+        *TINY,
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    assert "reports teacher, student_ce, student_kd, student_erde" in _error(capsys)
+    assert snapshot(finished_run) == before
+
+
+def test_allow_config_change_reuses_the_model_explicitly(finished_run: Path, capsys) -> None:
+    same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
+    argv = ["train-teacher", "--out", str(finished_run / "teacher"), "--resume", *same]
+    assert main([*argv, "--set", "teacher_train.lr=0.05"]) == 2
+    assert "teacher_train.lr: 0.1 -> 0.05" in _error(capsys)
+    assert main([*argv, "--set", "teacher_train.lr=0.05", "--allow-config-change"]) == 0
+    assert "already finished" in capsys.readouterr().out
