@@ -162,3 +162,31 @@ def test_allow_config_change_reuses_the_model_explicitly(finished_run: Path, cap
     assert "teacher_train.lr: 0.1 -> 0.05" in _error(capsys)
     assert main([*argv, "--set", "teacher_train.lr=0.05", "--allow-config-change"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("teacher_train.weight_decay=.inf", "teacher_train.weight_decay must be >= 0 and finite"),
+        ("teacher_train.warmup_epochs=.inf", "teacher_train.warmup_epochs must be >= 0 and finite"),
+        ("teacher.width=1e6", "teacher.width must be in (0, 16]"),
+        ("data.image_size=100000", "data.image_size must be <= 1024"),
+        ("teacher.arch=resnet600002", "at most 2000"),
+    ],
+)
+def test_unbounded_or_infinite_settings_are_refused(
+    override: str, named: str, tmp_path: Path
+) -> None:
+    from erde.errors import ErdeError
+    from erde.models import build_model
+
+    with pytest.raises(ErdeError) as info:
+        cfg = load_config(None, [override])
+        build_model(num_classes=10, **cfg.teacher.__dict__)
+    assert named in str(info.value)
+
+
+def test_bench_with_a_time_that_can_never_be_reached_is_refused(tiny_run, capsys) -> None:
+    argv = ["bench", str(tiny_run["teacher"]), "--threshold", "0.5", "--no-onnx"]
+    assert main([*argv, "--repeats", "0", "--min-time", "nan"]) == 2  # would loop forever
+    assert "min_time" in _error(capsys)

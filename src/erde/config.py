@@ -366,7 +366,10 @@ def validate(cfg: ExperimentConfig) -> None:
             t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
             f"{section}.max_steps_per_epoch must be >= 1 (or null), got {t.max_steps_per_epoch}",
         )
-        _check(t.weight_decay >= 0, f"{section}.weight_decay must be >= 0")
+        _check(
+            t.weight_decay >= 0 and math.isfinite(t.weight_decay),
+            f"{section}.weight_decay must be >= 0 and finite",
+        )
         _check(
             t.optimizer in ("sgd", "adamw"),
             f"{section}.optimizer must be sgd or adamw, got {t.optimizer!r}",
@@ -379,7 +382,10 @@ def validate(cfg: ExperimentConfig) -> None:
             0 <= t.label_smoothing < 1,
             f"{section}.label_smoothing must be in [0, 1), got {t.label_smoothing}",
         )
-        _check(t.warmup_epochs >= 0, f"{section}.warmup_epochs must be >= 0")
+        _check(
+            t.warmup_epochs >= 0 and math.isfinite(t.warmup_epochs),
+            f"{section}.warmup_epochs must be >= 0 and finite, got {t.warmup_epochs}",
+        )
         if t.exit_weights is not None:
             _check(
                 all(w >= 0 and math.isfinite(w) for w in t.exit_weights),

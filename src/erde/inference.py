@@ -895,6 +895,10 @@ def bench_checkpoint(
 
     if images < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("images and batch sizes must be >= 1")
+    if repeats < 1 or not (math.isfinite(min_time) and min_time >= 0):
+        raise ValueError(
+            f"repeats must be >= 1 and min_time finite and >= 0, got {repeats}, {min_time}"
+        )
     ckpt = load_checkpoint(checkpoint)
     splits = load_splits(config_from_dict(ckpt["config"]))
     check_compatible(ckpt, splits.num_classes, splits.image_shape, "checkpoint")
