@@ -27,8 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [
     "--set", "data.image_size=8", "--set", "teacher.arch=resnet8", "--set", "teacher.width=0.5",
     "--set", "student.arch=resnet8", "--set", "student.width=0.25", "--set", "device=cpu",
-    "--set", "teacher_train.max_steps_per_epoch=4", "--set", "student_train.max_steps_per_epoch=4",
-    "--set", "student_train.epochs=1", "--set", "evaluation.num_thresholds=5", "--no-progress",
+    "--set", "teacher_train.max_steps_per_epoch=2", "--set", "student_train.max_steps_per_epoch=2",
+    "--set", "teacher_train.epochs=1", "--set", "student_train.epochs=1",
+    "--set", "evaluation.num_thresholds=3", "--set", "evaluation.rules=[entropy]", "--no-progress",
 ]  # fmt: skip
 
 
