@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -160,3 +161,48 @@ def test_export_with_an_opset_the_exporter_cannot_write_fails_and_claims_nothing
     assert main(["export", str(tiny_run["teacher"]), "--out", str(out), "--opset", "999"]) == 2
     assert "opset" in one_error_line(capsys.readouterr().err)
     assert not (out / "manifest.json").exists()
+
+
+def test_resume_from_a_checkpoint_with_damaged_training_state_is_one_line(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "teacher"
+    ckpt = torch.load(tiny_run["teacher"], weights_only=True)
+    del ckpt["optimizer"]
+    out.mkdir()
+    torch.save({**ckpt, "finished": False, "epoch": 0}, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    config = tiny_run["teacher"].parent / "config.yaml"
+    argv = [
+        "train-teacher",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--resume",
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot be resumed" in line and "optimizer" in line and "--force" in line
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_manifest_cost_too_large_for_an_integer_is_refused(
+    tiny_export, tmp_path: Path, capsys
+) -> None:
+    from erde.export import ExportError, read_manifest
+
+    manifest = json.loads((tiny_export["dir"] / "manifest.json").read_text())
+    huge = [2**100] * len(manifest["macs_per_exit"])
+    folder = _edited_export(tiny_export["dir"], tmp_path / "export", macs_per_exit=huge)
+    with pytest.raises(ExportError, match=r"macs_per_exit\[0\] must be an integer"):
+        read_manifest(folder)
+
+
+def test_predict_does_not_block_on_a_fifo(tiny_run, tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert main(["predict", str(tiny_run["teacher"]), str(fifo), "--threshold", "0.5"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert "not a regular file" in record["error"]

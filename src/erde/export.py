@@ -46,6 +46,7 @@ from erde.limits import (
     check_class_names,
     check_image_shape,
     check_int,
+    check_ints_positive,
     check_stats,
 )
 
@@ -311,6 +312,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     check_stats(manifest["mean"], manifest["std"], shape[0], where, ExportError)
     check_class_names(names, model["num_classes"], where, ExportError)
     _check_stage_shapes(stages, shape, where)
+    check_ints_positive(manifest["macs_per_exit"], "macs_per_exit", where, ExportError)
     for i, stage in enumerate(stages):
         name = stage["file"]
         if name != f"stage_{i}.onnx":

@@ -566,6 +566,8 @@ def load_image(path: str | Path, image_shape: Sequence[int], resize: bool = True
     from PIL import Image
 
     c, height, width = (int(v) for v in image_shape)
+    if Path(path).exists() and not Path(path).is_file():  # a fifo or device never ends
+        raise ImageInputError(f"{path}: not a regular file")
     if c not in (1, 3):
         raise ImageInputError(f"image files can feed 1- or 3-channel models, this one has {c}")
     from erde.data.pixels import read_errors, read_image
