@@ -252,6 +252,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from erde.checkpoints import load_checkpoint
 
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoint)["config"])
+    if args.confidence is not None:
+        return _calibrate_guaranteed(args, cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)  # printed below, once
         result, path = calibrate_checkpoint(
@@ -272,6 +274,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"{split:10s} accuracy {100 * r['accuracy']:.2f}% (last exit "
                 f"{100 * r['last_exit_accuracy']:.2f}%), MACs {r['macs_fraction']:.3f} x full, "
                 f"exits (%) {exits}"
+            )
+    print(f"thresholds: {path}")
+    return 0
+
+
+def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    from erde.risk_control import calibrate_checkpoint_guaranteed
+
+    if args.max_drop is None:
+        raise ErdeError("--confidence goes with --max-drop (the risk to bound), not --budget")
+    if args.temperature:
+        raise ErdeError(
+            "--temperature with --confidence: temperatures fitted on the calibration images "
+            "would void the guarantee"
+        )
+    result, path = calibrate_checkpoint_guaranteed(
+        args.checkpoint, max_risk=args.max_drop, confidence=args.confidence, risk=args.risk,
+        rule=args.rule, per_exit=args.per_exit, out=args.out, cfg=cfg,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    thresholds = ", ".join(f"{t:.6g}" for t in result.policy.thresholds)
+    print(f"{result.policy.rule} thresholds: {thresholds}")
+    print(result.guarantee())
+    for split, r in (("validation", result.validation), ("test", result.test)):
+        if r is not None:
+            print(
+                f"{split:10s} {args.risk} rate {r['risk']:.4f} (bound {args.max_drop:g}), accuracy "
+                f"{100 * r['accuracy']:.2f}% (last exit {100 * r['last_exit_accuracy']:.2f}%), "
+                f"MACs {r['macs_fraction']:.3f} x full"
             )
     print(f"thresholds: {path}")
     return 0
@@ -541,6 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy at most this far below the last exit, e.g. 0.01 (1 point)",
     )
     _add_fit_args(p)
+    g = p.add_argument_group(
+        "guarantee (Learn-then-Test; see docs/INFERENCE.md)",
+        "With --confidence 1-δ and --max-drop ε: thresholds whose risk on new data is at most ε "
+        "with probability at least 1-δ over the draw of the validation images.",
+    )
+    g.add_argument("--confidence", type=float, help="1 - δ, e.g. 0.9 (needs --max-drop)")
+    g.add_argument(
+        "--risk",
+        choices=("drop", "consistency"),
+        default="drop",
+        help="drop: wrong where the last exit is right (bounds the accuracy drop); "
+        "consistency: answer differs from the last exit's (default: drop)",
+    )
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
     _add_config_args(p)
     p.set_defaults(func=cmd_calibrate)

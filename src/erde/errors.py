@@ -15,3 +15,11 @@ class ConfigError(ErdeError):
 
 class CheckpointError(ErdeError):
     """A checkpoint is corrupted, foreign, or does not match the data/model."""
+
+
+class CalibrationError(ErdeError):
+    """No thresholds meet a guaranteed target with the calibration images at hand."""
+
+
+class ReportError(ErdeError):
+    """A report file is unreadable, too large, or of a schema this erde does not render."""
