@@ -49,7 +49,7 @@ from torch import Tensor
 from erde import exits
 from erde.calibration import Target, _outcome, _search, calibrate, evaluate_thresholds
 from erde.errors import CalibrationError, ConfigError
-from erde.inference import ExitPolicy, apply_temperatures
+from erde.inference import ExitPolicy, apply_temperatures, float32_within
 
 RISKS = ("drop", "consistency")
 RISK_WORDS = {
@@ -154,7 +154,7 @@ def shared_grid(rule: str, num_classes: int, size: int = GRID_SIZE) -> Tensor:
         values = torch.cat([torch.tensor([low], dtype=torch.float64), low + steps])
     else:  # max_softmax leaves when p_max >= θ: θ = 1 is the strictest
         values = torch.cat([torch.tensor([high], dtype=torch.float64), high - steps])
-    return values.float()
+    return torch.tensor([float32_within(v, low, high) for v in values.tolist()])
 
 
 def _per_exit_path(
