@@ -308,6 +308,15 @@ def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> in
     return 0
 
 
+def cmd_report_html(args: argparse.Namespace) -> int:
+    from erde.report_html import load_report, write_report_html
+
+    report = load_report(args.report)
+    out = Path(args.out) if args.out else Path(args.report).parent
+    print(f"html: {write_report_html(out, report)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from erde.export import export_checkpoint
 
@@ -588,6 +597,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
     _add_config_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "report-html", help="(re)write report.html from a report.json, marking calibrated thresholds",
+        formatter_class=fmt,
+        description="Render report.json as report.html beside it: accuracy-vs-MACs curves and a threshold "
+        "slider per model, one self-contained file. Thresholds files written by `erde calibrate` beside a "
+        "model's checkpoint (and newer than it) are marked. `erde run` and `erde evaluate` write it already.",
+    )  # fmt: skip
+    p.add_argument("report", help="a report.json written by erde run, evaluate or reproduce")
+    p.add_argument("--out", help="folder to write report.html to (default: beside the report)")
+    p.set_defaults(func=cmd_report_html)
 
     p = sub.add_parser(
         "export", help="export to ONNX, one graph per stage, for the early-exit runtime",
