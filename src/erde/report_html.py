@@ -301,6 +301,7 @@ const fx = v => logX ? Math.log10(Math.max(v, 1e-12)) : v;
 let x0 = Math.min(...xs.map(fx)), x1 = Math.max(...xs.map(fx));
 let y0 = Math.min(...ys) * 100, y1 = Math.max(...ys) * 100;
 if (x1 === x0) { x0 -= 1; x1 += 1; } if (y1 === y0) { y0 -= 1; y1 += 1; }
+{ const dx = 0.04 * (x1 - x0), dy = 0.04 * (y1 - y0); x0 -= dx; x1 += dx; y0 -= dy; y1 += dy; }
 const px = v => L + (fx(v) - x0) / (x1 - x0) * (W - L - R);
 const py = a => H - B - (100 * a - y0) / (y1 - y0) * (H - T - B);
 function axes() {
@@ -369,6 +370,7 @@ D.models.forEach((m, i) => {
     const d = el("span", {}, r); d.appendChild(document.createTextNode(label + " "));
     el("b", {id: `${id}-${i}`}, d);
   }
+  el("div", {class: "note"}, p).textContent = "share of images leaving at exit 0, 1, ...:";
   const hist = el("div", {class: "hist", id: `hist-${i}`, title: "share of images leaving at each exit"}, p);
   m.exit_fractions[0].forEach(() => el("span", {}, el("div", {}, hist)));
   el("div", {style: "height:1.2em"}, p);
