@@ -18,7 +18,6 @@ Every run prints the machine, versions and settings it ran with.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

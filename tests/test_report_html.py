@@ -27,7 +27,9 @@ def synthetic_report(models: int, thresholds: int, name: str = "model") -> dict:
     shifted accuracies (building hundreds of real sweeps would only slow the test)."""
     logits, labels = synthetic(300, 0)
     grid = torch.linspace(0, 2.3, thresholds).tolist()
-    base = model_report(name, logits, labels, MACS, [10, 20, 30], thresholds=grid, rules=["entropy"])
+    base = model_report(
+        name, logits, labels, MACS, [10, 20, 30], thresholds=grid, rules=["entropy"]
+    )
     entries = {}
     for i in range(models):
         entry = json.loads(json.dumps(base))
@@ -152,7 +154,9 @@ def test_slider_shows_the_report_sweep_at_its_threshold(browser, tiny_run, tmp_p
     browser.get((tiny_run["out"] / "report.html").as_uri())
     rule = report["reference"]["rule"]
     for i, (name, model) in enumerate(report["models"].items()):
-        sweep = sorted((p for p in model["sweep"] if p["rule"] == rule), key=lambda p: p["threshold"])
+        sweep = sorted(
+            (p for p in model["sweep"] if p["rule"] == rule), key=lambda p: p["threshold"]
+        )
         slider = browser.find_element(By.ID, f"slider-{i}")
         slider.send_keys(Keys.HOME)
         for _ in range(i + 2):  # a different position for each model
