@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of the pool that calibrates in each draw (default: 0.5)",
     )  # fmt: skip
     p.add_argument("--per-exit", action="store_true", help="per-exit thresholds")
-    p.add_argument("--no-synthetic", action="store_true", help="skip the synthetic pool")
+    p.add_argument(
+        "--synthetic-images", type=int, default=4000,
+        help="size of the synthetic pool, 0 to skip it (default: 4000)",
+    )  # fmt: skip
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p.parse_args(argv)
 
@@ -61,7 +64,7 @@ def checkpoint_pool(path: str) -> tuple[str, torch.Tensor, torch.Tensor, list[fl
     return f"{splits.name} {ckpt['name']}", logits, labels, list(costs.macs_per_exit)
 
 
-def synthetic_pool(n: int = 20000, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor, list]:
+def synthetic_pool(n: int, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tensor, list]:
     """Three exits that get sharper and more often right with depth; easy images are right
     (and sure) early, so an early mistake is always one the last exit gets right."""
     g = torch.Generator().manual_seed(seed)
@@ -87,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# ε = {args.max_drop}, 1 - δ = {args.confidence}, risk {args.risk}, "
           f"{args.draws} draws, per-exit {args.per_exit}")  # fmt: skip
     pools = [checkpoint_pool(c) for c in args.checkpoints]
-    if not args.no_synthetic:
-        pools.append(synthetic_pool())
+    if args.synthetic_images:
+        pools.append(synthetic_pool(args.synthetic_images))
     rows = []
     print("\n| pool | images (cal / test) | violations: guaranteed | plain | "
           "MACs saved: guaranteed | plain | seconds |")  # fmt: skip
