@@ -276,6 +276,7 @@ def test_cli_too_few_images_is_one_line_and_writes_nothing(trained, tmp_path, ca
         (["--max-drop", "0.05", "--confidence", "1"], "confidence"),
         (["--budget", "0.5", "--confidence", "0.9"], "goes with --max-drop"),
         (["--max-drop", "0.05", "--confidence", "0.9", "--temperature"], "void the guarantee"),
+        (["--max-drop", "0.05", "--risk", "consistency"], "--risk goes with --confidence"),
     ],
 )
 def test_cli_bad_guarantee_arguments(trained, tmp_path, capsys, extra, message):

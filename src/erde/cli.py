@@ -254,6 +254,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoint)["config"])
     if args.confidence is not None:
         return _calibrate_guaranteed(args, cfg)
+    if args.risk is not None:
+        raise ErdeError(
+            "--risk goes with --confidence (plain calibration bounds the accuracy drop)"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)  # printed below, once
         result, path = calibrate_checkpoint(
@@ -289,8 +293,9 @@ def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> in
             "--temperature with --confidence: temperatures fitted on the calibration images "
             "would void the guarantee"
         )
+    risk = args.risk or "drop"
     result, path = calibrate_checkpoint_guaranteed(
-        args.checkpoint, max_risk=args.max_drop, confidence=args.confidence, risk=args.risk,
+        args.checkpoint, max_risk=args.max_drop, confidence=args.confidence, risk=risk,
         rule=args.rule, per_exit=args.per_exit, out=args.out, cfg=cfg,
         progress=not args.no_progress,
     )  # fmt: skip
@@ -300,7 +305,7 @@ def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> in
     for split, r in (("validation", result.validation), ("test", result.test)):
         if r is not None:
             print(
-                f"{split:10s} {args.risk} rate {r['risk']:.4f} (bound {args.max_drop:g}), accuracy "
+                f"{split:10s} {risk} rate {r['risk']:.4f} (bound {args.max_drop:g}), accuracy "
                 f"{100 * r['accuracy']:.2f}% (last exit {100 * r['last_exit_accuracy']:.2f}%), "
                 f"MACs {r['macs_fraction']:.3f} x full"
             )
@@ -590,8 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--risk",
         choices=("drop", "consistency"),
-        default="drop",
-        help="drop: wrong where the last exit is right (bounds the accuracy drop); "
+        help="with --confidence: drop: wrong where the last exit is right (bounds the accuracy drop); "
         "consistency: answer differs from the last exit's (default: drop)",
     )
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
