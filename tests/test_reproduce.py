@@ -104,6 +104,7 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     seeds = {s: json.loads((out / f"seed_{s}" / "report.json").read_text()) for s in (0, 1)}
+    assert all((out / f"seed_{s}" / "report.html").is_file() for s in (0, 1))  # beside each
 
     assert (results["seeds"], results["n_seeds"], results["schedule"]) == ([0, 1], 2, "reduced")
     assert results["dataset"]["name"] == "cifar100" and results["dataset"]["num_classes"] == 100

@@ -114,14 +114,14 @@ def evaluate_thresholds(
     is :func:`erde.exits.may_exit` itself, broadcast over the candidates.
     """
     num_early, n = scores.shape
-    last = torch.ones(1, 1, n, dtype=torch.bool)
     rows = torch.arange(n)
     accuracy, mean_macs = [], []
     for start in range(0, len(thresholds), chunk):
         t = thresholds[start : start + chunk].unsqueeze(-1)  # (C, E-1, 1)
         leave = exits.may_exit(scores.unsqueeze(0), t, rule)  # (C, E-1, N)
-        leave = torch.cat([leave, last.expand(len(t), 1, n)], dim=1)  # (C, E, N)
-        chosen = leave.byte().argmax(dim=1)  # (C, N) first exit allowed to answer
+        chosen = torch.full((len(t), n), num_early, dtype=torch.long)  # (C, N) last exit
+        for i in reversed(range(num_early)):  # first exit allowed to answer (faster than argmax)
+            chosen = torch.where(leave[:, i], i, chosen)
         accuracy.append(correct[chosen, rows].double().mean(dim=1))
         mean_macs.append(macs[chosen].mean(dim=1))
     return torch.cat(accuracy), torch.cat(mean_macs)

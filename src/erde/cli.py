@@ -291,6 +291,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from erde.checkpoints import load_checkpoint
 
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoint)["config"])
+    if args.confidence is not None:
+        return _calibrate_guaranteed(args, cfg)
+    if args.risk is not None:
+        raise ErdeError(
+            "--risk goes with --confidence (plain calibration bounds the accuracy drop)"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)  # printed below, once
         result, path = calibrate_checkpoint(
@@ -313,6 +319,45 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"exits (%) {exits}"
             )
     print(f"thresholds: {path}")
+    return 0
+
+
+def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    from erde.risk_control import calibrate_checkpoint_guaranteed
+
+    if args.max_drop is None:
+        raise ErdeError("--confidence goes with --max-drop (the risk to bound), not --budget")
+    if args.temperature:
+        raise ErdeError(
+            "--temperature with --confidence: temperatures fitted on the calibration images "
+            "would void the guarantee"
+        )
+    risk = args.risk or "drop"
+    result, path = calibrate_checkpoint_guaranteed(
+        args.checkpoint, max_risk=args.max_drop, confidence=args.confidence, risk=risk,
+        rule=args.rule, per_exit=args.per_exit, out=args.out, cfg=cfg,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    thresholds = ", ".join(f"{t:.6g}" for t in result.policy.thresholds)
+    print(f"{result.policy.rule} thresholds: {thresholds}")
+    print(result.guarantee())
+    for split, r in (("validation", result.validation), ("test", result.test)):
+        if r is not None:
+            print(
+                f"{split:10s} {risk} rate {r['risk']:.4f} (bound {args.max_drop:g}), accuracy "
+                f"{100 * r['accuracy']:.2f}% (last exit {100 * r['last_exit_accuracy']:.2f}%), "
+                f"MACs {r['macs_fraction']:.3f} x full"
+            )
+    print(f"thresholds: {path}")
+    return 0
+
+
+def cmd_report_html(args: argparse.Namespace) -> int:
+    from erde.report_html import load_report, write_report_html
+
+    report = load_report(args.report)
+    out = Path(args.out) if args.out else Path(args.report).parent
+    print(f"html: {write_report_html(out, report)}")
     return 0
 
 
@@ -583,9 +628,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy at most this far below the last exit, e.g. 0.01 (1 point)",
     )
     _add_fit_args(p)
+    g = p.add_argument_group(
+        "guarantee (Learn-then-Test; see docs/INFERENCE.md)",
+        "With --confidence 1-δ and --max-drop ε: thresholds whose risk on new data is at most ε "
+        "with probability at least 1-δ over the draw of the validation images.",
+    )
+    g.add_argument("--confidence", type=float, help="1 - δ, e.g. 0.9 (needs --max-drop)")
+    g.add_argument(
+        "--risk",
+        choices=("drop", "consistency"),
+        help="with --confidence: drop: wrong where the last exit is right (bounds the accuracy drop); "
+        "consistency: answer differs from the last exit's (default: drop)",
+    )
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
     _add_config_args(p)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "report-html", help="(re)write report.html from a report.json, marking calibrated thresholds",
+        formatter_class=fmt,
+        description="Render report.json as report.html beside it: accuracy-vs-MACs curves and a threshold "
+        "slider per model, one self-contained file. Thresholds files written by `erde calibrate` beside a "
+        "model's checkpoint (and newer than it) are marked. `erde run` and `erde evaluate` write it already.",
+    )  # fmt: skip
+    p.add_argument("report", help="a report.json written by erde run, evaluate or reproduce")
+    p.add_argument("--out", help="folder to write report.html to (default: beside the report)")
+    p.set_defaults(func=cmd_report_html)
 
     p = sub.add_parser(
         "export", help="export to ONNX, one graph per stage, for the early-exit runtime",

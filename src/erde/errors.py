@@ -23,3 +23,11 @@ class OutputError(ErdeError):
 
 class DiskFullError(OutputError):
     """A write ran out of disk space; the previous version of the file is kept."""
+
+
+class CalibrationError(ErdeError):
+    """No thresholds meet a guaranteed target with the calibration images at hand."""
+
+
+class ReportError(ErdeError):
+    """A report file is unreadable, too large, or of a schema this erde does not render."""

@@ -22,6 +22,7 @@ from erde.evaluation import collect_exit_logits, default_thresholds, model_repor
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.report import build_report, dataset_summary, write_report
+from erde.report_html import write_report_html
 from erde.training import Job, load_splits, train, train_students
 
 STUDENT_METHODS = ("ce", "kd", "erde")
@@ -96,6 +97,7 @@ def evaluate_checkpoints(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_report(out_dir, report)
+    paths["html"] = write_report_html(out_dir, report)
     save_config(cfg, out_dir / "config.yaml")
     return paths
 

@@ -1,0 +1,507 @@
+"""Exit thresholds with a statistical guarantee (Learn-then-Test), and its check by simulation.
+
+Plain calibration (:mod:`erde.calibration`) picks the cheapest thresholds whose
+*validation* accuracy drop is within ε; on new data the drop then exceeds ε
+about half the time. Here the thresholds carry a guarantee instead, as in
+Learn-then-Test (Angelopoulos et al. 2021) and CALM (Schuster et al. 2022):
+
+    with probability at least 1 - δ over the draw of the n calibration images,
+    the risk of the chosen thresholds on new images from the same
+    distribution is at most ε.
+
+Two risks, both a 0/1 event per image, so an exact binomial tail gives valid
+p-values (Hoeffding-Bentkus bounds are for losses in [0, 1]; for 0/1 losses
+the binomial tail is exact and tighter):
+
+- ``drop``: the early-exit answer is wrong where the last exit's is right.
+  The accuracy drop against the last exit equals this rate minus the rate of
+  images the early answer gets right and the last exit wrong, so a guarantee on
+  this rate is a guarantee on the drop (slightly conservative).
+- ``consistency``: the early-exit answer differs from the last exit's (CALM);
+  it bounds the ``drop`` rate in turn.
+
+The procedure: candidate settings ordered from conservative (no image leaves
+early) to aggressive, the order fixed before the calibration images are seen;
+for each, p = P(Binomial(n, ε) <= k), k the calibration images with the risk
+event; fixed-sequence testing walks the order while p <= δ. Every candidate
+passed that way is valid at once (family-wise error <= δ), so the cheapest of
+them (fewest calibration MACs) is chosen.
+
+- One shared threshold: the candidates are a fixed grid over the rule's range,
+  log-spaced from the conservative end (scores of sure predictions are tiny).
+- Per-exit thresholds: a random part of the calibration images (``PATH_FRACTION``)
+  learns a path of per-exit settings (the plain coordinate search at rising
+  risk levels), the rest tests along it (Pareto Testing, Laufer-Goldshtein et
+  al. 2022); the split is random, never chosen from the data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from erde import exits
+from erde.calibration import Target, _outcome, _search, calibrate, evaluate_thresholds
+from erde.errors import CalibrationError, ConfigError
+from erde.inference import ExitPolicy, apply_temperatures, float32_within
+
+RISKS = ("drop", "consistency")
+RISK_WORDS = {
+    "drop": "share of images the early-exit model gets wrong while its last exit gets them "
+    "right (an upper bound on the accuracy drop against the last exit)",
+    "consistency": "share of images whose early-exit answer differs from the last exit's answer",
+}
+GRID_SIZE = 256  # shared-threshold candidates (fixed, data-independent)
+PATH_FRACTION = 0.3  # share of the calibration images that learns the per-exit path
+PATH_LEVELS = 17  # per-exit path: plain searches at risk levels 0, ε/8, ..., 2ε on the path images
+
+
+@dataclass(frozen=True)
+class RiskTarget:
+    """What the guarantee bounds: ``risk`` at most ``epsilon`` with probability ``1 - delta``."""
+
+    risk: str
+    epsilon: float
+    delta: float
+
+    @classmethod
+    def create(cls, risk: str, max_risk: float, confidence: float) -> RiskTarget:
+        """Validated target; ε and 1 - δ must lie strictly inside (0, 1)."""
+        if risk not in RISKS:
+            raise ConfigError(f"unknown risk {risk!r}; valid risks: {', '.join(RISKS)}")
+        if not (isinstance(max_risk, (int, float)) and 0 < max_risk < 1):
+            raise ConfigError(
+                f"the guaranteed {risk} must be in (0, 1) (0.01 = 1 point), got {max_risk}"
+            )
+        if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+            raise ConfigError(f"confidence (1 - δ) must be in (0, 1), e.g. 0.9, got {confidence}")
+        return cls(risk, float(max_risk), round(1.0 - float(confidence), 12))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def risk_free(exit_logits: Tensor, labels: Tensor, risk: str) -> Tensor:
+    """(E, N) bool: True where an image leaving at exit e is *not* a risk event.
+
+    The last row is all True (leaving at the last exit is the reference).
+    """
+    preds = exit_logits.argmax(dim=-1)  # (E, N)
+    if risk == "drop":
+        correct = preds == labels.to(preds.device)
+        return correct | ~correct[-1]
+    return preds == preds[-1]
+
+
+def binomial_p_values(events: Tensor, n: int, epsilon: float) -> Tensor:
+    """p = P(Binomial(n, ε) <= k) per candidate, for H0 "risk > ε"; events (C,) int -> (C,)."""
+    from scipy.special import bdtr  # the binomial CDF (scipy.stats takes seconds to import)
+
+    k = events.cpu().double().numpy()
+    return torch.from_numpy(bdtr(k, n, epsilon)).double()
+
+
+def images_needed(rate: float, epsilon: float, delta: float, limit: int = 10**9) -> int | None:
+    """About how many calibration images a setting with this observed risk rate needs to pass.
+
+    The smallest n with P(Binomial(n, ε) <= floor(n * rate)) <= δ; None when
+    ``rate >= ε`` (no number of images makes such a setting pass).
+    """
+    from scipy.special import bdtr
+
+    if rate >= epsilon:
+        return None
+
+    def passes(n: int) -> bool:
+        return bool(bdtr(math.floor(n * rate + 1e-9), n, epsilon) <= delta)
+
+    low = max(1, math.ceil(math.log(delta) / math.log1p(-epsilon)))  # even with no event at all
+    high = low
+    while not passes(high):
+        low, high = high, 2 * high
+        if high > limit:
+            return None
+    while low < high:  # smallest passing n in (low, high] (monotone up to floor rounding)
+        mid = (low + high) // 2
+        low, high = (low, mid) if passes(mid) else (mid + 1, high)
+    return high
+
+
+def fixed_sequence(p_values: Tensor, delta: float) -> int:
+    """How many leading hypotheses fixed-sequence testing rejects: the prefix with p <= δ."""
+    fails = (p_values > delta).nonzero()
+    return int(fails[0]) if len(fails) else len(p_values)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def shared_grid(rule: str, num_classes: int, size: int = GRID_SIZE) -> Tensor:
+    """Shared thresholds (C,) float32 from conservative (no early exit) to aggressive.
+
+    Fixed before any data is seen; log-spaced away from the conservative end,
+    where the scores of sure predictions crowd.
+    """
+    low, high = exits.rule_range(rule, num_classes)
+    steps = torch.logspace(-6, 0, size - 1, dtype=torch.float64) * (high - low)
+    if rule == "entropy":  # leaves when entropy < θ: θ = 0 lets nothing out
+        values = torch.cat([torch.tensor([low], dtype=torch.float64), low + steps])
+    else:  # max_softmax leaves when p_max >= θ: θ = 1 is the strictest
+        values = torch.cat([torch.tensor([high], dtype=torch.float64), high - steps])
+    return torch.tensor([float32_within(v, low, high) for v in values.tolist()])
+
+
+def _per_exit_path(
+    scores: Tensor, free: Tensor, macs: Tensor, shape: ExitPolicy, num_classes: int,
+    epsilon: float, learn: Tensor,
+) -> Tensor:  # fmt: skip
+    """Per-exit settings (C, E-1) ordered conservative -> aggressive, learned on ``learn`` only."""
+    num_early = scores.shape[0]
+    first = shared_grid(shape.rule, num_classes)[:1].expand(num_early)
+    settings = [first]
+    for level in torch.linspace(0, 2 * epsilon, PATH_LEVELS).tolist():
+        policy = _search(
+            scores[:, learn], free[:, learn], macs, Target("max_drop", level), shape,
+            num_classes, True, 512,
+        )  # fmt: skip
+        settings.append(torch.tensor(policy.thresholds, dtype=torch.float32))
+    path = torch.stack(settings)
+    _, learn_macs = evaluate_thresholds(scores[:, learn], free[:, learn], macs, path, shape.rule)
+    order = sorted(range(len(path)), key=lambda i: (-learn_macs[i].item(), i))
+    return path[order]
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class GuaranteedCalibration:
+    """Thresholds with their guarantee, the test that gave it, and what they do on each split."""
+
+    policy: ExitPolicy
+    target: RiskTarget
+    per_exit: bool
+    calibration_images: int  # all calibration (validation) images
+    tested_images: int  # those the tests ran on (all, or the ones not used for the per-exit path)
+    candidates: int  # settings in the fixed sequence
+    candidates_passed: int  # leading settings whose test passed
+    passed: bool  # a setting that lets images leave early passed
+    p_value: float  # of the chosen setting
+    calibration_risk: float  # observed risk rate of the chosen setting on the tested images
+    images_needed: int | None  # when nothing passed: about how many images would be needed
+    message: str | None  # why nothing passed, in one line
+    validation: dict[str, Any]
+    test: dict[str, Any] | None
+
+    def guarantee(self) -> str:
+        """The guarantee in words, as the thresholds file records it."""
+        t = self.target
+        return (
+            f"With probability at least {1 - t.delta:.4g} over the draw of the "
+            f"{self.calibration_images} calibration images, the {RISK_WORDS[t.risk]} is at most "
+            f"{t.epsilon:.4g} on new images from the same distribution (Learn-then-Test: binomial "
+            f"tail p-values, fixed-sequence testing over {self.candidates} candidate settings)."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": {
+                "kind": "guaranteed",
+                "risk": self.target.risk,
+                "value": self.target.epsilon,
+            },
+            "guarantee": {
+                "risk": self.target.risk,
+                "epsilon": self.target.epsilon,
+                "delta": self.target.delta,
+                "confidence": 1 - self.target.delta,
+                "calibration_images": self.calibration_images,
+                "tested_images": self.tested_images,
+                "per_exit": self.per_exit,
+                "candidates": self.candidates,
+                "candidates_passed": self.candidates_passed,
+                "passed": self.passed,
+                "p_value": self.p_value,
+                "calibration_risk": self.calibration_risk,
+                "images_needed": self.images_needed,
+                "text": self.guarantee() if self.passed else self.message,
+            },
+            "feasible": self.passed,
+            "warning": self.message,
+            "validation": self.validation,
+            "test": self.test,
+        }
+
+
+def _check_inputs(val_logits: Tensor, val_labels: Tensor, macs_per_exit: Sequence[float]) -> None:
+    """Refuse what cannot be calibrated: no images, one class only, one exit, MAC count mismatch."""
+    num_exits, n, _ = val_logits.shape
+    if n == 0:
+        raise ConfigError("calibration needs validation images; the validation split is empty")
+    if len(macs_per_exit) != num_exits:
+        raise ValueError(
+            f"expected {num_exits} MAC counts (one per exit), got {len(macs_per_exit)}"
+        )
+    if num_exits < 2:
+        raise ConfigError("a model with a single exit has no thresholds to calibrate")
+    classes = torch.unique(val_labels)
+    if len(classes) < 2:
+        raise ConfigError(
+            f"the {n} calibration images all belong to class {int(classes[0])}; a guarantee "
+            "only holds for new images drawn like the calibration images, so calibrate on a "
+            "split with the classes the model will see"
+        )
+
+
+def _risk_rate(logits: Tensor, labels: Tensor, policy: ExitPolicy, risk: str) -> float:
+    """Observed rate of the risk event under ``policy`` on recorded logits (E, N, K)."""
+    chosen = exits.first_exit(
+        apply_temperatures(logits, policy), list(policy.thresholds), policy.rule
+    )
+    free = risk_free(logits, labels, risk)
+    return 1.0 - free[chosen, torch.arange(len(chosen))].double().mean().item()
+
+
+def _measure(
+    logits: Tensor, labels: Tensor, macs: Sequence[float], policy: ExitPolicy, risk: str
+) -> dict:
+    """What ``policy`` gives on one split, plus its accuracy drop and observed risk rate."""
+    out = _outcome(logits, labels, macs, policy)
+    out["accuracy_drop"] = out["last_exit_accuracy"] - out["accuracy"]
+    out["risk"] = _risk_rate(logits, labels, policy, risk)
+    return out
+
+
+def calibrate_guaranteed(
+    val_logits: Tensor,
+    val_labels: Tensor,
+    macs_per_exit: Sequence[float],
+    *,
+    max_risk: float,
+    confidence: float,
+    risk: str = "drop",
+    rule: str = "entropy",
+    per_exit: bool = False,
+    temperatures: Sequence[float] | None = None,
+    test_logits: Tensor | None = None,
+    test_labels: Tensor | None = None,
+    seed: int = 0,
+) -> GuaranteedCalibration:
+    """Thresholds whose ``risk`` is at most ``max_risk`` with probability ``confidence``.
+
+    val_logits (E, N, K) and val_labels (N,) are the calibration images;
+    ``temperatures`` (E values) must come from elsewhere (fitting them on the
+    same images would void the guarantee). When nothing that lets images leave
+    early passes, the result says so (``passed`` False, ``message``,
+    ``images_needed``) and holds the conservative setting (every image goes to
+    the last exit). ``seed`` draws the per-exit path/test split.
+    """
+    target = RiskTarget.create(risk, max_risk, confidence)
+    if rule not in exits.RULES:
+        raise ConfigError(f"unknown exit rule {rule!r}; valid rules: {', '.join(exits.RULES)}")
+    val_logits, val_labels = val_logits.detach().float().cpu(), val_labels.detach().long().cpu()
+    _check_inputs(val_logits, val_labels, macs_per_exit)
+    num_exits, n, num_classes = val_logits.shape
+    shape = ExitPolicy.create(0.0, rule, num_classes, num_exits, temperatures)
+    scores = exits.rule_score(apply_temperatures(val_logits, shape)[:-1], rule)  # (E-1, N)
+    free = risk_free(val_logits, val_labels, risk)  # (E, N)
+    macs = torch.tensor([float(m) for m in macs_per_exit], dtype=torch.float64)
+    tested = torch.arange(n)
+    if per_exit and num_exits > 2:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        split = max(1, round(PATH_FRACTION * n)) if n > 1 else 0
+        learn, tested = order[:split], order[split:]
+        if len(tested) == 0:
+            tested = learn
+        path = _per_exit_path(scores, free, macs, shape, num_classes, target.epsilon, learn)
+    else:
+        path = shared_grid(rule, num_classes).unsqueeze(1).expand(-1, num_exits - 1).contiguous()
+    safe_rate, mean_macs = evaluate_thresholds(scores[:, tested], free[:, tested], macs, path, rule)
+    m = len(tested)
+    events = ((1.0 - safe_rate) * m).round().long()  # (C,) risk events per candidate
+    p_values = binomial_p_values(events, m, target.epsilon)
+    passed_count = fixed_sequence(p_values, target.delta)
+    chosen = 0
+    if passed_count:
+        prefix = mean_macs[:passed_count]
+        chosen = int((prefix == prefix.min()).nonzero()[0])  # cheapest; the earliest of ties
+    early = bool(mean_macs[chosen] < macs[-1]) and passed_count > 0
+    needed, message = None, None
+    if not early:
+        needed, message = _shortfall(events, mean_macs, macs, m, target, passed_count)
+    policy = ExitPolicy.create(
+        path[chosen].tolist(), rule, num_classes, num_exits, temperatures=shape.temperatures
+    )
+    test = None
+    if test_logits is not None and test_labels is not None:
+        test = _measure(test_logits.detach().float().cpu(), test_labels.detach().long().cpu(),
+                        macs_per_exit, policy, risk)  # fmt: skip
+    return GuaranteedCalibration(
+        policy=policy, target=target, per_exit=bool(per_exit and num_exits > 2),
+        calibration_images=n, tested_images=m, candidates=len(path),
+        candidates_passed=passed_count, passed=early, p_value=float(p_values[chosen]),
+        calibration_risk=float(events[chosen]) / m, images_needed=needed, message=message,
+        validation=_measure(val_logits, val_labels, macs_per_exit, policy, risk), test=test,
+    )  # fmt: skip
+
+
+def _shortfall(
+    events: Tensor, mean_macs: Tensor, macs: Tensor, m: int, target: RiskTarget, passed: int
+) -> tuple[int | None, str]:
+    """Why no setting that saves MACs passed, and about how many images would make one pass."""
+    saving = (mean_macs < macs[-1]).nonzero()
+    words = f"{target.risk} <= {target.epsilon:.4g} at confidence {1 - target.delta:.4g}"
+    if len(saving) == 0:
+        return None, f"no threshold lets any of the {m} tested images leave early; nothing to test"
+    first = int(saving[0])
+    rate = float(events[first]) / m
+    needed = images_needed(rate, target.epsilon, target.delta)
+    head = f"no threshold that lets images leave early passes the test for {words} with {m} images"
+    if needed is None:
+        return None, (
+            f"{head}: even the most conservative such setting has a {target.risk} rate of "
+            f"{rate:.4g} >= {target.epsilon:.4g} on them; raise the maximum or improve the early exits"
+        )
+    return needed, f"{head}; about {needed} images would be needed at its observed rate {rate:.4g}"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def calibrate_checkpoint_guaranteed(
+    checkpoint: str | Path,
+    *,
+    max_risk: float,
+    confidence: float,
+    risk: str = "drop",
+    rule: str = "entropy",
+    per_exit: bool = False,
+    out: str | Path | None = None,
+    cfg: Any = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> tuple[GuaranteedCalibration, Path]:
+    """Guaranteed thresholds for a checkpoint from its validation split; writes its thresholds file.
+
+    Raises :class:`CalibrationError` (nothing written) when no setting that
+    lets images leave early passes, naming about how many images would be needed.
+    """
+    from erde.calibration import _open, _record
+    from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
+
+    RiskTarget.create(risk, max_risk, confidence)  # fail before loading anything
+    ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device)
+    bs = cfg.data.eval_batch_size
+    val_logits, val_labels = _record(model, splits, "val", dev, bs, progress)
+    test_logits, test_labels = _record(model, splits, "test", dev, bs, progress)
+    result = calibrate_guaranteed(
+        val_logits, val_labels, costs.macs_per_exit, max_risk=max_risk, confidence=confidence,
+        risk=risk, rule=rule, per_exit=per_exit, test_logits=test_logits, test_labels=test_labels,
+    )  # fmt: skip
+    if not result.passed:
+        raise CalibrationError(f"{result.message}; no thresholds file written")
+    identity = ModelIdentity(
+        ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
+    )
+    details = {
+        **result.to_dict(),
+        "checkpoint": ckpt["path"],
+        "dataset": splits.name,
+        "macs_per_exit": list(costs.macs_per_exit),
+        "per_exit": result.per_exit,
+    }
+    path = Path(out) if out is not None else thresholds_path(ckpt["path"])
+    save_thresholds(path, result.policy, identity, details)
+    return result, path
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def simulate_guarantee(
+    pool_logits: Tensor,
+    pool_labels: Tensor,
+    macs_per_exit: Sequence[float],
+    *,
+    max_risk: float,
+    confidence: float,
+    calibration_images: int,
+    draws: int = 200,
+    risk: str = "drop",
+    rule: str = "entropy",
+    per_exit: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Draw random calibration/test splits of a pool of recorded logits (E, N, K) and count
+    how often the test risk exceeds ε, for guaranteed and for plain calibration.
+
+    Plain calibration is :func:`erde.calibration.calibrate` with ``max_drop=ε``
+    (it controls the validation accuracy drop; with ``risk="consistency"`` its
+    violations are still counted on the consistency rate). Returns violation
+    rates, the binomial noise of the guaranteed one (its standard error at δ),
+    and mean test MACs as a fraction of the full network's.
+    """
+    pool_logits, pool_labels = pool_logits.detach().float().cpu(), pool_labels.detach().long().cpu()
+    n = pool_labels.numel()
+    if not 0 < calibration_images < n:
+        raise ConfigError(f"calibration_images must be in (0, {n}), got {calibration_images}")
+    target = RiskTarget.create(risk, max_risk, confidence)
+    full = float(macs_per_exit[-1])
+    g = torch.Generator().manual_seed(seed)
+    rows: dict[str, list[tuple[bool, float]]] = {"guaranteed": [], "plain": []}
+    passed = 0
+    for _ in range(draws):
+        order = torch.randperm(n, generator=g)
+        cal, test = order[:calibration_images], order[calibration_images:]
+        val = (pool_logits[:, cal], pool_labels[cal])
+        held = (pool_logits[:, test], pool_labels[test])
+        guaranteed = calibrate_guaranteed(
+            *val, macs_per_exit, max_risk=max_risk, confidence=confidence, risk=risk, rule=rule,
+            per_exit=per_exit, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
+        )  # fmt: skip
+        passed += guaranteed.passed
+        plain = calibrate(
+            *val, macs_per_exit, max_drop=max_risk, rule=rule, per_exit=per_exit, warn=False
+        ).policy
+        for name, policy in (("guaranteed", guaranteed.policy), ("plain", plain)):
+            outcome = _measure(*held, macs_per_exit, policy, risk)
+            value = outcome["accuracy_drop"] if risk == "drop" else outcome["risk"]
+            rows[name].append((value > target.epsilon, outcome["mean_macs"] / full))
+    out: dict[str, Any] = {
+        "epsilon": target.epsilon,
+        "delta": target.delta,
+        "risk": risk,
+        "rule": rule,
+        "per_exit": per_exit,
+        "pool_images": n,
+        "calibration_images": calibration_images,
+        "test_images": n - calibration_images,
+        "draws": draws,
+        "guaranteed_passed": passed / draws,
+        "noise": math.sqrt(target.delta * (1 - target.delta) / draws),
+    }
+    for name, values in rows.items():
+        out[f"{name}_violation_rate"] = sum(v for v, _ in values) / draws
+        out[f"{name}_macs_fraction"] = sum(f for _, f in values) / draws
+    return out
+
+
+__all__ = [
+    "RISKS",
+    "GuaranteedCalibration",
+    "RiskTarget",
+    "binomial_p_values",
+    "calibrate_checkpoint_guaranteed",
+    "calibrate_guaranteed",
+    "fixed_sequence",
+    "images_needed",
+    "risk_free",
+    "shared_grid",
+    "simulate_guarantee",
+]
