@@ -110,7 +110,9 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = {k: v for k, v in ckpt["model_config"].items() if k in fields}
     try:
-        model = build_model(num_classes=int(ckpt["num_classes"]), **mcfg)
+        model = build_model(
+            num_classes=int(ckpt["num_classes"]), input_shape=tuple(ckpt["image_shape"]), **mcfg
+        )
     except (ErdeError, KeyError, ValueError, TypeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{where} describes a model erde cannot build: {detail}") from None

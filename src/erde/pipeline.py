@@ -22,7 +22,7 @@ from erde.evaluation import collect_exit_logits, default_thresholds, model_repor
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.report import build_report, dataset_summary, write_report
-from erde.training import Job, load_splits, train, train_students
+from erde.training import Job, build_job_model, load_splits, train, train_students
 
 STUDENT_METHODS = ("ce", "kd", "erde")
 
@@ -135,6 +135,8 @@ def run_pipeline(
             "pass --resume to continue (finished models are reused) or --force to start over"
         )
     splits = load_splits(cfg)
+    for role in ("teacher", "student") if methods else ("teacher",):
+        build_job_model(getattr(cfg, role), splits, role)  # fails before any model trains
     teacher = train(
         cfg,
         Job("teacher"),
