@@ -305,3 +305,38 @@ def test_routing_equals_the_sweep_for_every_family(family: str) -> None:
         assert torch.equal(out.classes, logits.argmax(-1)[out.exit_index, torch.arange(96)])
         assert out.macs.double().mean().item() == pytest.approx(reference.mean_macs, rel=1e-12)
     assert set(reference.exit_index.tolist()) == set(range(model.num_exits))
+
+
+# --- the reproduce command with another family -------------------------------------------
+
+
+def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkeypatch) -> None:
+    """`erde reproduce --set student.arch=mobilenetv2` on a tiny CIFAR-10 ImageFolder archive."""
+    import json
+
+    from conftest import TINY_OVERRIDES
+    from data_fixtures import CIFAR10_NAMES, make_tar_gz, write_imagefolder
+
+    from erde.cli import main
+
+    monkeypatch.setenv("ERDE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "jpeg"
+    write_imagefolder(folder, classes=tuple(CIFAR10_NAMES), per_class=(5, 2), size=32)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    make_tar_gz(archive, {"train": folder / "train", "test": folder / "test"})
+    tiny = [o for o in TINY_OVERRIDES if o.split("=")[0] not in ("data.name", "data.image_size")]
+    sets = [*tiny, "data.image_size=16", "data.val_fraction=0.2", "data.batch_size=16",
+            "teacher_train.epochs=1", "teacher_train.max_steps_per_epoch=2",
+            "student_train.max_steps_per_epoch=2", "teacher.arch=vgg11_bn", "teacher.width=0.125",
+            "student.arch=mobilenetv2", "distill.exit_mapping_by=cost"]  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["reproduce", "--dataset", "cifar10", "--data-dir", str(archive), "--seeds", "1",
+            "--schedule", "reduced", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main([*argv, *(a for o in sets for a in ("--set", o))]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    archs = {name: m["arch"] for name, m in results["models"].items()}
+    assert archs == {"teacher": "vgg11_bn", "student_ce": "mobilenetv2",
+                     "student_kd": "mobilenetv2", "student_erde": "mobilenetv2"}  # fmt: skip
+    assert results["models"]["student_erde"]["num_exits"] == 4  # 17 blocks: 3 early exits
+    assert "mobilenetv2" in (out / "results.md").read_text()
