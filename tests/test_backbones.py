@@ -340,3 +340,22 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
                      "student_kd": "mobilenetv2", "student_erde": "mobilenetv2"}  # fmt: skip
     assert results["models"]["student_erde"]["num_exits"] == 4  # 17 blocks: 3 early exits
     assert "mobilenetv2" in (out / "results.md").read_text()
+
+
+def test_runs_saved_before_the_placement_keys_existed_are_still_reusable(tmp_path) -> None:
+    """A seed folder whose config.yaml predates exit_at_macs / exit_mapping_by is not 'another config'."""
+    import yaml
+
+    from erde.reproduce import check_reusable, reproduce_config
+
+    cfg = reproduce_config("cifar10", "reduced")
+    saved = cfg.to_dict()
+    for section in ("teacher", "student"):
+        del saved[section]["exit_at_macs"]
+    del saved["distill"]["exit_mapping_by"]
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_reusable(tmp_path, cfg)  # raises ConfigError if the new keys made it look different
+    changed = reproduce_config("cifar10", "reduced", overrides=["distill.exit_mapping_by=cost"])
+    with pytest.raises(ConfigError, match="exit_mapping_by"):
+        check_reusable(tmp_path, changed)
