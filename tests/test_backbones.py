@@ -116,10 +116,13 @@ def test_mobilenetv2_width_multiplier_rounds_to_multiples_of_8() -> None:
 
 def test_vgg_layout_params_and_small_inputs() -> None:
     for depth, table in CONFIGS.items():
-        net = build_backbone(f"vgg{depth}_bn", 10)
-        convs = [c for c in table if c != "M"]
+        net = build_backbone(f"vgg{depth}_bn", 10, width=0.125)  # narrow: the layout is the same
+        convs = [c // 8 for c in table if c != "M"]
         assert len(net.blocks) == len(convs) - 1  # the first conv is the stem
         assert net.block_channels == convs[1:]
+        pools = [isinstance(b[-1], nn.MaxPool2d) for b in [net.stem, *net.blocks]]
+        ends = [nxt == "M" for c, nxt in zip(table, [*table[1:], None], strict=True) if c != "M"]
+        assert pools == ends and sum(pools) == 5  # a pool closes each of the five groups
     vgg16 = build_backbone("vgg16_bn", 10)
     convs, in_ch, hand = [c for c in CONFIGS[16] if c != "M"], 3, 0
     for c in convs:  # 3x3 conv (no bias) + BN weight and bias
