@@ -143,6 +143,19 @@ def test_last_exit_of_every_family_is_the_plain_backbone(name: str) -> None:
     assert model.exits[-1] is backbone.classifier
 
 
+@pytest.mark.parametrize("name", ["mobilenetv2_x0.25", "vgg11_bn", "wrn10_1"])
+def test_every_family_can_be_cut_after_any_block(name: str) -> None:
+    backbone = build_backbone(name, 10, width=0.25).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        plain = backbone(x)
+        for b in range(1, len(backbone.blocks)):
+            model = EarlyExitNet(backbone, exit_after=[b]).eval()
+            assert model.exit_channels[0] == backbone.block_channels[b - 1]
+            early, last = model(x)
+            assert early.shape == (2, 10) and torch.equal(last, plain)
+
+
 def test_new_families_take_dropout_before_the_last_layer() -> None:
     for name in ("mobilenetv2", "vgg11_bn"):
         net = build_backbone(name, 10, dropout=0.2)
@@ -362,3 +375,18 @@ def test_runs_saved_before_the_placement_keys_existed_are_still_reusable(tmp_pat
     changed = reproduce_config("cifar10", "reduced", overrides=["distill.exit_mapping_by=cost"])
     with pytest.raises(ConfigError, match="exit_mapping_by"):
         check_reusable(tmp_path, changed)
+
+
+def test_backbone_costs_script_prints_the_measured_costs() -> None:
+    """benchmarks/backbone_costs.py writes the tables of docs/BACKBONES.md."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "backbone_costs.py"
+    render = runpy.run_path(str(script))["render"]
+    text = render(["resnet8"], 8, 10, None)
+    costs = measure_exit_costs(build_model("resnet8", 10), (3, 8, 8))
+    rows = [line for line in text.splitlines() if line.startswith("| resnet8 |")]
+    assert len(rows) == 3
+    for row, macs in zip(rows, costs.macs_per_exit, strict=True):
+        assert f"| {macs / 1e3:.1f}K |" in row
