@@ -369,8 +369,9 @@ def test_runs_saved_before_the_placement_keys_existed_are_still_reusable(tmp_pat
     for section in ("teacher", "student"):
         del saved[section]["exit_at_macs"]
     del saved["distill"]["exit_mapping_by"]
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "config.yaml").write_text(yaml.safe_dump(saved))
+    for name in ("teacher", "student_erde"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(saved))
     check_reusable(tmp_path, cfg)  # raises ConfigError if the new keys made it look different
     changed = reproduce_config("cifar10", "reduced", overrides=["distill.exit_mapping_by=cost"])
     with pytest.raises(ConfigError, match="exit_mapping_by"):

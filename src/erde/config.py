@@ -87,9 +87,7 @@ class DistillConfig:
         None  # teacher exit for each student exit; None = by exit_mapping_by
     )
     teacher_amp: bool | None = None  # teacher forward in bf16; None = as student_train.amp
-    # None or depth: by exit index | cost: by share of the MACs (for a student of another family).
-    # None rather than "depth" by default, so that runs saved before this key existed still match.
-    exit_mapping_by: str | None = None
+    exit_mapping_by: str = "depth"  # depth (exit index) | cost (share of MACs): for other families
 
 
 @dataclass
@@ -310,7 +308,7 @@ def validate(cfg: ExperimentConfig) -> None:
         d.method in ("ce", "kd", "erde"), f"distill.method must be ce, kd or erde, got {d.method!r}"
     )
     _check(
-        d.exit_mapping_by in (None, "depth", "cost"),
+        d.exit_mapping_by in ("depth", "cost"),
         f"distill.exit_mapping_by must be depth or cost, got {d.exit_mapping_by!r}",
     )
     _check(
