@@ -347,7 +347,8 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
             "student.arch=mobilenetv2", "distill.exit_mapping_by=cost"]  # fmt: skip
     out = tmp_path / "out"
     argv = ["reproduce", "--dataset", "cifar10", "--data-dir", str(archive), "--seeds", "1",
-            "--schedule", "reduced", "--out", str(out), "--no-progress"]  # fmt: skip
+            "--schedule", "reduced", "--out", str(out), "--no-progress",
+            "--docs", str(tmp_path / "docs")]  # fmt: skip
     assert main([*argv, *(a for o in sets for a in ("--set", o))]) == 0
 
     results = json.loads((out / "results.json").read_text())
@@ -356,6 +357,27 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
                      "student_kd": "mobilenetv2", "student_erde": "mobilenetv2"}  # fmt: skip
     assert results["models"]["student_erde"]["num_exits"] == 4  # 17 blocks: 3 early exits
     assert "mobilenetv2" in (out / "results.md").read_text()
+    # published beside, not over, the preset pair's CIFAR-10 results
+    name = "cifar10-reduced-vgg11_bn-mobilenetv2"
+    assert (tmp_path / "docs" / "results" / f"{name}.json").is_file()
+    assert f"<!-- erde-results:{name}:begin -->" in (tmp_path / "docs" / "RESULTS.md").read_text()
+
+
+def test_results_of_another_model_pair_are_named_apart_from_the_preset_pair() -> None:
+    from erde.reproduce.render import results_name
+
+    def results(teacher: str, student: str) -> dict:
+        config = {"teacher": {"arch": teacher}, "student": {"arch": student}}
+        return {"dataset": {"name": "cifar10"}, "schedule": "reduced", "config": config}
+
+    assert results_name(results("resnet56", "resnet20")) == "cifar10-reduced"  # the preset's pair
+    assert (
+        results_name(results("resnet56", "mobilenetv2")) == "cifar10-reduced-resnet56-mobilenetv2"
+    )
+    assert (
+        results_name(results("pkg.nets:tiny", "resnet20"))
+        == "cifar10-reduced-pkg.nets_tiny-resnet20"
+    )
 
 
 def test_runs_saved_before_the_placement_keys_existed_are_still_reusable(tmp_path) -> None:
