@@ -144,7 +144,9 @@ def _build(
 
     try:
         with device:
-            return build_model(num_classes=int(ckpt["num_classes"]), **mcfg)
+            return build_model(
+                num_classes=int(ckpt["num_classes"]), input_shape=tuple(ckpt["image_shape"]), **mcfg
+            )
     except (ErdeError, KeyError, ValueError, TypeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{where} describes a model erde cannot build: {detail}") from None

@@ -8,6 +8,7 @@ needs, and the whole thing is saved next to every checkpoint and report.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import types
@@ -42,10 +43,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet20"  # backbone name: resnet<6n+2> (resnet20, resnet56...) or wrn<6n+4>_<k>
+    arch: str = "resnet20"  # resnet<6n+2>, wrn<6n+4>_<k>, mobilenetv2[_x<m>], vgg<11|13|16|19>_bn, or package.module:factory
     width: float = 1.0  # channel width multiplier
     exit_after: list[int] | None = (
-        None  # residual-block counts after which early exits sit; None = evenly spaced
+        None  # block counts after which early exits sit; None = evenly spaced
+    )
+    exit_at_macs: list[float] | None = (
+        None  # instead of exit_after: fractions of the backbone's MACs, e.g. [0.15, 0.3, 0.5]
     )
     num_early_exits: int | None = (
         None  # with exit_after None: how many early exits (default 2 or 3 by depth)
@@ -53,7 +57,9 @@ class ModelConfig:
     head_pool: int = 2  # exit head: adaptive average pool to head_pool x head_pool
     head_dropout: float = 0.5  # exit head dropout probability
     head_hidden: int = 0  # exit head hidden FC width; 0 = a single FC layer as in the paper
-    dropout: float = 0.0  # dropout inside WideResNet blocks
+    dropout: float = (
+        0.0  # dropout inside WideResNet blocks; before the last layer of MobileNetV2/VGG
+    )
 
 
 @dataclass
@@ -83,9 +89,10 @@ class DistillConfig:
     gamma: float = 1.0  # weight of the entropy term (erde only)
     temperature: float = 4.0  # KD temperature tau
     exit_mapping: list[int] | None = (
-        None  # teacher exit for each student exit; None = by relative depth
+        None  # teacher exit for each student exit; None = by exit_mapping_by
     )
     teacher_amp: bool | None = None  # teacher forward in bf16; None = as student_train.amp
+    exit_mapping_by: str = "depth"  # depth (exit index) | cost (share of MACs): for other families
 
 
 @dataclass
@@ -335,6 +342,10 @@ def validate(cfg: ExperimentConfig) -> None:
         d.method in ("ce", "kd", "erde"), f"distill.method must be ce, kd or erde, got {d.method!r}"
     )
     _check(
+        d.exit_mapping_by in ("depth", "cost"),
+        f"distill.exit_mapping_by must be depth or cost, got {d.exit_mapping_by!r}",
+    )
+    _check(
         0 <= cfg.data.val_fraction < 1,
         f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}",
     )
@@ -417,6 +428,8 @@ def validate(cfg: ExperimentConfig) -> None:
         )
         if m.exit_after is not None:
             _check(all(b >= 1 for b in m.exit_after), f"{section}.exit_after values must be >= 1")
+        if m.exit_at_macs is not None:
+            _check_exit_at_macs(section, m)
     e = cfg.evaluation
     _check(e.num_thresholds >= 2, "evaluation.num_thresholds must be >= 2")
     _check(0 <= e.tolerance < 1, "evaluation.tolerance must be in [0, 1)")
@@ -426,3 +439,22 @@ def validate(cfg: ExperimentConfig) -> None:
             rule in ("entropy", "max_softmax"),
             f"evaluation.rules: unknown rule {rule!r} (entropy, max_softmax)",
         )
+
+
+def _check_exit_at_macs(section: str, m: ModelConfig) -> None:
+    """Fractions in (0, 1), increasing, and not mixed with exit_after: caught before any training."""
+    values = m.exit_at_macs or []
+    _check(
+        m.exit_after is None,
+        f"{section}: give exit_after or exit_at_macs, not both (exit_after={m.exit_after}, "
+        f"exit_at_macs={values})",
+    )
+    _check(
+        all(0 < f < 1 for f in values),
+        f"{section}.exit_at_macs values must be fractions of the backbone's MACs in (0, 1), "
+        f"got {values}",
+    )
+    _check(
+        all(a < b for a, b in itertools.pairwise(values)),
+        f"{section}.exit_at_macs must be strictly increasing, got {values}",
+    )

@@ -107,6 +107,27 @@ def exit_mapping(num_student_exits: int, num_teacher_exits: int) -> list[int]:
     ]
 
 
+def exit_mapping_by_cost(student_macs: Sequence[float], teacher_macs: Sequence[float]) -> list[int]:
+    """Teacher exit matched to each student exit by relative cost, for networks of other families.
+
+    Each exit's cost is its share of its own network's last-exit MACs
+    (``macs[i] / macs[-1]``); each student exit gets the teacher exit whose
+    share is nearest, the deeper one on a tie, so the last exits always match.
+    Exit indices say little when a MobileNetV2 student learns from a ResNet
+    teacher whose exits sit elsewhere; shares of the compute say where each
+    exit really is.
+    """
+    if not student_macs or not teacher_macs:
+        raise ValueError("need at least one exit on each side")
+    if min(*student_macs, *teacher_macs) <= 0:
+        raise ValueError("exit MACs must be > 0")
+    s_share = [m / student_macs[-1] for m in student_macs]
+    t_share = [m / teacher_macs[-1] for m in teacher_macs]
+    return [
+        min(range(len(t_share)), key=lambda j: (abs(t_share[j] - share), -j)) for share in s_share
+    ]
+
+
 def teacher_loss(
     exit_logits: Sequence[torch.Tensor],
     labels: torch.Tensor,

@@ -23,7 +23,7 @@ from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import write_report_html
-from erde.training import Job, load_splits, train, train_students
+from erde.training import Job, build_job_model, load_splits, train, train_students
 
 STUDENT_METHODS = ("ce", "kd", "erde")
 
@@ -140,6 +140,8 @@ def run_pipeline(
     if resume and not force and not allow_config_change:
         _check_same_models(out_dir, ["teacher", *(f"student_{m}" for m in methods)])
     splits = load_splits(cfg)
+    for role in ("teacher", "student") if methods else ("teacher",):
+        build_job_model(getattr(cfg, role), splits, role)  # fails before any model trains
     teacher = train(
         cfg,
         Job("teacher"),

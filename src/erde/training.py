@@ -49,8 +49,8 @@ from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_
 from erde.errors import CheckpointError, ConfigError, ErdeError
 from erde.hardware import cpu_has_bf16
 from erde.io import atomic_write_text
-from erde.losses import exit_mapping, student_loss, teacher_loss
-from erde.models import build_model
+from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
+from erde.models import build_model, measure_exit_costs
 
 SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
 DATA_ON_GPU_FRACTION = 0.25  # keep the training set on the GPU if it takes at most this share
@@ -345,6 +345,34 @@ def _load_teacher(path: str | Path, splits: DataSplits, device: torch.device) ->
     return teacher
 
 
+def build_job_model(mcfg: ModelConfig, splits: DataSplits, role: str) -> nn.Module:
+    """The early-exit model ``mcfg`` describes, for the data's classes and image size.
+
+    The image size is where ``exit_at_macs`` is measured and a user's network is
+    probed; checkpoints record it, so a loaded model gets the same exits.
+    """
+    try:
+        return build_model(
+            num_classes=splits.num_classes,
+            input_shape=splits.image_shape,
+            **dataclasses.asdict(mcfg),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{role}: {exc}") from None
+
+
+def default_exit_mapping(
+    distill: DistillConfig, student: nn.Module, teacher: nn.Module, image_shape: tuple
+) -> list[int]:
+    """Teacher exit per student exit by relative depth (exit index) or relative cost (MACs)."""
+    if distill.exit_mapping_by == "cost":
+        return exit_mapping_by_cost(
+            measure_exit_costs(student, image_shape).macs_per_exit,
+            measure_exit_costs(teacher, image_shape).macs_per_exit,
+        )
+    return exit_mapping(student.num_exits, teacher.num_exits)
+
+
 def _existing(out_dir: Path, resume: bool, force: bool) -> dict[str, Any] | None:
     """Checkpoint to resume from, after refusing to silently overwrite finished work."""
     path = out_dir / "checkpoint.pt"
@@ -594,12 +622,9 @@ def train_together(
                 print(f"{job.name}: already finished in {out_dir}, reusing it")
             continue
         seed_everything(cfg.seed)  # every model starts from the seed, as when trained alone
-        try:
-            model = build_model(num_classes=splits.num_classes, **dataclasses.asdict(mcfg))
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"{'teacher' if is_teacher else 'student'}: {exc}") from None
+        model = build_job_model(mcfg, splits, "teacher" if is_teacher else "student")
         weights = exit_weights(tcfg, model.num_exits, section)
-        mapping = _mapping(cfg, model, teacher) if job.method in ("kd", "erde") else []
+        mapping = _mapping(cfg, model, teacher, splits) if job.method in ("kd", "erde") else []
         run = _Run(
             env=env, job=job, out_dir=out_dir, model=model,
             loss_fn=make_loss(job, weights, mapping, cfg.distill, tcfg.label_smoothing),
@@ -632,10 +657,14 @@ def _restore(run: _Run, previous: dict[str, Any]) -> None:
         ) from None
 
 
-def _mapping(cfg: ExperimentConfig, model: nn.Module, teacher: nn.Module | None) -> list[int]:
+def _mapping(
+    cfg: ExperimentConfig, model: nn.Module, teacher: nn.Module | None, splits: DataSplits
+) -> list[int]:
     """Teacher exit for each student exit, checked against both models."""
     assert teacher is not None
-    mapping = cfg.distill.exit_mapping or exit_mapping(model.num_exits, teacher.num_exits)
+    mapping = cfg.distill.exit_mapping or default_exit_mapping(
+        cfg.distill, model, teacher, splits.image_shape
+    )
     if len(mapping) != model.num_exits or not all(0 <= m < teacher.num_exits for m in mapping):
         raise ConfigError(
             f"distill.exit_mapping must give one teacher exit in [0, {teacher.num_exits - 1}] "

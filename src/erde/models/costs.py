@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from erde.models.early_exit import EarlyExitNet
+if TYPE_CHECKING:  # the wrapper measures its backbone with this module, so no runtime import
+    from erde.models.backbone import Backbone
+    from erde.models.early_exit import EarlyExitNet
 
 
 @dataclass
@@ -120,3 +123,23 @@ def measure_exit_costs(model: EarlyExitNet, input_shape: tuple[int, int, int]) -
         head_macs=head_macs,
         input_shape=tuple(input_shape),
     )
+
+
+def block_boundary_macs(backbone: Backbone, input_shape: tuple[int, int, int]) -> list[int]:
+    """Per-image MACs of the plain backbone up to each block boundary, then of the whole.
+
+    Entry ``b - 1`` (b = 1 .. len(blocks)) is stem + blocks[:b]; the last entry
+    adds the classifier, so ``[m / out[-1] for m in out[:-1]]`` are the
+    fractions of the backbone's cost at which an exit after block b would sit.
+    Leaves the backbone as it was (see :func:`count_macs`).
+    """
+    with _measuring(backbone) as device:
+        h = torch.zeros(1, *input_shape, dtype=_dtype(backbone), device=device)
+        total, h = _count(backbone.stem, h)
+        out = []
+        for block in backbone.blocks:
+            macs, h = _count(block, h)  # (1, C_b, H_b, W_b)
+            total += macs
+            out.append(total)
+        out.append(total + _count(backbone.classifier, h)[0])
+    return out

@@ -17,6 +17,8 @@ from torch import nn
 
 from erde.exits import ExitHead
 from erde.models.backbone import Backbone, ModelConfigError
+from erde.models.costs import block_boundary_macs
+from erde.models.custom import staged_backbone
 from erde.models.zoo import build_backbone
 
 
@@ -65,6 +67,44 @@ def resolve_exit_after(
     return positions
 
 
+def exits_at_macs(fractions: Sequence[float], boundary_macs: Sequence[int]) -> list[int]:
+    """Block counts whose boundary is nearest each fraction of the backbone's MACs.
+
+    ``boundary_macs`` is :func:`~erde.models.costs.block_boundary_macs`: MACs up
+    to each block boundary, then of the whole backbone. Only boundaries with a
+    block after them qualify (the classifier is the last exit); the cheaper one
+    wins a tie. Two fractions landing on one boundary are refused rather than
+    merged, so the number of exits is always the number of fractions asked for.
+    """
+    values = list(fractions)
+    if any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in values):
+        raise ModelConfigError(f"exit_at_macs must be a list of numbers, got {values!r}")
+    if any(not (0.0 < f < 1.0) for f in values):  # also refuses NaN
+        raise ModelConfigError(
+            f"exit_at_macs values must be fractions of the backbone's MACs in (0, 1), got {values}"
+        )
+    if any(a >= b for a, b in pairwise(values)):
+        raise ModelConfigError(f"exit_at_macs must be strictly increasing, got {values}")
+    total = boundary_macs[-1]
+    at = [m / total for m in boundary_macs[:-2]]  # after block b = 1 .. n-1
+    if values and not at:
+        raise ModelConfigError("exit_at_macs: a backbone with one block has no place for an exit")
+    positions = [min(range(len(at)), key=lambda b: (abs(at[b] - f), b)) + 1 for f in values]
+    for (fa, a), (fb, b) in pairwise(zip(values, positions, strict=True)):
+        if a == b:
+            raise ModelConfigError(
+                f"exit_at_macs {fa} and {fb} both land after block {a} ({at[a - 1]:.1%} of the "
+                f"MACs; neighbouring boundaries at {_neighbours(at, a)}): use fractions further "
+                "apart, or exit_after"
+            )
+    return positions
+
+
+def _neighbours(at: list[float], b: int) -> str:
+    """The cost fractions of the boundaries around block ``b`` (1-based), for error messages."""
+    return ", ".join(f"{at[i]:.1%}" for i in range(max(0, b - 2), min(len(at), b + 1)))
+
+
 class EarlyExitNet(nn.Module):
     """Backbone split into ``num_exits`` stages, each followed by an exit.
 
@@ -81,10 +121,19 @@ class EarlyExitNet(nn.Module):
         head_pool: int = 2,
         head_dropout: float = 0.5,
         head_hidden: int = 0,
+        *,
+        exit_at_macs: Sequence[float] | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         _check_head_args(head_pool, head_dropout, head_hidden)
         num_blocks = len(backbone.blocks)
+        if exit_at_macs is not None:
+            exit_after = _placed_by_cost(backbone, exit_at_macs, exit_after, input_shape)
+            if num_early_exits is not None and num_early_exits != len(exit_after):
+                raise ModelConfigError(
+                    f"num_early_exits={num_early_exits} disagrees with exit_at_macs={list(exit_at_macs)}"
+                )
         self.exit_after = resolve_exit_after(num_blocks, exit_after, num_early_exits)
         self.num_blocks = num_blocks
         self.num_classes = backbone.num_classes
@@ -99,6 +148,33 @@ class EarlyExitNet(nn.Module):
             for c in self.exit_channels[:-1]
         ]
         self.exits = nn.ModuleList([*heads, backbone.classifier])
+
+    @classmethod
+    def from_blocks(
+        cls,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        classifier: nn.Module,
+        *,
+        input_shape: Sequence[int] = (3, 32, 32),
+        num_classes: int | None = None,
+        arch: str = "custom",
+        **kwargs,
+    ) -> EarlyExitNet:
+        """Early-exit network from your own ``stem -> blocks -> classifier`` (modules not copied).
+
+        ``blocks`` is an ordered list of modules, each mapping a (B, C, H, W)
+        feature map to the next; an exit may follow any of them (``exit_after``,
+        ``exit_at_macs`` or ``num_early_exits``, as for built-in backbones; other
+        kwargs: ``head_pool``, ``head_dropout``, ``head_hidden``). One probe image
+        of ``input_shape`` (C, H, W) checks that the parts chain and gives each
+        block's channel count; ``num_classes``, when given, is checked against
+        the classifier's output.
+        """
+        backbone = staged_backbone(
+            stem, blocks, classifier, input_shape=input_shape, num_classes=num_classes, arch=arch
+        )
+        return cls(backbone, input_shape=input_shape, **kwargs)
 
     def forward_stage(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage ``i`` then exit ``i``: (features after stage i, logits (B, K) of exit i).
@@ -140,6 +216,20 @@ def _check_head_args(pool: int, dropout: float, hidden: int) -> None:
         raise ModelConfigError(f"head_hidden must be >= 0 (0 = no hidden layer), got {hidden}")
 
 
+def _placed_by_cost(
+    backbone: Backbone,
+    fractions: Sequence[float],
+    exit_after: Sequence[int] | None,
+    input_shape: Sequence[int] | None,
+) -> list[int]:
+    """Block counts for ``exit_at_macs``, measured on one image of ``input_shape``."""
+    if exit_after is not None:
+        raise ModelConfigError("give exit_after or exit_at_macs, not both")
+    if input_shape is None:
+        raise ModelConfigError("exit_at_macs needs input_shape (C, H, W) to measure the backbone")
+    return exits_at_macs(fractions, block_boundary_macs(backbone, tuple(input_shape)))
+
+
 def _split_stages(backbone: Backbone, exit_after: list[int]) -> nn.ModuleList:
     """Stage 0 = stem + blocks up to the first exit; then one stage per gap between exits."""
     bounds = [0, *exit_after, len(backbone.blocks)]
@@ -156,20 +246,30 @@ def build_model(
     *,
     width: float = 1.0,
     exit_after: Sequence[int] | None = None,
+    exit_at_macs: Sequence[float] | None = None,
     num_early_exits: int | None = None,
     head_pool: int = 2,
     head_dropout: float = 0.5,
     head_hidden: int = 0,
     dropout: float = 0.0,
     in_channels: int = 3,
+    input_shape: Sequence[int] | None = None,
     **backbone_kwargs,
 ) -> EarlyExitNet:
     """Build backbone ``arch`` and wrap it as an early-exit network.
 
     ``backbone_kwargs`` reach the backbone (e.g. ``shortcut="A"`` or
-    ``zero_init_residual=True`` for ResNets).
+    ``zero_init_residual=True`` for ResNets). ``input_shape`` (C, H, W; default
+    ``in_channels`` x 32 x 32) is the image size ``exit_at_macs`` is measured on
+    and a user network is probed with; pass the data's size so that a
+    checkpoint rebuilds the same exits.
     """
+    shape = tuple(input_shape) if input_shape is not None else (in_channels, 32, 32)
     backbone = build_backbone(
-        arch, num_classes, width=width, dropout=dropout, in_channels=in_channels, **backbone_kwargs
-    )
-    return EarlyExitNet(backbone, exit_after, num_early_exits, head_pool, head_dropout, head_hidden)
+        arch, num_classes, width=width, dropout=dropout, in_channels=in_channels,
+        input_shape=shape, **backbone_kwargs,
+    )  # fmt: skip
+    return EarlyExitNet(
+        backbone, exit_after, num_early_exits, head_pool, head_dropout, head_hidden,
+        exit_at_macs=exit_at_macs, input_shape=shape,
+    )  # fmt: skip

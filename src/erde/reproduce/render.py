@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from erde import io
+from erde.config import load_yaml, preset_path
 from erde.report import (
     curve_style,
     figure_png,
@@ -295,8 +297,21 @@ def replace_block(text: str, name: str, block: str) -> str:
 
 
 def results_name(results: Mapping[str, Any]) -> str:
-    """``<dataset>-<schedule>``: the file stem and RESULTS.md block of one set of results."""
-    return f"{results['dataset']['name']}-{results['schedule']}"
+    """``<dataset>-<schedule>``: the file stem and RESULTS.md block of one set of results.
+
+    A teacher/student pair other than the data set's preset (e.g. a MobileNetV2
+    student) adds ``-<teacher>-<student>``, so that its results get a block of
+    their own instead of replacing the preset pair's.
+    """
+    dataset = results["dataset"]["name"]
+    name = f"{dataset}-{results['schedule']}"
+    config = results.get("config") or {}
+    preset = preset_path(dataset)
+    defaults = load_yaml(preset) if preset.is_file() else {}
+    pair = [(config.get(role) or {}).get("arch") for role in ("teacher", "student")]
+    if pair != [(defaults.get(role) or {}).get("arch") for role in ("teacher", "student")]:
+        name += "".join(f"-{re.sub(r'[^A-Za-z0-9_.]+', '_', str(arch))}" for arch in pair)
+    return name
 
 
 def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
