@@ -42,17 +42,21 @@ class ExitCosts:
 
 @contextmanager
 def _measuring(module: nn.Module) -> Iterator[torch.device]:
-    """Eval mode, no grad, on CPU; restores every submodule's mode and the device after."""
+    """Eval mode, no grad, on CPU; restores every submodule's mode and the device after.
+
+    A module on the meta device (built to check a checkpoint's sizes before
+    allocating anything) is measured there: MACs depend on shapes only.
+    """
     modes = [(m, m.training) for m in module.modules()]
     tensors = [*module.parameters(), *module.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
-    moved = device.type != "cpu"
+    moved = device.type not in ("cpu", "meta")
     try:
         if moved:
             module.to("cpu")
         module.eval()
         with torch.no_grad():
-            yield torch.device("cpu")
+            yield torch.device("meta") if device.type == "meta" else torch.device("cpu")
     finally:
         for m, training in modes:
             m.training = training
