@@ -16,6 +16,7 @@ from erde.calibration import (
     candidate_thresholds,
     evaluate_thresholds,
     fit_temperature,
+    resolution_note,
     threshold_near_macs,
 )
 from erde.cli import main
@@ -232,3 +233,13 @@ def test_budgeted_evaluation_fits_on_validation_and_reports_test(
                 assert p["val_macs_fraction"] <= p["budget"] + 1e-9
             policy = ExitPolicy.create(p["thresholds"], p["rule"], 10, 3)
             assert list(policy.thresholds) == p["thresholds"]
+
+
+def test_a_perfect_validation_split_is_noted_with_its_resolution(data) -> None:
+    logits, labels = data["val"]
+    assert resolution_note(calibrate(logits, labels, MACS, max_drop=0.01)) is None
+    perfect = logits.clone()
+    perfect[-1] = 10.0 * torch.nn.functional.one_hot(labels, 10)  # last exit always right
+    note = resolution_note(calibrate(perfect, labels, MACS, max_drop=0.01))
+    assert note.startswith("the last exit answers all 600 validation images correctly")
+    assert "steps of 0.17 points" in note and "data.val_fraction" in note

@@ -34,7 +34,9 @@ from erde.inference import (
     model_fingerprint,
     route_whole_batch,
     save_thresholds,
+    speedup_spread,
     thresholds_path,
+    timing_warning,
 )
 from erde.models import measure_exit_costs
 from erde.training import load_splits
@@ -267,6 +269,30 @@ def test_benchmark_records_relate_speedups_and_macs(teacher) -> None:
         assert r["ideal_speedup"] == pytest.approx(ideal)
         assert r["measured_speedup"] == pytest.approx(r["early_exit_ips"] / r["full_ips"])
         assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
+        low, high = r["speedup_quartiles"]
+        assert low <= high and r["turns"] >= 1
+        assert r["warning"] == timing_warning(r)
+
+
+def test_per_turn_speedup_quartiles_come_from_paired_turns() -> None:
+    full = [2.0, 2.0, 2.0, 2.0, 2.0]
+    early = [1.0, 1.0, 0.5, 1.0, 2.0]  # per turn: 2, 2, 4, 2, 1
+    assert speedup_spread(full, early) == (2.0, 2.0)
+    assert speedup_spread([3.0], [1.0]) == (3.0, 3.0)
+
+
+def _record(ratio: float, quartiles: tuple[float, float], speedup: float = 2.0) -> dict:
+    return {"backend": "torch", "batch_size": 32, "measured_speedup": speedup,
+            "speedup_quartiles": list(quartiles), "ratio": ratio}  # fmt: skip
+
+
+def test_a_busy_machine_s_impossible_ratio_is_flagged() -> None:
+    assert timing_warning(_record(0.9, (1.9, 2.1))) is None  # steady and plausible
+    loaded = timing_warning(_record(7.96, (1.9, 2.1)))  # what a loaded machine printed once
+    assert loaded.startswith("warning: torch batch 32: ratio 7.96 is more than skipped MACs")
+    assert "--threads 1" in loaded
+    noisy = timing_warning(_record(0.9, (1.2, 2.4)))
+    assert "speedups varied by 60 % between turns" in noisy
 
 
 @pytest.mark.slow

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from erde.evaluation import model_report
-from erde.report import build_report, dataset_summary, render_markdown, write_report
+from erde.report import (
+    build_report,
+    dataset_summary,
+    fmt_thresholds,
+    render_markdown,
+    rule_ends,
+    write_report,
+)
 
 NAMES = ("teacher", "student_ce", "student_kd", "student_erde")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,6 +58,7 @@ def test_report_json_schema(tmp_path: Path) -> None:
         "json": tmp_path / "report.json",
         "markdown": tmp_path / "report.md",
         "plot": tmp_path / "tradeoff.png",
+        "csv": tmp_path / "sweep.csv",
     }
     data = json.loads(paths["json"].read_text())
     assert data["schema_version"] == 1
@@ -169,3 +177,103 @@ def test_build_report_rejects_empty_and_malformed_models() -> None:
         build_report({})
     with pytest.raises(ValueError, match="lacks sweep"):
         build_report({"teacher": {"exit_accuracy": [0.5], "macs_per_exit": [1]}})
+
+
+# --------------------------------------------------------------------------- papercuts
+
+
+def test_thresholds_are_never_rounded_onto_the_end_of_their_range() -> None:
+    assert fmt_thresholds([0.5, 0.99999, 1.0]) == ["0.5", "0.99999", "1"]
+    assert fmt_thresholds([0.999999]) == ["0.999999"]  # "1" would read as "nobody leaves early"
+    assert fmt_thresholds([0.1, 0.10000001]) == ["0.1", "0.10000001"]  # distinct stay distinct
+    # just below log 10 = 2.302585...: not "2.303", which reads as beyond the range
+    assert fmt_thresholds([2.3025], rule_ends("entropy", 10)) == ["2.3025"]
+
+
+def test_max_softmax_rows_read_as_distinct_thresholds_below_one() -> None:
+    report = build_report(_models(), dataset={"name": "synthetic", "num_classes": 5})
+    table = render_markdown(report, rule="max_softmax").split("max_softmax sweep")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    rows = [r for r in rows if r[0] != "| θ"]
+    sweep = [p for p in report["models"]["teacher"]["sweep"] if p["rule"] == "max_softmax"]
+    texts = [r[0].lstrip("| ") for r in rows[: len(sweep)]]
+    assert len(set(texts)) == len(sweep)
+    for text, point in zip(texts, sweep, strict=True):
+        assert (float(text) == 1.0) == (point["threshold"] == 1.0), (text, point["threshold"])
+
+
+def test_sweep_csv_has_one_row_per_point_with_exact_thresholds(tmp_path: Path) -> None:
+    import csv
+
+    report = build_report(_models())
+    paths = write_report(tmp_path, report)
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    points = [(n, p) for n, m in report["models"].items() for p in m["sweep"]]
+    assert len(rows) == len(points)
+    assert list(rows[0])[:4] == ["model", "arch", "rule", "threshold"]
+    for row, (name, point) in zip(rows, points, strict=True):
+        assert row["model"] == name and row["rule"] == point["rule"]
+        assert float(row["threshold"]) == point["threshold"]
+        assert float(row["accuracy"]) == point["accuracy"]
+        fractions = [float(row[f"exit_{i}_fraction"]) for i in range(3)]
+        assert fractions == point["exit_fractions"]
+
+
+def _tick_labels(ax) -> list[tuple[float, str]]:
+    """(position, text) of every labelled x tick inside the axis limits, after drawing."""
+    ax.figure.canvas.draw()
+    low, high = ax.get_xlim()
+    return [
+        (t.get_position()[0], t.get_text())
+        for t in ax.get_xticklabels()
+        if t.get_text() and low <= t.get_position()[0] <= high
+    ]
+
+
+def test_log_mac_axis_labels_every_model_s_cost() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from erde.report import _draw
+
+    models = _models()  # teacher 40x the students' MACs: a log axis
+    report = build_report(models)
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    _draw(ax, report, "entropy")
+    assert ax.get_xscale() == "log"
+    labels = _tick_labels(ax)
+    assert len(labels) >= 4
+    assert all("^" not in text and "$" not in text for _, text in labels)  # plain numbers
+    for model in models.values():
+        full = model["macs_per_exit"][-1] / 1e3  # the axis is in KMACs here
+        assert any(full / 2.5 <= x <= full * 2.5 for x, _ in labels), (full, labels)
+
+
+def test_budgeted_plot_puts_models_on_one_mac_axis() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from erde.calibration import draw_budgeted
+
+    def curve(mean_macs: list[float], full: float) -> dict:
+        return {
+            "macs_per_exit": [full / 4, full / 2, full],
+            "curve": [
+                {"test_mean_macs": m, "test_macs_fraction": m / full, "test_accuracy": 0.9}
+                for m in mean_macs
+            ],
+        }
+
+    # the teacher spends 0.3 of its 10M MACs, the student 0.5 of its 0.8M
+    report = {"rule": "entropy", "models": {
+        "teacher": curve([3e6, 5e6], 10e6), "student_erde": curve([4e5, 6e5], 8e5)}}  # fmt: skip
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    draw_budgeted(ax, report)
+    teacher, student = ax.get_lines()[:2]
+    assert min(teacher.get_xdata()) > max(student.get_xdata())  # the teacher costs more
+    assert "MACs per image (MMACs)" in ax.get_xlabel() and ax.get_xscale() == "log"

@@ -115,6 +115,8 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(
     proc = _start(out, name, teacher_ckpt, 2, pause_at, tmp_path / "stderr.txt")
     try:
         line = proc.stdout.readline()
+        while ": training " in line:  # the start-up line comes first
+            line = proc.stdout.readline()
         assert line.strip() == f"paused at step {pause_at}", (tmp_path / "stderr.txt").read_text()
     finally:
         _kill(proc)

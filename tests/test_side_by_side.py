@@ -124,6 +124,8 @@ def test_sigkill_then_resume_ends_with_the_separate_weights(
     proc = _start(out, teacher_ckpt, pause_at, tmp_path / "stderr.txt")
     try:
         line = proc.stdout.readline()
+        while ": training " in line:  # each student's start-up line comes first
+            line = proc.stdout.readline()
         assert line.strip() == f"paused at step {pause_at}", (tmp_path / "stderr.txt").read_text()
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -286,6 +286,24 @@ def calibrate(
     return Calibration(policy, target, full, validation, test, feasible, warning)
 
 
+def resolution_note(result: Calibration) -> str | None:
+    """A note when the validation split is too easy to choose between settings well.
+
+    When the last exit answers every validation image correctly, a validation
+    accuracy only moves in steps of one image (1/N) and the target is met by
+    settings the test set may not agree with: say so, and what to change.
+    """
+    v = result.validation
+    if v["last_exit_accuracy"] < 1.0:
+        return None
+    n = v["num_images"]
+    return (
+        f"the last exit answers all {n} validation images correctly, so validation accuracy "
+        f"moves in steps of {100 / n:.2g} points and cannot tell close settings apart; a larger "
+        "validation split (--set data.val_fraction=0.3) gives calibration more to choose from"
+    )
+
+
 def _search(
     scores: Tensor, correct: Tensor, macs: Tensor, target: Target, shape: ExitPolicy,
     num_classes: int, per_exit: bool, max_candidates: int,
@@ -452,19 +470,22 @@ def calibrate_checkpoint(
     cfg: Any = None,
     device: str | None = None,
     progress: bool = False,
+    splits: Any = None,
 ) -> tuple[Calibration, Path]:
     """Calibrate a checkpoint on its validation split and write its thresholds file.
 
     The data set is the checkpoint's own (its saved config) unless ``cfg`` is
-    given. Writes ``<checkpoint stem>.thresholds.json`` beside the checkpoint
-    (or ``out``) and returns the result and the path.
+    given, or ``splits`` (:class:`erde.data.DataSplits`, e.g. from
+    :func:`erde.data.splits_from_tensors`) are. Writes ``<checkpoint
+    stem>.thresholds.json`` beside the checkpoint (or ``out``) and returns the
+    result and the path.
     """
     from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
     from erde.outputs import check_output_file
 
     Target.create(budget, max_drop)  # fail before loading anything
     check_output_file(Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint])
-    ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device)
+    ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
     bs = cfg.data.eval_batch_size
     val_logits, val_labels = _record(model, splits, "val", dev, bs, progress)
     test_logits, test_labels = _record(model, splits, "test", dev, bs, progress)
@@ -580,34 +601,44 @@ def render_budgeted_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def draw_budgeted(ax: Any, report: dict[str, Any]) -> None:
+    """Test accuracy against mean test MACs per image, one curve per model.
+
+    The x axis is MACs, not each model's fraction of its own full cost: a
+    fraction puts a 10M-MAC teacher at 0.3 left of a 0.8M-MAC student at 0.5.
+    """
+    from erde.plotting import mac_unit, use_log_macs
+
+    models = report["models"]
+    scale, unit = mac_unit(models)
+    for name, m in models.items():
+        curve = sorted(m["curve"], key=lambda p: p["test_mean_macs"])
+        ax.plot(
+            [p["test_mean_macs"] / scale for p in curve],
+            [100 * p["test_accuracy"] for p in curve],
+            marker="o",
+            label=name,
+        )
+    use_log_macs(ax, [p["test_mean_macs"] for m in models.values() for p in m["curve"]])
+    ax.set_xlabel(f"Mean test MACs per image ({unit}MACs)" if unit else "Mean test MACs per image")
+    ax.set_ylabel("Test accuracy (%)")
+    ax.set_title(f"Budgeted evaluation ({report['rule']}, thresholds fitted on validation)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
 def render_budgeted_png(report: dict[str, Any], dpi: int = 120) -> bytes:
-    """Test accuracy against test MACs (fraction of full), one curve per model."""
+    """:func:`draw_budgeted` as PNG bytes (no pyplot, no global backend change)."""
     from io import BytesIO
 
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    try:
-        for name, m in report["models"].items():
-            curve = sorted(m["curve"], key=lambda p: p["test_macs_fraction"])
-            ax.plot(
-                [p["test_macs_fraction"] for p in curve],
-                [100 * p["test_accuracy"] for p in curve],
-                marker="o",
-                label=name,
-            )
-        ax.set_xlabel("Mean test MACs (fraction of full)")
-        ax.set_ylabel("Test accuracy (%)")
-        ax.set_title(f"Budgeted evaluation ({report['rule']}, thresholds fitted on validation)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        buffer = BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    draw_budgeted(fig.add_subplot(), report)
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -624,5 +655,6 @@ __all__ = [
     "evaluate_thresholds",
     "fit_temperature",
     "fit_temperatures",
+    "resolution_note",
     "threshold_near_macs",
 ]

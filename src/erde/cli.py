@@ -8,9 +8,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from erde import __version__
 from erde.config import ExperimentConfig, load_config, load_yaml, preset_path
 from erde.errors import ErdeError
+from erde.threads import DEFAULT_MAX_THREADS, ENV_VAR
+
+if TYPE_CHECKING:
+    from erde.training import EpochCallback
 
 EPILOG_CONFIG = """\
 configuration: defaults < preset for --dataset (erde/configs/<name>.yaml) < --config FILE
@@ -45,7 +51,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--seed", type=_seed, help="random seed (split, init, augmentation)")
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument(
+        "--no-progress", action="store_true",
+        help="hide progress bars (train-teacher, train-student and run then print a line per epoch)",
+    )  # fmt: skip
+    _add_threads_arg(g)
+
+
+def _add_threads_arg(g: argparse._ActionsContainer) -> None:
+    g.add_argument(
+        "--threads", type=int, metavar="N",
+        help=f"CPU threads for PyTorch (default: ${ENV_VAR}, else $OMP_NUM_THREADS, else the idle "
+        f"cores, at most {DEFAULT_MAX_THREADS}; 1 is fastest for small models on a busy machine)",
+    )  # fmt: skip
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +79,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--allow-config-change",
         action="store_true",
         help="with --resume: reuse or continue models whose saved config differs from this one",
+    )
+    p.add_argument(
+        "--tensorboard", action="store_true",
+        help="also write TensorBoard event files to <model folder>/tensorboard "
+        '(needs pip install "erde[tb]")',
+    )  # fmt: skip
+
+
+def _epoch_callback(args: argparse.Namespace) -> EpochCallback | None:
+    """What training calls after each epoch: a console line without bars, TensorBoard files."""
+    from erde.monitor import TensorBoardLogger, combine, epoch_line
+
+    def console(_out_dir: Path, record: dict) -> None:
+        print(epoch_line(record), flush=True)
+
+    return combine(
+        console if args.no_progress else None,
+        TensorBoardLogger() if args.tensorboard else None,
     )
 
 
@@ -102,6 +138,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress,
         allow_config_change=args.allow_config_change,
+        on_epoch=_epoch_callback(args),
     )
     print(f"teacher checkpoint: {path}")
     return 0
@@ -116,6 +153,7 @@ def cmd_train_student(args: argparse.Namespace) -> int:
         cfg, Job("student", method), args.out, teacher_checkpoint=args.teacher,
         resume=args.resume, force=args.force, progress=not args.no_progress,
         allow_config_change=args.allow_config_change,
+        on_epoch=_epoch_callback(args),
     )  # fmt: skip
     print(f"student ({method}) checkpoint: {path}")
     return 0
@@ -159,6 +197,7 @@ def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     paths = run_pipeline(
         cfg, args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume, force=args.force,
         progress=not args.no_progress, allow_config_change=args.allow_config_change,
+        on_epoch=_epoch_callback(args),
     )  # fmt: skip
     if not paths:  # a non-zero rank under torchrun: rank 0 evaluates and prints
         return 0
@@ -287,7 +326,7 @@ def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import warnings
 
-    from erde.calibration import CalibrationWarning, calibrate_checkpoint
+    from erde.calibration import CalibrationWarning, calibrate_checkpoint, resolution_note
     from erde.checkpoints import load_checkpoint
 
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoint)["config"])
@@ -306,6 +345,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if result.warning:
         print(f"erde: warning: {result.warning}", file=sys.stderr)
+    note = resolution_note(result)
+    if note:
+        print(f"erde: note: {note}", file=sys.stderr)
     thresholds = ", ".join(f"{t:.6g}" for t in result.policy.thresholds)
     print(f"{result.policy.rule} thresholds: {thresholds}")
     if result.policy.temperatures:
@@ -466,10 +508,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from erde.inference import bench_checkpoint, load_predictor
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     if args.deploy or args.teacher:
         return _bench_deploy(args)
     policy = load_predictor(args.checkpoint, **_policy_kwargs(args)).policy
@@ -499,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `erde COMMAND --help` for each command. `erde run` with no argument runs the "
         "whole pipeline on the embedded digits data set.",
     )
+    parser.add_argument("--version", action="version", version=f"erde {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -561,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="the whole pipeline: teacher, ce/kd/erde students, evaluation, report",
         epilog=EPILOG_CONFIG, formatter_class=fmt,
         description="Train the teacher, then one student per method from it, then evaluate all four and "
-        "write the report. With no argument: the embedded digits data set, a few minutes on a laptop CPU.",
+        "write the report. With no argument: the embedded digits data set, about a minute on an idle 2-core "
+        "CPU (README: what to expect, and what varies between machines).",
     )  # fmt: skip
     _add_config_args(p)
     _add_train_args(p)
@@ -685,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--accuracy-budget", type=float, default=0.005,
         help="warn when any exit loses more test accuracy than this to int8 (default 0.005)",
     )  # fmt: skip
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -706,6 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu (default) or cuda[:N], for checkpoints")
     p.add_argument("--output", help="write the JSON lines here instead of stdout")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -751,9 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage")
-    p.add_argument(
-        "--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime (default: all cores)"
-    )
+    _add_threads_arg(p)
     p.add_argument("--json", help="write the records to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -798,6 +838,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
+        if "threads" in vars(args):
+            from erde.threads import set_threads
+
+            set_threads(args.threads)
         return _run(args)
     except ErdeError as exc:
         print(f"erde: error: {exc}", file=sys.stderr)

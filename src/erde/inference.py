@@ -626,6 +626,20 @@ class Predictor:
     policy: ExitPolicy
     device: torch.device
 
+    def predict(self, images: Tensor) -> Routed:
+        """Route uint8 images (B, C, H, W), normalised here with the training set's mean and std.
+
+        Images must already have the model's shape (``image_shape``);
+        :func:`load_image` reads and resizes files to it.
+        """
+        if images.dtype != torch.uint8:
+            raise ImageInputError(
+                f"predict takes uint8 pixels (B, C, H, W), got {images.dtype}; call "
+                "engine(x) directly for images that are already normalised"
+            )
+        check_image_batch(images.shape, self.image_shape)
+        return self.engine(normalize_images(images.to(self.device), self.mean, self.std))
+
 
 def load_predictor(
     source: str | Path,
@@ -746,18 +760,19 @@ def _time_pass(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(
+def time_turns(
     passes: Mapping[str, Callable[[], Any]],
     *,
     repeats: int = 5,
     min_time: float = 1.0,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
-) -> dict[str, float]:
-    """Median seconds of one call of each function, measured in turns.
+) -> dict[str, list[float]]:
+    """Seconds of every timed call of each function, measured in turns.
 
     Turns (A, B, C, A, B, C, ...) let every candidate see the same machine load;
     at least ``repeats`` turns, and more until each candidate has run ``min_time``.
+    Entry ``k`` of every list comes from the same turn.
     """
     for fn in passes.values():
         for _ in range(warmup):
@@ -769,7 +784,56 @@ def time_interleaved(
             times[name].append(_time_pass(fn, sync))
         if all(len(t) >= repeats and sum(t) >= min_time for t in times.values()):
             break
+    return times
+
+
+def time_interleaved(
+    passes: Mapping[str, Callable[[], Any]],
+    *,
+    repeats: int = 5,
+    min_time: float = 1.0,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Median seconds of one call of each function, measured in turns (see :func:`time_turns`)."""
+    times = time_turns(passes, repeats=repeats, min_time=min_time, warmup=warmup, sync=sync)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+SPREAD_WARNING = 0.2  # warn when the per-turn speedups' interquartile range exceeds 20 % of it
+RATIO_WARNING = 1.25  # warn when early exit looks faster than the MACs it skips allow
+
+
+def speedup_spread(base: Sequence[float], candidate: Sequence[float]) -> tuple[float, float]:
+    """25th and 75th percentile of the per-turn speedups base[k] / candidate[k]."""
+    speedups = sorted(b / c for b, c in zip(base, candidate, strict=True))
+    if len(speedups) < 2:
+        return speedups[0], speedups[0]
+    q1, _, q3 = statistics.quantiles(speedups, n=4, method="inclusive")
+    return q1, q3
+
+
+def timing_warning(record: Mapping[str, Any]) -> str | None:
+    """Why a benchmark record should not be trusted, or None.
+
+    A ratio well above 1 (measured speedup above full MACs / spent MACs) is
+    not something skipped work can give: the full-network passes were slowed
+    by something else. A wide spread of the per-turn speedups says the same.
+    """
+    low, high = record["speedup_quartiles"]
+    spread = (high - low) / record["measured_speedup"]
+    problems = []
+    if record["ratio"] > RATIO_WARNING:
+        problems.append(f"ratio {record['ratio']:.2f} is more than skipped MACs can explain")
+    if spread > SPREAD_WARNING:
+        problems.append(f"speedups varied by {100 * spread:.0f} % between turns")
+    if not problems:
+        return None
+    return (
+        f"warning: {record['backend']} batch {record['batch_size']}: {'; '.join(problems)}: "
+        "the machine is busy or the passes are too short; rerun with --threads 1, a larger "
+        "--min-time, or on an idle machine"
+    )
 
 
 def _batches(images: Tensor, batch_size: int) -> list[Tensor]:
@@ -846,11 +910,13 @@ def benchmark_routing(
             arrays = [x.detach().cpu().numpy() for x in chunks]
             passes["onnx-full"] = lambda a=arrays: [onnx_runtime.run_all(x) for x in a]
             passes["onnxruntime"] = lambda a=arrays: [onnx_runtime(x) for x in a]
-        seconds = time_interleaved(passes, repeats=repeats, min_time=min_time, sync=sync)
+        turns = time_turns(passes, repeats=repeats, min_time=min_time, sync=sync)
+        seconds = {name: statistics.median(t) for name, t in turns.items()}
         for backend in ("torch", "torch-batch-routing", "onnxruntime"):
             if backend not in seconds:
                 continue
-            base = seconds["onnx-full" if backend == "onnxruntime" else "full"]
+            base_name = "onnx-full" if backend == "onnxruntime" else "full"
+            base = seconds[base_name]
             measured = base / seconds[backend]
             record = {
                 "backend": backend,
@@ -859,12 +925,17 @@ def benchmark_routing(
                 "full_ips": n / base,
                 "early_exit_ips": n / seconds[backend],
                 "measured_speedup": measured,
+                "speedup_quartiles": list(speedup_spread(turns[base_name], turns[backend])),
+                "turns": len(turns[backend]),
                 "ideal_speedup": ideal,
                 "ratio": measured / ideal,
             }
+            record["warning"] = timing_warning(record)
             records.append(record)
             if log is not None:
                 log(format_record(record))
+                if record["warning"]:
+                    log(record["warning"])
     return records
 
 
@@ -951,7 +1022,13 @@ def format_record(r: Mapping[str, Any]) -> str:
     return (
         f"{r['device']:4s} {r['backend']:20s} batch {r['batch_size']:4d}  full {r['full_ips']:9.1f} img/s"
         f"  early exit {r['early_exit_ips']:9.1f} img/s  speedup {r['measured_speedup']:5.2f}x"
-        f"  ideal {r['ideal_speedup']:5.2f}x  ratio {r['ratio']:4.2f}"
+        + (
+            f" (quartiles over {r['turns']} turns {r['speedup_quartiles'][0]:.2f}-"
+            f"{r['speedup_quartiles'][1]:.2f})"
+            if "speedup_quartiles" in r
+            else ""
+        )
+        + f"  ideal {r['ideal_speedup']:5.2f}x  ratio {r['ratio']:4.2f}"
     )
 
 
@@ -984,4 +1061,7 @@ __all__ = [
     "save_thresholds",
     "scale_logits",
     "thresholds_path",
+    "time_interleaved",
+    "time_turns",
+    "timing_warning",
 ]

@@ -23,7 +23,7 @@ from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import write_report_html
-from erde.training import Job, build_job_model, load_splits, train, train_students
+from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
 
 STUDENT_METHODS = ("ce", "kd", "erde")
 
@@ -111,6 +111,7 @@ def run_pipeline(
     force: bool = False,
     progress: bool = True,
     allow_config_change: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> dict[str, Path]:
     """Train the teacher, then one student per method side by side, then evaluate all of them.
 
@@ -120,6 +121,7 @@ def run_pipeline(
     Every output folder is checked before the first model is trained, so a run
     into a folder that already holds checkpoints fails without touching any
     file unless ``resume`` or ``force`` says what to do with them.
+    ``on_epoch(out_dir, record)`` is called after every epoch of every model.
     """
     out_dir = Path(out_dir)
     unknown = [m for m in methods if m not in STUDENT_METHODS]
@@ -151,11 +153,13 @@ def run_pipeline(
         progress=progress,
         splits=splits,
         allow_config_change=allow_config_change,
+        on_epoch=on_epoch,
     )
     students = train_students(
         cfg, methods, [out_dir / f"student_{m}" for m in methods], teacher_checkpoint=teacher,
         resume=resume, force=force, progress=progress, splits=splits,
         allow_config_change=allow_config_change,
+        on_epoch=on_epoch,
     )  # fmt: skip
     checkpoints = [teacher, *students]
     ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes

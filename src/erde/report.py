@@ -7,15 +7,18 @@ accuracy-vs-MACs plot are rendered from it, so all three always agree.
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from io import BytesIO
+from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 
 from erde import io
 from erde.evaluation import SweepPoint, mac_reduction_at_equal_accuracy, reference_point
+from erde.plotting import mac_unit, use_log_macs
 
 SCHEMA_VERSION = 1
 
@@ -131,9 +134,9 @@ def build_report(
 
 
 def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Path]:
-    """Write report.json, report.md and tradeoff.png into ``out_dir``.
+    """Write report.json, report.md, tradeoff.png and sweep.csv into ``out_dir``.
 
-    All three are rendered in memory first, then each is written atomically,
+    All four are rendered in memory first, then each is written atomically,
     so a rendering error leaves the directory as it was.
     """
     out = Path(out_dir)
@@ -141,15 +144,47 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Pa
         "json": json.dumps(report, indent=2, default=io.json_default).encode() + b"\n",
         "markdown": render_markdown(report).encode(),
         "plot": render_tradeoff_png(report),
+        "csv": render_sweep_csv(report).encode(),
     }
     paths = {
         "json": out / "report.json",
         "markdown": out / "report.md",
         "plot": out / "tradeoff.png",
+        "csv": out / "sweep.csv",
     }
     for key, path in paths.items():
         io.atomic_write_bytes(path, contents[key])
     return paths
+
+
+# --------------------------------------------------------------------------- csv
+
+SWEEP_CSV_COLUMNS = (
+    "model", "arch", "rule", "threshold", "accuracy", "mean_macs", "macs_fraction_of_reference",
+)  # fmt: skip
+
+
+def render_sweep_csv(report: Mapping[str, Any]) -> str:
+    """Every sweep point of every model as one CSV row (for spreadsheets and pandas).
+
+    Columns: SWEEP_CSV_COLUMNS, then ``exit_<i>_fraction`` for as many exits
+    as the deepest model has (empty where a model has fewer). Thresholds are
+    written in full precision; accuracy and fractions are in [0, 1].
+    """
+    ref_macs = float(report["reference"]["macs"]) or None
+    exits = max(len(m["macs_per_exit"]) for m in report["models"].values())
+    buffer = StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*SWEEP_CSV_COLUMNS, *(f"exit_{i}_fraction" for i in range(exits))])
+    for name, model in report["models"].items():
+        for p in model["sweep"]:
+            fractions = list(p["exit_fractions"]) + [""] * (exits - len(p["exit_fractions"]))
+            share = p["mean_macs"] / ref_macs if ref_macs else ""
+            writer.writerow(
+                [name, model.get("arch", ""), p["rule"], repr(float(p["threshold"])),
+                 p["accuracy"], p["mean_macs"], share, *fractions]
+            )  # fmt: skip
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- markdown
@@ -163,6 +198,42 @@ def fmt_count(value: float | None) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f}{suffix}"
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def fmt_thresholds(values: Sequence[float], ends: Sequence[float] = (0.0, 1.0)) -> list[str]:
+    """Thresholds of one column, with as few digits (4 or more) as keep them honest.
+
+    Every distinct value gets a distinct text, and no text falls on the other
+    side of (or onto) a range end than its value (``ends``: 0 and 1 for
+    max-softmax, 0 and log K for entropy): ``0.99999`` must not read "1", since
+    at 1 no image leaves early and at 0.99999 many do.
+
+    >>> fmt_thresholds([0.5, 0.99999, 1.0])
+    ['0.5', '0.99999', '1']
+    """
+    for digits in range(4, 18):
+        texts = [f"{v:.{digits}g}" for v in values]
+        distinct = len(set(texts)) == len(set(values))
+        honest = all(
+            _side(float(t), end) == _side(v, end)
+            for t, v in zip(texts, values, strict=True)
+            for end in ends
+        )
+        if distinct and honest:
+            return texts
+    return [repr(float(v)) for v in values]
+
+
+def _side(value: float, end: float) -> int:
+    """-1, 0 or 1: below, on or above ``end``."""
+    return (value > end) - (value < end)
+
+
+def rule_ends(rule: str, num_classes: int | None) -> tuple[float, ...]:
+    """The ends of a rule's threshold range that a rounded threshold must not be mistaken for."""
+    if rule == "entropy":
+        return (0.0, math.log(num_classes)) if num_classes and num_classes > 1 else (0.0,)
+    return (0.0, 1.0)
 
 
 def _pct(value: float | None, digits: int = 2) -> str:
@@ -184,6 +255,10 @@ def model_label(name: str) -> str:
 def _summary_section(report: Mapping[str, Any]) -> list[str]:
     """MAC reduction at equal accuracy, one row per model."""
     ref = report["reference"]
+    num_classes = (report.get("dataset") or {}).get("num_classes")
+    reductions = [m.get("mac_reduction") for m in report["models"].values()]
+    chosen = [r["threshold"] for r in reductions if r]
+    texts = iter(fmt_thresholds(chosen, rule_ends(ref.get("rule", "entropy"), num_classes)))
     rows = []
     for name, model in report["models"].items():
         red = model.get("mac_reduction")
@@ -193,7 +268,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
                 fmt_count(model["params_per_exit"][-1]) if model.get("params_per_exit") else "—",
                 _pct(model["exit_accuracy"][-1]),
                 fmt_count(model["macs_per_exit"][-1]),
-                f"{red['threshold']:.4g}" if red else "—",
+                next(texts) if red else "—",
                 _pct(red["accuracy"]) if red else "not reached",
                 fmt_count(red["mean_macs"]) if red else "—",
                 f"{red['reduction']:.2f}x" if red and red["reduction"] else "—",
@@ -227,16 +302,18 @@ def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: s
     lines += markdown_table(["Exit", "Params", "MACs", "Accuracy"], exit_rows) + [""]
     rules = dict.fromkeys([rule, *(p["rule"] for p in model["sweep"])])  # ordered, unique
     for sweep_rule in rules:
+        points = [p for p in model["sweep"] if p["rule"] == sweep_rule]
+        ends = rule_ends(sweep_rule, model.get("num_classes"))
+        thresholds = fmt_thresholds([p["threshold"] for p in points], ends)
         sweep_rows = [
             [
-                f"{p['threshold']:.4g}",
+                theta,
                 _pct(p["accuracy"]),
                 fmt_count(p["mean_macs"]),
                 _pct(p["mean_macs"] / ref_macs, 1) if ref_macs else "—",
                 " / ".join(f"{f:.2f}" for f in p["exit_fractions"]),
             ]
-            for p in model["sweep"]
-            if p["rule"] == sweep_rule
+            for theta, p in zip(thresholds, points, strict=True)
         ]
         if sweep_rows:
             lines += [f"{sweep_rule} sweep (exit fractions: exit 0 / exit 1 / ...):", ""]
@@ -281,15 +358,6 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
 # --------------------------------------------------------------------------- plot
 
 
-def mac_unit(models: Mapping[str, Mapping[str, Any]]) -> tuple[float, str]:
-    """Scale and unit for the MAC axis from the largest MAC count shown."""
-    largest = max(max(m["macs_per_exit"]) for m in models.values())
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if largest >= scale:
-            return scale, unit
-    return 1.0, ""
-
-
 def curve_style(name: str, index: int) -> tuple[str, str, str, str]:
     """Fixed style for the paper's models, a cycling one for anything else."""
     if name in STYLES:
@@ -331,13 +399,6 @@ def _draw(ax: Any, report: Mapping[str, Any], rule: str) -> None:
     ax.set_xlabel(f"Mean MACs per image ({unit}MACs)" if unit else "Mean MACs per image")
     ax.set_ylabel("Accuracy (%)")
     use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
-
-
-def use_log_macs(ax: Any, macs: Sequence[float]) -> None:
-    """Log MAC axis when models differ by 10x or more, so small students do not collapse."""
-    positive = [m for m in macs if m > 0]
-    if positive and max(positive) >= 10 * min(positive):
-        ax.set_xscale("log")
 
 
 def render_tradeoff_png(

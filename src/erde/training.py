@@ -56,6 +56,7 @@ SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
 DATA_ON_GPU_FRACTION = 0.25  # keep the training set on the GPU if it takes at most this share
 
 LossFn = Callable[[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor], dict]
+EpochCallback = Callable[[Path, dict[str, Any]], None]  # (out_dir, epoch metrics record)
 
 
 class TrainingError(ErdeError):
@@ -496,6 +497,7 @@ def train(
     splits: DataSplits | None = None,
     on_step: Callable[[int], None] | None = None,
     allow_config_change: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> Path:
     """Train ``job`` with ``cfg`` into ``out_dir``; returns the checkpoint path.
 
@@ -508,7 +510,7 @@ def train(
     """
     (path,) = train_together(
         cfg, [job], [out_dir], teacher_checkpoint=teacher_checkpoint, resume=resume,
-        force=force, progress=progress, splits=splits, on_step=on_step,
+        force=force, progress=progress, splits=splits, on_step=on_step, on_epoch=on_epoch,
         allow_config_change=allow_config_change,
     )  # fmt: skip
     return path
@@ -526,6 +528,7 @@ def train_students(
     splits: DataSplits | None = None,
     on_step: Callable[[int], None] | None = None,
     allow_config_change: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> list[Path]:
     """Train one student per method side by side: same batches, one teacher forward per batch.
 
@@ -538,7 +541,8 @@ def train_students(
     jobs = [Job("student", m) for m in methods]
     return train_together(
         cfg, jobs, out_dirs, teacher_checkpoint=teacher_checkpoint, resume=resume, force=force,
-        progress=progress, splits=splits, on_step=on_step, allow_config_change=allow_config_change,
+        progress=progress, splits=splits, on_step=on_step, on_epoch=on_epoch,
+        allow_config_change=allow_config_change,
     )  # fmt: skip
 
 
@@ -571,6 +575,7 @@ def train_together(
     splits: DataSplits | None = None,
     on_step: Callable[[int], None] | None = None,
     allow_config_change: bool = False,
+    on_epoch: EpochCallback | None = None,
 ) -> list[Path]:
     """Train ``jobs`` (the teacher, or any students) in one loop over the same batches.
 
@@ -578,6 +583,8 @@ def train_together(
     written. Finished models in ``out_dirs`` are reused with ``resume``; models
     resumed at different steps (a kill between two checkpoint writes) each
     continue from their own step, so every one ends as if never interrupted.
+    ``on_epoch(out_dir, record)`` is called on rank 0 after each epoch of each
+    model with its metrics record (the line written to metrics.jsonl).
     Returns the checkpoint paths in the order of ``jobs``.
     """
     out_dirs = [Path(d) for d in out_dirs]
@@ -614,6 +621,7 @@ def train_together(
     env = _Shared(
         cfg=cfg, tcfg=tcfg, ctx=ctx, device=device, splits=splits, teacher=teacher,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, on_step=on_step,
+        on_epoch=on_epoch,
     )  # fmt: skip
     runs: list[_Run] = []
     for job, out_dir, prev in zip(jobs, out_dirs, previous, strict=True):
@@ -639,6 +647,8 @@ def train_together(
             run.out_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temp_files(run.out_dir)
             save_config(cfg, run.out_dir / "config.yaml")
+            print(start_line(run.job, mcfg, tcfg, run.model.num_exits, len(splits.train), device,
+                             run.out_dir), flush=True)  # fmt: skip
     if runs:
         _drive(env, runs, progress)
     D.barrier(ctx)
@@ -686,6 +696,7 @@ class _Shared:
     batch_size: int
     steps_per_epoch: int
     on_step: Callable[[int], None] | None
+    on_epoch: EpochCallback | None
 
     def __post_init__(self) -> None:
         self.memory_format = (
@@ -960,7 +971,22 @@ class _Run:
         self.sums = EpochSums(self.device)
         self.save(finished=self.position["epoch"] >= self.tcfg.epochs)
         self.write_metrics()
+        if self.env.on_epoch is not None and self.ctx.is_main:
+            self.env.on_epoch(self.out_dir, record)
         self.epoch_start = time.perf_counter()
+
+
+def start_line(
+    job: Job, mcfg: ModelConfig, tcfg: TrainConfig, num_exits: int, images: int,
+    device: torch.device, out_dir: Path,
+) -> str:  # fmt: skip
+    """What is about to be trained where, printed before the first step (seen even without bars)."""
+    n = torch.get_num_threads()
+    threads = f", {n} CPU thread{'s' if n != 1 else ''}" if device.type == "cpu" else ""
+    return (
+        f"{job.name}: training {mcfg.arch} x{mcfg.width:g} ({num_exits} exits) for {tcfg.epochs} "
+        f"epochs on {images} images, on {device}{threads}, into {out_dir}"
+    )
 
 
 def _epoch_record(job: Job, epoch: int, totals: dict[str, Any], seconds: float) -> dict:

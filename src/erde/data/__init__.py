@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import torch
 
 from erde.data import imagefolder as _imagefolder  # noqa: F401  (registers "imagefolder")
-from erde.data.augment import augment, channel_stats, normalize
+from erde.data.augment import augment, normalize
 from erde.data.formats import DATASETS
-from erde.data.sampling import random_subset, stratified_split
+from erde.data.sampling import stratified_split
+from erde.data.splits import split_raw
+from erde.data.tensors import splits_from_tensors
 from erde.data.types import AugmentSpec, DataSplits, ImageSet, RawData
 from erde.errors import DataError
 
@@ -44,24 +46,7 @@ def load_data(
     if image_size is not None and image_size < 1:
         raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
     raw: RawData = DATASETS.build(name, data_dir, image_size)
-    train_idx, val_idx = stratified_split(raw.train.labels, val_fraction, seed)
-    train, val = raw.train.subset(train_idx), raw.train.subset(val_idx)
-    if max_train is not None and max_train < len(train):
-        train = train.subset(random_subset(len(train), max_train, seed))
-    if len(train) == 0:
-        raise DataError(f"{name}: no training images left after holding out validation")
-    mean, std = channel_stats(train.images)
-    return DataSplits(
-        name=name,
-        train=train,
-        val=val,
-        test=raw.test,
-        num_classes=len(raw.class_names),
-        class_names=list(raw.class_names),
-        mean=mean,
-        std=std,
-        augment=raw.augment,
-    )
+    return split_raw(name, raw, val_fraction=val_fraction, seed=seed, max_train=max_train)
 
 
 def to_device(data: ImageSet, device: torch.device | str) -> ImageSet:
@@ -130,6 +115,8 @@ __all__ = [
     "iterate_batches",
     "load_data",
     "prepare_batch",
+    "split_raw",
+    "splits_from_tensors",
     "stratified_split",
     "to_device",
 ]

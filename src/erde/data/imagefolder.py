@@ -140,7 +140,8 @@ def _load_cached(paths: list[Path]) -> np.ndarray | None:
     for path in paths:
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as data:
+                # our own handle: np.load leaks its file when the archive is damaged
+                with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
                     return data["images"]
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 continue  # a damaged cache is rebuilt, never trusted

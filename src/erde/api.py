@@ -1,0 +1,230 @@
+"""The Python API: each CLI command as one call, with the same defaults.
+
+    erde run                 erde.run(cfg, "runs/digits")
+    erde train-teacher       erde.train_teacher(cfg, "runs/t")
+    erde train-student       erde.train_student(cfg, "runs/s", method="erde", teacher="runs/t")
+    erde evaluate            erde.evaluate(["runs/t", "runs/s"], "runs/report")
+    erde calibrate           erde.calibrate("runs/s", budget=0.5)
+    erde predict             erde.load_predictor("runs/s").predict(uint8_images)
+    erde export              erde.export_checkpoint("runs/s", "runs/s_onnx")
+    --dataset/--config/--set erde.make_config("digits", ["student_train.epochs=5"])
+    --threads                erde.set_threads(1)
+
+Every call that reads data also takes ``splits=`` (from :func:`erde.load_data`
+or :func:`erde.splits_from_tensors`), so models can be trained and calibrated
+on images that are not in any built-in format. docs/API.md walks through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erde.calibration import Calibration, calibrate_checkpoint
+from erde.checkpoints import load_checkpoint, model_from_checkpoint
+from erde.config import ExperimentConfig, load_config, load_yaml, preset_path
+from erde.data import DataSplits
+from erde.data.augment import normalize
+from erde.distributed import resolve_device
+from erde.models import EarlyExitNet, measure_exit_costs
+from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints, run_pipeline
+from erde.training import EpochCallback, Job, train
+
+
+def make_config(
+    dataset: str = "digits",
+    overrides: Sequence[str] = (),
+    *,
+    data_dir: str | Path | None = None,
+    config_file: str | Path | None = None,
+) -> ExperimentConfig:
+    """The configuration ``erde ... --dataset D --config F --set K=V`` builds.
+
+    Defaults < the data set's preset < ``config_file`` < ``overrides``
+    (``"section.key=value"`` strings, as for ``--set``). Unknown keys and
+    wrong types raise :class:`erde.errors.ConfigError`.
+
+    >>> cfg = make_config("digits", ["student_train.epochs=5", "seed=1"])
+    >>> cfg.data.name, cfg.teacher.arch, cfg.student_train.epochs, cfg.seed
+    ('digits', 'resnet20', 5, 1)
+    """
+    preset = preset_path(dataset)
+    base = load_yaml(preset) if preset.is_file() else {}
+    flags = [f"data.name={dataset}"]
+    if data_dir is not None:
+        flags.append(f"data.data_dir={data_dir}")
+    return load_config(config_file, [*flags, *overrides], base=base)
+
+
+def _named_after(cfg: ExperimentConfig, splits: DataSplits | None) -> ExperimentConfig:
+    """``cfg`` whose data set name is that of ``splits``, so the saved config says what was used."""
+    if splits is None or splits.name == cfg.data.name:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=splits.name))
+
+
+def train_teacher(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    splits: DataSplits | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> Path:
+    """Train an early-exit teacher (``cfg.teacher``, ``cfg.teacher_train``); returns checkpoint.pt.
+
+    Without ``splits`` the data set of ``cfg.data`` is loaded. ``out_dir``
+    receives checkpoint.pt, config.yaml and metrics.jsonl; a folder that
+    already holds a checkpoint is refused unless ``resume`` or ``force``.
+    ``on_epoch(out_dir, record)`` sees each epoch's metrics record (e.g.
+    :class:`erde.monitor.TensorBoardLogger`).
+    """
+    return train(
+        _named_after(cfg, splits), Job("teacher"), out_dir, resume=resume, force=force,
+        progress=progress, splits=splits, on_epoch=on_epoch,
+    )  # fmt: skip
+
+
+def train_student(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    method: str = "erde",
+    teacher: str | Path | None = None,
+    splits: DataSplits | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> Path:
+    """Train an early-exit student (``cfg.student``, ``cfg.student_train``) with ``method``.
+
+    ``method``: ``ce`` (labels only), ``kd`` (exit-wise distillation) or
+    ``erde`` (KL where the teacher's exit is right, entropy where it is
+    wrong; weights in ``cfg.distill``). ``kd`` and ``erde`` need the
+    ``teacher`` checkpoint. Returns the student's checkpoint.pt.
+    """
+    if method not in STUDENT_METHODS:
+        from erde.errors import ConfigError
+
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(STUDENT_METHODS)}")
+    return train(
+        _named_after(cfg, splits), Job("student", method), out_dir, teacher_checkpoint=teacher,
+        resume=resume, force=force, progress=progress, splits=splits, on_epoch=on_epoch,
+    )  # fmt: skip
+
+
+def run(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] = STUDENT_METHODS,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+) -> dict[str, Path]:
+    """``erde run``: teacher, one student per method, evaluation and report.
+
+    Returns the report's paths: ``json``, ``markdown``, ``plot``, ``csv``.
+    """
+    return run_pipeline(
+        cfg, out_dir, methods=methods, resume=resume, force=force, progress=progress,
+        on_epoch=on_epoch,
+    )  # fmt: skip
+
+
+def evaluate(
+    checkpoints: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    splits: DataSplits | None = None,
+    cfg: ExperimentConfig | None = None,
+    thresholds: Sequence[float] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """``erde evaluate``: every exit's test logits once, threshold sweeps, the report.
+
+    Writes report.json (the source of truth), report.md, tradeoff.png and
+    sweep.csv to ``out_dir`` and returns their paths (``json``,
+    ``markdown``, ``plot``, ``csv``).
+    """
+    return evaluate_checkpoints(
+        checkpoints, out_dir, cfg=cfg, splits=splits, thresholds=thresholds, progress=progress
+    )
+
+
+def calibrate(
+    checkpoint: str | Path,
+    *,
+    budget: float | None = None,
+    max_drop: float | None = None,
+    rule: str = "entropy",
+    per_exit: bool = False,
+    temperature: bool = False,
+    splits: DataSplits | None = None,
+    out: str | Path | None = None,
+) -> tuple[Calibration, Path]:
+    """``erde calibrate``: thresholds fitted on the validation split, never on test.
+
+    Exactly one target: ``budget`` (mean MACs at most this fraction of the
+    full network) or ``max_drop`` (validation accuracy at most this far
+    below the last exit). Writes ``<checkpoint stem>.thresholds.json``
+    beside the checkpoint (which :func:`erde.load_predictor` and
+    :func:`erde.export_checkpoint` then pick up) and returns the result
+    (``.policy``, ``.validation``, ``.test``, ``.feasible``) and the path.
+    """
+    return calibrate_checkpoint(
+        checkpoint, budget=budget, max_drop=max_drop, rule=rule, per_exit=per_exit,
+        temperature=temperature, out=out, splits=splits,
+    )  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's model with everything needed to feed it: shape, normalisation, names."""
+
+    model: EarlyExitNet  # in eval mode; model(x) -> list of E logits tensors (B, K)
+    name: str  # teacher, student_ce, student_kd, student_erde
+    image_shape: tuple[int, int, int]  # (C, H, W) the model was trained on
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units (training set)
+    std: tuple[float, ...]
+    class_names: list[str]
+    macs_per_exit: list[int]  # MACs per image of answering at exit i (measured)
+    config: dict[str, Any]  # the full configuration it was trained with
+    path: Path
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) in [0, 255] -> the float input the model was trained on."""
+        device = next(self.model.parameters()).device
+        return normalize(images.to(device), self.mean, self.std)
+
+    @torch.no_grad()
+    def exit_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every exit's logits for uint8 images (B, C, H, W): E tensors (B, K), no routing."""
+        return self.model(self.normalize(images))
+
+
+def load_model(checkpoint: str | Path, device: str = "cpu") -> LoadedModel:
+    """A checkpoint (file, or folder holding checkpoint.pt) as a ready-to-use model.
+
+    Loaded with ``torch.load(..., weights_only=True)``: a checkpoint never runs code.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt).to(resolve_device(device)).eval()
+    shape = tuple(int(s) for s in ckpt["image_shape"])
+    c = shape[0]
+    names = ckpt.get("class_names") or [str(k) for k in range(int(ckpt["num_classes"]))]
+    return LoadedModel(
+        model=model, name=ckpt["name"], image_shape=shape,  # type: ignore[arg-type]
+        mean=tuple(ckpt.get("mean") or (0.0,) * c), std=tuple(ckpt.get("std") or (1.0,) * c),
+        class_names=list(names), macs_per_exit=list(measure_exit_costs(model, shape).macs_per_exit),
+        config=ckpt["config"], path=Path(ckpt["path"]),
+    )  # fmt: skip

@@ -1,0 +1,106 @@
+"""The public Python API: `import erde` names, configs like the CLI's, training on tensors."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+
+import erde
+from erde.errors import DataError
+from erde.inference import ImageInputError
+
+
+def test_import_erde_is_cheap_and_every_public_name_resolves() -> None:
+    code = "import sys, erde; print('torch' in sys.modules, erde.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", erde.__version__]  # --version needs no torch
+    assert erde.__all__ == ["__version__", *erde._API]
+    for name in erde.__all__:
+        assert getattr(erde, name) is not None, name
+    assert callable(erde.train_student) and erde.train_student.__doc__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        erde.nope  # noqa: B018
+
+
+def test_make_config_builds_what_the_cli_builds() -> None:
+    from erde.cli import build_config
+
+    args = argparse.Namespace(
+        dataset="svhn", data_dir="/data", config=None, seed=None, device=None,
+        overrides=["student_train.epochs=3"],
+    )  # fmt: skip
+    made = erde.make_config("svhn", ["student_train.epochs=3"], data_dir="/data")
+    assert made.to_dict() == build_config(args).to_dict()
+
+
+def _tensors(n: int, k: int = 3, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(
+        n
+    ) % k
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x, y: (x.float(), y), "must be uint8"),
+        (lambda x, y: (x[:, :1], y), "repeat a greyscale channel"),
+        (lambda x, y: (x[0], y), "must be (N, C, H, W)"),
+        (lambda x, y: (x, y[:-1]), "one class index per image"),
+        (lambda x, y: (x, y.float()), "integer class indices"),
+        (lambda x, y: (x, y - 1), "negative class index"),
+    ],
+    ids=["float", "grey", "3d", "short-labels", "float-labels", "negative"],
+)
+def test_splits_from_tensors_refuses_bad_input_in_one_line(change, message) -> None:
+    x, y = _tensors(30)
+    bad_x, bad_y = change(x, y)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as exc:
+        erde.splits_from_tensors(bad_x, bad_y, x, y)
+    assert "\n" not in str(exc.value)
+
+
+def test_splits_from_tensors_holds_out_validation_and_names_classes() -> None:
+    x, y = _tensors(60)
+    with pytest.raises(DataError, match="3 class names"):
+        erde.splits_from_tensors(x, y + 1, x, y, class_names=["a", "b", "c"])
+    splits = erde.splits_from_tensors(
+        x.numpy(), y.numpy(), x[:9], y[:9], class_names=["a", "b", "c"], val_fraction=0.2, seed=1
+    )
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (48, 12, 9)
+    assert torch.bincount(splits.val.labels).tolist() == [4, 4, 4]  # stratified
+    assert splits.class_names == ["a", "b", "c"] and splits.image_shape == (3, 8, 8)
+    train_mean = splits.train.images.double().mean(dim=(0, 2, 3)) / 255
+    assert torch.allclose(torch.tensor(splits.mean, dtype=torch.float64), train_mean)
+
+
+def test_a_model_trained_on_tensors_loads_predicts_and_calibrates(tmp_path, one_thread) -> None:
+    x, y = _tensors(120)
+    splits = erde.splits_from_tensors(x, y, x[:30], y[:30], val_fraction=0.25)
+    cfg = erde.make_config("digits", [*TINY_OVERRIDES, "teacher_train.epochs=1"])
+    path = erde.train_teacher(cfg, tmp_path / "t", splits=splits, progress=False)
+    m = erde.load_model(path)
+    assert (
+        m.config["data"]["name"] == "tensors"
+    )  # not "digits": evaluating it on digits would be wrong
+    assert m.image_shape == (3, 8, 8) and m.class_names == ["0", "1", "2"]
+    assert len(m.macs_per_exit) == m.model.num_exits == 3
+
+    result, thresholds = erde.calibrate(path, budget=0.7, splits=splits)
+    assert thresholds.is_file() and result.validation["num_images"] == len(splits.val)
+    predictor = erde.load_predictor(path)
+    assert predictor.policy == result.policy
+    routed = predictor.predict(x[:16])
+    # the same answers as routing the normalised batch by hand
+    by_hand = predictor.engine(m.normalize(x[:16]))
+    assert torch.equal(routed.classes, by_hand.classes)
+    assert torch.equal(routed.exit_index, by_hand.exit_index)
+    with pytest.raises(ImageInputError, match="uint8"):
+        predictor.predict(m.normalize(x[:2]))
+    with pytest.raises(ImageInputError, match="3x4x4"):
+        predictor.predict(x[:2, :, :4, :4])
