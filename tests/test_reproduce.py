@@ -426,3 +426,17 @@ def test_replace_block_appends_markers_when_absent() -> None:
     assert "<!-- erde-results:svhn:begin -->\nnew numbers\n<!-- erde-results:svhn:end -->" in (
         replace_block(text, "svhn", "new numbers")
     )
+
+
+def test_speed_only_switches_do_not_block_reuse_but_the_method_does(tmp_path: Path) -> None:
+    from erde.config import save_config
+    from erde.reproduce import check_reusable
+
+    cfg = reproduce_config("cifar10", "fast")
+    (tmp_path / "teacher").mkdir()
+    saved = reproduce_config("cifar10", "fast", overrides=["teacher_train.channels_last=false"])
+    save_config(saved, tmp_path / "teacher" / "config.yaml")
+    check_reusable(tmp_path, cfg, ["teacher"])  # NHWC or not: the same training
+    other = reproduce_config("cifar10", "fast", overrides=["teacher_train.lr=0.2"])
+    with pytest.raises(ConfigError, match=r"teacher_train\.lr"):
+        check_reusable(tmp_path, other, ["teacher"])

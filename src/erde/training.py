@@ -412,13 +412,15 @@ def _check_resumable(
 
 
 # Settings that do not change what a model learns: a resumed run may differ in them.
+# switches that change speed, not the method (results move by float round-off at most)
+PERFORMANCE_ONLY = ("checkpoint_every_steps", "compile", "channels_last")
 _NOT_COMPARED = (
     "device",
     "data.data_dir",
     "data.eval_batch_size",
     "distill.method",
     *(f"{t}.{k}" for t in ("teacher_train", "student_train")
-      for k in ("checkpoint_every_steps", "compile")),
+      for k in PERFORMANCE_ONLY),
 )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from erde.errors import ConfigError, DataError
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid
-from erde.training import Job, load_splits, train, train_students
+from erde.training import PERFORMANCE_ONLY, Job, load_splits, train, train_students
 
 SCHEDULES = ("full", "reduced", "fast")
 
@@ -132,7 +132,8 @@ def _training_view(config: Mapping[str, Any], role: str) -> dict[str, Any]:
     The config is first completed with today's defaults, so a folder written
     before a field existed compares equal when it used that field's default.
     A teacher depends on its data, model, schedule and seed only; a student on
-    everything (its teacher included).
+    everything (its teacher included). Speed-only switches (NHWC, compile,
+    checkpoint frequency) are left out: a run may resume with another.
     """
     view = config_from_dict(copy.deepcopy(dict(config))).to_dict()
     for key in ("device", "evaluation"):
@@ -141,6 +142,11 @@ def _training_view(config: Mapping[str, Any], role: str) -> dict[str, Any]:
     for key in ("data_dir", "eval_batch_size"):
         data.pop(key, None)
     view["data"] = data
+    for section in ("teacher_train", "student_train"):
+        train = dict(view.get(section) or {})
+        for key in PERFORMANCE_ONLY:
+            train.pop(key, None)
+        view[section] = train
     if role == "teacher":
         view = {k: view[k] for k in ("data", "teacher", "teacher_train", "seed")}
     return view
