@@ -31,16 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from erde.errors import ErdeError
-from erde.inference import (
-    ExitPolicy,
-    ModelIdentity,
-    Routed,
-    StageWithExit,
-    check_image_batch,
-    load_thresholds,
-    read_marked_json,
-    route_stages,
-)
+from erde.inference.policy import ExitPolicy, ModelIdentity, load_thresholds, read_marked_json
+from erde.inference.routing import Routed, StageWithExit, check_image_batch, route_stages
 from erde.limits import (
     MAX_CLASSES,
     check_class_names,
@@ -249,7 +241,7 @@ def export_checkpoint(
 ) -> Path:
     """Export a checkpoint; its thresholds file (given, or the one beside it) is validated and copied in."""
     from erde.checkpoints import load_checkpoint, model_from_checkpoint
-    from erde.inference import model_fingerprint, thresholds_path
+    from erde.inference.policy import model_fingerprint, thresholds_path
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
