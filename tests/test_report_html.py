@@ -203,3 +203,13 @@ def test_page_has_no_script_errors(browser, tiny_run):
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
     assert Path(tiny_run["out"] / "report.html").stat().st_size < 1 << 20
+
+
+def test_a_deeply_nested_report_json_is_one_error(tmp_path: Path) -> None:
+    from erde.errors import ReportError
+    from erde.report_html import load_report
+
+    path = tmp_path / "report.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ReportError, match="nested too deeply"):
+        load_report(path)

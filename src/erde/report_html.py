@@ -105,6 +105,8 @@ def load_report(path: str | Path) -> dict[str, Any]:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReportError(f"{path} is not readable JSON ({exc})") from None
+    except RecursionError:
+        raise ReportError(f"{path} is not a report (nested too deeply to read)") from None
     check_report(report, str(path))
     return report
 
