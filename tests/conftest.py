@@ -35,6 +35,17 @@ def tiny_config(*extra: str) -> ExperimentConfig:
     return load_config(None, [*TINY_OVERRIDES, *extra])
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Undo a test's thread count (an in-process ``erde`` command sets it for the whole
+    process), so the next test starts with the count the session started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: small models gain nothing from a second, and a busy CPU

@@ -3,7 +3,9 @@
 A killed run is a real process: this file, run as a script, trains with
 :func:`erde.training.train` and (optionally) stops at a given step, printing a
 line; the test then SIGKILLs it from outside. On CPU with a fixed seed the
-resumed run must end with exactly the weights of a run that was never killed.
+resumed run must end with exactly the weights of a run that was never killed,
+given the same thread count: every run here, in this process and in the child,
+uses one thread (a different count changes float reductions in the last bits).
 """
 
 from __future__ import annotations
@@ -44,15 +46,20 @@ def _job(name: str) -> Job:
     return Job("teacher") if name == "teacher" else Job("student", name.split("_")[1])
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
     """A briefly trained teacher for the student runs."""
     out = tmp_path_factory.mktemp("teacher")
     return train(_config(), Job("teacher"), out, progress=False)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, teacher_ckpt: Path) -> dict[str, Path]:
+def uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory, teacher_ckpt: Path, one_thread: None
+) -> dict[str, Path]:
     """Reference runs that nothing interrupts (and that checkpoint once per epoch only)."""
     base = tmp_path_factory.mktemp("uninterrupted")
     return {
@@ -205,5 +212,6 @@ def _child(out: Path, name: str, teacher: Path, checkpoint_every: int, pause_at:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    torch.set_num_threads(1)  # as the parent's runs: the same reductions, the same bits
     a = sys.argv[1:]
     _child(Path(a[0]), a[1], Path(a[2]), int(a[3]), int(a[4]))
