@@ -61,3 +61,24 @@ def test_deploy_benchmark_script_prints_the_targets(tiny_run, capsys, one_thread
     assert script.main(argv) == 0
     out = capsys.readouterr().out
     assert "measured / MAC-ideal =" in out and "int8 vs fp32 early exit @32" in out
+
+
+def test_a_missed_ratio_is_split_into_the_smaller_network_and_early_exit() -> None:
+    spec = importlib.util.spec_from_file_location("deploy_bench", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = lambda name, speedup, ideal: {  # noqa: E731
+        "row": name, "accuracy": 0.9, "speedup_1": speedup, "mac_ideal_speedup": ideal,
+        "ips_1": 100 * speedup,
+    }  # fmt: skip
+    result = {
+        "setup": {"batch_sizes": [1]},
+        "rows": [row(ROWS[0], 1.0, 1.0), row(ROWS[1], 3.0, 12.0), row(ROWS[2], 4.5, 24.0)],
+    }
+    lines = script.targets(result)
+    assert lines[0].endswith("= 0.19 (misses >= 0.9)")  # 4.5 / 24
+    # 0.25 of the MAC ratio for the smaller network (3x for 12x), 0.75 for early exit (1.5x for 2x)
+    assert lines[1] == (
+        "  bound: the smaller network turns 0.25 of its MAC ratio into time (3.00x for 12.00x "
+        "fewer MACs), early exit 0.75 of its own (1.50x for 2.00x fewer MACs)"
+    )
