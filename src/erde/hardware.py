@@ -1,7 +1,8 @@
 """What this machine's CPU can do, read at run time (never assumed from the model name).
 
 bf16 is worth using on a CPU only where the hardware computes in it (AVX-512
-BF16 or AMX); elsewhere PyTorch emulates it and it runs slower than fp32.
+BF16 or AMX); elsewhere PyTorch emulates it and it runs slower than fp32. And
+one layer shape that PyTorch's CPU kernels cannot train in channels_last.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
+
+from torch import nn
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of hardware bf16 arithmetic
 
@@ -39,3 +42,28 @@ def cpu_precision_summary() -> str:
     """One line for logs and benchmarks: the bf16 flags found, or that there are none."""
     found = sorted(cpu_flags() & set(BF16_FLAGS))
     return f"CPU bf16 hardware: {', '.join(found)}" if found else "CPU bf16 hardware: none"
+
+
+NHWC_MIN_STRIDED_1X1_INPUTS = 8
+
+
+def nhwc_unsafe_convs(model: nn.Module) -> list[str]:
+    """Names of the layers whose CPU weight gradient corrupts memory in channels_last.
+
+    With PyTorch 2.13.0+cpu, the backward of a 1x1 convolution with a stride
+    above 1 and fewer than 8 input channels, in channels_last, corrupts the heap
+    ("free(): invalid next size", "double free or corruption", or a segfault),
+    every time from 1 to 7 input channels and with 8 or more never (measured on
+    a 2-core AVX2 EPYC; forward and input gradients are not affected). Such
+    layers are the shortcut projections of ResNets narrower than a quarter of
+    the usual width, or a strided 1x1 stem. Training keeps a model that has one
+    in NCHW on the CPU (see :mod:`erde.training`).
+    """
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and max(m.stride) > 1
+        and m.in_channels < NHWC_MIN_STRIDED_1X1_INPUTS
+    ]

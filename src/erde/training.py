@@ -47,7 +47,7 @@ from erde.checkpoints import (
 from erde.config import DistillConfig, ExperimentConfig, ModelConfig, TrainConfig, save_config
 from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch, to_device
 from erde.errors import CheckpointError, ConfigError, ErdeError
-from erde.hardware import cpu_has_bf16
+from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe_convs
 from erde.io import atomic_write_text
 from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
 from erde.models import build_model, measure_exit_costs
@@ -685,6 +685,23 @@ def _mapping(
     return mapping
 
 
+def _memory_format(env: _Shared, model: nn.Module, job: Job) -> torch.memory_format:
+    """The loop's memory format, except NCHW for a model PyTorch cannot train in NHWC on a CPU."""
+    if env.memory_format != torch.channels_last or env.device.type != "cpu":
+        return env.memory_format
+    unsafe = nhwc_unsafe_convs(model)
+    if not unsafe:
+        return env.memory_format
+    if env.ctx.is_main:
+        print(
+            f"{job.name}: trained in NCHW, not channels_last: PyTorch's CPU backward of a strided "
+            f"1x1 convolution with under {NHWC_MIN_STRIDED_1X1_INPUTS} input channels corrupts "
+            f"memory in channels_last ({', '.join(unsafe[:3])}{' ...' if len(unsafe) > 3 else ''})",
+            flush=True,
+        )
+    return torch.contiguous_format
+
+
 @dataclass
 class _Shared:
     """What every model of one training loop shares: data, batches, teacher, precision."""
@@ -831,7 +848,8 @@ class _Run:
         self.cfg, self.tcfg, self.ctx, self.device = env.cfg, env.tcfg, env.ctx, env.device
         self.needs_teacher = job.method in ("kd", "erde")
         self.rng = _rng_state(env.device)  # taken right after the model was built from the seed
-        self.model = model.to(env.device, memory_format=env.memory_format)
+        self.memory_format = _memory_format(env, model, job)
+        self.model = model.to(env.device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.model, self.tcfg)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, env.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
@@ -911,6 +929,7 @@ class _Run:
     ) -> None:
         """One optimizer step on one prepared batch; queues work, never waits for it."""
         p = self.position
+        x = x.contiguous(memory_format=self.memory_format)  # a copy only for a model kept NCHW
         _set_rng_state(self.rng, self.device)
         with autocast(self.device, self.env.amp_dtype):
             exit_logits = self.forward(x)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CIFAR-10 fast-schedule runs behind docs/RESULTS.md, in order of priority; resumable: run
+# it again after a stop or a crash (finished models are reused, interrupted ones resume from
+# their last checkpoint, at most 100 steps back). Hours of CPU: start it in the background,
+# outside the work tree, e.g.
+#
+#   RUNS=../erde-runs/reproduce setsid nohup bash scripts/cifar10-fast.sh >> ../erde-runs/queue.log 2>&1 &
+#
+#  1. one ResNet-56 teacher shared by ResNet-20 CE/KD/ERDE students, 3 seeds (the comparison)
+#  2. a smaller student, ResNet-20 x0.5, 1 seed, same teacher          (where ~10x can come from)
+#  3. cross-family: MobileNetV2 x0.5 students, exits paired by cost, 1 seed, same teacher
+#
+# Steps 2 and 3 start from a copy of step 1's finished teacher (erde reproduce reuses a finished
+# run whose settings match). Publish with the same commands plus --docs docs once they finish.
+# OMP_NUM_THREADS (default 2) is the CPU threads; DATA the JPEG copy of CIFAR-10; EXTRA more
+# arguments for every step (the tests use it for tiny models: EXTRA="--set teacher.arch=resnet8 ...").
+set -euo pipefail
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+DATA="${DATA:-$(dirname "$0")/../../shared/data/cifar10-jpeg.tar.gz}"
+RUNS="${RUNS:?set RUNS to a folder outside the work tree for the run folders}"
+read -r -a extra <<< "${EXTRA:-}"
+common=(--dataset cifar10 --data-dir "$DATA" --schedule fast --no-progress "${extra[@]}")
+
+erde reproduce "${common[@]}" --seeds 3 --teacher-seeds 1 --out "$RUNS/cifar10-fast"
+
+teacher="$RUNS/cifar10-fast/seed_0/teacher"
+for variant in r20x0.5 mobilenetv2x0.5; do
+    mkdir -p "$RUNS/cifar10-fast-$variant/seed_0"
+    [ -e "$RUNS/cifar10-fast-$variant/seed_0/teacher" ] ||
+        cp -r "$teacher" "$RUNS/cifar10-fast-$variant/seed_0/teacher"
+done
+erde reproduce "${common[@]}" --seeds 1 --set student.width=0.5 \
+    --out "$RUNS/cifar10-fast-r20x0.5"
+erde reproduce "${common[@]}" --seeds 1 --set student.arch=mobilenetv2_x0.5 \
+    --set distill.exit_mapping_by=cost --out "$RUNS/cifar10-fast-mobilenetv2x0.5"
+echo "all CIFAR-10 fast-schedule runs finished"

@@ -1,0 +1,58 @@
+"""scripts/cifar10-fast.sh, run for real by bash on tiny CIFAR-10 files with tiny models.
+
+The script chains hours of training; what must not fail after those hours is the
+chaining: steps 2 and 3 start from a copy of step 1's finished teacher, which
+``erde reproduce`` must accept as reusable (same teacher settings) and not retrain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from data_fixtures import write_cifar10
+from test_reproduce import TINY
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar10-fast.sh"
+
+
+def _run(data: Path, runs: Path) -> subprocess.CompletedProcess:
+    extra = " ".join(f"--set {o}" for o in (*TINY, "student_train.epochs=1"))
+    env = {
+        **os.environ,
+        "DATA": str(data), "RUNS": str(runs), "EXTRA": extra, "OMP_NUM_THREADS": "1",
+        "ERDE_CACHE_DIR": str(runs / "cache"),
+        # the erde of this interpreter: the console script next to it
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_path: Path) -> None:
+    data, runs = tmp_path / "cifar10", tmp_path / "runs"
+    write_cifar10(data)
+    first = _run(data, runs)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "all CIFAR-10 fast-schedule runs finished" in first.stdout
+
+    teacher = (runs / "cifar10-fast/seed_0/teacher/checkpoint.pt").read_bytes()
+    students = {}
+    for out, seeds in (("cifar10-fast", 3), ("cifar10-fast-r20x0.5", 1),
+                       ("cifar10-fast-mobilenetv2x0.5", 1)):  # fmt: skip
+        results = json.loads((runs / out / "results.json").read_text())
+        assert (results["n_seeds"], results["schedule"]) == (seeds, "fast")
+        assert (runs / out / "seed_0/teacher/checkpoint.pt").read_bytes() == teacher
+        students[out] = (runs / out / "seed_0/student_erde/config.yaml").read_text()
+    assert "width: 0.5" in students["cifar10-fast-r20x0.5"]
+    assert "arch: mobilenetv2_x0.5" in students["cifar10-fast-mobilenetv2x0.5"]
+    assert "exit_mapping_by: cost" in students["cifar10-fast-mobilenetv2x0.5"]
+
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed_*/*/checkpoint.pt")}
+    again = _run(data, runs)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
