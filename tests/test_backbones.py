@@ -366,8 +366,8 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
 def test_results_of_another_model_pair_are_named_apart_from_the_preset_pair() -> None:
     from erde.reproduce.render import results_name
 
-    def results(teacher: str, student: str) -> dict:
-        config = {"teacher": {"arch": teacher}, "student": {"arch": student}}
+    def results(teacher: str, student: str, width: float = 1.0) -> dict:
+        config = {"teacher": {"arch": teacher}, "student": {"arch": student, "width": width}}
         return {"dataset": {"name": "cifar10"}, "schedule": "reduced", "config": config}
 
     assert results_name(results("resnet56", "resnet20")) == "cifar10-reduced"  # the preset's pair
@@ -377,6 +377,10 @@ def test_results_of_another_model_pair_are_named_apart_from_the_preset_pair() ->
     assert (
         results_name(results("pkg.nets:tiny", "resnet20"))
         == "cifar10-reduced-pkg.nets_tiny-resnet20"
+    )
+    # the preset's student at half width is another pair too: it must not replace the preset's
+    assert results_name(results("resnet56", "resnet20", 0.5)) == (
+        "cifar10-reduced-resnet56-resnet20_x0.5"
     )
 
 

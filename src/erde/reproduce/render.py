@@ -300,18 +300,28 @@ def results_name(results: Mapping[str, Any]) -> str:
     """``<dataset>-<schedule>``: the file stem and RESULTS.md block of one set of results.
 
     A teacher/student pair other than the data set's preset (e.g. a MobileNetV2
-    student) adds ``-<teacher>-<student>``, so that its results get a block of
-    their own instead of replacing the preset pair's.
+    student, or the preset's student at another width) adds
+    ``-<teacher>-<student>`` (``_x<width>`` after an architecture whose width
+    is not 1), so that its results get a block of their own instead of
+    replacing the preset pair's.
     """
     dataset = results["dataset"]["name"]
     name = f"{dataset}-{results['schedule']}"
     config = results.get("config") or {}
     preset = preset_path(dataset)
     defaults = load_yaml(preset) if preset.is_file() else {}
-    pair = [(config.get(role) or {}).get("arch") for role in ("teacher", "student")]
-    if pair != [(defaults.get(role) or {}).get("arch") for role in ("teacher", "student")]:
-        name += "".join(f"-{re.sub(r'[^A-Za-z0-9_.]+', '_', str(arch))}" for arch in pair)
+    pair = [_model_name(config.get(role)) for role in ("teacher", "student")]
+    if pair != [_model_name(defaults.get(role)) for role in ("teacher", "student")]:
+        name += "".join(f"-{re.sub(r'[^A-Za-z0-9_.]+', '_', model)}" for model in pair)
     return name
+
+
+def _model_name(section: Mapping[str, Any] | None) -> str:
+    """``resnet20``, or ``resnet20_x0.5`` for a width multiplier other than 1."""
+    section = section or {}
+    width = float(section.get("width", 1.0) or 1.0)
+    arch = str(section.get("arch"))
+    return arch if width == 1.0 else f"{arch}_x{width:g}"
 
 
 def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
