@@ -145,9 +145,12 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
     assert "| Seeds ahead | p | MACs ratio |" in markdown
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    printed = capsys.readouterr().out  # without bars, a line per epoch of every model
+    for name in MODELS:  # one epoch each, two seeds
+        assert printed.count(f"{name}: epoch 1  loss ") == 2, name
+
     before = _mtimes(out)
     assert len(before) == 10  # 2 seeds x (4 checkpoints + report)
-    capsys.readouterr()
     assert main(argv) == 0
     assert _mtimes(out) == before  # nothing retrained, nothing re-evaluated
     again = json.loads((out / "results.json").read_text())

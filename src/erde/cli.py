@@ -96,7 +96,7 @@ def _epoch_callback(args: argparse.Namespace) -> EpochCallback | None:
 
     return combine(
         console if args.no_progress else None,
-        TensorBoardLogger() if args.tensorboard else None,
+        TensorBoardLogger() if getattr(args, "tensorboard", False) else None,
     )
 
 
@@ -251,7 +251,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, seeds=args.seeds, teacher_seeds=args.teacher_seeds,
         schedule=args.schedule, config=args.config,
         overrides=[*flags, *args.overrides], download=args.download, docs_dir=args.docs,
-        progress=not args.no_progress, log=print,
+        progress=not args.no_progress, log=print, on_epoch=_epoch_callback(args),
     )  # fmt: skip
     print()
     for line in summary_lines(json.loads(paths["results"].read_text())):

@@ -17,7 +17,14 @@ from erde.errors import ConfigError, DataError
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid
-from erde.training import PERFORMANCE_ONLY, Job, load_splits, train, train_students
+from erde.training import (
+    PERFORMANCE_ONLY,
+    EpochCallback,
+    Job,
+    load_splits,
+    train,
+    train_students,
+)
 
 SCHEDULES = ("full", "reduced", "fast")
 
@@ -267,6 +274,7 @@ def run_seed(
     progress: bool = True,
     plan: SeedPlan | None = None,
     teacher_dir: str | Path | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> Path:
     """Teacher + ce/kd/erde students of one seed (reused when finished), then their report.
 
@@ -275,7 +283,8 @@ def run_seed(
     of its own seed) and is trained there if it is not finished yet. The
     students train side by side. The evaluation runs once per model on
     :func:`threshold_grid` and is skipped when ``seed_dir/report.json`` is
-    already newer than all four checkpoints.
+    already newer than all four checkpoints. ``on_epoch`` is called after every
+    epoch of every model (the CLI prints a line with it when bars are off).
     """
     seed_dir = Path(seed_dir)
     plan = plan or SeedPlan(cfg.seed, cfg.seed, False)
@@ -284,7 +293,7 @@ def run_seed(
     check_reusable(teacher_dir.parent, teacher_cfg, ["teacher"])
     check_reusable(seed_dir, student_cfg, [m for m in MODELS if m != "teacher"])
     splits = load_splits(student_cfg)
-    common = {"resume": True, "progress": progress, "splits": splits}
+    common = {"resume": True, "progress": progress, "splits": splits, "on_epoch": on_epoch}
     teacher = train(teacher_cfg, Job("teacher"), teacher_dir, **common)
     students = train_students(
         student_cfg, STUDENT_METHODS, [seed_dir / f"student_{m}" for m in STUDENT_METHODS],
@@ -317,6 +326,7 @@ def reproduce(
     docs_dir: str | Path | None = None,
     progress: bool = True,
     log: Log | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> dict[str, Path]:
     """Train and evaluate every seed (reusing finished runs), then aggregate and write.
 
@@ -360,7 +370,10 @@ def reproduce(
         seed_dir = out / f"seed_{plan.seed}"
         teacher_dir = out / f"seed_{plan.teacher_seed}" / "teacher"
         log(f"seed {plan.seed} ({i + 1}/{seeds}) -> {seed_dir} (teacher: {teacher_dir})")
-        report = run_seed(cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir)
+        report = run_seed(
+            cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir,
+            on_epoch=on_epoch,
+        )  # fmt: skip
         reports[plan.seed] = json.loads(report.read_text())
         relative[plan.seed] = str(report.relative_to(out))
         results = aggregate(
