@@ -115,7 +115,7 @@ def _assert_clean_and_same_as(out: Path, reference: Path) -> None:
 
 @pytest.mark.parametrize("name", ["teacher", "student_erde"])
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(
-    name: str, tmp_path: Path, teacher_ckpt: Path, uninterrupted: dict[str, Path]
+    name: str, tmp_path: Path, teacher_ckpt: Path, uninterrupted: dict[str, Path], capsys
 ) -> None:
     out = tmp_path / name
     pause_at = STEPS + 3  # epoch 2, step 3; the last checkpoint is at step STEPS + 2
@@ -132,7 +132,10 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 2, STEPS + 2)
     assert not ckpt["finished"]
 
+    capsys.readouterr()
     train(_config(2), _job(name), out, teacher_checkpoint=teacher_ckpt, resume=True, progress=False)
+    # the start-up line says where it continues: epoch 2, after its second step
+    assert f"into {out}, resuming at epoch 2 step 2/{STEPS}\n" in capsys.readouterr().out
     _assert_clean_and_same_as(out, uninterrupted[name])
 
 

@@ -650,7 +650,7 @@ def train_together(
             _remove_stale_temp_files(run.out_dir)
             save_config(cfg, run.out_dir / "config.yaml")
             print(start_line(run.job, mcfg, tcfg, run.model.num_exits, len(splits.train), device,
-                             run.out_dir), flush=True)  # fmt: skip
+                             run.out_dir, run.position, steps_per_epoch), flush=True)  # fmt: skip
     if runs:
         _drive(env, runs, progress)
     D.barrier(ctx)
@@ -999,14 +999,24 @@ class _Run:
 
 def start_line(
     job: Job, mcfg: ModelConfig, tcfg: TrainConfig, num_exits: int, images: int,
-    device: torch.device, out_dir: Path,
+    device: torch.device, out_dir: Path, position: dict[str, int] | None = None,
+    steps_per_epoch: int = 0,
 ) -> str:  # fmt: skip
-    """What is about to be trained where, printed before the first step (seen even without bars)."""
+    """What is about to be trained where, printed before the first step (seen even without bars).
+
+    A resumed run says where it continues (``position`` of its checkpoint).
+    """
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if device.type == "cpu" else ""
+    resumed = ""
+    if position and position["global_step"]:
+        resumed = (
+            f", resuming at epoch {position['epoch'] + 1} step "
+            f"{position['step_in_epoch']}/{steps_per_epoch}"
+        )
     return (
         f"{job.name}: training {mcfg.arch} x{mcfg.width:g} ({num_exits} exits) for {tcfg.epochs} "
-        f"epochs on {images} images, on {device}{threads}, into {out_dir}"
+        f"epochs on {images} images, on {device}{threads}, into {out_dir}{resumed}"
     )
 
 
