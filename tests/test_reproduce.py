@@ -147,7 +147,7 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
 
     printed = capsys.readouterr().out  # without bars, a line per epoch of every model
     for name in MODELS:  # one epoch each, two seeds
-        assert printed.count(f"{name}: epoch 1  loss ") == 2, name
+        assert printed.count(f"{name}: epoch 1/1  loss ") == 2, name
 
     before = _mtimes(out)
     assert len(before) == 10  # 2 seeds x (4 checkpoints + report)

@@ -76,7 +76,12 @@ def test_train_prints_what_it_trains_where_and_one_line_per_epoch(
     )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[1:3] == [epoch_line(record) for record in metrics]
-    assert lines[1].startswith("teacher: epoch 1  loss ")
+    assert lines[1].startswith("teacher: epoch 1/2  loss ")
+    # after the first epoch, an estimate of the rest: one more epoch of as many steps
+    first, last = metrics
+    assert first["eta_seconds"] == pytest.approx(first["seconds"])
+    assert lines[1].endswith(" left") and "about " in lines[1]
+    assert last["eta_seconds"] == 0 and not lines[2].endswith(" left")
 
 
 def test_a_bad_thread_count_is_one_error_line_and_nothing_is_written(

@@ -5,7 +5,7 @@ metrics.jsonl), so they show exactly what metrics.jsonl holds:
 
     {"model", "epoch", "train_loss", "train_exit_accuracy": [E], "val_exit_accuracy": [E],
      "terms": {"ce_0", ..., "kl_0", "entropy_0", "teacher_correct_0", ...}, "lr",
-     "images", "seconds", "images_per_second"}
+     "images", "seconds", "images_per_second", "epochs", "eta_seconds"}
 
 TensorBoard is optional (``pip install "erde[tb]"``) and imported only when asked for.
 """
@@ -44,15 +44,38 @@ def epoch_line(record: Mapping[str, Any], epochs: int | None = None) -> str:
     ...             "train_exit_accuracy": [0.9, 0.95], "val_exit_accuracy": [0.88, 0.97],
     ...             "seconds": 1.25}, epochs=40)
     'teacher: epoch 3/40  loss 0.412  train acc 90.0/95.0 %  val acc 88.0/97.0 %  1.2 s'
+
+    A record written by training also holds ``epochs`` and ``eta_seconds`` (the
+    time per step of this process times the steps left), shown as an estimate:
+
+    >>> epoch_line({"model": "teacher", "epoch": 5, "epochs": 40, "train_loss": 1.0,
+    ...             "train_exit_accuracy": [0.5], "seconds": 400.0, "eta_seconds": 14000})
+    'teacher: epoch 5/40  loss 1.000  train acc 50.0 %  400.0 s  about 3.9 h left'
     """
+    epochs = epochs or record.get("epochs")
     total = f"/{epochs}" if epochs else ""
     val = record.get("val_exit_accuracy") or []
+    eta = record.get("eta_seconds")
     return (
         f"{record['model']}: epoch {record['epoch']}{total}  loss {record['train_loss']:.3f}  "
         f"train acc {_pct(record['train_exit_accuracy'])} %"
         + (f"  val acc {_pct(val)} %" if val else "")
         + f"  {record['seconds']:.1f} s"
+        + (f"  about {duration(eta)} left" if eta else "")
     )
+
+
+def duration(seconds: float) -> str:
+    """A rough human duration for an estimate: ``45 s``, ``12 min``, ``3.4 h``.
+
+    >>> duration(45.2), duration(725), duration(12345)
+    ('45 s', '12 min', '3.4 h')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:

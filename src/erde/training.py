@@ -863,6 +863,7 @@ class _Run:
         self.watch = NonFiniteWatch(env.device)
         self.history: list[dict[str, Any]] = []  # one metrics record per finished epoch
         self.epoch_start = time.perf_counter()
+        self.epoch_start_step = self.position["global_step"]
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -982,6 +983,11 @@ class _Run:
         D.broadcast_buffers(self.model, self.ctx)
         record = _epoch_record(self.job, self.position["epoch"], totals, seconds)
         record["lr"] = self.scheduler.get_last_lr()[0]
+        record["epochs"] = self.tcfg.epochs
+        # steps timed in this process (a resumed epoch ran only its last part here)
+        timed = self.position["global_step"] - self.epoch_start_step
+        left = self.env.total_steps - self.position["global_step"]
+        record["eta_seconds"] = seconds / timed * left if timed > 0 else None
         record["val_exit_accuracy"] = evaluate_accuracy(
             self.model, self.env.val_set, self.env.splits, self.device,
             self.cfg.data.eval_batch_size, self.ctx,
@@ -995,6 +1001,7 @@ class _Run:
         if self.env.on_epoch is not None and self.ctx.is_main:
             self.env.on_epoch(self.out_dir, record)
         self.epoch_start = time.perf_counter()
+        self.epoch_start_step = self.position["global_step"]
 
 
 def start_line(
