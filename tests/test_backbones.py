@@ -358,7 +358,7 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
     assert results["models"]["student_erde"]["num_exits"] == 4  # 17 blocks: 3 early exits
     assert "mobilenetv2" in (out / "results.md").read_text()
     # published beside, not over, the preset pair's CIFAR-10 results
-    name = "cifar10-reduced-vgg11_bn-mobilenetv2"
+    name = "cifar10-reduced-vgg11_bn_x0.125-mobilenetv2_x0.25"  # widths other than 1 named
     assert (tmp_path / "docs" / "results" / f"{name}.json").is_file()
     assert f"<!-- erde-results:{name}:begin -->" in (tmp_path / "docs" / "RESULTS.md").read_text()
 
