@@ -12,9 +12,13 @@
 #
 # Steps 2 and 3 start from a copy of step 1's finished teacher (erde reproduce reuses a finished
 # run whose settings match). Publish with the same commands plus --docs docs once they finish.
-# OMP_NUM_THREADS (default 2) is the CPU threads; DATA the JPEG copy of CIFAR-10; EXTRA more
+# OMP_NUM_THREADS (default 2) is the CPU threads; PYTHON the interpreter (default python3); DATA the JPEG copy of CIFAR-10; EXTRA more
 # arguments for every step (the tests use it for tiny models: EXTRA="--set teacher.arch=resnet8 ...").
 set -euo pipefail
+# erde from this source tree, whatever `pip install -e` last pointed the installed one at: a run
+# of many hours must not pick up another checkout (or a deleted one) between its steps.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
+erde() { "${PYTHON:-python3}" -m erde.cli "$@"; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA:-$(dirname "$0")/../../shared/data/cifar10-jpeg.tar.gz}"
 RUNS="${RUNS:?set RUNS to a folder outside the work tree for the run folders}"

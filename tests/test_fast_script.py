@@ -24,9 +24,7 @@ def _run(data: Path, runs: Path) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "DATA": str(data), "RUNS": str(runs), "EXTRA": extra, "OMP_NUM_THREADS": "1",
-        "ERDE_CACHE_DIR": str(runs / "cache"),
-        # the erde of this interpreter: the console script next to it
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "ERDE_CACHE_DIR": str(runs / "cache"), "PYTHON": sys.executable,
     }  # fmt: skip
     return subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
