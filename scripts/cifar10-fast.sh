@@ -11,7 +11,9 @@
 #  3. cross-family: MobileNetV2 x0.5 students, exits paired by cost, 1 seed, same teacher
 #
 # Steps 2 and 3 start from a copy of step 1's finished teacher (erde reproduce reuses a finished
-# run whose settings match). Publish with the same commands plus --docs docs once they finish.
+# run whose settings match). With DOCS=docs each step publishes its results into docs/ (RESULTS.md
+# blocks cifar10-fast, cifar10-fast-resnet56-resnet20_x0.5, cifar10-fast-resnet56-mobilenetv2_x0.5)
+# as soon as it finishes; without, rerun the steps' commands with --docs docs later.
 # OMP_NUM_THREADS (default 2) is the CPU threads; PYTHON the interpreter (default python3); DATA the JPEG copy of CIFAR-10; EXTRA more
 # arguments for every step (the tests use it for tiny models: EXTRA="--set teacher.arch=resnet8 ...").
 set -euo pipefail
@@ -24,6 +26,7 @@ DATA="${DATA:-$(dirname "$0")/../../shared/data/cifar10-jpeg.tar.gz}"
 RUNS="${RUNS:?set RUNS to a folder outside the work tree for the run folders}"
 read -r -a extra <<< "${EXTRA:-}"
 common=(--dataset cifar10 --data-dir "$DATA" --schedule fast --no-progress "${extra[@]}")
+if [ -n "${DOCS:-}" ]; then common+=(--docs "$DOCS"); fi
 
 erde reproduce "${common[@]}" --seeds 3 --teacher-seeds 1 --out "$RUNS/cifar10-fast"
 

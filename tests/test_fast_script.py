@@ -19,12 +19,12 @@ from test_reproduce import TINY
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar10-fast.sh"
 
 
-def _run(data: Path, runs: Path) -> subprocess.CompletedProcess:
+def _run(data: Path, runs: Path, docs: Path) -> subprocess.CompletedProcess:
     extra = " ".join(f"--set {o}" for o in (*TINY, "student_train.epochs=1"))
     env = {
         **os.environ,
         "DATA": str(data), "RUNS": str(runs), "EXTRA": extra, "OMP_NUM_THREADS": "1",
-        "ERDE_CACHE_DIR": str(runs / "cache"), "PYTHON": sys.executable,
+        "ERDE_CACHE_DIR": str(runs / "cache"), "PYTHON": sys.executable, "DOCS": str(docs),
     }  # fmt: skip
     return subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
@@ -32,9 +32,9 @@ def _run(data: Path, runs: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_path: Path) -> None:
-    data, runs = tmp_path / "cifar10", tmp_path / "runs"
+    data, runs, docs = tmp_path / "cifar10", tmp_path / "runs", tmp_path / "docs"
     write_cifar10(data)
-    first = _run(data, runs)
+    first = _run(data, runs, docs)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "all CIFAR-10 fast-schedule runs finished" in first.stdout
 
@@ -51,6 +51,14 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_pat
     assert "exit_mapping_by: cost" in students["cifar10-fast-mobilenetv2x0.5"]
 
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed_*/*/checkpoint.pt")}
-    again = _run(data, runs)
+    # each step published under its own name (tiny models here, so each names its pair): the
+    # wider student of step 2 did not replace step 1's block
+    page = (docs / "RESULTS.md").read_text()
+    for name in ("cifar10-fast-resnet8_x0.5-resnet8_x0.25", "cifar10-fast-resnet8_x0.5-resnet8_x0.5",
+                 "cifar10-fast-resnet8_x0.5-mobilenetv2_x0.5_x0.25"):  # fmt: skip
+        assert page.count(f"<!-- erde-results:{name}:begin -->") == 1, name
+        assert (docs / "results" / f"{name}.json").is_file(), name
+
+    again = _run(data, runs, docs)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
