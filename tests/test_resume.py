@@ -218,3 +218,28 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # as the parent's runs: the same reductions, the same bits
     a = sys.argv[1:]
     _child(Path(a[0]), a[1], Path(a[2]), int(a[3]), int(a[4]))
+
+
+def test_the_time_left_after_a_resume_counts_only_the_steps_this_process_ran(
+    tmp_path: Path,
+) -> None:
+    """A run stopped at step 2 of epoch 1 and resumed times STEPS - 2 steps in that epoch."""
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = _config(2)  # a checkpoint every 2 steps
+    cfg.teacher_train.epochs = 3
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, Job("teacher"), tmp_path, progress=False, on_step=stop)
+    assert load_checkpoint(tmp_path)["global_step"] == 2
+
+    records: list[dict] = []
+    train(cfg, Job("teacher"), tmp_path, resume=True, progress=False,
+          on_epoch=lambda _out, record: records.append(record))  # fmt: skip
+    first = records[0]
+    assert (first["epoch"], first["epochs"]) == (1, 3)
+    left = 3 * STEPS - STEPS  # steps of epochs 2 and 3
+    assert first["eta_seconds"] == pytest.approx(first["seconds"] / (STEPS - 2) * left)
+    assert records[-1]["eta_seconds"] == 0

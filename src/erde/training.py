@@ -876,6 +876,8 @@ class _Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.rng = ckpt["rng"]
         self.position = {k: int(ckpt[k]) for k in self.position}
+        self.epoch_start_step = self.position["global_step"]  # steps timed start here
+        self.epoch_start = time.perf_counter()
         self.history = list(ckpt.get("history", []))
         running = ckpt.get("running")
         # the saved sums cover every rank: rank 0 carries them on, the others start from zero
