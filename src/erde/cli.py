@@ -403,6 +403,14 @@ def cmd_report_html(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from erde.status import status_lines
+
+    for line in status_lines(args.folder):
+        print(line)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from erde.export import export_checkpoint
 
@@ -694,6 +702,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report", help="a report.json written by erde run, evaluate or reproduce")
     p.add_argument("--out", help="folder to write report.html to (default: beside the report)")
     p.set_defaults(func=cmd_report_html)
+
+    p = sub.add_parser(
+        "status", help="where a (long) run stands: each model's epoch, accuracy, time left",
+        formatter_class=fmt,
+        description="Read the checkpoints and metrics.jsonl below a run folder (up to 3 levels: run / "
+        "seed / model) without touching them, and print one line per model: finished, or its epoch and "
+        "step, the last validation accuracy per exit, how long ago its checkpoint was written and about "
+        "how long is left; then whether an erde process holds the folder now (running) or not (stopped: "
+        "the same command with --resume, or erde reproduce as it was, continues it).",
+    )  # fmt: skip
+    p.add_argument("folder", help="a run folder (erde run / reproduce --out) or one model's folder")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "export", help="export to ONNX, one graph per stage, for the early-exit runtime",

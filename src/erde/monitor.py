@@ -5,7 +5,7 @@ metrics.jsonl), so they show exactly what metrics.jsonl holds:
 
     {"model", "epoch", "train_loss", "train_exit_accuracy": [E], "val_exit_accuracy": [E],
      "terms": {"ce_0", ..., "kl_0", "entropy_0", "teacher_correct_0", ...}, "lr",
-     "images", "seconds", "images_per_second", "epochs", "eta_seconds"}
+     "images", "seconds", "images_per_second", "epochs", "seconds_per_step", "eta_seconds"}
 
 TensorBoard is optional (``pip install "erde[tb]"``) and imported only when asked for.
 """

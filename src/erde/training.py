@@ -989,6 +989,7 @@ class _Run:
         # steps timed in this process (a resumed epoch ran only its last part here)
         timed = self.position["global_step"] - self.epoch_start_step
         left = self.env.total_steps - self.position["global_step"]
+        record["seconds_per_step"] = seconds / timed if timed > 0 else None
         record["eta_seconds"] = seconds / timed * left if timed > 0 else None
         record["val_exit_accuracy"] = evaluate_accuracy(
             self.model, self.env.val_set, self.env.splits, self.device,

@@ -1,0 +1,177 @@
+"""``erde status``: where a long run stands, read from its folders while it trains (or after).
+
+A run of many hours writes a checkpoint every epoch (or every N steps) and a
+line per epoch to ``metrics.jsonl``; this module reads them back, without
+touching anything, and says for every model below a folder: finished, or at
+which epoch and step, the last validation accuracy per exit, when the last
+checkpoint was written and about how long is left; and whether an erde process
+holds the folder's lock now (is the run alive, or was it stopped?).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from erde.checkpoints import load_checkpoint
+from erde.errors import ErdeError
+from erde.monitor import duration
+from erde.outputs import LOCK_NAME
+
+MAX_DEPTH = 3  # run folder / seed_<n> / model folder
+MAX_MODELS = 200
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model folder: where its training stands."""
+
+    folder: Path
+    finished: bool
+    epoch: int  # finished epochs
+    epochs: int
+    step_in_epoch: int
+    steps_per_epoch: int
+    val_exit_accuracy: list[float]
+    updated: float  # checkpoint mtime (seconds since the epoch)
+    eta_seconds: float | None  # None when finished or when no epoch has been timed yet
+
+
+def _last_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
+def _time_per_step(record: dict[str, Any] | None, steps_per_epoch: int) -> float | None:
+    """Seconds per step of the last epoch: as recorded, else from its estimate or its time."""
+    if not record or steps_per_epoch < 1:
+        return None
+    if record.get("seconds_per_step"):
+        return float(record["seconds_per_step"])
+    eta, epochs = record.get("eta_seconds"), record.get("epochs")
+    if eta and epochs:
+        left = (int(epochs) - int(record["epoch"])) * steps_per_epoch
+        return float(eta) / left if left > 0 else None
+    seconds = record.get("seconds")
+    return float(seconds) / steps_per_epoch if seconds else None
+
+
+def model_status(folder: str | Path) -> ModelStatus:
+    """Read ``folder/checkpoint.pt`` (``weights_only``) and ``metrics.jsonl``."""
+    folder = Path(folder)
+    ckpt = load_checkpoint(folder)
+    role = "teacher_train" if ckpt.get("role") == "teacher" else "student_train"
+    epochs = int(((ckpt.get("config") or {}).get(role) or {}).get("epochs") or 0)
+    steps = int(ckpt.get("steps_per_epoch") or 0)
+    record = _last_record(folder)
+    finished = bool(ckpt.get("finished"))
+    per_step = None if finished else _time_per_step(record, steps)
+    left = max(epochs * steps - int(ckpt["global_step"]), 0)
+    return ModelStatus(
+        folder=folder,
+        finished=finished,
+        epoch=int(ckpt["epoch"]),
+        epochs=epochs,
+        step_in_epoch=int(ckpt["step_in_epoch"]),
+        steps_per_epoch=steps,
+        val_exit_accuracy=list((record or {}).get("val_exit_accuracy") or []),
+        updated=(folder / "checkpoint.pt").stat().st_mtime,
+        eta_seconds=per_step * left if per_step is not None else None,
+    )
+
+
+def find_model_folders(root: str | Path) -> list[Path]:
+    """Folders holding a ``checkpoint.pt`` at ``root`` or up to ``MAX_DEPTH`` levels below it."""
+    root = Path(root)
+    found: list[Path] = []
+    frontier = [root]
+    for _ in range(MAX_DEPTH + 1):
+        below: list[Path] = []
+        for folder in frontier:
+            if (folder / "checkpoint.pt").is_file():
+                found.append(folder)
+            try:
+                below += sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+            except OSError:
+                continue
+        frontier = below
+        if len(found) >= MAX_MODELS:
+            break
+    return sorted(found)[:MAX_MODELS]
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s erde lock now (pid and command), or None.
+
+    Read from the lock file and the kernel's table of flock locks
+    (``/proc/locks``, Linux): nothing is locked or opened for writing, so a
+    running command is never disturbed. A lock file left by a killed process
+    is not held, and reads as None.
+    """
+    lock = Path(folder) / LOCK_NAME
+    try:
+        st = lock.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    if not any(
+        line.split()[1:2] == ["FLOCK"] and device in line.split() for line in table.splitlines()
+    ):
+        return None
+    try:
+        info = json.loads(lock.read_text())
+        return f"pid {info['pid']} ({info.get('command', 'erde')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an erde process"
+
+
+def _line(s: ModelStatus, root: Path, now: float) -> str:
+    name = str(s.folder.relative_to(root)) if s.folder != root else s.folder.name
+    if s.finished:
+        where = f"finished ({s.epochs} epochs)"
+    else:
+        where = f"epoch {s.epoch + 1}/{s.epochs} step {s.step_in_epoch}/{s.steps_per_epoch}"
+    acc = "/".join(f"{100 * a:.1f}" for a in s.val_exit_accuracy)
+    parts = [f"{name}: {where}"]
+    if acc:
+        parts.append(f"val acc {acc} %")
+    parts.append(f"checkpoint {duration(max(now - s.updated, 0))} ago")
+    if s.eta_seconds is not None:
+        parts.append(f"about {duration(s.eta_seconds)} left")
+    return ", ".join(parts)
+
+
+def status_lines(root: str | Path, now: float | None = None) -> list[str]:
+    """One line per model below ``root``, then whether an erde process is writing there."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ErdeError(f"{root}: no such folder")
+    now = time.time() if now is None else now
+    folders = find_model_folders(root)
+    if not folders:
+        raise ErdeError(f"{root}: no checkpoint.pt here or up to {MAX_DEPTH} folders below")
+    lines = []
+    for folder in folders:
+        try:
+            lines.append(_line(model_status(folder), root, now))
+        except ErdeError as exc:
+            lines.append(f"{folder.relative_to(root)}: unreadable ({exc})")
+    candidates = {*root.resolve().parents[:2], root, *(p.parent for p in folders), *folders}
+    holders = {h for f in candidates if (h := lock_holder(f))}
+    lines.append(
+        "running: " + "; ".join(sorted(holders))
+        if holders
+        else "not running: no erde process holds these folders (resume with the same command)"
+    )
+    return lines
+
+
+__all__ = ["ModelStatus", "find_model_folders", "lock_holder", "model_status", "status_lines"]

@@ -1,0 +1,91 @@
+"""erde status: read a run's folders while it trains, and tell a live run from a stopped one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from erde.cli import main
+from erde.status import lock_holder, model_status, status_lines
+from erde.training import Job, train
+
+
+def test_a_finished_run_lists_every_model_as_finished_and_not_running(tiny_run) -> None:
+    lines = status_lines(tiny_run["out"])
+    names = [line.split(":")[0] for line in lines[:-1]]
+    assert names == ["student_ce", "student_erde", "student_kd", "teacher"]
+    assert all("finished (" in line and "val acc " in line for line in lines[:-1])
+    assert not any(" left" in line for line in lines)
+    assert lines[-1].startswith("not running")
+
+
+def test_a_stopped_run_says_where_it_stands_and_how_long_is_left(tiny_cfg, tmp_path) -> None:
+    cfg = tiny_cfg
+    cfg.teacher_train.epochs = 3
+    cfg.teacher_train.checkpoint_every_steps = 2
+    steps = cfg.teacher_train.max_steps_per_epoch  # 4
+
+    def stop_at(step: int):
+        def stop(s: int) -> None:
+            if s == step:
+                raise KeyboardInterrupt
+
+        return stop
+
+    with pytest.raises(KeyboardInterrupt):  # killed at step 3: checkpoint at step 2, no epoch yet
+        train(cfg, Job("teacher"), tmp_path, progress=False, on_step=stop_at(3))
+    (line, running) = status_lines(tmp_path)
+    assert line.startswith(f"{tmp_path.name}: epoch 1/3 step 2/{steps}, checkpoint ")
+    assert " left" not in line  # nothing timed yet
+    assert running.startswith("not running")
+
+    with pytest.raises(KeyboardInterrupt):  # one epoch done, stopped in the second
+        train(cfg, Job("teacher"), tmp_path, resume=True, progress=False,
+              on_step=stop_at(steps + 3))  # fmt: skip
+    status = model_status(tmp_path)
+    assert (status.finished, status.epoch, status.step_in_epoch) == (False, 1, 2)
+    assert len(status.val_exit_accuracy) == 3
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["seconds_per_step"] > 0
+    left = 3 * steps - (steps + 2)
+    assert status.eta_seconds == pytest.approx(record["seconds_per_step"] * left)
+    assert "about " in status_lines(tmp_path)[0]
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from erde.outputs import output_lock
+    with output_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_live_erde_process_holding_the_folder_reads_as_running(tiny_run, tmp_path) -> None:
+    folder = tiny_run["out"]
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        assert lock_holder(folder) == f"pid {child.pid} (erde {folder})"  # argv of the holder
+        assert status_lines(folder)[-1].startswith(f"running: pid {child.pid}")
+    finally:
+        child.kill()
+        child.wait()
+    assert lock_holder(folder) is None  # a killed holder leaves nothing held
+    assert status_lines(folder)[-1].startswith("not running")
+
+
+def test_cli_status_prints_the_lines_and_refuses_a_folder_without_models(
+    tiny_run, tmp_path, capsys
+) -> None:
+    assert main(["status", str(tiny_run["out"])]) == 0
+    assert capsys.readouterr().out.splitlines() == status_lines(tiny_run["out"])
+    assert main(["status", str(tmp_path)]) == 2
+    assert "no checkpoint.pt here" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
