@@ -154,6 +154,31 @@ def test_stage_graph_not_the_manifests_with_its_checksum_updated_is_refused(
     assert "stage_1.onnx does not fit the manifest" in line and captured.out == ""
 
 
+def test_stage_graph_with_a_nan_weight_and_its_checksum_updated_is_refused(
+    tiny_export, tmp_path: Path, image: Path, capsys
+) -> None:
+    """A damaged graph would answer nan for every image: refused at load, naming the tensor."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    folder = _edited_export(tiny_export["dir"], tmp_path / "export")
+    graph_file = folder / "stage_1.onnx"
+    model = onnx.load(str(graph_file))
+    weight = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(graph_file))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["stages"][1]["sha256"] = hashlib.sha256(graph_file.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["predict", str(folder), str(image), "--threshold", "0.5"]) == 2
+    captured = capsys.readouterr()
+    line = one_error_line(captured.err)
+    assert f"stage_1.onnx: weight {weight.name!r} holds nan or inf" in line and captured.out == ""
+
+
 def test_export_with_an_opset_the_exporter_cannot_write_fails_and_claims_nothing(
     tiny_run, tmp_path: Path, capsys
 ) -> None:

@@ -362,6 +362,29 @@ def _check_graph(session: Any, stage: dict[str, Any], num_classes: int, where: s
             )
 
 
+def _check_finite_weights(path: Path) -> None:
+    """Refuse a stage graph with a nan or inf among its float weights, naming the tensor.
+
+    Such a graph answers with non-finite probabilities for every image. Needs
+    the ``onnx`` package (part of the ``onnx`` extra); a deployment with only
+    ``onnxruntime`` installed skips the scan, and ``erde predict`` still refuses
+    non-finite answers one by one.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for tensor in graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ExportError(
+                f"{path}: weight {tensor.name!r} holds nan or inf values; the export is damaged "
+                "(export the checkpoint again)"
+            )
+
+
 def _ints(value: Any, count: int) -> bool:
     """``value`` is ``count`` positive ints (one int when ``count`` is 1 and it is not a list)."""
     items = value if isinstance(value, list) else [value]
@@ -433,6 +456,7 @@ class OnnxEarlyExitRuntime:
             ) from None
         for session, stage in zip(self.sessions, self.manifest["stages"], strict=True):
             _check_graph(session, stage, self.identity.num_classes, str(self.directory))
+            _check_finite_weights(self.directory / stage["file"])
 
     def _run(self, i: int, h: np.ndarray) -> tuple[np.ndarray, Tensor]:
         features, logits = self.sessions[i].run(None, {"input": h})
