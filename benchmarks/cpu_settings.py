@@ -36,8 +36,15 @@ from erde.losses import exit_mapping, student_loss, teacher_loss  # noqa: E402
 from erde.models import build_model  # noqa: E402
 
 
-def make_step(kind: str, nhwc: bool, bf16: bool, batch: int, teacher_arch: str, student_arch: str):
-    """A closure running one training step of ``kind`` (teacher | erde) in the given setting."""
+def make_step(
+    kind: str, nhwc: bool, bf16: bool, batch: int, teacher_arch: str, student_arch: str,
+    compiled: bool = False,
+):  # fmt: skip
+    """A closure running one training step of ``kind`` (teacher | erde) in the given setting.
+
+    ``compiled`` runs the model (and the teacher's forward) through ``torch.compile``, as
+    ``*_train.compile=true`` does in training.
+    """
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).contiguous(memory_format=fmt)
@@ -51,15 +58,17 @@ def make_step(kind: str, nhwc: bool, bf16: bool, batch: int, teacher_arch: str, 
         teacher.eval()
         mapping = exit_mapping(model.num_exits, teacher.num_exits)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    forward = torch.compile(model) if compiled else model
+    teacher_forward = torch.compile(teacher) if compiled and kind != "teacher" else teacher
 
     def step() -> None:
         with cast():
-            out = model(x)
+            out = forward(x)
             if kind == "teacher":
                 loss = teacher_loss(out, y, [1.0] * len(out))["total"]
             else:
                 with torch.inference_mode():
-                    t_out = teacher(x)
+                    t_out = teacher_forward(x)
                 t_out = [z.clone() for z in t_out]
                 loss = student_loss("erde", out, t_out, y, [1.0] * len(out), mapping)["total"]
         opt.zero_grad(set_to_none=True)
@@ -78,21 +87,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--bf16", action="store_true", help="also time bf16 where it is emulated")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time NHWC fp32 under torch.compile (compiles first: minutes)",
+    )
     p.add_argument("--teacher-arch", default="resnet56")
     p.add_argument("--student-arch", default="resnet20")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = [("NCHW fp32", False, False), ("NHWC fp32", True, False)]
+    settings = [("NCHW fp32", False, False, False), ("NHWC fp32", True, False, False)]
     if cpu_has_bf16() or args.bf16:
-        settings.append(("NHWC bf16", True, True))
+        settings.append(("NHWC bf16", True, True, False))
+    if args.compile:
+        settings.append(("NHWC fp32 compiled", True, False, True))
     print(f"{cpu_precision_summary()}; {torch.get_num_threads()} threads; batch {args.batch_size}")
     results = {}
     for kind in ("teacher", "erde"):
         steps = {
-            name: make_step(kind, nhwc, bf16, args.batch_size, args.teacher_arch, args.student_arch)
-            for name, nhwc, bf16 in settings
+            name: make_step(
+                kind, nhwc, bf16, args.batch_size, args.teacher_arch, args.student_arch, compiled
+            )  # fmt: skip
+            for name, nhwc, bf16, compiled in settings
         }
         for fn in steps.values():  # warm-up
             fn()
@@ -106,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 best[name] = max(best[name], ips)
         base = best["NCHW fp32"]
         for name, ips in best.items():
-            print(f"{kind:7s} step  {name:9s}  {ips:7.1f} img/s  ratio {ips / base:.2f}")
+            print(f"{kind:7s} step  {name:18s}  {ips:7.1f} img/s  ratio {ips / base:.2f}")
         results[kind] = best
     if args.json:
         args.json.write_text(json.dumps({"results": results, "batch_size": args.batch_size,

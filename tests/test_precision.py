@@ -86,3 +86,9 @@ def test_cpu_settings_benchmark_times_every_setting(tmp_path: Path, one_thread) 
     for kind in ("teacher", "erde"):
         assert set(results[kind]) == {"NCHW fp32", "NHWC fp32", "NHWC bf16"}
         assert all(v > 0 for v in results[kind].values())
+    # the compiled setting really goes through torch.compile (dynamo captures a graph)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    script.make_step("teacher", True, False, 4, "resnet8", "resnet8", compiled=True)()
+    assert counters["stats"]["unique_graphs"] >= 1
