@@ -89,3 +89,11 @@ def test_cli_status_prints_the_lines_and_refuses_a_folder_without_models(
     assert "no checkpoint.pt here" in capsys.readouterr().err
     assert main(["status", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_without_a_lock_table_the_state_is_unknown_not_stopped(tiny_run, monkeypatch) -> None:
+    """On systems without /proc/locks (macOS), a live run must not be reported as stopped."""
+    import erde.status
+
+    monkeypatch.setattr(erde.status, "_flock_table", lambda: None)
+    assert status_lines(tiny_run["out"])[-1].startswith("running or not: unknown")

@@ -116,10 +116,12 @@ def lock_holder(folder: str | Path) -> str | None:
     is not held, and reads as None.
     """
     lock = Path(folder) / LOCK_NAME
+    table = _flock_table()
     try:
         st = lock.stat()
-        table = Path("/proc/locks").read_text()
     except OSError:
+        return None
+    if table is None:
         return None
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     if not any(
@@ -131,6 +133,14 @@ def lock_holder(folder: str | Path) -> str | None:
         return f"pid {info['pid']} ({info.get('command', 'erde')})"
     except (OSError, ValueError, KeyError, TypeError):
         return "an erde process"
+
+
+def _flock_table() -> str | None:
+    """The kernel's table of file locks (Linux), or None where there is none to read."""
+    try:
+        return Path("/proc/locks").read_text()
+    except OSError:
+        return None
 
 
 def _line(s: ModelStatus, root: Path, now: float) -> str:
@@ -166,11 +176,14 @@ def status_lines(root: str | Path, now: float | None = None) -> list[str]:
             lines.append(f"{folder.relative_to(root)}: unreadable ({exc})")
     candidates = {*root.resolve().parents[:2], root, *(p.parent for p in folders), *folders}
     holders = {h for f in candidates if (h := lock_holder(f))}
-    lines.append(
-        "running: " + "; ".join(sorted(holders))
-        if holders
-        else "not running: no erde process holds these folders (resume with the same command)"
-    )
+    if holders:
+        lines.append("running: " + "; ".join(sorted(holders)))
+    elif _flock_table() is None:
+        lines.append("running or not: unknown here (no /proc/locks to read the folder's lock)")
+    else:
+        lines.append(
+            "not running: no erde process holds these folders (resume with the same command)"
+        )
     return lines
 
 
