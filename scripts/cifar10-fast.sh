@@ -17,27 +17,44 @@
 # OMP_NUM_THREADS (default 2) is the CPU threads; PYTHON the interpreter (default python3); DATA the JPEG copy of CIFAR-10; EXTRA more
 # arguments for every step (the tests use it for tiny models: EXTRA="--set teacher.arch=resnet8 ...").
 set -euo pipefail
-# erde from this source tree, whatever `pip install -e` last pointed the installed one at: a run
-# of many hours must not pick up another checkout (or a deleted one) between its steps.
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
+
+# The whole script is one function, parsed before anything runs: editing this file while a run is
+# going (a git pull, a checkout) cannot change the commands that run is about to read.
+main() {
+    # erde from this source tree, whatever `pip install -e` last pointed the installed one at: a
+    # run of many hours must not pick up another checkout (or a deleted one) between its steps.
+    local here
+    here="$(cd "$(dirname "$0")/.." && pwd)"
+    export PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}"
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+    local data="${DATA:-$here/../shared/data/cifar10-jpeg.tar.gz}"
+    if [ ! -e "$data" ]; then
+        echo "cifar10-fast.sh: no CIFAR-10 copy at $data (set DATA)" >&2
+        return 2
+    fi
+    data="$(cd "$(dirname "$data")" && pwd)/$(basename "$data")"  # absolute, as configs record it
+    local runs="${RUNS:?set RUNS to a folder outside the work tree for the run folders}"
+    local extra common
+    read -r -a extra <<< "${EXTRA:-}"
+    common=(--dataset cifar10 --data-dir "$data" --schedule fast --no-progress "${extra[@]}")
+    if [ -n "${DOCS:-}" ]; then common+=(--docs "$DOCS"); fi
+
+    erde reproduce "${common[@]}" --seeds 3 --teacher-seeds 1 --out "$runs/cifar10-fast"
+
+    local teacher="$runs/cifar10-fast/seed_0/teacher" variant
+    for variant in r20x0.5 mobilenetv2x0.5; do
+        mkdir -p "$runs/cifar10-fast-$variant/seed_0"
+        [ -e "$runs/cifar10-fast-$variant/seed_0/teacher" ] ||
+            cp -r "$teacher" "$runs/cifar10-fast-$variant/seed_0/teacher"
+    done
+    erde reproduce "${common[@]}" --seeds 1 --set student.width=0.5 \
+        --out "$runs/cifar10-fast-r20x0.5"
+    erde reproduce "${common[@]}" --seeds 1 --set student.arch=mobilenetv2_x0.5 \
+        --set distill.exit_mapping_by=cost --out "$runs/cifar10-fast-mobilenetv2x0.5"
+    echo "all CIFAR-10 fast-schedule runs finished"
+}
+
 erde() { "${PYTHON:-python3}" -m erde.cli "$@"; }
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-DATA="${DATA:-$(dirname "$0")/../../shared/data/cifar10-jpeg.tar.gz}"
-RUNS="${RUNS:?set RUNS to a folder outside the work tree for the run folders}"
-read -r -a extra <<< "${EXTRA:-}"
-common=(--dataset cifar10 --data-dir "$DATA" --schedule fast --no-progress "${extra[@]}")
-if [ -n "${DOCS:-}" ]; then common+=(--docs "$DOCS"); fi
 
-erde reproduce "${common[@]}" --seeds 3 --teacher-seeds 1 --out "$RUNS/cifar10-fast"
-
-teacher="$RUNS/cifar10-fast/seed_0/teacher"
-for variant in r20x0.5 mobilenetv2x0.5; do
-    mkdir -p "$RUNS/cifar10-fast-$variant/seed_0"
-    [ -e "$RUNS/cifar10-fast-$variant/seed_0/teacher" ] ||
-        cp -r "$teacher" "$RUNS/cifar10-fast-$variant/seed_0/teacher"
-done
-erde reproduce "${common[@]}" --seeds 1 --set student.width=0.5 \
-    --out "$RUNS/cifar10-fast-r20x0.5"
-erde reproduce "${common[@]}" --seeds 1 --set student.arch=mobilenetv2_x0.5 \
-    --set distill.exit_mapping_by=cost --out "$RUNS/cifar10-fast-mobilenetv2x0.5"
-echo "all CIFAR-10 fast-schedule runs finished"
+main "$@"
+exit

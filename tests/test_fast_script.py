@@ -62,3 +62,13 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_pat
     again = _run(data, runs, docs)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
+
+
+def test_a_missing_data_copy_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    result = _run(tmp_path / "missing.tar.gz", runs, tmp_path / "docs")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"cifar10-fast.sh: no CIFAR-10 copy at {tmp_path / 'missing.tar.gz'} (set DATA)"
+    )
+    assert not runs.exists()
