@@ -50,3 +50,4 @@ def test_every_python_block_of_the_page_runs(page: Path, workspace: Path) -> Non
         assert (workspace / "runs/own/student_erde/checkpoint.thresholds.json").is_file()
         assert (workspace / "runs/own/student_erde_onnx/manifest.json").is_file()
         assert [s[1] for s in namespace["seen"]] == [1, 2]
+        assert namespace["line"].startswith("not running")  # the status block's last line
