@@ -480,19 +480,38 @@ def calibrate_checkpoint(
     stem>.thresholds.json`` beside the checkpoint (or ``out``) and returns the
     result and the path.
     """
-    from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
+    from erde.inference import thresholds_path
     from erde.outputs import check_output_file
 
     Target.create(budget, max_drop)  # fail before loading anything
     check_output_file(Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint])
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
-    bs = cfg.data.eval_batch_size
-    val_logits, val_labels = _record(model, splits, "val", dev, bs, progress)
-    test_logits, test_labels = _record(model, splits, "test", dev, bs, progress)
+    val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
+        model, splits, dev, cfg.data.eval_batch_size, progress
+    )
     result = calibrate(
         val_logits, val_labels, costs.macs_per_exit, budget=budget, max_drop=max_drop, rule=rule,
         per_exit=per_exit, temperature=temperature, test_logits=test_logits, test_labels=test_labels,
     )  # fmt: skip
+    return result, _save_checkpoint_thresholds(ckpt, model, splits, costs, result, per_exit, out)
+
+
+def _val_and_test_logits(
+    model: torch.nn.Module, splits: Any, dev: torch.device, batch_size: int, progress: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every exit's logits (E, N, K) and the labels (N,) of the validation and the test split."""
+    val_logits, val_labels = _record(model, splits, "val", dev, batch_size, progress)
+    test_logits, test_labels = _record(model, splits, "test", dev, batch_size, progress)
+    return val_logits, val_labels, test_logits, test_labels
+
+
+def _save_checkpoint_thresholds(
+    ckpt: dict, model: Any, splits: Any, costs: Any, result: Any, per_exit: bool,
+    out: str | Path | None,
+) -> Path:  # fmt: skip
+    """Write ``result``'s thresholds for the checkpoint's model (beside it unless ``out``)."""
+    from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
+
     identity = ModelIdentity(
         ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
     )
@@ -505,7 +524,7 @@ def calibrate_checkpoint(
     }
     path = Path(out) if out is not None else thresholds_path(ckpt["path"])
     save_thresholds(path, result.policy, identity, details)
-    return result, path
+    return path
 
 
 def evaluate_budgeted(

@@ -392,32 +392,20 @@ def calibrate_checkpoint_guaranteed(
     Raises :class:`CalibrationError` (nothing written) when no setting that
     lets images leave early passes, naming about how many images would be needed.
     """
-    from erde.calibration import _open, _record
-    from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
+    from erde.calibration import _open, _save_checkpoint_thresholds, _val_and_test_logits
 
     RiskTarget.create(risk, max_risk, confidence)  # fail before loading anything
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device)
-    bs = cfg.data.eval_batch_size
-    val_logits, val_labels = _record(model, splits, "val", dev, bs, progress)
-    test_logits, test_labels = _record(model, splits, "test", dev, bs, progress)
+    val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
+        model, splits, dev, cfg.data.eval_batch_size, progress
+    )
     result = calibrate_guaranteed(
         val_logits, val_labels, costs.macs_per_exit, max_risk=max_risk, confidence=confidence,
         risk=risk, rule=rule, per_exit=per_exit, test_logits=test_logits, test_labels=test_labels,
     )  # fmt: skip
     if not result.passed:
         raise CalibrationError(f"{result.message}; no thresholds file written")
-    identity = ModelIdentity(
-        ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
-    )
-    details = {
-        **result.to_dict(),
-        "checkpoint": ckpt["path"],
-        "dataset": splits.name,
-        "macs_per_exit": list(costs.macs_per_exit),
-        "per_exit": result.per_exit,
-    }
-    path = Path(out) if out is not None else thresholds_path(ckpt["path"])
-    save_thresholds(path, result.policy, identity, details)
+    path = _save_checkpoint_thresholds(ckpt, model, splits, costs, result, result.per_exit, out)
     return result, path
 
 
