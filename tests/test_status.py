@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from erde.cli import main
+from erde.errors import ErdeError
 from erde.status import lock_holder, model_status, status_lines
 from erde.training import Job, train
 
@@ -97,3 +98,16 @@ def test_without_a_lock_table_the_state_is_unknown_not_stopped(tiny_run, monkeyp
 
     monkeypatch.setattr(erde.status, "_flock_table", lambda: None)
     assert status_lines(tiny_run["out"])[-1].startswith("running or not: unknown")
+
+
+def test_a_damaged_checkpoint_is_one_line_and_the_others_are_still_read(tiny_run, tmp_path) -> None:
+    import shutil
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    shutil.copytree(tiny_run["teacher"].parent, tmp_path / "teacher")
+    lines = status_lines(tmp_path)
+    assert lines[0].startswith("broken: unreadable (") and "checkpoint" in lines[0]
+    assert lines[1].startswith("teacher: finished (")
+    with pytest.raises(ErdeError, match="not a folder"):
+        status_lines(tmp_path / "broken" / "checkpoint.pt")

@@ -163,7 +163,12 @@ def status_lines(root: str | Path, now: float | None = None) -> list[str]:
     """One line per model below ``root``, then whether an erde process is writing there."""
     root = Path(root)
     if not root.is_dir():
-        raise ErdeError(f"{root}: no such folder")
+        what = (
+            "not a folder (give a run folder or a model folder)"
+            if root.exists()
+            else "no such folder"
+        )
+        raise ErdeError(f"{root}: {what}")
     now = time.time() if now is None else now
     folders = find_model_folders(root)
     if not folders:
