@@ -1,7 +1,8 @@
 """scripts/cifar10-fast.sh, run for real by bash on tiny CIFAR-10 files with tiny models.
 
 The script chains hours of training; what must not fail after those hours is the
-chaining: steps 2 and 3 start from a copy of step 1's finished teacher, which
+chaining: steps 2 and 4 start from a copy of step 1's finished teacher, step 3 adds seeds to
+step 1's run, which
 ``erde reproduce`` must accept as reusable (same teacher settings) and not retrain.
 """
 
@@ -37,6 +38,9 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_pat
     first = _run(data, runs, docs)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "all CIFAR-10 fast-schedule runs finished" in first.stdout
+    # step 3 adds seeds 1 and 2 to step 1's seed 0 without training seed 0 again
+    reused = f"student_erde: already finished in {runs / 'cifar10-fast/seed_0/student_erde'}"
+    assert reused in first.stdout
 
     teacher = (runs / "cifar10-fast/seed_0/teacher/checkpoint.pt").read_bytes()
     students = {}

@@ -443,3 +443,26 @@ def test_speed_only_switches_do_not_block_reuse_but_the_method_does(tmp_path: Pa
     other = reproduce_config("cifar10", "fast", overrides=["teacher_train.lr=0.2"])
     with pytest.raises(ConfigError, match=r"teacher_train\.lr"):
         check_reusable(tmp_path, other, ["teacher"])
+
+
+def test_a_null_split_seed_equals_the_seed_it_stands_for(tmp_path: Path) -> None:
+    """One seed run with its own teacher saves split_seed null; seeds added later with the shared
+    teacher ask for split_seed 0: for seed 0 those hold out the same images, so seed 0 is reused."""
+    import dataclasses
+
+    from erde.config import save_config
+    from erde.reproduce import check_reusable
+    from erde.training import Job, config_differences
+
+    cfg = reproduce_config("cifar10", "fast")
+    (tmp_path / "student_erde").mkdir()
+    save_config(cfg, tmp_path / "student_erde" / "config.yaml")  # split_seed: null, seed 0
+    for split_seed, reusable in ((0, True), (1, False)):
+        asked = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split_seed=split_seed))
+        diffs = config_differences(cfg.to_dict(), asked.to_dict(), Job("student", "erde"))
+        assert diffs == ([] if reusable else ["data.split_seed: 0 -> 1"])
+        if reusable:
+            check_reusable(tmp_path, asked, ["student_erde"])
+        else:
+            with pytest.raises(ConfigError, match=r"data\.split_seed \(0 there, 1 now\)"):
+                check_reusable(tmp_path, asked, ["student_erde"])

@@ -250,6 +250,19 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def explicit_split_seed(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with ``data.split_seed`` set to the seed it stands for.
+
+    ``split_seed: null`` means "the run's seed", so a seed-0 run saved with null and a run asked
+    for with ``split_seed: 0`` hold out the same images: comparisons of settings (reuse, resume)
+    must see them as equal.
+    """
+    data = dict(config.get("data") or {})
+    if data.get("split_seed") is None:
+        data["split_seed"] = config.get("seed")
+    return {**config, "data": data}
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML lets the last win)."""
 

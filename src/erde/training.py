@@ -44,7 +44,14 @@ from erde.checkpoints import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from erde.config import DistillConfig, ExperimentConfig, ModelConfig, TrainConfig, save_config
+from erde.config import (
+    DistillConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
+    explicit_split_seed,
+    save_config,
+)
 from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch, to_device
 from erde.errors import CheckpointError, ConfigError, ErdeError
 from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe_convs
@@ -442,7 +449,7 @@ def settings_that_shape(job: Job) -> tuple[str, ...]:
 
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any], job: Job) -> list[str]:
     """``key: saved -> wanted`` for every setting of ``job`` that differs."""
-    old, new = _flatten(saved), _flatten(wanted)
+    old, new = _flatten(explicit_split_seed(saved)), _flatten(explicit_split_seed(wanted))
     sections = settings_that_shape(job)
     keys = [
         k

@@ -11,7 +11,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from erde.config import ExperimentConfig, config_from_dict, load_config, load_yaml, preset_path
+from erde.config import (
+    ExperimentConfig,
+    config_from_dict,
+    explicit_split_seed,
+    load_config,
+    load_yaml,
+    preset_path,
+)
 from erde.data.formats import CIFAR10
 from erde.errors import ConfigError, DataError
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
@@ -142,7 +149,7 @@ def _training_view(config: Mapping[str, Any], role: str) -> dict[str, Any]:
     everything (its teacher included). Speed-only switches (NHWC, compile,
     checkpoint frequency) are left out: a run may resume with another.
     """
-    view = config_from_dict(copy.deepcopy(dict(config))).to_dict()
+    view = explicit_split_seed(config_from_dict(copy.deepcopy(dict(config))).to_dict())
     for key in ("device", "evaluation"):
         view.pop(key, None)
     data = dict(view.get("data") or {})
