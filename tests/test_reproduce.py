@@ -45,6 +45,7 @@ from erde.reproduce import (
     seed_plans,
     table_thresholds,
     threshold_grid,
+    training_time,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -144,6 +145,22 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
     assert "Accuracy (%) and mean MACs at fixed thresholds" in markdown and " ± " in markdown
     assert "| Seeds ahead | p | MACs ratio |" in markdown
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what training cost: every model, from its own metrics.jsonl, written into the page
+    assert list(results["training_time"]) == list(MODELS)
+    for name, cost in results["training_time"].items():
+        per_seed = [
+            training_time(
+                [json.loads(line) for line in (out / f"seed_{s}" / name / "metrics.jsonl").open()],
+                32,
+            )
+            for s in (0, 1)
+        ]
+        assert cost["epochs"] == 1 and cost["hours"] > 0
+        assert cost["hours"] == pytest.approx(statistics.fmean(t["hours"] for t in per_seed))
+    assert "Training time on the machine below (median epoch × epochs" in markdown
+    assert (
+        f"Teacher 1 × {results['training_time']['teacher']['seconds_per_epoch']:.0f} s" in markdown
+    )
 
     printed = capsys.readouterr().out  # without bars, a line per epoch of every model
     for name in MODELS:  # one epoch each, two seeds

@@ -242,4 +242,11 @@ def test_the_time_left_after_a_resume_counts_only_the_steps_this_process_ran(
     assert (first["epoch"], first["epochs"]) == (1, 3)
     left = 3 * STEPS - STEPS  # steps of epochs 2 and 3
     assert first["eta_seconds"] == pytest.approx(first["seconds"] / (STEPS - 2) * left)
+    # throughput of the steps timed here, not of the whole epoch's images over part of its time
+    assert first["steps"] == STEPS
+    per_step = first["images"] / STEPS
+    assert first["images_per_second"] == pytest.approx(per_step * (STEPS - 2) / first["seconds"])
+    assert records[1]["images_per_second"] == pytest.approx(
+        records[1]["images"] / records[1]["seconds"]
+    )
     assert records[-1]["eta_seconds"] == 0

@@ -996,8 +996,12 @@ class _Run:
         # steps timed in this process (a resumed epoch ran only its last part here)
         timed = self.position["global_step"] - self.epoch_start_step
         left = self.env.total_steps - self.position["global_step"]
+        record["steps"] = self.env.steps_per_epoch
         record["seconds_per_step"] = seconds / timed if timed > 0 else None
         record["eta_seconds"] = seconds / timed * left if timed > 0 else None
+        if timed > 0:  # a resumed epoch: the images of the steps timed here, not the epoch's
+            per_step = record["images"] / self.env.steps_per_epoch
+            record["images_per_second"] = per_step * timed / seconds
         record["val_exit_accuracy"] = evaluate_accuracy(
             self.model, self.env.val_set, self.env.splits, self.device,
             self.cfg.data.eval_batch_size, self.ctx,

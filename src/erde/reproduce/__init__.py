@@ -62,6 +62,7 @@ from erde.reproduce.stats import (
     paired_p_value,
     table_thresholds,
     threshold_grid,
+    training_time,
 )
 
 __all__ = [
@@ -91,5 +92,6 @@ __all__ = [
     "table_thresholds",
     "teacher_design",
     "threshold_grid",
+    "training_time",
     "write_results",
 ]

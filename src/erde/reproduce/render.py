@@ -67,6 +67,22 @@ def _comparison_sentence(comp: Mapping[str, Any]) -> str:
     )
 
 
+def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One sentence on what training cost on the machine named under the block, per model."""
+    if not times:
+        return []
+    parts = [
+        f"{model_label(k)} {t['epochs']} × {t['seconds_per_epoch']:.0f} s = {t['hours']:.2f} h"
+        for k, t in times.items()
+    ]
+    return [
+        "Training time on the machine below (median epoch × epochs, from each model's "
+        "metrics.jsonl; the students of a seed train side by side in one loop, so each shows "
+        f"that loop's time; mean over seeds): {'; '.join(parts)}.",
+        "",
+    ]
+
+
 def render_markdown(
     results: Mapping[str, Any], *, plot_link: str = "tradeoff.png", level: int = 1
 ) -> str:
@@ -92,6 +108,7 @@ def render_markdown(
         f"images{loader}, {data['num_classes']} classes. Teacher design: "
         f"{results.get('teacher_design', 'one teacher per seed (independent replicates)')}.",
         "",
+        *_training_lines(results.get("training_time") or {}),
         f"Entropy exit rule at θ = h · log K. Accuracy: mean ± std over seeds (sample std), in %. "
         f"MACs: mean per test image, averaged over seeds. Created {results['created']}.",
         "",

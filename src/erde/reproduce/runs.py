@@ -23,7 +23,7 @@ from erde.data.formats import CIFAR10
 from erde.errors import ConfigError, DataError
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
 from erde.reproduce.render import publish, write_results
-from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid
+from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid, training_time
 from erde.training import (
     PERFORMANCE_ONLY,
     EpochCallback,
@@ -319,6 +319,15 @@ def run_seed(
     return report
 
 
+def _training_time(model_dir: Path, batch_size: int) -> dict[str, Any] | None:
+    """:func:`training_time` of the model trained in ``model_dir`` (None without metrics)."""
+    try:
+        lines = (model_dir / "metrics.jsonl").read_text().splitlines()
+        return training_time([json.loads(line) for line in lines if line.strip()], batch_size)
+    except (OSError, ValueError):
+        return None
+
+
 def reproduce(
     dataset: str,
     out_dir: str | Path,
@@ -371,6 +380,7 @@ def reproduce(
         check_reusable(out / f"seed_{plan.seed}", plan.student_config(cfg), students)
     reports: dict[int, dict[str, Any]] = {}
     relative: dict[int, str] = {}
+    times: dict[int, dict[str, dict[str, Any] | None]] = {}
     paths: dict[str, Path] = {}
     log(f"{schedule} schedule, {design}")
     for i, plan in enumerate(plans):
@@ -383,9 +393,11 @@ def reproduce(
         )  # fmt: skip
         reports[plan.seed] = json.loads(report.read_text())
         relative[plan.seed] = str(report.relative_to(out))
+        folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in MODELS}
+        times[plan.seed] = {m: _training_time(d, cfg.data.batch_size) for m, d in folders.items()}
         results = aggregate(
             reports, dataset=dataset, schedule=schedule, loader=loader, command=command,
-            seed_reports=relative, teacher_seeds=teacher_seeds, design=design,
+            seed_reports=relative, teacher_seeds=teacher_seeds, design=design, training=times,
         )  # fmt: skip
         paths = write_results(out, results)
     if docs_dir is not None:

@@ -290,6 +290,59 @@ def split_reduction(reduction: dict[str, Any] | None, full_macs: float) -> dict[
     }
 
 
+def training_time(
+    history: Sequence[Mapping[str, Any]], batch_size: int
+) -> dict[str, float | int] | None:
+    """What training one model cost here, from its metrics.jsonl records (one per epoch).
+
+    ``seconds_per_epoch`` is the median over epochs of the time per step times the epoch's
+    steps, and ``hours`` that times the epochs: a long run that was stopped and resumed times a
+    resumed epoch only in part and repeats the steps since its last checkpoint, and epochs that
+    shared the CPU with other work are slow, so the sum of the recorded times
+    (``recorded_hours``) says less about what an epoch costs. Models trained side by side share
+    their loop's time. Records without a time per step (older runs) count with their epoch time.
+
+    >>> t = training_time([{"seconds": 30.0, "seconds_per_step": 0.1, "images": 25600},
+    ...                    {"seconds": 9.0, "seconds_per_step": 0.3, "images": 25600},
+    ...                    {"seconds": 21.0, "seconds_per_step": 0.105, "images": 25600}], 128)
+    >>> t["epochs"], round(t["seconds_per_epoch"], 1), round(t["hours"] * 3600), t["recorded_hours"]
+    (3, 21.0, 63, 0.016666666666666666)
+    """
+    per_epoch = []
+    for record in history:
+        steps = record.get("steps") or (record.get("images") or 0) / batch_size
+        if record.get("seconds_per_step") and steps:
+            per_epoch.append(float(record["seconds_per_step"]) * steps)
+        elif record.get("seconds"):
+            per_epoch.append(float(record["seconds"]))
+    if not per_epoch:
+        return None
+    median = statistics.median(per_epoch)
+    return {
+        "epochs": len(history),
+        "seconds_per_epoch": median,
+        "hours": len(history) * median / 3600,
+        "recorded_hours": sum(float(r.get("seconds") or 0) for r in history) / 3600,
+    }
+
+
+def _training_summary(
+    training: Mapping[int, Mapping[str, Mapping[str, Any] | None]], names: Sequence[str]
+) -> dict[str, dict[str, float | int]]:
+    """Per model, the mean over seeds of :func:`training_time` (models with a record in every seed)."""
+    out = {}
+    for name in names:
+        runs = [seed.get(name) for seed in training.values()]
+        if not runs or any(r is None for r in runs):
+            continue
+        out[name] = {
+            "epochs": max(int(r["epochs"]) for r in runs),
+            "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
+            "hours": statistics.fmean(r["hours"] for r in runs),
+        }
+    return out
+
+
 def aggregate(
     reports: Mapping[int, Mapping[str, Any]],
     *,
@@ -300,12 +353,14 @@ def aggregate(
     seed_reports: Mapping[int, str] | None = None,
     teacher_seeds: int | None = None,
     design: str | None = None,
+    training: Mapping[int, Mapping[str, Mapping[str, Any] | None]] | None = None,
 ) -> dict[str, Any]:
     """Per-seed ``report.json`` dicts ``{seed: report}`` -> the results document.
 
     Every seed must hold the same models, evaluated on the table grid.
     ``teacher_seeds`` and ``design`` record how many teachers the student seeds
-    learnt from (default: one per seed).
+    learnt from (default: one per seed). ``training`` (``{seed: {model:
+    training_time(...)}}``) records what training cost on this machine.
     """
     if not reports:
         raise ValueError("no seed reports to aggregate")
@@ -387,6 +442,7 @@ def aggregate(
             if loader not in (None, dataset)
             else ""
         ),
+        "training_time": _training_summary(training or {}, names),
         "seed_reports": {str(s): p for s, p in (seed_reports or {}).items()},
         "config": config,
         "environment": first.get("environment") or io.environment_info(),
