@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -81,9 +83,29 @@ def test_a_live_erde_process_holding_the_folder_reads_as_running(tiny_run, tmp_p
     assert status_lines(folder)[-1].startswith("not running")
 
 
-def test_cli_status_prints_the_lines_and_refuses_a_folder_without_models(
-    tiny_run, tmp_path, capsys
+def test_a_lock_two_levels_above_the_models_reads_as_running_from_further_up(
+    tiny_run, tmp_path
 ) -> None:
+    """erde reproduce locks its --out; asked about the folder of several such runs, still running."""
+    out = tmp_path / "queue" / "cifar10-fast"
+    shutil.copytree(tiny_run["out"], out / "seed_0")
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        lines = status_lines(tmp_path / "queue")
+        assert lines[0].startswith("cifar10-fast/seed_0/student_ce: finished")
+        assert lines[-1].startswith(f"running: pid {child.pid}")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_cli_status_prints_the_lines_and_refuses_a_folder_without_models(
+    tiny_run, tmp_path, capsys, monkeypatch
+) -> None:
+    now = time.time()  # one clock for both reads: a second boundary between them changes "ago"
+    monkeypatch.setattr("erde.status.time.time", lambda: now)
     assert main(["status", str(tiny_run["out"])]) == 0
     assert capsys.readouterr().out.splitlines() == status_lines(tiny_run["out"])
     assert main(["status", str(tmp_path)]) == 2

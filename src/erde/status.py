@@ -179,7 +179,11 @@ def status_lines(root: str | Path, now: float | None = None) -> list[str]:
             lines.append(_line(model_status(folder), root, now))
         except ErdeError as exc:
             lines.append(f"{folder.relative_to(root)}: unreadable ({exc})")
-    candidates = {*root.resolve().parents[:2], root, *(p.parent for p in folders), *folders}
+    # the lock sits on the folder the command writes to: the model's, or any above it up to
+    # root (erde reproduce locks its --out, two levels above a model), or just above root
+    candidates = {*root.resolve().parents[:2], root}
+    for folder in folders:
+        candidates |= {folder, *(p for p in folder.parents if p.is_relative_to(root))}
     holders = {h for f in candidates if (h := lock_holder(f))}
     if holders:
         lines.append("running: " + "; ".join(sorted(holders)))
