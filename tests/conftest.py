@@ -7,11 +7,27 @@ student, a handful of steps: seconds on a laptop CPU, yet every code path
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from erde.config import ExperimentConfig, load_config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module, so a test can call its ``main(argv)``.
+
+    The benchmarks are scripts, not a package: they are loaded from their files.
+    """
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_OVERRIDES = (
     "data.name=digits",

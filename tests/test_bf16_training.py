@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_training.py"
+from conftest import TINY_OVERRIDES, load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bf16_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bf16_training")
 
 
 def test_each_seed_trains_in_both_precisions_and_the_difference_is_paired(

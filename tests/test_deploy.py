@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from erde.cli import main
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "deploy.py"
 ROWS = [
     "teacher, full network, fp32 (PyTorch)",
     "student, full network, fp32 (PyTorch)",
@@ -53,9 +52,7 @@ def test_deploy_without_a_teacher_is_one_line(tiny_run, capsys) -> None:
 
 
 def test_deploy_benchmark_script_prints_the_targets(tiny_run, capsys, one_thread) -> None:
-    spec = importlib.util.spec_from_file_location("deploy_bench", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("deploy")
     argv = ["--teacher", str(tiny_run["teacher"]), "--student", str(tiny_run["student_erde"]),
             "--batch-sizes", "32", "--images", "32", "--repeats", "1", "--min-time", "0"]  # fmt: skip
     assert script.main(argv) == 0
@@ -64,9 +61,7 @@ def test_deploy_benchmark_script_prints_the_targets(tiny_run, capsys, one_thread
 
 
 def test_a_missed_ratio_is_split_into_the_smaller_network_and_early_exit() -> None:
-    spec = importlib.util.spec_from_file_location("deploy_bench", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("deploy")
     row = lambda name, speedup, ideal: {  # noqa: E731
         "row": name, "accuracy": 0.9, "speedup_1": speedup, "mac_ideal_speedup": ideal,
         "ips_1": 100 * speedup,

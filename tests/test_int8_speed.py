@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import onnx
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_speed.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("int8_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("int8_speed")
 
 
 def test_the_int8_folder_holds_quantised_stages_that_the_runtime_opens(script, tmp_path) -> None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from erde import training
 from erde.evaluation import precision_agreement
 from erde.training import train_students
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "precision.py"
 
 
 def test_agreement_counts_changed_classes_and_verdicts_per_exit() -> None:
@@ -61,9 +59,7 @@ def test_teacher_amp_sets_the_teacher_forward_precision_only(
 def test_precision_script_reports_agreement_of_a_trained_teacher(
     tmp_path: Path, tiny_run: dict, capsys: pytest.CaptureFixture, one_thread
 ) -> None:
-    spec = importlib.util.spec_from_file_location("precision", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("precision")
     out = tmp_path / "precision.json"
     assert script.main([str(tiny_run["teacher"]), "--rounds", "1", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
@@ -74,10 +70,7 @@ def test_precision_script_reports_agreement_of_a_trained_teacher(
 
 
 def test_cpu_settings_benchmark_times_every_setting(tmp_path: Path, one_thread) -> None:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_settings.py"
-    spec = importlib.util.spec_from_file_location("cpu_settings", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("cpu_settings")
     out = tmp_path / "cpu.json"
     argv = ["--batch-size", "4", "--steps", "1", "--rounds", "1", "--teacher-arch", "resnet8",
             "--student-arch", "resnet8", "--bf16", "--json", str(out)]  # fmt: skip

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, load_benchmark
 from data_fixtures import write_svhn
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_ablation.py"
 TINY = [
     *(o for o in TINY_OVERRIDES if o.split("=")[0] not in ("data.name", "data.image_size")),
     "data.image_size=16",
@@ -19,10 +17,7 @@ TINY = [
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("recipe_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recipe_ablation")
 
 
 def test_two_variants_give_a_table_of_validation_accuracies_and_rerun_reuses_them(
