@@ -133,3 +133,15 @@ def test_a_damaged_checkpoint_is_one_line_and_the_others_are_still_read(tiny_run
     assert lines[1].startswith("teacher: finished (")
     with pytest.raises(ErdeError, match="not a folder"):
         status_lines(tmp_path / "broken" / "checkpoint.pt")
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly(tiny_run) -> None:
+    """`erde status DIR | head -1`: no "Broken pipe" error line when head has read enough."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "erde.cli", "status", str(tiny_run["out"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    child.stdout.close()  # the reader is gone before the first line is written
+    _, err = child.communicate(timeout=120)
+    assert err.decode() == ""
+    assert child.returncode == 141

@@ -869,6 +869,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # thresholds out of range and similar argument errors
         print(f"erde: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`erde status DIR | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 141  # 128 + SIGPIPE, as a shell reports a tool stopped by a closed pipe
     except OSError as exc:  # a file system refusal not anticipated above: still one line
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"erde: error: {exc.strerror or exc}{where}", file=sys.stderr)
