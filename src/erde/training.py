@@ -990,18 +990,14 @@ class _Run:
         totals = self.sums.reduced(self.ctx)  # waits for the device: the time below is true
         seconds = time.perf_counter() - self.epoch_start
         D.broadcast_buffers(self.model, self.ctx)
-        record = _epoch_record(self.job, self.position["epoch"], totals, seconds)
-        record["lr"] = self.scheduler.get_last_lr()[0]
-        record["epochs"] = self.tcfg.epochs
         # steps timed in this process (a resumed epoch ran only its last part here)
         timed = self.position["global_step"] - self.epoch_start_step
+        steps = self.env.steps_per_epoch
+        record = _epoch_record(self.job, self.position["epoch"], totals, seconds, steps, timed)
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["epochs"] = self.tcfg.epochs
         left = self.env.total_steps - self.position["global_step"]
-        record["steps"] = self.env.steps_per_epoch
-        record["seconds_per_step"] = seconds / timed if timed > 0 else None
         record["eta_seconds"] = seconds / timed * left if timed > 0 else None
-        if timed > 0:  # a resumed epoch: the images of the steps timed here, not the epoch's
-            per_step = record["images"] / self.env.steps_per_epoch
-            record["images_per_second"] = per_step * timed / seconds
         record["val_exit_accuracy"] = evaluate_accuracy(
             self.model, self.env.val_set, self.env.splits, self.device,
             self.cfg.data.eval_batch_size, self.ctx,
@@ -1041,8 +1037,14 @@ def start_line(
     )
 
 
-def _epoch_record(job: Job, epoch: int, totals: dict[str, Any], seconds: float) -> dict:
-    """Epoch metrics over all ranks: mean loss and terms, train accuracy per exit."""
+def _epoch_record(
+    job: Job, epoch: int, totals: dict[str, Any], seconds: float, steps: int, timed: int
+) -> dict:
+    """Epoch metrics over all ranks: mean loss and terms, train accuracy per exit.
+
+    ``seconds`` timed the last ``timed`` of the epoch's ``steps`` (all of them unless the
+    epoch was resumed), so the speed figures count the images of those steps only.
+    """
     n = max(totals["images"], 1)
     means = {k: v / n for k, v in zip(totals["names"], totals["values"].tolist(), strict=True)}
     correct = sorted((k for k in means if k.startswith("correct_")), key=lambda k: int(k[8:]))
@@ -1054,5 +1056,9 @@ def _epoch_record(job: Job, epoch: int, totals: dict[str, Any], seconds: float) 
         "terms": {k: v for k, v in means.items() if k != "loss" and k not in correct},
         "images": totals["images"],
         "seconds": seconds,
-        "images_per_second": totals["images"] / seconds if seconds > 0 else None,
+        "steps": steps,
+        "seconds_per_step": seconds / timed if timed > 0 else None,
+        "images_per_second": totals["images"] / steps * timed / seconds
+        if timed > 0 and seconds > 0
+        else None,
     }

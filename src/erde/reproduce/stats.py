@@ -339,6 +339,7 @@ def _training_summary(
             "epochs": max(int(r["epochs"]) for r in runs),
             "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in runs),
             "hours": statistics.fmean(r["hours"] for r in runs),
+            "recorded_hours": statistics.fmean(r["recorded_hours"] for r in runs),
         }
     return out
 
