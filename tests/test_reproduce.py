@@ -158,6 +158,20 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
         assert cost["epochs"] == 1 and cost["hours"] > 0
         assert cost["hours"] == pytest.approx(statistics.fmean(t["hours"] for t in per_seed))
     assert "Training time on the machine below (median epoch × epochs" in markdown
+    # how training went: per model, the mean over seeds of its validation accuracy per exit
+    assert list(results["training_curves"]) == list(MODELS)
+    for name, curve in results["training_curves"].items():
+        records = [
+            json.loads((out / f"seed_{s}" / name / "metrics.jsonl").read_text()) for s in (0, 1)
+        ]
+        assert curve["epoch"] == [1] and curve["runs"] == 2
+        expected = [
+            statistics.fmean(col)
+            for col in zip(*(r["val_exit_accuracy"] for r in records), strict=True)
+        ]
+        assert curve["val_exit_accuracy"][0] == pytest.approx(expected)
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training curves](training.png)" in markdown
     assert (
         f"Teacher 1 × {results['training_time']['teacher']['seconds_per_epoch']:.0f} s" in markdown
     )
@@ -201,6 +215,8 @@ def test_one_teacher_shared_by_two_student_seeds_and_a_folder_of_another_design_
     assert "--teacher-seeds 1" in results["command"]
     teacher = results["models"]["teacher"]
     assert all(r["accuracy_std"] == 0.0 for r in teacher["thresholds"])  # the same teacher twice
+    runs = {name: curve["runs"] for name, curve in results["training_curves"].items()}
+    assert runs == {"teacher": 1, "student_ce": 2, "student_kd": 2, "student_erde": 2}
     assert "1 teacher shared by 2 student seeds" in (out / "results.md").read_text()
 
     before = _mtimes(out)
@@ -438,6 +454,20 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> 
     assert paths["docs_results"].name == "cifar10-reduced.json"
     assert json.loads(paths["docs_results"].read_text())["models"] == results["models"]
     assert paths["docs_plot"].read_bytes()[:4] == b"\x89PNG"
+    assert "docs_training" not in paths and "Training curves" not in cifar10  # none recorded
+
+    curve = {"epoch": [1, 2], "val_exit_accuracy": [[0.5, 0.6], [0.7, 0.8]], "train_loss": [2, 1],
+             "val_exit_accuracy_std": [[0, 0], [0, 0]], "runs": 1}  # fmt: skip
+    with_curves = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced",
+                            curves={"teacher": curve, "unknown_model": curve})  # fmt: skip
+    assert list(with_curves["training_curves"]) == ["teacher"]  # only the results' models
+    paths = publish(with_curves, docs)
+    assert paths["docs_training"].name == "cifar10-reduced-training.png"
+    assert paths["docs_training"].read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "![training curves](results/cifar10-reduced-training.png)"
+        in (docs / "RESULTS.md").read_text()
+    )
 
 
 def test_replace_block_appends_markers_when_absent() -> None:

@@ -404,10 +404,14 @@ def cmd_report_html(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from erde.status import status_lines
+    from erde.status import status_lines, write_status_plot
 
     for line in status_lines(args.folder):
         print(line)
+    if args.plot:
+        for line in write_status_plot(args.folder, args.plot):
+            print(line)
+        print(f"training curves: {args.plot}")
     return 0
 
 
@@ -710,9 +714,15 @@ def build_parser() -> argparse.ArgumentParser:
         "seed / model) without touching them, and print one line per model: finished, or its epoch and "
         "step, the last validation accuracy per exit, how long ago its checkpoint was written and about "
         "how long is left; then whether an erde process holds the folder now (running) or not (stopped: "
-        "the same command with --resume, or erde reproduce as it was, continues it).",
+        "the same command with --resume, or erde reproduce as it was, continues it). With --plot, also draw "
+        "each model's validation accuracy per exit over its finished epochs into a PNG.",
     )  # fmt: skip
     p.add_argument("folder", help="a run folder (erde run / reproduce --out) or one model's folder")
+    p.add_argument(
+        "--plot", metavar="PNG",
+        help="also write the training curves (validation accuracy per exit per epoch, one panel per "
+        "model) to this PNG file; models with no finished epoch yet are named and left out",
+    )  # fmt: skip
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

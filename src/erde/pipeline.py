@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from erde import distributed as D
+from erde import io
 from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
 from erde.config import ExperimentConfig, config_from_dict, save_config
+from erde.curves import folder_curves, render_curves_png
 from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
 from erde.errors import ConfigError
@@ -98,6 +100,10 @@ def evaluate_checkpoints(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_report(out_dir, report)
     paths["html"] = write_report_html(out_dir, report)
+    curves = folder_curves({c["name"]: Path(c["path"]).parent for c in loaded})
+    if any(c["epoch"] for c in curves.values()):  # checkpoints from elsewhere may have no metrics
+        paths["training"] = out_dir / "training.png"
+        io.atomic_write_bytes(paths["training"], render_curves_png(curves, title="Training curves"))
     save_config(cfg, out_dir / "config.yaml")
     return paths
 

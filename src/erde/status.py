@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from erde import io
 from erde.checkpoints import load_checkpoint
+from erde.curves import curve_of, read_metrics, render_curves_png
 from erde.errors import ErdeError
 from erde.monitor import duration
 from erde.outputs import LOCK_NAME
@@ -43,10 +45,10 @@ class ModelStatus:
 
 def _last_record(folder: Path) -> dict[str, Any] | None:
     try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
+        records = read_metrics(folder)
+    except ErdeError:
         return None
+    return records[-1] if records else None
 
 
 def _time_per_step(record: dict[str, Any] | None, steps_per_epoch: int) -> float | None:
@@ -162,17 +164,8 @@ def _line(s: ModelStatus, root: Path, now: float) -> str:
 def status_lines(root: str | Path, now: float | None = None) -> list[str]:
     """One line per model below ``root``, then whether an erde process is writing there."""
     root = Path(root)
-    if not root.is_dir():
-        what = (
-            "not a folder (give a run folder or a model folder)"
-            if root.exists()
-            else "no such folder"
-        )
-        raise ErdeError(f"{root}: {what}")
+    folders = _folders_of(root)
     now = time.time() if now is None else now
-    folders = find_model_folders(root)
-    if not folders:
-        raise ErdeError(f"{root}: no checkpoint.pt here or up to {MAX_DEPTH} folders below")
     lines = []
     for folder in folders:
         try:
@@ -196,4 +189,57 @@ def status_lines(root: str | Path, now: float | None = None) -> list[str]:
     return lines
 
 
-__all__ = ["ModelStatus", "find_model_folders", "lock_holder", "model_status", "status_lines"]
+def _folders_of(root: Path) -> list[Path]:
+    if not root.is_dir():
+        what = (
+            "not a folder (give a run folder or a model folder)"
+            if root.exists()
+            else "no such folder"
+        )
+        raise ErdeError(f"{root}: {what}")
+    folders = find_model_folders(root)
+    if not folders:
+        raise ErdeError(f"{root}: no checkpoint.pt here or up to {MAX_DEPTH} folders below")
+    return folders
+
+
+def write_status_plot(root: str | Path, path: str | Path) -> list[str]:
+    """Draw the training curves of every model below ``root`` into the PNG ``path``.
+
+    One panel per model (named by its folder below ``root``): validation
+    accuracy per exit over the finished epochs, read from metrics.jsonl while
+    the run goes on. Returns a line per model left out (no finished epoch yet,
+    or an unreadable metrics file); nothing is written when no model has one.
+    """
+    root, path = Path(root), Path(path)
+    if path.suffix.lower() != ".png":
+        raise ErdeError(f"{path}: the plot is a PNG file; give a name ending in .png")
+    if path.is_dir():
+        raise ErdeError(f"{path}: is a folder; give a file name ending in .png")
+    curves, skipped = {}, []
+    for folder in _folders_of(root):
+        name = str(folder.relative_to(root)) if folder != root else folder.name
+        try:
+            curve = curve_of(read_metrics(folder))
+        except ErdeError as exc:
+            skipped.append(f"{name}: not plotted ({exc})")
+            continue
+        if curve["epoch"]:
+            curves[name] = curve
+        else:
+            skipped.append(f"{name}: not plotted (no finished epoch yet)")
+    if not curves:
+        raise ErdeError(f"{root}: no model has finished an epoch yet; nothing to plot")
+    title = f"Training curves: {root.resolve().name}"
+    io.atomic_write_bytes(path, render_curves_png(curves, title=title))
+    return skipped
+
+
+__all__ = [
+    "ModelStatus",
+    "find_model_folders",
+    "lock_holder",
+    "model_status",
+    "status_lines",
+    "write_status_plot",
+]

@@ -12,6 +12,7 @@ import numpy as np
 
 from erde import io
 from erde.config import load_yaml, preset_path
+from erde.curves import render_curves_png
 from erde.report import (
     curve_style,
     figure_png,
@@ -84,9 +85,16 @@ def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def render_markdown(
-    results: Mapping[str, Any], *, plot_link: str = "tradeoff.png", level: int = 1
+    results: Mapping[str, Any],
+    *,
+    plot_link: str = "tradeoff.png",
+    curves_link: str = "training.png",
+    level: int = 1,
 ) -> str:
-    """The results as Markdown; ``level`` is the heading level of the title."""
+    """The results as Markdown; ``level`` is the heading level of the title.
+
+    The training curves (``curves_link``) are shown when the results hold any.
+    """
     h = "#" * level
     sub = "#" * (level + 1)
     data = results["dataset"]
@@ -216,6 +224,17 @@ def render_markdown(
             "",
         ]
     lines += [f"{sub} Trade-off curves", "", f"![accuracy vs MACs]({plot_link})", ""]
+    if results.get("training_curves"):
+        lines += [
+            f"{sub} Training curves",
+            "",
+            f"Validation accuracy per exit after each epoch ({_count(data.get('val_images'))} "
+            "images held out of the training set; mean over seeds with a ±1 std band, a teacher "
+            "shared by the seeds counted once).",
+            "",
+            f"![training curves]({curves_link})",
+            "",
+        ]
     env = results.get("environment") or {}
     lines += [
         f"Environment: erde {env.get('erde', '?')}, torch {env.get('torch', '?')}, "
@@ -285,16 +304,27 @@ def _write_rendered(files: Mapping[str, tuple[Path, bytes]]) -> dict[str, Path]:
     return {kind: path for kind, (path, _) in files.items()}
 
 
+def render_training_png(results: Mapping[str, Any]) -> bytes | None:
+    """The training curves of the results' models, or None when they hold none."""
+    curves = results.get("training_curves") or {}
+    if not any(c.get("epoch") for c in curves.values()):
+        return None
+    name, schedule = results["dataset"]["name"], results["schedule"]
+    return render_curves_png(curves, title=f"Training curves: {name}, {schedule} schedule")
+
+
 def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, Path]:
-    """results.json, results.md and tradeoff.png in ``out_dir``, each written atomically."""
+    """results.json, results.md, tradeoff.png (and training.png) in ``out_dir``, atomically."""
     out = Path(out_dir)
-    return _write_rendered(
-        {
-            "results": (out / "results.json", _json_bytes(results)),
-            "markdown": (out / "results.md", render_markdown(results).encode()),
-            "plot": (out / "tradeoff.png", render_plot(results)),
-        }
-    )
+    files = {
+        "results": (out / "results.json", _json_bytes(results)),
+        "markdown": (out / "results.md", render_markdown(results).encode()),
+        "plot": (out / "tradeoff.png", render_plot(results)),
+    }
+    training = render_training_png(results)
+    if training is not None:
+        files["training"] = (out / "training.png", training)
+    return _write_rendered(files)
 
 
 # --------------------------------------------------------------------------- publishing
@@ -342,20 +372,28 @@ def _model_name(section: Mapping[str, Any] | None) -> str:
 
 
 def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
-    """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png`` and
-    RESULTS.md's block of that name."""
+    """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
+    ``-training.png`` (when the results hold training curves) and RESULTS.md's block of that
+    name."""
     docs = Path(docs_dir)
     name = results_name(results)
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
-    block = render_markdown(results, plot_link=f"results/{name}.png", level=3)
-    return _write_rendered(
-        {
-            "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
-            "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
-            "docs_markdown": (doc, replace_block(text, name, block).encode()),
-        }
+    block = render_markdown(
+        results,
+        plot_link=f"results/{name}.png",
+        curves_link=f"results/{name}-training.png",
+        level=3,
     )
+    files = {
+        "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
+        "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
+        "docs_markdown": (doc, replace_block(text, name, block).encode()),
+    }
+    training = render_training_png(results)
+    if training is not None:
+        files["docs_training"] = (docs / "results" / f"{name}-training.png", training)
+    return _write_rendered(files)
 
 
 def summary_lines(results: Mapping[str, Any]) -> list[str]:

@@ -19,8 +19,9 @@ from erde.config import (
     load_yaml,
     preset_path,
 )
+from erde.curves import folder_curves, mean_curve, read_metrics
 from erde.data.formats import CIFAR10
-from erde.errors import ConfigError, DataError
+from erde.errors import ConfigError, DataError, ErdeError
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid, training_time
@@ -322,10 +323,23 @@ def run_seed(
 def _training_time(model_dir: Path, batch_size: int) -> dict[str, Any] | None:
     """:func:`training_time` of the model trained in ``model_dir`` (None without metrics)."""
     try:
-        lines = (model_dir / "metrics.jsonl").read_text().splitlines()
-        return training_time([json.loads(line) for line in lines if line.strip()], batch_size)
-    except (OSError, ValueError):
+        return training_time(read_metrics(model_dir), batch_size)
+    except ErdeError:
         return None
+
+
+def training_curves(folders: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, Any]]:
+    """Per model (``{model: [its folder in each seed]}``), the mean training curve over seeds.
+
+    A teacher shared by several student seeds is one run, counted once.
+    """
+    out = {}
+    for model, paths in folders.items():
+        distinct = list(dict.fromkeys(Path(p).resolve() for p in paths))
+        mean = mean_curve(list(folder_curves({str(p): p for p in distinct}).values()))
+        if mean is not None:
+            out[model] = mean
+    return out
 
 
 def reproduce(
@@ -381,6 +395,7 @@ def reproduce(
     reports: dict[int, dict[str, Any]] = {}
     relative: dict[int, str] = {}
     times: dict[int, dict[str, dict[str, Any] | None]] = {}
+    model_folders: dict[str, list[Path]] = {m: [] for m in MODELS}
     paths: dict[str, Path] = {}
     log(f"{schedule} schedule, {design}")
     for i, plan in enumerate(plans):
@@ -395,9 +410,12 @@ def reproduce(
         relative[plan.seed] = str(report.relative_to(out))
         folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in MODELS}
         times[plan.seed] = {m: _training_time(d, cfg.data.batch_size) for m, d in folders.items()}
+        for m, d in folders.items():
+            model_folders[m].append(d)
         results = aggregate(
             reports, dataset=dataset, schedule=schedule, loader=loader, command=command,
             seed_reports=relative, teacher_seeds=teacher_seeds, design=design, training=times,
+            curves=training_curves(model_folders),
         )  # fmt: skip
         paths = write_results(out, results)
     if docs_dir is not None:

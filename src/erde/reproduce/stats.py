@@ -355,13 +355,16 @@ def aggregate(
     teacher_seeds: int | None = None,
     design: str | None = None,
     training: Mapping[int, Mapping[str, Mapping[str, Any] | None]] | None = None,
+    curves: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Per-seed ``report.json`` dicts ``{seed: report}`` -> the results document.
 
     Every seed must hold the same models, evaluated on the table grid.
     ``teacher_seeds`` and ``design`` record how many teachers the student seeds
     learnt from (default: one per seed). ``training`` (``{seed: {model:
-    training_time(...)}}``) records what training cost on this machine.
+    training_time(...)}}``) records what training cost on this machine, and
+    ``curves`` (``{model: erde.curves.mean_curve(...)}``) how validation
+    accuracy per exit went over the epochs.
     """
     if not reports:
         raise ValueError("no seed reports to aggregate")
@@ -444,6 +447,7 @@ def aggregate(
             else ""
         ),
         "training_time": _training_summary(training or {}, names),
+        "training_curves": {n: dict(curves[n]) for n in names if curves and n in curves},
         "seed_reports": {str(s): p for s, p in (seed_reports or {}).items()},
         "config": config,
         "environment": first.get("environment") or io.environment_info(),
