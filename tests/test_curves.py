@@ -48,6 +48,7 @@ def test_records_come_back_in_epoch_order_and_a_repeated_epoch_keeps_its_last_li
         ('{"epoch": 1}\n[1, 2]\n', "line 2 has no epoch number"),
         ('{"epoch": 0}\n', "line 1 has no epoch number in [1, "),
         ('{"epoch": true}\n', "line 1 has no epoch number"),
+        ("[" * 200_000 + "\n", "line 1 is not JSON"),  # nesting deep enough to exhaust the stack
     ],
 )
 def test_a_broken_metrics_file_is_one_error_naming_file_and_line(

@@ -83,6 +83,31 @@ def test_a_live_erde_process_holding_the_folder_reads_as_running(tiny_run, tmp_p
     assert status_lines(folder)[-1].startswith("not running")
 
 
+def test_a_lock_file_rewritten_with_hostile_json_still_reads_as_held(tiny_run, tmp_path) -> None:
+    """Whoever can write the run folder cannot crash status, or a second writer, through the lock."""
+    from erde.outputs import LOCK_NAME, OutputLockedError, output_lock
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_run["out"] / "teacher", folder / "teacher")
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with (folder / LOCK_NAME).open("r+") as f:  # same file, still locked: only its text changes
+            f.truncate()
+            f.write("[" * 200_000)
+        assert lock_holder(folder) == "an erde process"
+        assert status_lines(folder)[-1] == "running: an erde process"
+        with (
+            pytest.raises(OutputLockedError, match="in use by another process"),
+            output_lock(folder),
+        ):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_lock_two_levels_above_the_models_reads_as_running_from_further_up(
     tiny_run, tmp_path
 ) -> None:

@@ -54,7 +54,7 @@ def read_metrics(folder: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting crafted to exhaust the stack
             raise ErdeError(f"{path}: line {number} is not JSON") from None
         epoch = record.get("epoch") if isinstance(record, dict) else None
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch <= MAX_EPOCHS:

@@ -113,7 +113,7 @@ def _holder(text: str) -> str:
             f"pid {info['pid']} on {info['host']} since {info['started']} "
             f"({info.get('command', '?')})"
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return "another process"
 
 

@@ -26,6 +26,7 @@ from erde.outputs import LOCK_NAME
 
 MAX_DEPTH = 3  # run folder / seed_<n> / model folder
 MAX_MODELS = 200
+MAX_LOCK_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,10 @@ def lock_holder(folder: str | Path) -> str | None:
     ):
         return None
     try:
-        info = json.loads(lock.read_text())
+        with lock.open("rb") as f:
+            info = json.loads(f.read(MAX_LOCK_BYTES))  # a lock file is a line of JSON
         return f"pid {info['pid']} ({info.get('command', 'erde')})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "an erde process"
 
 
