@@ -187,7 +187,7 @@ def _check_same_models(out_dir: Path, names: list[str]) -> None:
         return
     try:
         before = list(json.loads(path.read_text(encoding="utf-8")).get("models", {}))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return  # an unreadable report is replaced like a missing one
     if sorted(before) != sorted(names):
         raise ConfigError(
