@@ -586,8 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="sweep exit thresholds on the test set and write a report", epilog=EPILOG_CONFIG,
         formatter_class=fmt,
         description="Record every exit's test logits once per checkpoint, sweep thresholds of the entropy "
-        "and max-softmax rules, and write report.json, report.md and tradeoff.png to --out. Without "
-        "--dataset/--config the data set of the first checkpoint is used.",
+        "and max-softmax rules, and write report.json, report.md, report.html, sweep.csv and tradeoff.png "
+        "to --out, and training.png (the training curves) when the checkpoints' folders hold their "
+        "metrics.jsonl. Without --dataset/--config the data set of the first checkpoint is used.",
     )  # fmt: skip
     p.add_argument(
         "checkpoints", nargs="+", help="checkpoint files (or folders holding checkpoint.pt)"
@@ -631,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
         "runs in --out are reused, interrupted ones resumed) and evaluate them on a fixed threshold grid; "
         "then write results.json, results.md (accuracy mean ± std over seeds and mean MACs per "
         "threshold, MAC reduction at equal accuracy, ERDE vs KD at each threshold, anchors) and "
-        "tradeoff.png (with spread bands). --dataset cifar10 also reads an ImageFolder copy "
+        "tradeoff.png (with spread bands), and training.png (validation accuracy per exit after each "
+        "epoch, mean over seeds). --dataset cifar10 also reads an ImageFolder copy "
         "(train/<class>/*.jpg, test/<class>/*.jpg, folder or .tar.gz).",
     )  # fmt: skip
     _add_config_args(p)
@@ -655,8 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--docs", metavar="DIR",
-        help="also publish into DIR: results/<dataset>-<schedule>.json and .png, and the block "
-        "of that name in DIR/RESULTS.md",
+        help="also publish into DIR: results/<dataset>-<schedule>.json, .png and -training.png, "
+        "and the block of that name in DIR/RESULTS.md",
     )  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")
     p.set_defaults(func=cmd_reproduce)
