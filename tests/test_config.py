@@ -295,6 +295,8 @@ def test_config_saved_with_checkpoint_round_trips(tmp_path: Path) -> None:
     [
         (["--set", "distill.gama=1"], "valid keys of distill"),
         (["--set", "distill.temperature=0"], "distill.temperature must be > 0"),
+        (["--set", "distill.uncertain_above=1"], "distill.uncertain_above must be null"),
+        (["--set", "distill.uncertain_above=0"], "a normalised entropy in (0, 1), got 0"),
         (["--set", "distill.method=bogus"], "distill.method"),
         (["--set", "teacher_train.epochs=ten"], "teacher_train.epochs: expected int"),
         (["--set", "nokey"], "section.key=value"),
@@ -307,6 +309,14 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path: Path, capsys, args, me
     assert code == 2
     assert message in _one_error_line(capsys)
     assert not out.exists()
+
+
+def test_uncertain_above_reads_a_number_or_null_from_the_command_line() -> None:
+    from erde.cli import build_config
+
+    for value, expected in (("0.5", 0.5), ("null", None)):
+        argv = ["train-student", "--set", f"distill.uncertain_above={value}"]
+        assert build_config(build_parser().parse_args(argv)).distill.uncertain_above == expected
 
 
 def test_cli_data_dir_is_a_path_not_yaml(tmp_path: Path) -> None:

@@ -159,6 +159,45 @@ def test_erde_with_gamma_zero_and_all_correct_equals_kd() -> None:
     assert torch.allclose(erde, kd)
 
 
+def test_erde_uncertain_or_incorrect_moves_a_right_but_unsure_teacher_to_the_entropy_term() -> None:
+    """distill.uncertain_above: the "uncertain or incorrect" reading of the entropy mask."""
+    student = _logits([2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0])
+    teacher = _logits([6.0, 0.0, 0.0], [0.0, 0.3, 0.0], [4.0, 0.0, 0.0])
+    labels = torch.tensor([0, 1, 2])  # sample 0: right and sure; 1: right, unsure; 2: wrong
+    h_teacher = 1 - normalized_entropy_loss(teacher)  # H / log K per sample
+    assert h_teacher[0] < 0.1 and 0.9 < h_teacher[1] < 0.995  # the setting is what the names say
+
+    terms = erde_exit_loss(student, teacher, labels, 1.0, 1.0, 1.0, 2.0, uncertain_above=0.5)
+
+    kl_sure = kl_per_sample(student[:1], teacher[:1], 2.0).item()
+    assert terms["kl"].item() == pytest.approx(kl_sure / 3, abs=1e-12)  # sample 0 only
+    ent = normalized_entropy_loss(student[1:]).sum().item()
+    assert terms["entropy"].item() == pytest.approx(ent / 3, abs=1e-12)  # samples 1 and 2
+    assert terms["teacher_correct"].item() == pytest.approx(2 / 3)
+    assert terms["teacher_trusted"].item() == pytest.approx(1 / 3)
+
+    plain = erde_exit_loss(student, teacher, labels, 1.0, 1.0, 1.0, 2.0)  # incorrect only
+    assert "teacher_trusted" not in plain
+    kl_right = kl_per_sample(student[:2], teacher[:2], 2.0).sum().item()
+    assert plain["kl"].item() == pytest.approx(kl_right / 3, abs=1e-12)
+    # above the unsure teacher's 0.990: nothing moves
+    loose = erde_exit_loss(student, teacher, labels, 1.0, 1.0, 1.0, 2.0, uncertain_above=0.995)
+    assert loose["total"].item() == pytest.approx(plain["total"].item(), abs=1e-12)
+
+
+def test_student_loss_passes_uncertain_above_to_erde_only() -> None:
+    torch.manual_seed(4)
+    student = [torch.randn(5, 4)]
+    teacher = [torch.randn(5, 4) * 0.1]  # every teacher answer close to uniform: unsure
+    labels = teacher[0].argmax(-1)  # ... and right
+    args = (student, teacher, labels, [1.0], [0])
+    erde = student_loss("erde", *args, uncertain_above=0.5)
+    assert erde["kl_0"].item() == 0.0 and erde["entropy_0"].item() > 0
+    assert student_loss("erde", *args)["entropy_0"].item() == 0.0
+    kd = student_loss("kd", *args, uncertain_above=0.5)
+    assert kd["total"] == student_loss("kd", *args)["total"]
+
+
 # --------------------------------------------------------------------------- KD and CE
 
 

@@ -62,6 +62,21 @@ def test_teacher_runs_once_per_batch_for_all_exits_under_inference_mode(
     assert exits[0] > 1 and {n for _, n in calls} == {exits[0]}  # every exit from that one forward
 
 
+def test_erde_with_uncertain_above_logs_the_share_it_distills_beside_the_share_right(
+    tmp_path: Path, teacher_ckpt: Path
+) -> None:
+    cfg = tiny_config("student_train.max_steps_per_epoch=3", "distill.uncertain_above=0.2")
+    train(cfg, Job("student", "erde"), tmp_path, teacher_checkpoint=teacher_ckpt, progress=False)
+    terms = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["terms"]
+    exits = sum(1 for k in terms if k.startswith("teacher_correct_"))
+    assert exits >= 2 and all(f"teacher_trusted_{i}" in terms for i in range(exits))
+    shares = [(terms[f"teacher_trusted_{i}"], terms[f"teacher_correct_{i}"]) for i in range(exits)]
+    assert all(0 <= trusted <= right <= 1 for trusted, right in shares), shares
+    # a one-epoch teacher is unsure of much that it gets right: 0.2 moves some of it
+    assert any(trusted < right for trusted, right in shares)
+    assert load_checkpoint(tmp_path)["config"]["distill"]["uncertain_above"] == 0.2
+
+
 def test_host_reads_metrics_every_few_steps_not_every_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,6 +93,9 @@ class DistillConfig:
     )
     teacher_amp: bool | None = None  # teacher forward in bf16; None = as student_train.amp
     exit_mapping_by: str = "depth"  # depth (exit index) | cost (share of MACs): for other families
+    # erde: a teacher exit that is right but unsure (normalised entropy H / log K above this) also
+    # gets the entropy term instead of KL, the "uncertain or incorrect" reading; None = incorrect only
+    uncertain_above: float | None = None
 
 
 @dataclass
@@ -357,6 +360,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         d.exit_mapping_by in ("depth", "cost"),
         f"distill.exit_mapping_by must be depth or cost, got {d.exit_mapping_by!r}",
+    )
+    _check(
+        d.uncertain_above is None or 0 < d.uncertain_above < 1,
+        "distill.uncertain_above must be null (mistakes only) or a normalised entropy in (0, 1), "
+        f"got {d.uncertain_above}",
     )
     _check(
         0 <= cfg.data.val_fraction < 1,

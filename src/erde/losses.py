@@ -41,23 +41,37 @@ def erde_exit_loss(
     gamma: float,
     tau: float,
     label_smoothing: float = 0.0,
+    uncertain_above: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """ERDE loss of one exit.
 
-        correct = [argmax z_T == y]
+        trusted = [argmax z_T == y]
         L = alpha * CE(z_S, y)
-          + beta  * mean_B( correct     * tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau)) )
-          + gamma * mean_B( not correct * (1 - H(softmax(z_S)) / log K) )
+          + beta  * mean_B( trusted     * tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau)) )
+          + gamma * mean_B( not trusted * (1 - H(softmax(z_S)) / log K) )
 
     Where the teacher is wrong its soft labels carry the mistake, so the student
-    is pushed towards uncertainty there instead of imitating it.
+    is pushed towards uncertainty there instead of imitating it. With
+    ``uncertain_above`` (the "uncertain or incorrect" reading), a right teacher
+    whose normalised entropy H(softmax(z_T)) / log K exceeds it is not trusted
+    either. ``teacher_correct`` logs the share of right teacher answers,
+    ``teacher_trusted`` the share distilled (equal unless ``uncertain_above``).
     """
-    correct = (teacher_logits.argmax(dim=-1) == labels).float()  # (B,)
+    correct = teacher_logits.argmax(dim=-1) == labels  # (B,)
+    trusted = correct
+    if uncertain_above is not None:
+        teacher_entropy = 1.0 - normalized_entropy_loss(teacher_logits)  # H / log K, (B,)
+        trusted = correct & (teacher_entropy <= uncertain_above)
+    trusted = trusted.float()
     ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
-    kl = (correct * kl_per_sample(student_logits, teacher_logits, tau)).mean()
-    ent = ((1.0 - correct) * normalized_entropy_loss(student_logits)).mean()
+    kl = (trusted * kl_per_sample(student_logits, teacher_logits, tau)).mean()
+    ent = ((1.0 - trusted) * normalized_entropy_loss(student_logits)).mean()
     total = alpha * ce + beta * kl + gamma * ent
-    return {"total": total, "ce": ce, "kl": kl, "entropy": ent, "teacher_correct": correct.mean()}
+    terms = {"total": total, "ce": ce, "kl": kl, "entropy": ent}
+    terms["teacher_correct"] = correct.float().mean()
+    if uncertain_above is not None:
+        terms["teacher_trusted"] = trusted.mean()
+    return terms
 
 
 def kd_exit_loss(
@@ -161,11 +175,12 @@ def student_loss(
     gamma: float = 1.0,
     tau: float = 4.0,
     label_smoothing: float = 0.0,
+    uncertain_above: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """L_tot = sum_i w_i L_i for ``method`` in ce | kd | erde; per-exit terms logged as ``<term>_<i>``.
 
     ``label_smoothing`` applies to the cross-entropy on labels only, never to the
-    teacher's soft targets.
+    teacher's soft targets; ``uncertain_above`` to erde only (see :func:`erde_exit_loss`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -182,8 +197,9 @@ def student_loss(
                 parts = kd_exit_loss(z_s.float(), z_t, labels, alpha, beta, tau, label_smoothing)
             else:
                 parts = erde_exit_loss(
-                    z_s.float(), z_t, labels, alpha, beta, gamma, tau, label_smoothing
-                )
+                    z_s.float(), z_t, labels, alpha, beta, gamma, tau, label_smoothing,
+                    uncertain_above,
+                )  # fmt: skip
         total = total + w * parts.pop("total")
         terms.update({f"{k}_{i}": v for k, v in parts.items()})
     terms["total"] = total

@@ -29,6 +29,7 @@ TERM_TAGS = {
     "kl": "erde/kl_teacher_correct",
     "entropy": "erde/entropy_teacher_wrong",
     "teacher_correct": "erde/teacher_correct_share",
+    "teacher_trusted": "erde/teacher_trusted_share",
 }
 KD_TERM_TAGS = {"kl": "loss/kl"}  # kd students: KL on every image, no mask
 

@@ -38,15 +38,25 @@ def evaluate_checkpoints(
     splits: DataSplits | None = None,
     thresholds: Sequence[float] | None = None,
     progress: bool = True,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Record every exit's test logits once per checkpoint, sweep thresholds, write the report.
 
     The data set comes from ``cfg`` (default: the first checkpoint's own config).
-    All checkpoints are loaded and checked before anything is written.
+    All checkpoints are loaded and checked before anything is written. ``names``
+    labels the models in the report (default: each checkpoint's own, e.g.
+    ``student_erde``), for comparing several students trained with one method.
     """
     loaded = [load_checkpoint(p) for p in checkpoints]
     if not loaded:
         raise ConfigError("no checkpoint to evaluate")
+    if names is not None:
+        if len(names) != len(loaded) or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                f"names: one non-empty name per checkpoint ({len(loaded)}), got {names}"
+            )
+        for ckpt, name in zip(loaded, names, strict=True):
+            ckpt["name"] = name
     if cfg is None:
         cfg = config_from_dict(loaded[0]["config"])
     splits = splits or load_splits(cfg)

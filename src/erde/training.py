@@ -255,7 +255,7 @@ def make_loss(
         return student_loss(
             job.method, exit_logits, teacher_logits, labels, weights, mapping,
             alpha=d.alpha, beta=d.beta, gamma=d.gamma, tau=d.temperature,
-            label_smoothing=label_smoothing,
+            label_smoothing=label_smoothing, uncertain_above=d.uncertain_above,
         )  # fmt: skip
 
     return loss
