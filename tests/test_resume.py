@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -249,4 +250,7 @@ def test_the_time_left_after_a_resume_counts_only_the_steps_this_process_ran(
     assert records[1]["images_per_second"] == pytest.approx(
         records[1]["images"] / records[1]["seconds"]
     )
+    # later estimates: the median time per step of the epochs so far (one slow epoch moves it little)
+    per_step = statistics.median(r["seconds_per_step"] for r in records[:2])
+    assert records[1]["eta_seconds"] == pytest.approx(per_step * STEPS)
     assert records[-1]["eta_seconds"] == 0

@@ -58,6 +58,12 @@ def test_a_stopped_run_says_where_it_stands_and_how_long_is_left(tiny_cfg, tmp_p
     assert status.eta_seconds == pytest.approx(record["seconds_per_step"] * left)
     assert "about " in status_lines(tmp_path)[0]
 
+    # a run of many epochs, one of them stopped for a while: the estimate is the recent median
+    paused = {**record, "seconds_per_step": 50 * record["seconds_per_step"]}
+    history = [{**record, "epoch": 1}, {**paused, "epoch": 2}, {**record, "epoch": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    assert model_status(tmp_path).eta_seconds == pytest.approx(record["seconds_per_step"] * left)
+
 
 HOLDER = textwrap.dedent("""
     import sys, time

@@ -12,6 +12,7 @@ TensorBoard is optional (``pip install "erde[tb]"``) and imported only when aske
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,26 @@ def epoch_line(record: Mapping[str, Any], epochs: int | None = None) -> str:
         + f"  {record['seconds']:.1f} s"
         + (f"  about {duration(eta)} left" if eta else "")
     )
+
+
+RECENT_EPOCHS = 10  # epochs behind a time estimate: a few disturbed ones do not move the median
+
+
+def recent_seconds_per_step(
+    records: Sequence[Mapping[str, Any]], window: int = RECENT_EPOCHS
+) -> float | None:
+    """Median seconds per step over the last ``window`` timed epoch records, or None.
+
+    An epoch that shared the CPU with other work, or was stopped for a while,
+    would put an estimate made from it alone hours off; the median of the
+    recent epochs is not moved by one of them.
+
+    >>> recent_seconds_per_step([{"seconds_per_step": 1.0}, {"seconds_per_step": 9.0},
+    ...                          {"seconds_per_step": 1.2}, {"epoch": 4}])
+    1.2
+    """
+    values = [float(r["seconds_per_step"]) for r in records if r.get("seconds_per_step")]
+    return statistics.median(values[-window:]) if values else None
 
 
 def duration(seconds: float) -> str:

@@ -21,7 +21,7 @@ from erde import io
 from erde.checkpoints import load_checkpoint
 from erde.curves import curve_of, read_metrics, render_curves_png
 from erde.errors import ErdeError
-from erde.monitor import duration
+from erde.monitor import duration, recent_seconds_per_step
 from erde.outputs import LOCK_NAME
 
 MAX_DEPTH = 3  # run folder / seed_<n> / model folder
@@ -44,20 +44,23 @@ class ModelStatus:
     eta_seconds: float | None  # None when finished or when no epoch has been timed yet
 
 
-def _last_record(folder: Path) -> dict[str, Any] | None:
+def _records(folder: Path) -> list[dict[str, Any]]:
     try:
-        records = read_metrics(folder)
+        return read_metrics(folder)
     except ErdeError:
-        return None
-    return records[-1] if records else None
+        return []
 
 
-def _time_per_step(record: dict[str, Any] | None, steps_per_epoch: int) -> float | None:
-    """Seconds per step of the last epoch: as recorded, else from its estimate or its time."""
-    if not record or steps_per_epoch < 1:
+def _time_per_step(records: list[dict[str, Any]], steps_per_epoch: int) -> float | None:
+    """Seconds per step: the median of the recent epochs' (:func:`recent_seconds_per_step`),
+    else, for records written before epochs were timed per step, from the last epoch's
+    estimate or its time."""
+    if not records or steps_per_epoch < 1:
         return None
-    if record.get("seconds_per_step"):
-        return float(record["seconds_per_step"])
+    recent = recent_seconds_per_step(records)
+    if recent is not None:
+        return recent
+    record = records[-1]
     eta, epochs = record.get("eta_seconds"), record.get("epochs")
     if eta and epochs:
         left = (int(epochs) - int(record["epoch"])) * steps_per_epoch
@@ -73,9 +76,10 @@ def model_status(folder: str | Path) -> ModelStatus:
     role = "teacher_train" if ckpt.get("role") == "teacher" else "student_train"
     epochs = int(((ckpt.get("config") or {}).get(role) or {}).get("epochs") or 0)
     steps = int(ckpt.get("steps_per_epoch") or 0)
-    record = _last_record(folder)
+    records = _records(folder)
+    record = records[-1] if records else None
     finished = bool(ckpt.get("finished"))
-    per_step = None if finished else _time_per_step(record, steps)
+    per_step = None if finished else _time_per_step(records, steps)
     left = max(epochs * steps - int(ckpt["global_step"]), 0)
     return ModelStatus(
         folder=folder,

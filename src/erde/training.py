@@ -58,6 +58,7 @@ from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe
 from erde.io import atomic_write_text
 from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
 from erde.models import build_model, measure_exit_costs
+from erde.monitor import recent_seconds_per_step
 
 SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
 DATA_ON_GPU_FRACTION = 0.25  # keep the training set on the GPU if it takes at most this share
@@ -997,7 +998,10 @@ class _Run:
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["epochs"] = self.tcfg.epochs
         left = self.env.total_steps - self.position["global_step"]
-        record["eta_seconds"] = seconds / timed * left if timed > 0 else None
+        per_step = recent_seconds_per_step(
+            [*self.history, record]
+        )  # one slow epoch moves it little
+        record["eta_seconds"] = per_step * left if per_step is not None else None
         record["val_exit_accuracy"] = evaluate_accuracy(
             self.model, self.env.val_set, self.env.splits, self.device,
             self.cfg.data.eval_batch_size, self.ctx,
