@@ -113,6 +113,9 @@ def test_the_figure_has_a_panel_per_model_and_draws_each_exit_as_measured() -> N
     assert list(lines[1].get_xdata()) == [1, 2]
     assert list(lines[1].get_ydata()) == pytest.approx([60.0, 80.0])
     assert shown[1].collections  # the ±1 std band over the two seeds
+    one = curves_figure({"teacher": curve_of([_record(1, [0.3, 0.5])])}).axes[0]
+    low, high = one.get_xlim()
+    assert [t for t in one.get_xticks() if low <= t <= high] == [1]  # whole epochs only
     with pytest.raises(ErdeError, match="no finished epoch"):
         curves_figure({"teacher": curve_of([])})
 

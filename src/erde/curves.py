@@ -152,7 +152,8 @@ def _panel(ax: Any, name: str, curve: Mapping[str, Any], colours: Any) -> None:
     title = f"{model_label(name)}: last exit {final:.1f} % at epoch {epochs[-1]}{seeds}"
     ax.set_title(title, fontsize=9, color=colour)
     ax.set_xlabel("Epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)  # a one-epoch run gets one tick, not 0.945
     ax.set_ylabel("Validation accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
