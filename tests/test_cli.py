@@ -113,6 +113,37 @@ def test_evaluate_tiny_run_checkpoints(tiny_run: dict[str, Path], tmp_path: Path
     assert (out / "tradeoff.png").is_file() and (out / "report.md").is_file()
 
 
+def test_evaluate_names_tell_apart_students_of_one_method_from_different_runs(
+    tiny_run: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    other = tmp_path / "other_run" / "student_erde"  # the same method from another run
+    shutil.copytree(tiny_run["student_erde"].parent, other)
+    pair = [str(tiny_run["student_erde"]), str(other)]
+    out = tmp_path / "report"
+    assert main(["evaluate", *pair, "--out", str(out), "--no-progress"]) == 2
+    assert "same model name" in capsys.readouterr().err and not out.exists()
+    assert main(["evaluate", *pair, "--names", "erde_a,erde_a", "--out", str(out)]) == 2
+    assert "--names needs 2 different non-empty names" in capsys.readouterr().err
+    assert main(["evaluate", *pair, "--names", "erde_a", "--out", str(out)]) == 2
+    assert not out.exists()
+
+    assert main(["evaluate", *pair, "--names", "erde_a, erde_b", "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["erde_a", "erde_b"]
+    assert (
+        report["models"]["erde_a"]["exit_accuracy"] == report["models"]["erde_b"]["exit_accuracy"]
+    )
+    assert "erde_b" in (out / "report.md").read_text()
+    budgeted = tmp_path / "budgeted"
+    assert main(["evaluate", *pair, "--names", "erde_a,erde_b", "--budgeted", "--budgets", "1.0",
+                 "--out", str(budgeted), "--no-progress"]) == 0  # fmt: skip
+    assert list(json.loads((budgeted / "budgeted.json").read_text())["models"]) == [
+        "erde_a",
+        "erde_b",
+    ]
+
+
 def test_evaluate_set_overrides_apply_on_top_of_the_checkpoint_config(
     tiny_run: dict[str, Path], tmp_path: Path
 ) -> None:

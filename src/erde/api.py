@@ -149,16 +149,21 @@ def evaluate(
     cfg: ExperimentConfig | None = None,
     thresholds: Sequence[float] | None = None,
     progress: bool = True,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """``erde evaluate``: every exit's test logits once, threshold sweeps, the report.
 
-    Writes report.json (the source of truth), report.md, tradeoff.png and
-    sweep.csv to ``out_dir`` and returns their paths (``json``,
-    ``markdown``, ``plot``, ``csv``).
+    Writes report.json (the source of truth), report.md, report.html,
+    tradeoff.png, sweep.csv and, when the checkpoints' folders hold their
+    metrics, training.png to ``out_dir`` and returns their paths (``json``,
+    ``markdown``, ``html``, ``plot``, ``csv``, ``training``). ``names`` labels
+    the models (default: each checkpoint's own, e.g. ``student_erde``; two
+    ERDE students of different runs need names of their own).
     """
     return evaluate_checkpoints(
-        checkpoints, out_dir, cfg=cfg, splits=splits, thresholds=thresholds, progress=progress
-    )
+        checkpoints, out_dir, cfg=cfg, splits=splits, thresholds=thresholds, progress=progress,
+        names=names,
+    )  # fmt: skip
 
 
 def calibrate(

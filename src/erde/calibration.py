@@ -538,18 +538,31 @@ def evaluate_budgeted(
     cfg: Any = None,
     device: str | None = None,
     progress: bool = False,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Budgeted evaluation of each checkpoint: write budgeted.json, budgeted.md and budgeted.png."""
+    """Budgeted evaluation of each checkpoint: write budgeted.json, budgeted.md and budgeted.png.
+
+    ``names`` labels the models (default: each checkpoint's own).
+    """
     from erde import io
 
     if not budgets or any(not (math.isfinite(b) and b > 0) for b in budgets):
         raise ConfigError(f"budgets must be fractions of the full MACs > 0, got {list(budgets)}")
+    if names is not None and (len(names) != len(checkpoints) or not all(names)):
+        raise ConfigError(
+            f"names: one non-empty name per checkpoint ({len(checkpoints)}), got {names}"
+        )
     models: dict[str, Any] = {}
     splits = None
-    for checkpoint in checkpoints:
+    for index, checkpoint in enumerate(checkpoints):
         ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
+        if names is not None:
+            ckpt["name"] = names[index]
         if ckpt["name"] in models:
-            raise ConfigError(f"two checkpoints hold the same model name {ckpt['name']!r}")
+            raise ConfigError(
+                f"two checkpoints hold the same model name {ckpt['name']!r}; give each a name of "
+                "its own (--names)"
+            )
         bs = cfg.data.eval_batch_size
         val = _record(model, splits, "val", dev, bs, progress)
         test = _record(model, splits, "test", dev, bs, progress)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from erde import __version__
 from erde.config import ExperimentConfig, load_config, load_yaml, preset_path
-from erde.errors import ErdeError
+from erde.errors import ConfigError, ErdeError
 from erde.threads import DEFAULT_MAX_THREADS, ENV_VAR
 
 if TYPE_CHECKING:
@@ -168,6 +168,19 @@ def _parse_thresholds(text: str | None, option: str = "--thresholds") -> list[fl
         raise ErdeError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
+def _names(args: argparse.Namespace) -> list[str] | None:
+    """--names as a list, or None; the count is checked against the checkpoints before any work."""
+    if not args.names:
+        return None
+    names = [n.strip() for n in args.names.split(",")]
+    if len(names) != len(args.checkpoints) or not all(names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"--names needs {len(args.checkpoints)} different non-empty names, one per checkpoint, "
+            f"got {args.names!r}"
+        )
+    return names
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from erde.checkpoints import load_checkpoint
     from erde.pipeline import evaluate_checkpoints
@@ -178,7 +191,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_budgeted(args, cfg)
     paths = evaluate_checkpoints(
         args.checkpoints, args.out, cfg=cfg, thresholds=_parse_thresholds(args.thresholds),
-        progress=not args.no_progress,
+        progress=not args.no_progress, names=_names(args),
     )  # fmt: skip
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -316,6 +329,7 @@ def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     paths = evaluate_budgeted(
         args.checkpoints, args.out, budgets=budgets, rule=args.rule, per_exit=args.per_exit,
         temperature=args.temperature, cfg=cfg, progress=not args.no_progress,
+        names=_names(args),
     )  # fmt: skip
     print(Path(paths["markdown"]).read_text())
     for kind, path in paths.items():
@@ -595,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--thresholds", help="comma-separated thresholds instead of the default grid")
+    p.add_argument(
+        "--names", metavar="A,B,...",
+        help="comma-separated names for the models in the report, one per checkpoint (default: "
+        "each checkpoint's own, e.g. student_erde; students of the same method from different "
+        "runs need names of their own)",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/report", help="output folder (default: runs/report)")
     g = p.add_argument_group(
         "budgeted mode (MSDNet protocol): test accuracy against test MACs, each point's thresholds "

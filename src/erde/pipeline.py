@@ -62,7 +62,10 @@ def evaluate_checkpoints(
     splits = splits or load_splits(cfg)
     names = [c["name"] for c in loaded]
     if len(set(names)) != len(names):
-        raise ConfigError(f"two checkpoints hold the same model name: {names}")
+        raise ConfigError(
+            f"two checkpoints hold the same model name: {names}; give each a name of its own "
+            "(erde evaluate --names, or names=[...] from Python)"
+        )
     for ckpt in loaded:
         check_compatible(ckpt, splits.num_classes, splits.image_shape, "checkpoint")
     if thresholds is not None and len(thresholds) == 0:
