@@ -13,6 +13,7 @@ from erde.evaluation import (
     collect_exit_logits,
     default_thresholds,
     exit_accuracy,
+    exit_calibration_error,
     mac_reduction_at_equal_accuracy,
     model_report,
     simulate,
@@ -196,6 +197,37 @@ def test_mac_reduction_none_when_nothing_qualifies() -> None:
     points = [_point(0.80, 10), _point(0.85, 50)]
     assert mac_reduction_at_equal_accuracy(points, 0.90, 100.0, tolerance=0.005) is None
     assert mac_reduction_at_equal_accuracy([], 0.90, 100.0) is None
+
+
+def logit(p: float) -> float:
+    """Two-class logit whose softmax is (p, 1 - p) against a logit of 0."""
+    return math.log(p / (1 - p))
+
+
+def test_calibration_error_per_exit_matches_a_hand_count() -> None:
+    """ECE = sum over confidence bins of (share of images) x |accuracy - mean confidence|."""
+    p_hi, p_lo = 0.9, 0.6  # two confidence levels, in bins 13 and 9 of 15
+    z = torch.tensor([[logit(p_hi), 0.0]] * 4 + [[logit(p_lo), 0.0]] * 2)  # (6, 2)
+    labels = torch.tensor([0, 0, 0, 1, 0, 1])  # at 0.9: 3 of 4 right; at 0.6: 1 of 2 right
+    sure = torch.zeros(6, 2)
+    sure[:, 0] = 50.0  # exit 1: 100 % sure of class 0 everywhere
+    exits = torch.stack([z, sure])
+    expected_0 = 4 / 6 * abs(0.75 - p_hi) + 2 / 6 * abs(0.5 - p_lo)
+    expected_1 = abs(4 / 6 - 1.0)  # one bin: 4 of 6 right at confidence 1
+    assert exit_calibration_error(exits, labels) == pytest.approx(
+        [expected_0, expected_1], abs=1e-6
+    )
+    perfect = torch.tensor([[[logit(0.75), 0.0]] * 4])  # 75 % sure, 3 of 4 right
+    assert exit_calibration_error(perfect, torch.tensor([0, 0, 0, 1]))[0] == pytest.approx(
+        0, abs=1e-6
+    )
+
+
+def test_model_report_holds_each_exits_calibration_error() -> None:
+    logits, labels = _synthetic()
+    report = model_report("m", logits, labels, MACS, [1] * len(MACS))
+    assert report["exit_ece"] == exit_calibration_error(logits, labels)
+    assert len(report["exit_ece"]) == logits.shape[0]
 
 
 def test_mac_reduction_on_a_real_sweep_reaches_the_last_exit_accuracy() -> None:

@@ -111,7 +111,8 @@ def test_strict_tolerance_reports_unreached_reduction(tmp_path: Path) -> None:
 def test_report_markdown_tables(tmp_path: Path) -> None:
     models = _models()
     dataset = dataset_summary("synthetic", 5, (3, 8, 8), 120, 30, 270)
-    write_report(tmp_path, build_report(models, dataset=dataset))
+    report = build_report(models, dataset=dataset)
+    write_report(tmp_path, report)
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# ERDE evaluation report")
     assert "Dataset: synthetic (5 classes, 120 test images, 3x8x8)." in text
@@ -126,10 +127,16 @@ def test_report_markdown_tables(tmp_path: Path) -> None:
     ]:
         assert f"| {label} (`{name}`) |" in text  # summary row
         assert f"### {label} (`{name}`)" in text  # per-model section
-    assert text.count("| Exit | Params | MACs | Accuracy |") == 4
+    assert text.count("| Exit | Params | MACs | Accuracy | ECE |") == 4
     assert text.count("entropy sweep") == 4 and text.count("max_softmax sweep") == 4
     teacher_exit_0 = 100 * models["teacher"]["exit_accuracy"][0]
-    assert f"| 0 | 100 | 40.00K | {teacher_exit_0:.2f}% |" in text  # 100 params, 40,000 MACs
+    teacher_ece_0 = 100 * models["teacher"]["exit_ece"][0]
+    # 100 params, 40,000 MACs
+    assert f"| 0 | 100 | 40.00K | {teacher_exit_0:.2f}% | {teacher_ece_0:.2f}% |" in text
+    older = copy.deepcopy(report)  # a report.json from before ECE was measured still renders
+    for model in older["models"].values():
+        del model["exit_ece"]
+    assert "| Exit | Params | MACs | Accuracy |\n" in render_markdown(older)
     assert "## Environment" in text and "## Config" in text
 
 

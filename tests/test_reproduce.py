@@ -130,6 +130,13 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
             assert (row["n_seeds"], row["schedule"]) == (2, "reduced")
         last = [seeds[s]["models"][name]["exit_accuracy"][-1] for s in (0, 1)]
         assert model["exit_accuracy_mean"][-1] == pytest.approx(statistics.fmean(last))
+        ece = [seeds[s]["models"][name]["exit_ece"] for s in (0, 1)]
+        assert model["exit_ece_mean"] == pytest.approx(
+            [statistics.fmean(e) for e in zip(*ece, strict=True)]
+        )
+        assert model["exit_ece_std"] == pytest.approx(
+            [statistics.stdev(e) for e in zip(*ece, strict=True)]
+        )
     erde_vs_kd = results["comparisons"][0]
     assert (erde_vs_kd["model"], erde_vs_kd["other"]) == ("student_erde", "student_kd")
     for i, row in enumerate(erde_vs_kd["per_threshold"]):
@@ -144,6 +151,8 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
     markdown = (out / "results.md").read_text()
     assert "Accuracy (%) and mean MACs at fixed thresholds" in markdown and " ± " in markdown
     assert "| Seeds ahead | p | MACs ratio |" in markdown
+    assert "## Single exits" in markdown
+    assert "| Model | Exit | MACs | Accuracy (%) | ECE (%) |" in markdown
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what training cost: every model, from its own metrics.jsonl, written into the page
     assert list(results["training_time"]) == list(MODELS)
@@ -186,6 +195,21 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
     assert _mtimes(out) == before  # nothing retrained, nothing re-evaluated
     again = json.loads((out / "results.json").read_text())
     assert again["models"] == results["models"]
+
+    # a seed report written before a measure existed is evaluated again, nothing retrained
+    old = json.loads((out / "seed_0" / "report.json").read_text())
+    for model in old["models"].values():
+        del model["exit_ece"]
+    (out / "seed_0" / "report.json").write_text(json.dumps(old))
+    before = _mtimes(out)
+    assert main(argv) == 0
+    after = _mtimes(out)
+    assert after.pop("seed_0/report.json") != before.pop("seed_0/report.json")
+    assert after == before  # every checkpoint and the other seed's report untouched
+    assert json.loads((out / "seed_0" / "report.json").read_text()) == seeds[0] | {
+        "created": json.loads((out / "seed_0" / "report.json").read_text())["created"]
+    }
+    before = _mtimes(out)
 
     changed = [*argv, "--set", "student.width=0.5"]
     assert main(changed) == 2

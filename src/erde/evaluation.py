@@ -109,6 +109,35 @@ def exit_accuracy(exit_logits: Tensor, labels: Tensor) -> list[float]:
     return correct.double().mean(dim=1).tolist()
 
 
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
+
+
+def exit_calibration_error(
+    exit_logits: Tensor, labels: Tensor, bins: int = ECE_BINS
+) -> list[float]:
+    """Expected calibration error of each exit on its own, in [0, 1]: (E, N, K), (N,) -> [E].
+
+    The entropy rule lets an image leave where the exit is sure of itself, so
+    how far an exit's confidence is from its accuracy matters as much as its
+    accuracy. Per exit: the images are binned by their max softmax probability
+    (``bins`` equal-width bins over [0, 1]) and ECE = Σ_b (n_b / N) |acc_b - conf_b|.
+
+    >>> z = torch.tensor([[[4.0, 0.0], [4.0, 0.0]]])  # one exit, two images, both 98 % sure
+    >>> round(exit_calibration_error(z, torch.tensor([0, 1]))[0], 4)  # half of them right
+    0.482
+    """
+    probs = exit_logits.float().softmax(dim=-1)
+    confidence, predicted = probs.max(dim=-1)  # (E, N)
+    correct = (predicted == labels.to(exit_logits.device)).double()
+    index = (confidence.double() * bins).long().clamp_(max=bins - 1)  # (E, N), bin of each image
+    n = max(exit_logits.shape[1], 1)
+    gaps = correct - confidence.double()  # (E, N): summed per bin, |.| of each bin's sum
+    return [
+        float(torch.bincount(index[e], weights=gaps[e], minlength=bins).abs().sum() / n)
+        for e in range(exit_logits.shape[0])
+    ]
+
+
 def default_thresholds(rule: str, num_classes: int, n: int = 41) -> list[float]:
     """``n`` ascending thresholds covering the rule's whole range, both ends included.
 
@@ -315,6 +344,7 @@ def model_report(
         "macs_per_exit": [_plain(m) for m in macs_per_exit],
         "params_per_exit": [_plain(p) for p in params_per_exit],
         "exit_accuracy": exit_accuracy(exit_logits, labels),
+        "exit_ece": exit_calibration_error(exit_logits, labels),
         "sweep": points,
     }
     report.update(extra or {})

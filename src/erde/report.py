@@ -292,14 +292,16 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
 def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
     """Per-exit table, then one sweep table per rule (``rule`` first) for one model."""
     params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
+    ece = model.get("exit_ece")  # reports written before it was measured have none
     exit_rows = [
-        [str(i), fmt_count(p), fmt_count(m), _pct(a)]
+        [str(i), fmt_count(p), fmt_count(m), _pct(a)] + ([_pct(ece[i])] if ece else [])
         for i, (p, m, a) in enumerate(
             zip(params, model["macs_per_exit"], model["exit_accuracy"], strict=True)
         )
     ]
     lines = [f"### {model_label(name)} (`{name}`)", ""]
-    lines += markdown_table(["Exit", "Params", "MACs", "Accuracy"], exit_rows) + [""]
+    header = ["Exit", "Params", "MACs", "Accuracy"] + (["ECE"] if ece else [])
+    lines += markdown_table(header, exit_rows) + [""]
     rules = dict.fromkeys([rule, *(p["rule"] for p in model["sweep"])])  # ordered, unique
     for sweep_rule in rules:
         points = [p for p in model["sweep"] if p["rule"] == sweep_rule]

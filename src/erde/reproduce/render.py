@@ -84,6 +84,35 @@ def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _single_exit_lines(models: Mapping[str, Mapping[str, Any]], sub: str) -> list[str]:
+    """Every exit on its own: MACs, accuracy and expected calibration error (ECE)."""
+    with_ece = all(m.get("exit_ece_mean") for m in models.values())
+    rows = []
+    for name, m in models.items():
+        for i, macs in enumerate(m["macs_per_exit"]):
+            row = [model_label(name), str(i), fmt_count(macs),
+                   _pm(m["exit_accuracy_mean"][i], m["exit_accuracy_std"][i])]  # fmt: skip
+            if with_ece:
+                row.append(_pm(m["exit_ece_mean"][i], m["exit_ece_std"][i]))
+            rows.append(row)
+    note = (
+        " ECE: expected calibration error of the exit's max softmax probability (15 equal-width "
+        "bins), in %; the entropy rule trusts an exit's confidence, so a lower ECE means "
+        "its thresholds mean what they say."
+        if with_ece
+        else ""
+    )
+    header = ["Model", "Exit", "MACs", "Accuracy (%)"] + (["ECE (%)"] if with_ece else [])
+    return [
+        f"{sub} Single exits",
+        "",
+        f"Every image answered at that exit (mean ± std over seeds).{note}",
+        "",
+        *markdown_table(header, rows),
+        "",
+    ]
+
+
 def render_markdown(
     results: Mapping[str, Any],
     *,
@@ -134,6 +163,7 @@ def render_markdown(
             )
         rows.append(row)
     lines += markdown_table(header, rows) + [""]
+    lines += _single_exit_lines(models, sub)
 
     ref = results["reference"]
     lines += [

@@ -206,7 +206,11 @@ def check_reusable(seed_dir: Path, cfg: ExperimentConfig, names: Sequence[str] =
 
 
 def _report_is_current(report: Path, checkpoints: Sequence[Path], grid: Sequence[float]) -> bool:
-    """A seed report newer than its checkpoints, covering every model and threshold."""
+    """A seed report newer than its checkpoints, covering every model, threshold and measure.
+
+    A report written before a measure existed (``exit_ece``) is evaluated again: the
+    checkpoints are kept, only the test pass is repeated.
+    """
     if not report.is_file():
         return False
     written = report.stat().st_mtime_ns
@@ -221,6 +225,7 @@ def _report_is_current(report: Path, checkpoints: Sequence[Path], grid: Sequence
     wanted = set(grid)
     return all(
         wanted <= {p["threshold"] for p in m.get("sweep", []) if p.get("rule") == RULE}
+        and m.get("exit_ece")
         for m in models.values()
     )
 

@@ -144,6 +144,12 @@ def _model_summary(
             raise ConfigError(f"{name}: seeds disagree on the model's MACs (different configs?)")
     sweeps = [_sweep_by_threshold(m) for m in per_seed]
     exit_stats = [mean_std(a) for a in zip(*(m["exit_accuracy"] for m in per_seed), strict=True)]
+    has_ece = all(m.get("exit_ece") for m in per_seed)
+    ece_stats = (
+        [mean_std(e) for e in zip(*(m["exit_ece"] for m in per_seed), strict=True)]
+        if has_ece
+        else []
+    )
     rows = []
     for level, threshold in zip(TABLE_LEVELS, thresholds, strict=True):
         points = [_at(s, threshold, f"{name} report") for s in sweeps]
@@ -187,6 +193,9 @@ def _model_summary(
         "params_per_exit": first.get("params_per_exit"),
         "exit_accuracy_mean": [m for m, _ in exit_stats],
         "exit_accuracy_std": [s for _, s in exit_stats],
+        # expected calibration error per exit (None when a seed's report predates it)
+        "exit_ece_mean": [m for m, _ in ece_stats] if has_ece else None,
+        "exit_ece_std": [s for _, s in ece_stats] if has_ece else None,
         "thresholds": rows,
         "curve": curve,
         "mac_reduction_per_seed": {
