@@ -133,6 +133,7 @@ def compare(results: dict[str, Any], values: list[str]) -> list[dict[str, Any]]:
                 "p_value": [paired_p_value(d) for d in diffs],
                 "seeds_ahead": [sum(x > 0 for x in d) for d in diffs],
                 "mac_reduction": red.get("reduction"),
+                "exit_ece": list(zip(model["exit_ece_mean"], model["exit_ece_std"], strict=True)),
             }
         )
     return rows
@@ -149,12 +150,14 @@ def render(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
         "(p: paired t-test over seeds).",
         "",
     ]
-    header = ["Setting", "Reduction at equal acc."] + [f"h = {TABLE_LEVELS[i]:g}" for i in levels]
+    header = ["Setting", "Reduction at equal acc.", "ECE per exit (%)"]
+    header += [f"h = {TABLE_LEVELS[i]:g}" for i in levels]
     body = []
     for r in rows:
         cells = [
             r["setting"],
             f"{r['mac_reduction']:.2f}x" if r["mac_reduction"] else "not reached",
+            " / ".join(f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in r["exit_ece"]),
         ]
         for i in levels:
             mean, std = r["accuracy"][i]

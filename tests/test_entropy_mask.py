@@ -51,8 +51,10 @@ def test_each_setting_trains_from_the_same_teachers_and_is_compared_with_the_def
             for r in reports]  # fmt: skip
     assert setting["diff_vs_default"][0] == pytest.approx(sum(last) / 2)
     assert setting["seeds_ahead"][0] == sum(d > 0 for d in last)
+    ece = [r["models"]["erde_u0.3"]["exit_ece"][-1] for r in reports]
+    assert setting["exit_ece"][-1][0] == pytest.approx(sum(ece) / 2)  # last exit, mean over seeds
     table = (out / "entropy_mask.md").read_text()
-    assert "| erde_u0.3 |" in table and "2 seed(s)" in table
+    assert "| erde_u0.3 |" in table and "2 seed(s)" in table and "ECE per exit (%)" in table
     assert table in capsys.readouterr().out
 
     before = (out / "seed_1" / "erde_u0.3" / "checkpoint.pt").stat().st_mtime_ns
