@@ -196,6 +196,7 @@ def status_lines(root: str | Path, now: float | None = None) -> list[str]:
 
 
 def _folders_of(root: Path) -> list[Path]:
+    """The model folders below ``root``, or one error saying why there are none."""
     if not root.is_dir():
         what = (
             "not a folder (give a run folder or a model folder)"
