@@ -242,7 +242,10 @@ def test_the_time_left_after_a_resume_counts_only_the_steps_this_process_ran(
     first = records[0]
     assert (first["epoch"], first["epochs"]) == (1, 3)
     left = 3 * STEPS - STEPS  # steps of epochs 2 and 3
-    assert first["eta_seconds"] == pytest.approx(first["seconds"] / (STEPS - 2) * left)
+    assert first["seconds_per_step"] == pytest.approx(first["seconds"] / (STEPS - 2))
+    # the estimate: the steady time per step (median over the blocks between checkpoints)
+    assert first["steady_seconds_per_step"] > 0
+    assert first["eta_seconds"] == pytest.approx(first["steady_seconds_per_step"] * left)
     # throughput of the steps timed here, not of the whole epoch's images over part of its time
     assert first["steps"] == STEPS
     per_step = first["images"] / STEPS
@@ -251,6 +254,6 @@ def test_the_time_left_after_a_resume_counts_only_the_steps_this_process_ran(
         records[1]["images"] / records[1]["seconds"]
     )
     # later estimates: the median time per step of the epochs so far (one slow epoch moves it little)
-    per_step = statistics.median(r["seconds_per_step"] for r in records[:2])
+    per_step = statistics.median(r["steady_seconds_per_step"] for r in records[:2])
     assert records[1]["eta_seconds"] == pytest.approx(per_step * STEPS)
     assert records[-1]["eta_seconds"] == 0

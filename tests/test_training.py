@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,37 @@ def test_erde_with_uncertain_above_logs_the_share_it_distills_beside_the_share_r
     # a one-epoch teacher is unsure of much that it gets right: 0.2 moves some of it
     assert any(trusted < right for trusted, right in shares)
     assert load_checkpoint(tmp_path)["config"]["distill"]["uncertain_above"] == 0.2
+
+
+def test_a_stall_inside_an_epoch_moves_its_wall_time_not_its_steady_time_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped for a while (SIGSTOP, a laptop asleep) must not skew its time estimates."""
+    monkeypatch.setattr(training, "SYNC_EVERY", 2)  # blocks of 2 steps in a 12-step epoch
+
+    def stall(step: int) -> None:
+        if step == 5:
+            time.sleep(1.5)  # far longer than all 12 tiny steps together
+
+    cfg = tiny_config("teacher_train.epochs=2", "teacher_train.max_steps_per_epoch=12",
+                      "teacher_train.checkpoint_every_steps=0")  # fmt: skip
+    train(cfg, Job("teacher"), tmp_path, progress=False, on_step=stall)
+    first, second = (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert first["seconds_per_step"] > 1.5 / 12  # the wall time holds the stall ...
+    assert first["steady_seconds_per_step"] < 1.5 / 12 / 4  # ... the median block does not
+    assert first["eta_seconds"] == pytest.approx(first["steady_seconds_per_step"] * 12)
+    assert second["steady_seconds_per_step"] > 0
+
+
+def test_block_timer_is_the_median_seconds_per_step_of_its_blocks() -> None:
+    clock = iter([0.0, 20.0, 140.0, 162.0, 180.0, 181.0])  # blocks of 20: 1, 6, 1.1, 0.9 s/step
+    timer = training.BlockTimer(0, clock=lambda: next(clock))
+    assert timer.steady() is None
+    for step in (20, 40, 60, 80):
+        timer.mark(step)
+    assert timer.steady() == pytest.approx((1.0 + 1.1) / 2)
+    timer.mark(80)  # no step since the last mark: nothing to time
+    assert len(timer.per_step) == 4
 
 
 def test_host_reads_metrics_every_few_steps_not_every_step(

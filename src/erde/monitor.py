@@ -5,7 +5,8 @@ metrics.jsonl), so they show exactly what metrics.jsonl holds:
 
     {"model", "epoch", "train_loss", "train_exit_accuracy": [E], "val_exit_accuracy": [E],
      "terms": {"ce_0", ..., "kl_0", "entropy_0", "teacher_correct_0", ...}, "lr",
-     "images", "seconds", "images_per_second", "epochs", "seconds_per_step", "eta_seconds"}
+     "images", "seconds", "images_per_second", "epochs", "seconds_per_step",
+     "steady_seconds_per_step", "eta_seconds"}
 
 TensorBoard is optional (``pip install "erde[tb]"``) and imported only when asked for.
 """
@@ -75,15 +76,24 @@ def recent_seconds_per_step(
 ) -> float | None:
     """Median seconds per step over the last ``window`` timed epoch records, or None.
 
-    An epoch that shared the CPU with other work, or was stopped for a while,
-    would put an estimate made from it alone hours off; the median of the
-    recent epochs is not moved by one of them.
+    Each epoch counts with its steady time per step (the median over blocks of
+    steps, which a stall in the epoch does not move; see
+    ``erde.training.BlockTimer``), else its wall time per step. An epoch that
+    shared the CPU with other work, or was stopped for a while, would put an
+    estimate made from its wall time alone hours off; the median of the recent
+    epochs is not moved by one of them.
 
     >>> recent_seconds_per_step([{"seconds_per_step": 1.0}, {"seconds_per_step": 9.0},
     ...                          {"seconds_per_step": 1.2}, {"epoch": 4}])
     1.2
+    >>> recent_seconds_per_step([{"seconds_per_step": 9.0, "steady_seconds_per_step": 1.1}])
+    1.1
     """
-    values = [float(r["seconds_per_step"]) for r in records if r.get("seconds_per_step")]
+    values = [
+        float(r.get("steady_seconds_per_step") or r["seconds_per_step"])
+        for r in records
+        if r.get("steady_seconds_per_step") or r.get("seconds_per_step")
+    ]
     return statistics.median(values[-window:]) if values else None
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -872,6 +873,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []  # one metrics record per finished epoch
         self.epoch_start = time.perf_counter()
         self.epoch_start_step = self.position["global_step"]
+        self.blocks = BlockTimer(self.position["global_step"])
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -886,6 +888,7 @@ class _Run:
         self.position = {k: int(ckpt[k]) for k in self.position}
         self.epoch_start_step = self.position["global_step"]  # steps timed start here
         self.epoch_start = time.perf_counter()
+        self.blocks = BlockTimer(self.position["global_step"])
         self.history = list(ckpt.get("history", []))
         running = ckpt.get("running")
         # the saved sums cover every rank: rank 0 carries them on, the others start from zero
@@ -967,8 +970,10 @@ class _Run:
         elif every and p["global_step"] % every == 0:
             self.check_finite()
             self.save()
+            self.blocks.mark(p["global_step"])
         elif p["global_step"] % SYNC_EVERY == 0:
             self.check_finite()
+            self.blocks.mark(p["global_step"])
 
     def check_finite(self) -> None:
         """Stop on a nan/inf loss before anything is saved from the weights it spoilt."""
@@ -995,6 +1000,7 @@ class _Run:
         timed = self.position["global_step"] - self.epoch_start_step
         steps = self.env.steps_per_epoch
         record = _epoch_record(self.job, self.position["epoch"], totals, seconds, steps, timed)
+        record["steady_seconds_per_step"] = self.blocks.steady()
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["epochs"] = self.tcfg.epochs
         left = self.env.total_steps - self.position["global_step"]
@@ -1016,6 +1022,34 @@ class _Run:
             self.env.on_epoch(self.out_dir, record)
         self.epoch_start = time.perf_counter()
         self.epoch_start_step = self.position["global_step"]
+        self.blocks = BlockTimer(self.position["global_step"])  # validation is not a step
+
+
+class BlockTimer:
+    """Seconds per step of an epoch, measured over blocks of steps that end in a host sync.
+
+    The wall time of a whole epoch counts every stall in it: a process stopped
+    for an hour, a laptop asleep, another job on the same cores. Timed between
+    the loop's host syncs (every ``SYNC_EVERY`` steps, when the device has
+    finished the block's work, on CPU and GPU alike), the median block says
+    what a step costs when the run goes on, whatever happened to a few blocks.
+    """
+
+    def __init__(self, step: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.start, self.step = clock(), step
+        self.per_step: list[float] = []  # one value per finished block
+
+    def mark(self, step: int) -> None:
+        """A block ends at ``step`` (just after a host sync)."""
+        now = self.clock()
+        if step > self.step:
+            self.per_step.append((now - self.start) / (step - self.step))
+        self.start, self.step = now, step
+
+    def steady(self) -> float | None:
+        """Median seconds per step over the finished blocks (None before the first)."""
+        return statistics.median(self.per_step) if self.per_step else None
 
 
 def start_line(
