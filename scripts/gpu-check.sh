@@ -9,7 +9,8 @@
 # Writes at most 8 files into $OUT (one folder down): gpu-check.log (everything printed),
 # env.txt, pytest.txt, training-bench.json, and reproduce/results.{json,md} and tradeoff.png of
 # `erde reproduce --schedule fast` for as many seeds as finish within REPRODUCE_SECONDS
-# (interrupted seeds are not in the results; the run folder resumes with the same command).
+# (interrupted seeds are not in the results; the run folder resumes with the same command), and
+# reproduce/curves.png, the validation curves of every model so far (finished or not).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
@@ -55,6 +56,7 @@ if [ -f "$DATA" ]; then
     for f in results.json results.md tradeoff.png; do
         [ -f "$RUNS/cifar10-fast/$f" ] && cp "$RUNS/cifar10-fast/$f" "$OUT/reproduce/"
     done
+    python3 -m erde.cli status "$RUNS/cifar10-fast" --plot "$OUT/reproduce/curves.png"
     grep -h '"seconds"' "$RUNS"/cifar10-fast/seed_*/*/metrics.jsonl 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
