@@ -72,6 +72,8 @@ def test_names_cannot_close_the_data_block():
         (lambda r: r.update(models={}), "no models"),
         (lambda r: r["models"]["model_0"]["sweep"][0].update(accuracy="high"), "malformed sweep"),
         (lambda r: r["models"]["model_0"].pop("macs_per_exit"), "no numeric macs_per_exit"),
+        (lambda r: r["models"]["model_0"].update(exit_ece="low"), "exit_ece that is not one"),
+        (lambda r: r["models"]["model_0"].update(exit_ece=[0.1]), "exit_ece that is not one"),
     ],
 )
 def test_reports_the_page_cannot_show_are_refused(change, message):
@@ -173,6 +175,9 @@ def test_slider_shows_the_report_sweep_at_its_threshold(browser, tiny_run, tmp_p
         assert abs(float(number) * scale - point["mean_macs"]) <= 0.005 * scale, name
         marker = browser.find_element(By.ID, f"marker-{i}")
         assert marker.get_attribute("cx") and marker.is_displayed()
+        alone = browser.find_element(By.ID, f"exits-{i}").text  # every exit on its own
+        ece = " / ".join(f"{100 * e:.2f}%" for e in model["exit_ece"])
+        assert alone.endswith(f"calibration error (ECE) {ece}"), alone
     shot = tmp_path / "report.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

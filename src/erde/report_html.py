@@ -79,6 +79,13 @@ def _check_model(source: str, name: str, model: Any) -> None:
         values = model.get(key)
         if not isinstance(values, list) or not values or not all(map(_number, values)):
             raise ReportError(f"{bad} has no numeric {key}")
+    ece = model.get("exit_ece")  # optional: reports written before it was measured have none
+    if ece is not None and (
+        not isinstance(ece, list)
+        or len(ece) != len(model["exit_accuracy"])
+        or not all(map(_number, ece))
+    ):
+        raise ReportError(f"{bad} has an exit_ece that is not one number per exit")
     sweep = model.get("sweep")
     if not isinstance(sweep, list):
         raise ReportError(f"{bad} has no sweep")
@@ -196,6 +203,7 @@ def page_data(
                 "colour": COLOURS.get(colour, colour),
                 "macs_per_exit": model["macs_per_exit"],
                 "exit_accuracy": model["exit_accuracy"],
+                "exit_ece": model.get("exit_ece"),  # absent from reports written before it
                 "threshold": [p["threshold"] for p in points],
                 "accuracy": [p["accuracy"] for p in points],
                 "mean_macs": [p["mean_macs"] for p in points],
@@ -363,6 +371,9 @@ D.models.forEach((m, i) => {
   const h = el("h2", {}, p);
   el("span", {class: "swatch", style: `background:${m.colour}`}, h);
   h.appendChild(document.createTextNode(`${m.label} (${m.name}) — full network ${count(m.macs_per_exit[m.macs_per_exit.length - 1])} MACs, last exit ${pct(m.exit_accuracy[m.exit_accuracy.length - 1])}`));
+  const alone = el("div", {class: "exits", id: `exits-${i}`}, p);
+  alone.textContent = `each exit alone: accuracy ${m.exit_accuracy.map(pct).join(" / ")}` +
+    (m.exit_ece ? `; calibration error (ECE) ${m.exit_ece.map(pct).join(" / ")}` : "");
   if (!m.threshold.length) { el("p", {class: "note"}, p).textContent = `no ${D.rule} sweep for this model`; return; }
   const s = el("input", {type: "range", min: 0, max: m.threshold.length - 1, step: 1, id: `slider-${i}`,
     "aria-label": `${m.label} threshold`, list: `ticks-${i}`}, p);
