@@ -15,6 +15,8 @@ from erde.report import (
     build_report,
     dataset_summary,
     fmt_thresholds,
+    model_label,
+    reliability_figure,
     render_markdown,
     rule_ends,
     write_report,
@@ -59,6 +61,7 @@ def test_report_json_schema(tmp_path: Path) -> None:
         "markdown": tmp_path / "report.md",
         "plot": tmp_path / "tradeoff.png",
         "csv": tmp_path / "sweep.csv",
+        "reliability": tmp_path / "reliability.png",
     }
     data = json.loads(paths["json"].read_text())
     assert data["schema_version"] == 1
@@ -138,6 +141,44 @@ def test_report_markdown_tables(tmp_path: Path) -> None:
         del model["exit_ece"]
     assert "| Exit | Params | MACs | Accuracy |\n" in render_markdown(older)
     assert "## Environment" in text and "## Config" in text
+
+
+def test_reliability_bins_add_up_to_each_exits_accuracy_and_calibration_error() -> None:
+    """The diagram's bins are the ECE's: Σ n_b |acc_b - conf_b| / N, and Σ n_b acc_b / N = accuracy."""
+    for model in _models().values():
+        for r, acc, ece in zip(model["exit_reliability"], model["exit_accuracy"],
+                               model["exit_ece"], strict=True):  # fmt: skip
+            n = sum(r["count"])
+            filled = [(k, c, a) for k, c, a in zip(r["count"], r["confidence"], r["accuracy"],
+                                                    strict=True) if k]  # fmt: skip
+            assert n == model["num_samples"] and len(r["count"]) == 15
+            assert sum(k * a for k, _, a in filled) / n == pytest.approx(acc)
+            assert sum(k * abs(a - c) for k, c, a in filled) / n == pytest.approx(ece)
+            assert all(c is None for k, c in zip(r["count"], r["confidence"], strict=True) if not k)
+
+
+def test_reliability_png_draws_each_exit_of_each_model_from_its_bins(tmp_path: Path) -> None:
+    report = build_report(_models())
+    axes = reliability_figure(report).axes
+    assert len(axes) == 4
+    for ax, (name, model) in zip(axes, report["models"].items(), strict=True):
+        lines = ax.get_lines()[1:]  # after the diagonal
+        assert [line.get_label() for line in lines] == ["exit 0", "exit 1", "exit 2"]
+        bins = model["exit_reliability"][1]
+        kept = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"], strict=True) if c]
+        assert list(lines[1].get_xdata()) == pytest.approx([100 * c for c, _ in kept])
+        assert list(lines[1].get_ydata()) == pytest.approx([100 * a for _, a in kept])
+        assert ax.get_title().startswith(f"{model_label(name)}: ECE ")
+    raw = write_report(tmp_path, report)["reliability"].read_bytes()
+    assert raw.startswith(PNG_SIGNATURE)
+    image = matplotlib.image.imread(tmp_path / "reliability.png")
+    assert image.shape[0] >= 400 and image.std() > 0.01
+    older = copy.deepcopy(report)  # a report from before the bins were recorded: no diagram
+    for model in older["models"].values():
+        del model["exit_reliability"]
+    (tmp_path / "old").mkdir()
+    assert set(write_report(tmp_path / "old", older)) == {"json", "markdown", "plot", "csv"}
+    assert not (tmp_path / "old" / "reliability.png").exists()
 
 
 def test_tradeoff_png_is_a_readable_image(tmp_path: Path) -> None:

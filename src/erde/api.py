@@ -154,9 +154,10 @@ def evaluate(
     """``erde evaluate``: every exit's test logits once, threshold sweeps, the report.
 
     Writes report.json (the source of truth), report.md, report.html,
-    tradeoff.png, sweep.csv and, when the checkpoints' folders hold their
-    metrics, training.png to ``out_dir`` and returns their paths (``json``,
-    ``markdown``, ``html``, ``plot``, ``csv``, ``training``). ``names`` labels
+    tradeoff.png, reliability.png, sweep.csv and, when the checkpoints'
+    folders hold their metrics, training.png to ``out_dir`` and returns their
+    paths (``json``, ``markdown``, ``html``, ``plot``, ``reliability``, ``csv``,
+    ``training``). ``names`` labels
     the models (default: each checkpoint's own, e.g. ``student_erde``; two
     ERDE students of different runs need names of their own).
     """

@@ -600,8 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="sweep exit thresholds on the test set and write a report", epilog=EPILOG_CONFIG,
         formatter_class=fmt,
         description="Record every exit's test logits once per checkpoint, sweep thresholds of the entropy "
-        "and max-softmax rules, and write report.json, report.md, report.html, sweep.csv and tradeoff.png "
-        "to --out, and training.png (the training curves) when the checkpoints' folders hold their "
+        "and max-softmax rules, and write report.json, report.md, report.html, sweep.csv, tradeoff.png and "
+        "reliability.png (each exit's accuracy against its confidence) to --out, and training.png (the training curves) when the checkpoints' folders hold their "
         "metrics.jsonl. Without --dataset/--config the data set of the first checkpoint is used.",
     )  # fmt: skip
     p.add_argument(

@@ -112,6 +112,26 @@ def exit_accuracy(exit_logits: Tensor, labels: Tensor) -> list[float]:
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
 
+def reliability_sums(
+    exit_logits: Tensor, labels: Tensor, bins: int = ECE_BINS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per exit and confidence bin: images, summed confidence, summed hits: 3 x (E, bins), float64.
+
+    Images are binned by their max softmax probability into ``bins`` equal-width
+    bins over [0, 1] (a probability of exactly 1 goes to the last bin).
+    """
+    probs = exit_logits.float().softmax(dim=-1)
+    confidence, predicted = probs.max(dim=-1)  # (E, N)
+    correct = (predicted == labels.to(exit_logits.device)).double()
+    index = (confidence.double() * bins).long().clamp_(max=bins - 1)  # (E, N)
+    rows = [
+        [torch.bincount(index[e], weights=w[e], minlength=bins) for e in range(len(index))]
+        for w in (torch.ones_like(correct), confidence.double(), correct)
+    ]
+    count, conf, hits = (torch.stack(r) for r in rows)
+    return count, conf, hits
+
+
 def exit_calibration_error(
     exit_logits: Tensor, labels: Tensor, bins: int = ECE_BINS
 ) -> list[float]:
@@ -120,22 +140,39 @@ def exit_calibration_error(
     The entropy rule lets an image leave where the exit is sure of itself, so
     how far an exit's confidence is from its accuracy matters as much as its
     accuracy. Per exit: the images are binned by their max softmax probability
-    (``bins`` equal-width bins over [0, 1]) and ECE = Σ_b (n_b / N) |acc_b - conf_b|.
+    (:func:`reliability_sums`) and ECE = Σ_b (n_b / N) |acc_b - conf_b|.
 
     >>> z = torch.tensor([[[4.0, 0.0], [4.0, 0.0]]])  # one exit, two images, both 98 % sure
     >>> round(exit_calibration_error(z, torch.tensor([0, 1]))[0], 4)  # half of them right
     0.482
     """
-    probs = exit_logits.float().softmax(dim=-1)
-    confidence, predicted = probs.max(dim=-1)  # (E, N)
-    correct = (predicted == labels.to(exit_logits.device)).double()
-    index = (confidence.double() * bins).long().clamp_(max=bins - 1)  # (E, N), bin of each image
+    count, conf, hits = reliability_sums(exit_logits, labels, bins)
     n = max(exit_logits.shape[1], 1)
-    gaps = correct - confidence.double()  # (E, N): summed per bin, |.| of each bin's sum
-    return [
-        float(torch.bincount(index[e], weights=gaps[e], minlength=bins).abs().sum() / n)
-        for e in range(exit_logits.shape[0])
-    ]
+    return ((hits - conf).abs().sum(dim=1) / n).tolist()
+
+
+def exit_reliability(
+    exit_logits: Tensor, labels: Tensor, bins: int = ECE_BINS
+) -> list[dict[str, list]]:
+    """The reliability diagram of each exit: per confidence bin, images, mean confidence and
+    accuracy (None for an empty bin). (E, N, K), (N,) -> [E] of {count, confidence, accuracy}.
+
+    >>> z = torch.tensor([[[4.0, 0.0], [4.0, 0.0]]])
+    >>> r = exit_reliability(z, torch.tensor([0, 1]), bins=2)[0]
+    >>> r["count"], round(r["confidence"][1], 3), r["accuracy"]
+    ([0, 2], 0.982, [None, 0.5])
+    """
+    count, conf, hits = reliability_sums(exit_logits, labels, bins)
+    out = []
+    for c, s, h in zip(count.tolist(), conf.tolist(), hits.tolist(), strict=True):
+        out.append(
+            {
+                "count": [int(k) for k in c],
+                "confidence": [x / k if k else None for x, k in zip(s, c, strict=True)],
+                "accuracy": [x / k if k else None for x, k in zip(h, c, strict=True)],
+            }
+        )
+    return out
 
 
 def default_thresholds(rule: str, num_classes: int, n: int = 41) -> list[float]:
@@ -345,6 +382,7 @@ def model_report(
         "params_per_exit": [_plain(p) for p in params_per_exit],
         "exit_accuracy": exit_accuracy(exit_logits, labels),
         "exit_ece": exit_calibration_error(exit_logits, labels),
+        "exit_reliability": exit_reliability(exit_logits, labels),
         "sweep": points,
     }
     report.update(extra or {})

@@ -134,10 +134,11 @@ def build_report(
 
 
 def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Path]:
-    """Write report.json, report.md, tradeoff.png and sweep.csv into ``out_dir``.
+    """Write report.json, report.md, tradeoff.png, sweep.csv (and reliability.png) into ``out_dir``.
 
-    All four are rendered in memory first, then each is written atomically,
-    so a rendering error leaves the directory as it was.
+    All are rendered in memory first, then each is written atomically, so a
+    rendering error leaves the directory as it was. reliability.png needs every
+    model's ``exit_reliability`` (reports from before it was measured have none).
     """
     out = Path(out_dir)
     contents = {
@@ -152,6 +153,9 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> dict[str, Pa
         "plot": out / "tradeoff.png",
         "csv": out / "sweep.csv",
     }
+    if all(m.get("exit_reliability") for m in report["models"].values()):
+        contents["reliability"] = render_reliability_png(report)
+        paths["reliability"] = out / "reliability.png"
     for key, path in paths.items():
         io.atomic_write_bytes(path, contents[key])
     return paths
@@ -428,6 +432,55 @@ def figure_png(fig: Any, ax: Any, dpi: int) -> bytes:
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def render_reliability_png(report: Mapping[str, Any], dpi: int = 110) -> bytes:
+    """:func:`reliability_figure` as PNG bytes."""
+    buffer = BytesIO()
+    reliability_figure(report, dpi).savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def reliability_figure(report: Mapping[str, Any], dpi: int = 110) -> Any:
+    """Reliability diagrams, one panel per model: each exit's accuracy against its confidence.
+
+    Per exit, the images binned by max softmax probability (``exit_reliability``);
+    points on the diagonal are calibrated, below it over-confident, which is
+    where the entropy rule lets wrong answers leave early.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    models = report["models"]
+    cols = min(len(models), 2)
+    rows = math.ceil(len(models) / cols)
+    fig = Figure(figsize=(5.0 * cols, 4.2 * rows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colours = colormaps["viridis"]
+    for ax, (name, model) in zip(axes.flat, models.items(), strict=False):  # spare: hidden
+        exits = model["exit_reliability"]
+        ax.plot([0, 100], [0, 100], color="gray", linestyle="--", linewidth=1)
+        for e, r in enumerate(exits):
+            kept = [
+                (c, a) for c, a in zip(r["confidence"], r["accuracy"], strict=True) if c is not None
+            ]
+            ax.plot([100 * c for c, _ in kept], [100 * a for _, a in kept], marker="o",
+                    markersize=3, color=colours(0.85 * e / max(len(exits) - 1, 1)),
+                    linewidth=2.0 if e == len(exits) - 1 else 1.2, label=f"exit {e}")  # fmt: skip
+        ece = model.get("exit_ece")
+        extra = f": ECE {' / '.join(f'{100 * v:.1f}' for v in ece)} %" if ece else ""
+        ax.set_title(f"{model_label(name)}{extra}", fontsize=9, color=curve_style(name, 0)[1])
+        ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="Confidence: max softmax probability (%)",
+               ylabel="Accuracy (%)")  # fmt: skip
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(models) :]:
+        ax.set_visible(False)
+    fig.suptitle("Reliability per exit (below the diagonal: over-confident)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def plot_tradeoff(report: Mapping[str, Any], path: str | Path, rule: str | None = None) -> None:
