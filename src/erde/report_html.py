@@ -270,9 +270,10 @@ svg text { font-size: 11px; fill: #333; }
 .panel input[type=range] { width: 100%; }
 .readout { display: flex; flex-wrap: wrap; gap: 1.2em; } .readout b { font-variant-numeric: tabular-nums; }
 .hist { display: flex; align-items: flex-end; gap: 3px; height: 48px; margin-top: .3em; }
-.hist div { width: 26px; background: #999; position: relative; }
+.hist div { width: 32px; background: #999; position: relative; }
 .hist span { position: absolute; bottom: -1.3em; font-size: 10px; left: 0; }
 .marks { font-size: 12px; color: #444; }
+.exits { font-size: 12px; color: #555; margin-bottom: .3em; font-variant-numeric: tabular-nums; }
 </style>
 </head>
 <body>
