@@ -218,3 +218,26 @@ def test_a_deeply_nested_report_json_is_one_error(tmp_path: Path) -> None:
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ReportError, match="nested too deeply"):
         load_report(path)
+
+
+def test_the_screenshot_script_draws_the_whole_page(tiny_run, tmp_path):
+    """scripts/report_html_screenshot.py, the maker of docs/report-html.png, in a real Chromium."""
+    if not (BROWSER and DRIVER):
+        pytest.skip("no chromium/chromedriver on PATH (.ci/run installs Debian's packages)")
+    pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "report_html_screenshot.py"
+    page, shot = tiny_run["out"] / "report.html", tmp_path / "shot.png"
+    done = subprocess.run([sys.executable, str(script), str(page), str(shot), "--width", "800",
+                           "--move", "student_erde=-1"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        width, height = image.size
+    assert width == 800 and height > 1000  # four model panels below the plot: more than a screen
+    wrong = subprocess.run([sys.executable, str(script), str(page), str(shot), "--move", "nobody=1"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert wrong.returncode == 2 and "the page has teacher, student_ce" in wrong.stderr
