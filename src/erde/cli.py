@@ -221,9 +221,9 @@ def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
 
 def _print_summary(report_json: Path) -> None:
-    import json
+    from erde.report_html import load_report
 
-    report = json.loads(Path(report_json).read_text())
+    report = load_report(report_json)
     print(
         "\nmodel           exit accuracy (%)               MACs at last exit   MAC reduction at equal acc."
     )
@@ -253,8 +253,9 @@ def _locked(args: argparse.Namespace, func: Callable[[argparse.Namespace], int])
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    import json
-
+    from erde.errors import ReportError
+    from erde.io import read_json
+    from erde.report_html import MAX_REPORT_BYTES
     from erde.reproduce import reproduce, summary_lines
 
     flags = [f"seed={args.seed}"] if args.seed is not None else []
@@ -267,7 +268,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         progress=not args.no_progress, log=print, on_epoch=_epoch_callback(args),
     )  # fmt: skip
     print()
-    for line in summary_lines(json.loads(paths["results"].read_text())):
+    results = read_json(
+        paths["results"], max_bytes=MAX_REPORT_BYTES, error=ReportError, what="a results file"
+    )
+    for line in summary_lines(results):
         print(line)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

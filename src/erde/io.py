@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from erde import __version__
-from erde.errors import DiskFullError, OutputError
+from erde.errors import DiskFullError, ErdeError, OutputError
 
 PathLike = str | os.PathLike
 
@@ -130,6 +130,32 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     """
     text = json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n"
     atomic_write_text(path, text)
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def read_json(path: PathLike, *, max_bytes: int, error: type[ErdeError], what: str) -> Any:
+    """JSON from a file that may not be ours: size-capped before it is read.
+
+    Every way the file can fail (missing, too large, not UTF-8, not JSON, nested
+    deeply enough to exhaust the parser's recursion) is one ``error`` naming the
+    file, never a MemoryError or a traceback. ``what`` says what the file should
+    have been ("a report").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path} is {_size(size)}, over the {_size(max_bytes)} allowed for {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not readable JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{path} is not {what} (nested too deeply to read)") from None
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

@@ -19,12 +19,12 @@ from erde.config import ExperimentConfig, config_from_dict, save_config
 from erde.curves import folder_curves, render_curves_png
 from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
-from erde.errors import ConfigError
+from erde.errors import ConfigError, ReportError
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.report import build_report, dataset_summary, write_report
-from erde.report_html import write_report_html
+from erde.report_html import MAX_REPORT_BYTES, write_report_html
 from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
 
 STUDENT_METHODS = ("ce", "kd", "erde")
@@ -193,14 +193,13 @@ def run_pipeline(
 
 def _check_same_models(out_dir: Path, names: list[str]) -> None:
     """A resumed run must not silently replace a report on other models with a smaller one."""
-    import json
-
     path = out_dir / "report.json"
     if not path.is_file():
         return
     try:
-        before = list(json.loads(path.read_text(encoding="utf-8")).get("models", {}))
-    except (OSError, ValueError, AttributeError, RecursionError):
+        report = io.read_json(path, max_bytes=MAX_REPORT_BYTES, error=ReportError, what="a report")
+        before = list(report.get("models", {}))
+    except (ReportError, AttributeError, TypeError):
         return  # an unreadable report is replaced like a missing one
     if sorted(before) != sorted(names):
         raise ConfigError(

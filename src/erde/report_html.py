@@ -103,17 +103,7 @@ def _check_model(source: str, name: str, model: Any) -> None:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """report.json read back (untrusted: size-capped, schema-checked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReportError(f"report not found: {path}")
-    if path.stat().st_size > MAX_REPORT_BYTES:
-        raise ReportError(f"{path} is larger than {MAX_REPORT_BYTES >> 20} MB; not a report")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path} is not readable JSON ({exc})") from None
-    except RecursionError:
-        raise ReportError(f"{path} is not a report (nested too deeply to read)") from None
+    report = io.read_json(path, max_bytes=MAX_REPORT_BYTES, error=ReportError, what="a report")
     check_report(report, str(path))
     return report
 

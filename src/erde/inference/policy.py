@@ -7,7 +7,6 @@ calibration all read and write policies through this module.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from erde import exits
 from erde.errors import ErdeError
+from erde.io import read_json
 
 THRESHOLDS_FORMAT = "erde-thresholds"
 THRESHOLDS_VERSION = 1
@@ -190,16 +190,7 @@ def read_marked_json(
     path: Path, marker: str, version: int, error: type[ErdeError], what: str
 ) -> dict[str, Any]:
     """A small JSON file erde wrote (untrusted): size-capped, a dict with our marker and a known version."""
-    if not path.is_file():
-        raise error(f"{what} not found: {path}")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise error(f"{path} is too large to be {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path} is not readable JSON ({exc})") from None
-    except RecursionError:
-        raise error(f"{path} is not {what} (nested too deeply to read)") from None
+    data = read_json(path, max_bytes=MAX_JSON_BYTES, error=error, what=what)
     if not isinstance(data, dict) or data.get("format") != marker:
         raise error(f"{path} is not {what} (no '{marker}' marker)")
     found = data.get("version")

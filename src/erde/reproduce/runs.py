@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shlex
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
@@ -21,8 +20,10 @@ from erde.config import (
 )
 from erde.curves import folder_curves, mean_curve, read_metrics
 from erde.data.formats import CIFAR10
-from erde.errors import ConfigError, DataError, ErdeError
+from erde.errors import ConfigError, DataError, ErdeError, ReportError
+from erde.io import read_json
 from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
+from erde.report_html import MAX_REPORT_BYTES, load_report
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid, training_time
 from erde.training import (
@@ -217,8 +218,10 @@ def _report_is_current(report: Path, checkpoints: Sequence[Path], grid: Sequence
     if any(Path(c).stat().st_mtime_ns > written for c in checkpoints):
         return False
     try:
-        models = json.loads(report.read_text())["models"]
-    except (OSError, ValueError, KeyError, TypeError):
+        models = read_json(report, max_bytes=MAX_REPORT_BYTES, error=ReportError, what="a report")[
+            "models"
+        ]
+    except (ReportError, KeyError, TypeError):
         return False
     if set(models) != set(MODELS):
         return False
@@ -411,7 +414,7 @@ def reproduce(
             cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir,
             on_epoch=on_epoch,
         )  # fmt: skip
-        reports[plan.seed] = json.loads(report.read_text())
+        reports[plan.seed] = load_report(report)
         relative[plan.seed] = str(report.relative_to(out))
         folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in MODELS}
         times[plan.seed] = {m: _training_time(d, cfg.data.batch_size) for m, d in folders.items()}
