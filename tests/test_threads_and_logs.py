@@ -14,6 +14,7 @@ from conftest import TINY_OVERRIDES
 from erde import __version__
 from erde.cli import main
 from erde.errors import ConfigError, ErdeError
+from erde.hardware import cpu_has_bf16
 from erde.monitor import TensorBoardLogger, epoch_line, scalars
 from erde.threads import DEFAULT_MAX_THREADS, ENV_VAR, default_threads, idle_cores, parse_threads
 
@@ -70,11 +71,14 @@ def test_train_prints_what_it_trains_where_and_one_line_per_epoch(
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert torch.get_num_threads() == 1
+    # the precision follows the CPU's flags (amp: null), so the line says which one ran
+    precision = "bf16" if cpu_has_bf16() else "fp32"
     assert lines[0] == (
         f"teacher: training resnet8 x0.5 (3 exits) for 2 epochs on 1293 images, on cpu, "
-        f"1 CPU thread, into {out}"
+        f"1 CPU thread ({precision}, NCHW), into {out}"
     )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["precision"] for m in metrics] == [precision, precision]
     assert lines[1:3] == [epoch_line(record) for record in metrics]
     assert lines[1].startswith("teacher: epoch 1/2  loss ")
     # after the first epoch, an estimate of the rest: one more epoch of as many steps
@@ -82,6 +86,15 @@ def test_train_prints_what_it_trains_where_and_one_line_per_epoch(
     assert first["eta_seconds"] == pytest.approx(first["seconds"])
     assert lines[1].endswith(" left") and "about " in lines[1]
     assert last["eta_seconds"] == 0 and not lines[2].endswith(" left")
+
+
+def test_the_start_line_names_forced_precision_and_nhwc(tmp_path: Path, capsys, keep_threads):
+    out = tmp_path / "t"
+    setting = ["--set", "teacher_train.amp=false", "--set", "teacher_train.channels_last=true"]
+    args = ["train-teacher", "--out", str(out), "--no-progress", "--threads", "1", *TINY_SET]
+    assert main([*args, *setting]) == 0
+    assert "1 CPU thread (fp32, NHWC), into" in capsys.readouterr().out.splitlines()[0]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["precision"] == "fp32"
 
 
 def test_a_bad_thread_count_is_one_error_line_and_nothing_is_written(

@@ -195,6 +195,11 @@ def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32': the arithmetic a step runs in (``amp_dtype``'s answer)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
@@ -659,7 +664,8 @@ def train_together(
             _remove_stale_temp_files(run.out_dir)
             save_config(cfg, run.out_dir / "config.yaml")
             print(start_line(run.job, mcfg, tcfg, run.model.num_exits, len(splits.train), device,
-                             run.out_dir, run.position, steps_per_epoch), flush=True)  # fmt: skip
+                             run.out_dir, run.position, steps_per_epoch,
+                             env.setting(run.needs_teacher)), flush=True)  # fmt: skip
     if runs:
         _drive(env, runs, progress)
     D.barrier(ctx)
@@ -763,6 +769,13 @@ class _Shared:
         self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, global_step))
         x = prepare_batch(images, self.splits, train=True, generator=self.aug_gen)
         return x.contiguous(memory_format=self.memory_format), labels
+
+    def setting(self, needs_teacher: bool) -> str:
+        """How the steps compute, for the start line: precision, memory format, teacher forward."""
+        text = f"{precision_name(self.amp_dtype)}, {'NHWC' if self.tcfg.channels_last else 'NCHW'}"
+        if needs_teacher and self.teacher_dtype != self.amp_dtype:
+            text += f", teacher forward in {precision_name(self.teacher_dtype)}"
+        return text
 
     def teacher_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher exit for one batch, in ``distill.teacher_amp``'s precision.
@@ -1001,6 +1014,7 @@ class _Run:
         steps = self.env.steps_per_epoch
         record = _epoch_record(self.job, self.position["epoch"], totals, seconds, steps, timed)
         record["steady_seconds_per_step"] = self.blocks.steady()
+        record["precision"] = precision_name(self.env.amp_dtype)
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["epochs"] = self.tcfg.epochs
         left = self.env.total_steps - self.position["global_step"]
@@ -1055,11 +1069,13 @@ class BlockTimer:
 def start_line(
     job: Job, mcfg: ModelConfig, tcfg: TrainConfig, num_exits: int, images: int,
     device: torch.device, out_dir: Path, position: dict[str, int] | None = None,
-    steps_per_epoch: int = 0,
+    steps_per_epoch: int = 0, setting: str = "",
 ) -> str:  # fmt: skip
     """What is about to be trained where, printed before the first step (seen even without bars).
 
-    A resumed run says where it continues (``position`` of its checkpoint).
+    ``setting`` says how the steps compute ("bf16, NHWC": the precision follows the
+    CPU's flags by default, so the line is where a user learns which one ran). A
+    resumed run says where it continues (``position`` of its checkpoint).
     """
     n = torch.get_num_threads()
     threads = f", {n} CPU thread{'s' if n != 1 else ''}" if device.type == "cpu" else ""
@@ -1071,7 +1087,8 @@ def start_line(
         )
     return (
         f"{job.name}: training {mcfg.arch} x{mcfg.width:g} ({num_exits} exits) for {tcfg.epochs} "
-        f"epochs on {images} images, on {device}{threads}, into {out_dir}{resumed}"
+        f"epochs on {images} images, on {device}{threads}{f' ({setting})' if setting else ''}, "
+        f"into {out_dir}{resumed}"
     )
 
 
