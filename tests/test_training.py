@@ -244,3 +244,20 @@ def test_amp_default_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> N
     assert "amx_bf16" in hardware.cpu_flags(amx)
     assert not set(hardware.BF16_FLAGS) & hardware.cpu_flags(zen3)
     assert hardware.cpu_flags("no flags here") == set()
+
+
+def test_results_name_the_cpu_they_ran_on() -> None:
+    """Speed depends on the CPU's ISA and bf16 flags: reports and RESULTS blocks record them."""
+    from erde import hardware
+    from erde.io import environment_info
+    from erde.reproduce.render import _cpu_text
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: avx2 avx512_bf16\n"
+    assert hardware.cpu_model(info) == "AMD EPYC 9R14"
+    assert hardware.cpu_model("processor\t: 0\n") != ""  # unknown, never empty
+    env = environment_info()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu_bf16_flags"] == sorted(hardware.cpu_flags() & set(hardware.BF16_FLAGS))
+    text = _cpu_text({"cpu_model": "AMD EPYC", "cpu_capability": "AVX2", "cpu_bf16_flags": []})
+    assert text == ", AMD EPYC, AVX2, bf16 hardware: none"
+    assert _cpu_text({"torch": "2.13.0"}) == ""  # results written before these fields existed

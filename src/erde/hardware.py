@@ -16,18 +16,39 @@ from torch import nn
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of hardware bf16 arithmetic
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+def _cpuinfo_value(keys: tuple[str, ...], cpuinfo: str | None) -> str | None:
+    """The first value of one of ``keys`` in /proc/cpuinfo (None where it cannot be read)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
-            return set()
+            return None
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if sep and key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    return set((_cpuinfo_value(("flags", "Features"), cpuinfo) or "").split())
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name as the OS reports it (a VM may show only the family)."""
+    return _cpuinfo_value(("model name", "Model"), cpuinfo) or platform.processor() or "unknown"
+
+
+def cpu_description() -> dict[str, object]:
+    """What a result's speed depends on: model, the vector ISA PyTorch uses, bf16 flags."""
+    import torch
+
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_flags": sorted(cpu_flags() & set(BF16_FLAGS)),
+    }
 
 
 @functools.cache

@@ -24,6 +24,7 @@ import torch
 
 from erde import __version__
 from erde.errors import DiskFullError, ErdeError, OutputError
+from erde.hardware import cpu_description
 
 PathLike = str | os.PathLike
 
@@ -174,6 +175,7 @@ def environment_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        **cpu_description(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": cuda,
         "cuda_version": torch.version.cuda,

@@ -268,11 +268,19 @@ def render_markdown(
     env = results.get("environment") or {}
     lines += [
         f"Environment: erde {env.get('erde', '?')}, torch {env.get('torch', '?')}, "
-        f"{env.get('cuda_device') or 'CPU'} ({env.get('cpu_count', '?')} CPUs), "
+        f"{env.get('cuda_device') or 'CPU'} ({env.get('cpu_count', '?')} CPUs{_cpu_text(env)}), "
         f"{env.get('platform', '?')}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _cpu_text(env: Mapping[str, Any]) -> str:
+    """ ", AMD EPYC, AVX512, bf16: avx512_bf16" from an environment record (older ones lack it)."""
+    if "cpu_model" not in env:
+        return ""
+    flags = ", ".join(env.get("cpu_bf16_flags") or []) or "none"
+    return f", {env['cpu_model']}, {env.get('cpu_capability', '?')}, bf16 hardware: {flags}"
 
 
 def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
