@@ -428,3 +428,45 @@ def test_evaluate_bad_checkpoint_exits_2_and_keeps_report(
     assert message.split(" but ")[0] in _one_error_line(capsys)
     assert _snapshot(out_with_good_results) == before
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_released_checkpoint_is_smaller_loads_the_same_and_counts_as_finished(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    """erde.checkpoints.release_checkpoint: the form a trained teacher is shared in."""
+    from conftest import tiny_config
+
+    from erde.checkpoints import RESUME_ONLY_KEYS
+    from erde.training import Job, train
+
+    out = tmp_path / "teacher" / "checkpoint.pt"
+    assert main(["release", str(tiny_run["teacher"].parent), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: ")
+    released, full = load_checkpoint(out), load_checkpoint(tiny_run["teacher"])
+    assert not set(RESUME_ONLY_KEYS) & set(released)
+    assert out.stat().st_size < 0.75 * tiny_run["teacher"].stat().st_size
+    x = torch.randn(5, *full["image_shape"])
+    with torch.no_grad():
+        same = [torch.equal(a, b) for a, b in zip(
+            model_from_checkpoint(released).eval()(x), model_from_checkpoint(full).eval()(x),
+            strict=True,
+        )]  # fmt: skip
+    assert same and all(same)
+    # a run folder holding it is finished: reused, never trained again or overwritten
+    stamp = out.stat().st_mtime_ns
+    train(tiny_config(), Job("teacher"), out.parent, resume=True, progress=False)
+    assert f"teacher: already finished in {out.parent}, reusing it" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == stamp
+
+
+def test_an_unfinished_checkpoint_is_not_released(tiny_run, tmp_path: Path) -> None:
+    from erde.checkpoints import release_checkpoint
+
+    ckpt = torch.load(tiny_run["teacher"], weights_only=True)
+    ckpt["finished"] = False
+    torch.save(ckpt, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="has not finished training"):
+        release_checkpoint(tmp_path / "partial.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+    with pytest.raises(CheckpointError, match="is the checkpoint itself"):
+        release_checkpoint(tiny_run["teacher"], tiny_run["teacher"])

@@ -50,6 +50,7 @@ _API = {
     "Routed": "erde.inference",
     "export_checkpoint": "erde.export",
     "OnnxEarlyExitRuntime": "erde.export",
+    "release_checkpoint": "erde.checkpoints",
 }
 
 __all__ = [  # the keys of _API (a test keeps them equal)
@@ -80,6 +81,7 @@ __all__ = [  # the keys of _API (a test keeps them equal)
     "Routed",
     "export_checkpoint",
     "OnnxEarlyExitRuntime",
+    "release_checkpoint",
 ]
 
 
@@ -107,6 +109,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         train_student,
         train_teacher,
     )
+    from erde.checkpoints import release_checkpoint
     from erde.config import ExperimentConfig
     from erde.data import AugmentSpec, DataSplits, load_data, splits_from_tensors
     from erde.errors import ErdeError

@@ -48,6 +48,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng", "running")
+
+
+def release_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """A finished checkpoint without what only resuming needs, for sharing a trained model.
+
+    The optimizer's momentum (as large as the weights), the schedulers' and RNG
+    states go; weights, model description, config, class names, normalisation and
+    the training history stay. The result loads everywhere a checkpoint does (a
+    teacher for ``erde train-student --teacher``, evaluate, export) and a run folder
+    holding it counts as finished, so ``erde run``/``reproduce`` reuse it instead of
+    training that model again. Refused for an unfinished run: it could not resume.
+    """
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("finished"):
+        raise CheckpointError(
+            f"{ckpt['path']} has not finished training; a released copy could not resume it"
+        )
+    released = {k: v for k, v in ckpt.items() if k not in (*RESUME_ONLY_KEYS, "path")}
+    out = Path(out)
+    if out.resolve() == Path(ckpt["path"]).resolve():
+        raise CheckpointError(f"{out} is the checkpoint itself; write the release elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(released, out)
+    return out
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and sanity-check a checkpoint; any problem is one ``CheckpointError``."""
     path = Path(path)

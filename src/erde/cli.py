@@ -433,6 +433,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from erde.checkpoints import load_checkpoint, release_checkpoint
+
+    before = Path(load_checkpoint(args.checkpoint)["path"]).stat().st_size
+    out = release_checkpoint(args.checkpoint, args.out)
+    print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB (was {before / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from erde.export import export_checkpoint
 
@@ -750,6 +759,19 @@ def build_parser() -> argparse.ArgumentParser:
         "model) to this PNG file; models with no finished epoch yet are named and left out",
     )  # fmt: skip
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "release", help="a finished checkpoint without its resume state, to share a trained model",
+        formatter_class=fmt,
+        description="Write a copy of a finished checkpoint without what only resuming needs (optimizer "
+        "momentum, scheduler and RNG states): about half the size. It loads wherever a checkpoint does "
+        "(--teacher of train-student, evaluate, export, predict), and a run folder holding it counts as "
+        "finished, so erde run / reproduce reuse it instead of training that model again. A checkpoint "
+        "whose training has not finished is refused (the copy could not resume).",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
+    p.add_argument("--out", required=True, help="file to write (e.g. DIR/checkpoint.pt)")
+    p.set_defaults(func=cmd_release)
 
     p = sub.add_parser(
         "export", help="export to ONNX, one graph per stage, for the early-exit runtime",
