@@ -253,6 +253,35 @@ def test_one_teacher_shared_by_two_student_seeds_and_a_folder_of_another_design_
     assert _mtimes(out) == before  # nothing trained, nothing overwritten
 
 
+def test_a_released_teacher_placed_in_a_new_folder_is_reused_not_trained(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    """How a shipped teacher (weights/, made by erde release) starts reproduce's runs elsewhere."""
+    import shutil
+
+    data = tmp_path / "svhn"
+    write_svhn(data, n_train=60, n_test=30)
+    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--seeds", "1",
+            "--no-progress", *_sets()]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    trained = tmp_path / "first" / "seed_0" / "teacher"
+    shipped = tmp_path / "shipped"
+    assert main(["release", str(trained), "--out", str(shipped / "checkpoint.pt")]) == 0
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(trained / name, shipped / name)
+
+    new = tmp_path / "second"
+    shutil.copytree(shipped, new / "seed_0" / "teacher")
+    released = (new / "seed_0" / "teacher" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(new)]) == 0
+    assert f"teacher: already finished in {new / 'seed_0' / 'teacher'}" in capsys.readouterr().out
+    assert (new / "seed_0" / "teacher" / "checkpoint.pt").read_bytes() == released
+    first = json.loads((tmp_path / "first" / "results.json").read_text())["models"]["teacher"]
+    second = json.loads((new / "results.json").read_text())["models"]["teacher"]
+    assert second["thresholds"] == first["thresholds"]  # the same teacher, evaluated again
+
+
 @pytest.mark.parametrize(("seeds", "teacher_seeds"), [("2", "3"), ("2", "0"), ("1", "-1")])
 def test_teacher_seeds_out_of_range_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture, seeds: str, teacher_seeds: str
