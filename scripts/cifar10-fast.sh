@@ -11,11 +11,9 @@
 #  3. seeds 1 and 2 of step 1's students, same teacher (the comparison over seeds; seed 0 reused)
 #  4. a smaller student, ResNet-20 x0.5, 1 seed, same teacher          (where ~10x can come from)
 #
-# Step 1's teacher is shipped (weights/cifar10-fast-resnet56-teacher, weights/README.md): copy it
-# to $RUNS/cifar10-fast/seed_0/teacher first and it counts as finished (same settings), so the
-# script goes straight to the students:
-#
-#   mkdir -p "$RUNS/cifar10-fast/seed_0" && cp -r weights/cifar10-fast-resnet56-teacher "$RUNS/cifar10-fast/seed_0/teacher"
+# A finished step-1 teacher from elsewhere (e.g. made portable with `erde release TEACHER_DIR --out
+# DIR/checkpoint.pt`, its config.yaml beside it) counts as finished when copied to
+# $RUNS/cifar10-fast/seed_0/teacher (same settings), so the script goes straight to the students.
 #
 # Steps 2 and 4 start from a copy of step 1's finished teacher (erde reproduce reuses a finished
 # run whose settings match). With DOCS=docs each step publishes its results into docs/ (RESULTS.md

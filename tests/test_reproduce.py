@@ -256,7 +256,7 @@ def test_one_teacher_shared_by_two_student_seeds_and_a_folder_of_another_design_
 def test_a_released_teacher_placed_in_a_new_folder_is_reused_not_trained(
     tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
 ) -> None:
-    """How a shipped teacher (weights/, made by erde release) starts reproduce's runs elsewhere."""
+    """How a released teacher (made by erde release, copied from elsewhere) starts reproduce's runs elsewhere."""
     import shutil
 
     data = tmp_path / "svhn"
