@@ -39,6 +39,7 @@ from erde.reproduce import (
     mean_std,
     paired_p_value,
     publish,
+    render_markdown,
     replace_block,
     reproduce,
     reproduce_config,
@@ -501,7 +502,15 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> 
     svhn = text.split("<!-- erde-results:svhn-reduced:begin -->")[1].split(
         "<!-- erde-results:svhn-reduced:end -->"
     )[0]
-    assert "Pending" not in cifar10 and "88.00 ± 0.00" in cifar10
+    assert "Pending" not in cifar10 and "| 88.00 · 50 |" in cifar10
+    assert "±" not in cifar10 and "one seed, so no spread" in cifar10  # std of one run: undefined
+
+    older = json.loads(json.dumps(results))  # results written before the split was recorded
+    red = older["models"]["teacher"]["mac_reduction"]
+    assert red.pop("from_network") and red.pop("from_exits")
+    rows = [x for x in render_markdown(older).splitlines() if x.startswith("| Teacher |")]
+    row = next(x for x in rows if "x |" in x)  # the MAC-reduction table's row
+    assert "| 2.00x | 1.00x | 2.00x |" in row  # 400 / 200 MACs, all from the teacher's exits
     assert "Pending" in svhn
     assert "results/cifar10-reduced.png" in cifar10
     assert paths["docs_results"].name == "cifar10-reduced.json"

@@ -22,16 +22,32 @@ from erde.report import (
     model_label,
     use_log_macs,
 )
-from erde.reproduce.stats import PAIRS, TABLE_LEVELS
+from erde.reproduce.stats import PAIRS, TABLE_LEVELS, split_reduction
 
 # --------------------------------------------------------------------------- rendering
 
 
-def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
-    """Fraction as "mean +- std" in percent."""
+def _pm(mean: float | None, std: float | None, n_seeds: int, digits: int = 2) -> str:
+    """Fraction as "mean +- std" in percent; the value alone from one seed.
+
+    A sample standard deviation of one run is undefined, so printing "± 0.00" would
+    claim a spread that was never measured.
+    """
     if mean is None:
         return "—"
+    if n_seeds < 2:
+        return f"{100 * mean:.{digits}f}"
     return f"{100 * mean:.{digits}f} ± {100 * (std or 0.0):.{digits}f}"
+
+
+def _spread_words(n_seeds: int) -> str:
+    """How the tables' numbers were aggregated, in words."""
+    return "mean ± std over seeds, sample std" if n_seeds > 1 else "one seed, so no spread"
+
+
+def _pm_ratio(per_seed: Mapping[str, Any]) -> str:
+    """The per-seed MAC reductions' spread as " ± std", empty when under two seeds reached it."""
+    return f" ± {per_seed['std']:.2f}" if per_seed["reached"] > 1 else ""
 
 
 def _count(value: int | None) -> str:
@@ -42,12 +58,13 @@ def _points(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:+.2f}"
 
 
-def _comparison_rows(comp: Mapping[str, Any]) -> list[list[str]]:
+def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
     return [
         [
             f"{r['normalized_threshold']:g}",
             f"{r['threshold']:.4g}",
-            f"{_points(r['accuracy_diff_mean'])} ± {100 * r['accuracy_diff_std']:.2f}",
+            _points(r["accuracy_diff_mean"])
+            + (f" ± {100 * r['accuracy_diff_std']:.2f}" if n_seeds > 1 else ""),
             f"{r['seeds_ahead']}/{r['n_seeds']}",
             "—" if r["p_value"] is None else f"{r['p_value']:.2g}",
             "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.2f}",
@@ -84,16 +101,16 @@ def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def _single_exit_lines(models: Mapping[str, Mapping[str, Any]], sub: str) -> list[str]:
+def _single_exit_lines(models: Mapping[str, Mapping[str, Any]], sub: str, n: int) -> list[str]:
     """Every exit on its own: MACs, accuracy and expected calibration error (ECE)."""
     with_ece = all(m.get("exit_ece_mean") for m in models.values())
     rows = []
     for name, m in models.items():
         for i, macs in enumerate(m["macs_per_exit"]):
             row = [model_label(name), str(i), fmt_count(macs),
-                   _pm(m["exit_accuracy_mean"][i], m["exit_accuracy_std"][i])]  # fmt: skip
+                   _pm(m["exit_accuracy_mean"][i], m["exit_accuracy_std"][i], n)]  # fmt: skip
             if with_ece:
-                row.append(_pm(m["exit_ece_mean"][i], m["exit_ece_std"][i]))
+                row.append(_pm(m["exit_ece_mean"][i], m["exit_ece_std"][i], n))
             rows.append(row)
     note = (
         " ECE: expected calibration error of the exit's max softmax probability (15 equal-width "
@@ -106,7 +123,7 @@ def _single_exit_lines(models: Mapping[str, Mapping[str, Any]], sub: str) -> lis
     return [
         f"{sub} Single exits",
         "",
-        f"Every image answered at that exit (mean ± std over seeds).{note}",
+        f"Every image answered at that exit ({_spread_words(n)}).{note}",
         "",
         *markdown_table(header, rows),
         "",
@@ -146,7 +163,7 @@ def render_markdown(
         f"{results.get('teacher_design', 'one teacher per seed (independent replicates)')}.",
         "",
         *_training_lines(results.get("training_time") or {}),
-        f"Entropy exit rule at θ = h · log K. Accuracy: mean ± std over seeds (sample std), in %. "
+        f"Entropy exit rule at θ = h · log K. Accuracy in % ({_spread_words(n)}). "
         f"MACs: mean per test image, averaged over seeds. Created {results['created']}.",
         "",
         f"{sub} Accuracy (%) and mean MACs at fixed thresholds",
@@ -159,18 +176,18 @@ def render_markdown(
         for m in models.values():
             r = m["thresholds"][i]
             row.append(
-                f"{_pm(r['accuracy_mean'], r['accuracy_std'])} · {fmt_count(r['macs_mean'])}"
+                f"{_pm(r['accuracy_mean'], r['accuracy_std'], n)} · {fmt_count(r['macs_mean'])}"
             )
         rows.append(row)
     lines += markdown_table(header, rows) + [""]
-    lines += _single_exit_lines(models, sub)
+    lines += _single_exit_lines(models, sub, n)
 
     ref = results["reference"]
     lines += [
         f"{sub} MAC reduction at equal accuracy",
         "",
         f"Cheapest threshold on the mean curve whose mean accuracy is at least the "
-        f"{model_label(ref['model'])}'s last exit ({_pm(ref['accuracy_mean'], ref['accuracy_std'])}% at "
+        f"{model_label(ref['model'])}'s last exit ({_pm(ref['accuracy_mean'], ref['accuracy_std'], n)}% at "
         f"{fmt_count(ref['macs'])} MACs) minus {100 * ref['tolerance']:.2g} points; reduction = "
         f"reference MACs / mean MACs = (reference MACs / the model's full MACs: from the smaller "
         f"network) × (full MACs / mean MACs: from early exits). Per seed: the same on each seed's "
@@ -179,13 +196,14 @@ def render_markdown(
     ]
     rows = []
     for name, m in models.items():
-        red = m.get("mac_reduction")
+        # results written before the split was recorded: derive it from the same fields
+        red = split_reduction(m.get("mac_reduction"), m["macs_per_exit"][-1])
         per_seed = m["mac_reduction_per_seed"]
         rows.append(
             [
                 model_label(name),
                 str(m["arch"]),
-                _pm(m["exit_accuracy_mean"][-1], m["exit_accuracy_std"][-1]),
+                _pm(m["exit_accuracy_mean"][-1], m["exit_accuracy_std"][-1], n),
                 fmt_count(m["macs_per_exit"][-1]),
                 f"{red['threshold']:.4g}" if red else "—",
                 f"{100 * red['accuracy']:.2f}" if red else "not reached",
@@ -194,7 +212,7 @@ def render_markdown(
                 f"{red['from_network']:.2f}x" if red and red.get("from_network") else "—",
                 f"{red['from_exits']:.2f}x" if red and red.get("from_exits") else "—",
                 (
-                    f"{per_seed['mean']:.2f}x ± {per_seed['std']:.2f} ({per_seed['reached']}/{per_seed['n_seeds']})"
+                    f"{per_seed['mean']:.2f}x{_pm_ratio(per_seed)} ({per_seed['reached']}/{per_seed['n_seeds']})"
                     if per_seed["mean"] is not None
                     else f"not reached (0/{per_seed['n_seeds']})"
                 ),
@@ -208,7 +226,8 @@ def render_markdown(
     lines.append("")
 
     compare_header = [
-        "h", "θ", "Accuracy diff. (points, mean ± std)", "Seeds ahead", "p", "MACs ratio",
+        "h", "θ", f"Accuracy diff. (points{', mean ± std' if n > 1 else ''})", "Seeds ahead", "p",
+        "MACs ratio",
         "Diff. at equal MACs", "Winner",
     ]  # fmt: skip
     for comp in results["comparisons"]:
@@ -225,7 +244,7 @@ def render_markdown(
             "mean MACs on its mean curve (— outside its range).",
             "",
         ]
-        lines += markdown_table(compare_header, _comparison_rows(comp)) + [""]
+        lines += markdown_table(compare_header, _comparison_rows(comp, n)) + [""]
     others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]
     if others:
         lines += [f"{sub} Other pairs", ""]
@@ -236,7 +255,7 @@ def render_markdown(
         [
             model_label(a["model"]),
             str(a["arch"]),
-            _pm(a["accuracy_mean"], a["accuracy_std"]),
+            _pm(a["accuracy_mean"], a["accuracy_std"], n),
             "—" if a["published_accuracy"] is None else f"{100 * a['published_accuracy']:.2f}",
             _points(a["gap"]),
             a["source"] or "no published number for this setting",
@@ -324,8 +343,8 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
     n = results["n_seeds"]
     ax.set_title(
-        f"{results['dataset']['name']}, {results['schedule']} schedule: mean ± std over "
-        f"{n} seed{'s' * (n != 1)} ({results['rule']} rule)",
+        f"{results['dataset']['name']}, {results['schedule']} schedule: "
+        f"{f'mean ± std over {n} seeds' if n > 1 else 'one seed'} ({results['rule']} rule)",
         fontsize=10,
     )
     return figure_png(fig, ax, dpi)
@@ -443,7 +462,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             f"{red['reduction']:.2f}x fewer MACs" if red and red.get("reduction") else "not reached"
         )
         lines.append(
-            f"{model_label(name):14s} last exit {_pm(m['exit_accuracy_mean'][-1], m['exit_accuracy_std'][-1])}%"
+            f"{model_label(name):14s} last exit {_pm(m['exit_accuracy_mean'][-1], m['exit_accuracy_std'][-1], results['n_seeds'])}%"
             f"   at equal accuracy: {text}"
         )
     lines += [_comparison_sentence(c) for c in results["comparisons"][:1]]
