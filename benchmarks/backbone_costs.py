@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), help="architectures to measure")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--num-classes", type=int, default=10, help="classes (default: 10)")
     parser.add_argument(
         "--exit-at-macs", nargs="+", type=float, help="place exits at these shares of the MACs"
     )

@@ -114,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="the data set's files (not needed for digits)")
     p.add_argument("--schedule", default="fast", help="for cifar10/cifar100/svhn (default: fast)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--out", type=Path, required=True, help="run folders (reused on a rerun)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both runs, repeatable")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.seeds < 2:
         p.error("--seeds must be >= 2: seed noise is what the difference is measured against")

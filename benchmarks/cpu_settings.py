@@ -82,19 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (default 5)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds, fastest kept (default 3)"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 where it is emulated")
     p.add_argument(
         "--compile",
         action="store_true",
         help="also time NHWC fp32 under torch.compile (compiles first: minutes)",
     )
-    p.add_argument("--teacher-arch", default="resnet56")
-    p.add_argument("--student-arch", default="resnet20")
-    p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--teacher-arch", default="resnet56", help="teacher backbone (default: resnet56)"
+    )
+    p.add_argument(
+        "--student-arch", default="resnet20", help="student backbone (default: resnet20)"
+    )
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -83,16 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--teacher")
-    p.add_argument("--student")
+    p.add_argument("--teacher", help="teacher run folder or checkpoint (default: train digits)")
+    p.add_argument("--student", help="ERDE student run folder or checkpoint")
     p.add_argument("--out", default="runs/bench-deploy", help="where the default pipeline trains")
-    p.add_argument("--max-drop", type=float, default=0.005)
-    p.add_argument("--batch-sizes", default="1,256")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--min-time", type=float, default=0.5)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--json")
+    p.add_argument("--max-drop", type=float, default=0.005,
+                   help="accuracy the thresholds may lose on validation (default: 0.005)")  # fmt: skip
+    p.add_argument("--batch-sizes", default="1,256", help="comma-separated (default: 1,256)")
+    p.add_argument("--images", type=int, default=256, help="images per timed pass (default: 256)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed passes per row, at least (default: 3)"
+    )
+    p.add_argument(
+        "--min-time", type=float, default=0.5, help="seconds per row, at least (default: 0.5)"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

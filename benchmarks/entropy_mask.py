@@ -180,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--values", nargs="+", type=parse_value, default=[DEFAULT, "0.5"],
                    help="settings of distill.uncertain_above: none (the default reading) and "
                    "numbers in (0, 1) (default: none 0.5)")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--out", type=Path, required=True, help="student run folders (reused on a rerun)"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every student, repeatable")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     values = [DEFAULT, *dict.fromkeys(v for v in args.values if v != DEFAULT)]
     if args.threads:

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("checkpoints", nargs="*", help="checkpoint files or folders")
     p.add_argument("--max-drop", type=float, default=0.02, help="ε (default: 0.02)")
     p.add_argument("--confidence", type=float, default=0.9, help="1 - δ (default: 0.9)")
-    p.add_argument("--risk", choices=("drop", "consistency"), default="drop")
+    p.add_argument("--risk", choices=("drop", "consistency"), default="drop",
+                   help="drop: accuracy lost; consistency: answers changed (default: drop)")  # fmt: skip
     p.add_argument("--draws", type=int, default=500, help="random splits (default: 500)")
     p.add_argument(
         "--calibration-fraction", type=float, default=0.5,

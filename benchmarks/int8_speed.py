@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         default=["resnet56", "resnet20", "resnet8:0.5"],
         help="registry names, optionally :width (default: %(default)s)",
     )
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: 32)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256], help="default: 1 256")
     p.add_argument("--calibration", type=int, default=64, help="random calibration images")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: erde's)")
     p.add_argument("--repeats", type=int, default=5, help="timed turns, at least")

@@ -101,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dataset", default="cifar10", help="cifar10 (default), cifar100, svhn")
+    p.add_argument("--data-dir", required=True, help="the data set's files")
+    p.add_argument("--out", type=Path, required=True, help="one run folder per variant (reused)")
     p.add_argument("--epochs", type=int, default=15, help="epochs of every variant (default: 15)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0, help="seed of every variant (default: 0)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="which variants to train (default: all)")  # fmt: skip
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every variant, repeatable")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")

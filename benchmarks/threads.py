@@ -22,12 +22,12 @@ from erde.config import load_config, load_yaml, preset_path
 from erde.training import Job, load_splits, train
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the thread counts")
     parser.add_argument("--epochs", type=int, default=2, help="teacher epochs per run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     overrides = [f"teacher_train.epochs={args.epochs}", "device=cpu"]
     cfg = load_config(None, overrides, base=load_yaml(preset_path("digits")))
