@@ -1,7 +1,7 @@
 """scripts/cifar10-fast.sh, run for real by bash on tiny CIFAR-10 files with tiny models.
 
 The script chains hours of training; what must not fail after those hours is the
-chaining: steps 2 and 4 start from a copy of step 1's finished teacher, step 3 adds seeds to
+chaining: steps 3 and 4 start from a copy of step 1's finished teacher, step 2 adds seeds to
 step 1's run, which
 ``erde reproduce`` must accept as reusable (same teacher settings) and not retrain.
 """
@@ -38,7 +38,7 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_pat
     first = _run(data, runs, docs)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "all CIFAR-10 fast-schedule runs finished" in first.stdout
-    # step 3 adds seeds 1 and 2 to step 1's seed 0 without training seed 0 again
+    # step 2 adds seeds 1 and 2 to step 1's seed 0 without training seed 0 again
     reused = f"student_erde: already finished in {runs / 'cifar10-fast/seed_0/student_erde'}"
     assert reused in first.stdout
 
@@ -56,7 +56,7 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_pat
 
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed_*/*/checkpoint.pt")}
     # each step published under its own name (tiny models here, so each names its pair): the
-    # wider student of step 2 did not replace step 1's block
+    # wider student of step 4 did not replace step 1's block
     page = (docs / "RESULTS.md").read_text()
     for name in ("cifar10-fast-resnet8_x0.5-resnet8_x0.25", "cifar10-fast-resnet8_x0.5-resnet8_x0.5",
                  "cifar10-fast-resnet8_x0.5-mobilenetv2_x0.5_x0.25"):  # fmt: skip
