@@ -88,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-deploy", help="where the default pipeline trains")
     p.add_argument("--max-drop", type=float, default=0.005,
                    help="accuracy the thresholds may lose on validation (default: 0.005)")  # fmt: skip
-    p.add_argument("--batch-sizes", default="1,256", help="comma-separated (default: 1,256)")
-    p.add_argument("--images", type=int, default=256, help="images per timed pass (default: 256)")
-    p.add_argument(
-        "--repeats", type=int, default=3, help="timed passes per row, at least (default: 3)"
+    timing = (
+        ("--batch-sizes", str, "1,256", "comma-separated batch sizes"),
+        ("--images", int, 256, "images per timed pass"),
+        ("--repeats", int, 3, "timed passes per row, at least"),
+        ("--min-time", float, 0.5, "seconds per row, at least"),
     )
-    p.add_argument(
-        "--min-time", type=float, default=0.5, help="seconds per row, at least (default: 0.5)"
-    )
+    for flag, kind, default, text in timing:
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)
