@@ -132,6 +132,27 @@ def test_a_lock_two_levels_above_the_models_reads_as_running_from_further_up(
         child.wait()
 
 
+def test_a_model_before_its_first_checkpoint_is_listed_as_started(tiny_run, tmp_path) -> None:
+    """A seed's students write config.yaml at once and checkpoint.pt only after N steps."""
+    shutil.copytree(tiny_run["out"], tmp_path / "seed_0")
+    (tmp_path / "seed_0" / "config.yaml").write_text("seed: 0\n")  # a seed folder's own config
+    started = tmp_path / "seed_1" / "student_kd"
+    started.mkdir(parents=True)
+    shutil.copy(tiny_run["out"] / "student_kd" / "config.yaml", started / "config.yaml")
+    now = (started / "config.yaml").stat().st_mtime + 30
+
+    lines = status_lines(tmp_path, now=now)
+
+    assert [line.split(":")[0] for line in lines[:-1]] == [
+        "seed_0/student_ce", "seed_0/student_erde", "seed_0/student_kd", "seed_0/teacher",
+        "seed_1/student_kd",
+    ]  # fmt: skip
+    assert lines[-2] == "seed_1/student_kd: started 30 s ago, no checkpoint yet"
+    assert lines[-1].startswith("not running")
+    # only started models below: listed, not refused as a folder without models
+    assert status_lines(tmp_path / "seed_1", now=now)[0].startswith("student_kd: started 30 s")
+
+
 def test_cli_status_prints_the_lines_and_refuses_a_folder_without_models(
     tiny_run, tmp_path, capsys, monkeypatch
 ) -> None:

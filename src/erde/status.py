@@ -4,8 +4,9 @@ A run of many hours writes a checkpoint every epoch (or every N steps) and a
 line per epoch to ``metrics.jsonl``; this module reads them back, without
 touching anything, and says for every model below a folder: finished, or at
 which epoch and step, the last validation accuracy per exit, when the last
-checkpoint was written and about how long is left; and whether an erde process
-holds the folder's lock now (is the run alive, or was it stopped?).
+checkpoint was written and about how long is left (or, before its first
+checkpoint, since when it trains); and whether an erde process holds the
+folder's lock now (is the run alive, or was it stopped?).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,24 +96,48 @@ def model_status(folder: str | Path) -> ModelStatus:
     )
 
 
-def find_model_folders(root: str | Path) -> list[Path]:
-    """Folders holding a ``checkpoint.pt`` at ``root`` or up to ``MAX_DEPTH`` levels below it."""
-    root = Path(root)
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        return []
+
+
+def _walk(root: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """Folders at ``root`` or up to ``MAX_DEPTH`` levels below it for which ``keep`` holds."""
     found: list[Path] = []
     frontier = [root]
     for _ in range(MAX_DEPTH + 1):
-        below: list[Path] = []
-        for folder in frontier:
-            if (folder / "checkpoint.pt").is_file():
-                found.append(folder)
-            try:
-                below += sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
-            except OSError:
-                continue
-        frontier = below
+        found += [folder for folder in frontier if keep(folder)]
         if len(found) >= MAX_MODELS:
             break
+        frontier = [p for folder in frontier for p in _subfolders(folder)]
     return sorted(found)[:MAX_MODELS]
+
+
+def find_model_folders(root: str | Path) -> list[Path]:
+    """Folders holding a ``checkpoint.pt`` at ``root`` or up to ``MAX_DEPTH`` levels below it."""
+    return _walk(Path(root), lambda folder: (folder / "checkpoint.pt").is_file())
+
+
+def _is_started(folder: Path) -> bool:
+    """A model whose training began but has not written its first checkpoint yet.
+
+    Training writes the model's ``config.yaml`` first and ``checkpoint.pt`` after
+    its first N steps or epoch; a folder of several models (a seed folder) also
+    holds a ``config.yaml`` but has model folders below it.
+    """
+    if not (folder / "config.yaml").is_file() or (folder / "checkpoint.pt").exists():
+        return False
+    return not any(
+        (sub / "config.yaml").exists() or (sub / "checkpoint.pt").exists()
+        for sub in _subfolders(folder)
+    )
+
+
+def find_started_folders(root: str | Path) -> list[Path]:
+    """Model folders below ``root`` (as :func:`find_model_folders`) with no checkpoint yet."""
+    return _walk(Path(root), _is_started)
 
 
 def lock_holder(folder: str | Path) -> str | None:
@@ -167,17 +193,28 @@ def _line(s: ModelStatus, root: Path, now: float) -> str:
     return ", ".join(parts)
 
 
+def _started_line(folder: Path, root: Path, now: float) -> str:
+    name = str(folder.relative_to(root)) if folder != root else folder.name
+    begun = duration(max(now - (folder / "config.yaml").stat().st_mtime, 0))
+    return f"{name}: started {begun} ago, no checkpoint yet"
+
+
 def status_lines(root: str | Path, now: float | None = None) -> list[str]:
     """One line per model below ``root``, then whether an erde process is writing there."""
     root = Path(root)
-    folders = _folders_of(root)
+    started = find_started_folders(root) if root.is_dir() else []
+    folders = _folders_of(root) if not started else find_model_folders(root)
     now = time.time() if now is None else now
-    lines = []
+    lines = {}
     for folder in folders:
         try:
-            lines.append(_line(model_status(folder), root, now))
+            lines[folder] = _line(model_status(folder), root, now)
         except ErdeError as exc:
-            lines.append(f"{folder.relative_to(root)}: unreadable ({exc})")
+            lines[folder] = f"{folder.relative_to(root)}: unreadable ({exc})"
+    for folder in started:
+        lines[folder] = _started_line(folder, root, now)
+    folders = sorted(lines)
+    lines = [lines[folder] for folder in folders]
     # the lock sits on the folder the command writes to: the model's, or any above it up to
     # root (erde reproduce locks its --out, two levels above a model), or just above root
     candidates = {*root.resolve().parents[:2], root}
