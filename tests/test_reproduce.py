@@ -491,7 +491,9 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> 
     shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
     macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
     acc = {"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85, "student_erde": 0.88}
-    results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced")
+    data = tmp_path.parent / "shared" / "cifar10"  # recorded absolute, shown from the repository
+    results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced",
+                        command=f"erde reproduce --data-dir {data} --seeds 1")  # fmt: skip
 
     paths = publish(results, docs)
 
@@ -504,6 +506,8 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> 
     )[0]
     assert "Pending" not in cifar10 and "| 88.00 · 50 |" in cifar10
     assert "±" not in cifar10 and "one seed, so no spread" in cifar10  # std of one run: undefined
+    assert "Command: `erde reproduce --data-dir ../shared/cifar10 --seeds 1`" in cifar10
+    assert json.loads(paths["docs_results"].read_text())["command"].endswith(f"{data} --seeds 1")
 
     older = json.loads(json.dumps(results))  # results written before the split was recorded
     red = older["models"]["teacher"]["mac_reduction"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -428,6 +430,25 @@ def _model_name(section: Mapping[str, Any] | None) -> str:
     return arch if width == 1.0 else f"{arch}_x{width:g}"
 
 
+def command_from(command: str | None, root: Path) -> str | None:
+    """The recorded command with an absolute ``--data-dir`` written relative to ``root``.
+
+    Runs record the absolute path they read (so that a rerun from anywhere finds
+    the same files); the docs show the command as typed from the repository
+    root, and no machine's own folder names. Paths further than two levels
+    up stay absolute.
+    """
+    if not command:
+        return command
+    parts = shlex.split(command)
+    for i, part in enumerate(parts[:-1]):
+        if part == "--data-dir" and Path(parts[i + 1]).is_absolute():
+            relative = os.path.relpath(parts[i + 1], root)
+            if Path(relative).parts[:3] != ("..", "..", ".."):
+                parts[i + 1] = relative
+    return shlex.join(parts)
+
+
 def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
     """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
     ``-training.png`` (when the results hold training curves) and RESULTS.md's block of that
@@ -436,8 +457,9 @@ def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]
     name = results_name(results)
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
+    shown = {**results, "command": command_from(results.get("command"), docs.resolve().parent)}
     block = render_markdown(
-        results,
+        shown,
         plot_link=f"results/{name}.png",
         curves_link=f"results/{name}-training.png",
         level=3,
