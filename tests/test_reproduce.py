@@ -283,6 +283,50 @@ def test_a_released_teacher_placed_in_a_new_folder_is_reused_not_trained(
     assert second["thresholds"] == first["thresholds"]  # the same teacher, evaluated again
 
 
+def test_docs_show_each_finished_seed_marked_partial_until_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """A run of hours publishes after every seed; a crash leaves the finished seeds, marked."""
+    import erde.reproduce.runs as runs
+
+    data = tmp_path / "svhn"
+    write_svhn(data, n_train=60, n_test=30)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
+    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--seeds", "2",
+            "--teacher-seeds", "1", "--out", str(tmp_path / "out"), "--docs", str(docs),
+            "--no-progress", *_sets()]  # fmt: skip
+    real = runs.run_seed
+
+    def crash_on_seed_1(cfg, seed_dir, **kwargs):  # the machine goes down during seed 1
+        if Path(seed_dir).name == "seed_1":
+            raise KeyboardInterrupt
+        return real(cfg, seed_dir, **kwargs)
+
+    monkeypatch.setattr(runs, "run_seed", crash_on_seed_1)
+    assert main(argv) == 130  # interrupted, as after Ctrl-C
+
+    def published() -> tuple[str, dict]:
+        (path,) = (docs / "results").glob("svhn-full*.json")  # named by the tiny pair
+        text = (docs / "RESULTS.md").read_text()
+        block = text.split(f"<!-- erde-results:{path.stem}:begin -->")[1].split("<!-- erde")[0]
+        return block, json.loads(path.read_text())
+
+    partial, results = published()
+    assert "svhn: full schedule, 1 of 2 seeds" in partial
+    assert "**Partial:** 1 of the 2 seeds of this command have finished" in partial
+    assert "Seeds: 0." in partial and "one seed, so no spread" in partial
+    assert (results["seeds"], results["planned_seeds"]) == ([0], 2)
+
+    monkeypatch.setattr(runs, "run_seed", real)
+    assert main(argv) == 0  # the same command resumes: seed 0 reused, seed 1 trained
+    final, results = published()
+    assert "svhn: full schedule, 2 seeds" in final and "Partial" not in final
+    assert "Seeds: 0, 1." in final
+    assert (results["seeds"], results["planned_seeds"]) == ([0, 1], 2)
+
+
 @pytest.mark.parametrize(("seeds", "teacher_seeds"), [("2", "3"), ("2", "0"), ("1", "-1")])
 def test_teacher_seeds_out_of_range_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture, seeds: str, teacher_seeds: str

@@ -42,6 +42,19 @@ def _pm(mean: float | None, std: float | None, n_seeds: int, digits: int = 2) ->
     return f"{100 * mean:.{digits}f} ± {100 * (std or 0.0):.{digits}f}"
 
 
+def _partial_lines(n_seeds: int, planned: int) -> list[str]:
+    """A warning paragraph while fewer seeds than the command plans have finished."""
+    if planned <= n_seeds:
+        return []
+    return [
+        f"**Partial:** {n_seeds} of the {planned} seeds of this command have finished; "
+        "the others are still training or were interrupted (the same command resumes them). "
+        "This block is rewritten as each seed finishes: until then its statistics cover "
+        f"only the {n_seeds} seed{'s' * (n_seeds != 1)} listed.",
+        "",
+    ]
+
+
 def _spread_words(n_seeds: int) -> str:
     """How the tables' numbers were aggregated, in words."""
     return "mean ± std over seeds, sample std" if n_seeds > 1 else "one seed, so no spread"
@@ -153,11 +166,14 @@ def render_markdown(
     archs = ", ".join(
         f"{model_label(k)} {m['arch']} ({m['num_exits']} exits)" for k, m in models.items()
     )
+    planned = int(results.get("planned_seeds") or n)
+    count = f"{n} of {planned} seeds" if planned > n else f"{n} seed{'s' * (n != 1)}"
     lines = [
-        f"{h} {data['name']}: {results['schedule']} schedule, {n} seed{'s' * (n != 1)}",
+        f"{h} {data['name']}: {results['schedule']} schedule, {count}",
         "",
         f"Command: `{results['command']}`" if results.get("command") else "",
         "",
+        *_partial_lines(n, planned),
         f"Models: {archs}. Epochs: teacher {cfg.get('teacher_train', {}).get('epochs', '?')}, "
         f"students {cfg.get('student_train', {}).get('epochs', '?')}. Seeds: "
         f"{', '.join(str(s) for s in results['seeds'])}. Test set: {_count(data.get('test_images'))} "
@@ -344,9 +360,11 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     ax.set_ylabel("Accuracy (%)")
     use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
     n = results["n_seeds"]
+    planned = int(results.get("planned_seeds") or n)
+    partial = f", {n} of {planned} seeds so far" if planned > n else ""
     ax.set_title(
         f"{results['dataset']['name']}, {results['schedule']} schedule: "
-        f"{f'mean ± std over {n} seeds' if n > 1 else 'one seed'} ({results['rule']} rule)",
+        f"{f'mean ± std over {n} seeds' if n > 1 else 'one seed'}{partial} ({results['rule']} rule)",
         fontsize=10,
     )
     return figure_png(fig, ax, dpi)

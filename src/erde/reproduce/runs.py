@@ -372,8 +372,9 @@ def reproduce(
     ``teacher_seeds`` (default: ``seeds``) is how many teachers are trained;
     with fewer teachers than seeds, student seeds share them in turn (see
     :class:`SeedPlan`). Every seed folder is checked against the config before
-    anything trains. The results are rewritten after every seed, so an
-    interrupted run still leaves the statistics of the seeds it finished.
+    anything trains. The results (and, with ``docs_dir``, the docs' block) are
+    rewritten after every seed, so an interrupted run still leaves the
+    statistics of the seeds it finished, marked partial.
     """
     log = log or (lambda _message: None)
     cfg = reproduce_config(dataset, schedule, config=config, overrides=overrides)
@@ -423,9 +424,9 @@ def reproduce(
         results = aggregate(
             reports, dataset=dataset, schedule=schedule, loader=loader, command=command,
             seed_reports=relative, teacher_seeds=teacher_seeds, design=design, training=times,
-            curves=training_curves(model_folders),
+            curves=training_curves(model_folders), planned_seeds=seeds,
         )  # fmt: skip
         paths = write_results(out, results)
-    if docs_dir is not None:
-        paths.update(publish(results, docs_dir))
+        if docs_dir is not None:  # after every seed: a long run shows what it has so far
+            paths.update(publish(results, docs_dir))
     return paths

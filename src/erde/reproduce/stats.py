@@ -365,6 +365,7 @@ def aggregate(
     design: str | None = None,
     training: Mapping[int, Mapping[str, Mapping[str, Any] | None]] | None = None,
     curves: Mapping[str, Mapping[str, Any]] | None = None,
+    planned_seeds: int | None = None,
 ) -> dict[str, Any]:
     """Per-seed ``report.json`` dicts ``{seed: report}`` -> the results document.
 
@@ -373,7 +374,9 @@ def aggregate(
     learnt from (default: one per seed). ``training`` (``{seed: {model:
     training_time(...)}}``) records what training cost on this machine, and
     ``curves`` (``{model: erde.curves.mean_curve(...)}``) how validation
-    accuracy per exit went over the epochs.
+    accuracy per exit went over the epochs. ``planned_seeds`` is how many seeds
+    the command asked for (default: those given), so that results written
+    while later seeds still train say they are partial.
     """
     if not reports:
         raise ValueError("no seed reports to aggregate")
@@ -433,6 +436,7 @@ def aggregate(
         "schedule": schedule,
         "seeds": seeds,
         "n_seeds": len(seeds),
+        "planned_seeds": max(planned_seeds or 0, len(seeds)),
         "teacher_seeds": teacher_seeds if teacher_seeds is not None else len(seeds),
         "teacher_design": design or "one teacher per seed (independent replicates)",
         "rule": RULE,
