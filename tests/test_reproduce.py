@@ -86,6 +86,14 @@ def _sets(overrides=TINY) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
+def _svhn_argv(tmp_path: Path, *args: str) -> list[str]:
+    """``erde reproduce`` argv for the tiny models on small SVHN .mat files written to tmp_path."""
+    data = tmp_path / "svhn"
+    write_svhn(data, n_train=60, n_test=30)
+    return ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--no-progress",
+            *args, *_sets()]  # fmt: skip
+
+
 def _mtimes(out: Path) -> dict[str, int]:
     files = [*out.glob("seed_*/*/checkpoint.pt"), *out.glob("seed_*/report.json")]
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in files}
@@ -221,11 +229,8 @@ def test_two_seeds_on_cifar100_files_table_is_mean_and_std_of_seed_reports_and_r
 def test_one_teacher_shared_by_two_student_seeds_and_a_folder_of_another_design_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
 ) -> None:
-    data = tmp_path / "svhn"
-    write_svhn(data, n_train=60, n_test=30)
     out = tmp_path / "out"
-    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--seeds", "2",
-            "--teacher-seeds", "1", "--out", str(out), "--no-progress", *_sets()]  # fmt: skip
+    argv = _svhn_argv(tmp_path, "--seeds", "2", "--teacher-seeds", "1", "--out", str(out))
 
     assert main(argv) == 0
     assert (out / "seed_0" / "teacher" / "checkpoint.pt").is_file()
@@ -260,10 +265,7 @@ def test_a_released_teacher_placed_in_a_new_folder_is_reused_not_trained(
     """How a released teacher (made by erde release, copied from elsewhere) starts reproduce's runs elsewhere."""
     import shutil
 
-    data = tmp_path / "svhn"
-    write_svhn(data, n_train=60, n_test=30)
-    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--seeds", "1",
-            "--no-progress", *_sets()]  # fmt: skip
+    argv = _svhn_argv(tmp_path, "--seeds", "1")
     assert main([*argv, "--out", str(tmp_path / "first")]) == 0
     trained = tmp_path / "first" / "seed_0" / "teacher"
     shipped = tmp_path / "shipped"
@@ -289,14 +291,11 @@ def test_docs_show_each_finished_seed_marked_partial_until_the_last(
     """A run of hours publishes after every seed; a crash leaves the finished seeds, marked."""
     import erde.reproduce.runs as runs
 
-    data = tmp_path / "svhn"
-    write_svhn(data, n_train=60, n_test=30)
     docs = tmp_path / "docs"
     docs.mkdir()
     shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
-    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--seeds", "2",
-            "--teacher-seeds", "1", "--out", str(tmp_path / "out"), "--docs", str(docs),
-            "--no-progress", *_sets()]  # fmt: skip
+    argv = _svhn_argv(tmp_path, "--seeds", "2", "--teacher-seeds", "1",
+                      "--out", str(tmp_path / "out"), "--docs", str(docs))  # fmt: skip
     real = runs.run_seed
 
     def crash_on_seed_1(cfg, seed_dir, **kwargs):  # the machine goes down during seed 1
