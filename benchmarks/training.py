@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--batch-size", type=int, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps before each round (at least 1: the clock starts "
+                        "at the end of the last one)")  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds; fastest reported"
     )
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device_obj = resolve_device(args.device)

@@ -11,11 +11,19 @@
 # `erde reproduce --schedule fast` for as many seeds as finish within REPRODUCE_SECONDS
 # (interrupted seeds are not in the results; the run folder resumes with the same command), and
 # reproduce/curves.png, the validation curves of every model so far (finished or not).
+#
+# For a rehearsal on a machine without a GPU (tests/test_gpu_check.py runs one with tiny models):
+# DEVICE=cpu, TESTS=none (skip the test step), BENCH_ARGS (the benchmark's arguments, default
+# "--preset cifar --epoch-time"), EXTRA (more arguments for the torchrun training and reproduce).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
 DATA="${CIFAR10_JPEG:-data/cifar10-jpeg.tar.gz}"
 REPRODUCE_SECONDS="${REPRODUCE_SECONDS:-480}"
+DEVICE="${DEVICE:-cuda}"
+TESTS="${TESTS:-tests/test_training.py tests/test_losses.py tests/test_models.py tests/test_side_by_side.py tests/test_inference.py}"
+read -r -a BENCH <<< "${BENCH_ARGS:---preset cifar --epoch-time}"
+read -r -a EXTRA <<< "${EXTRA:-}"
 RUNS="${RUNS:-/tmp/erde-gpu-runs}"
 mkdir -p "$OUT/reproduce" "$RUNS"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,27 +39,28 @@ step "environment"
 } | tee "$OUT/env.txt"
 
 step "CUDA-relevant tests (training loop, losses, models, distributed, inference, export)"
-python3 -m pytest -q -x -p no:cacheprovider tests/test_training.py tests/test_losses.py \
-    tests/test_models.py tests/test_side_by_side.py tests/test_inference.py \
-    2>&1 | tail -n 40 | tee "$OUT/pytest.txt"
+if [ "$TESTS" != none ]; then
+    read -r -a tests <<< "$TESTS"
+    python3 -m pytest -q -x -p no:cacheprovider "${tests[@]}" 2>&1 | tail -n 40 | tee "$OUT/pytest.txt"
+fi
 
 step "training throughput and epoch times (ResNet-56 teacher, ResNet-20 ERDE student)"
-timeout 300 python3 benchmarks/training.py --preset cifar --epoch-time --device cuda \
+timeout 300 python3 benchmarks/training.py "${BENCH[@]}" --device "$DEVICE" \
     --json "$OUT/training-bench.json"
 
 step "one short training under torchrun (NCCL)"
 timeout 120 python3 -m torch.distributed.run --nnodes=1 --nproc_per_node=1 \
     --master_addr=127.0.0.1 --master_port=29533 -m erde.cli train-teacher --no-progress \
-    --device cuda --force --out "$RUNS/torchrun-teacher" \
-    --set teacher_train.epochs=1 --set teacher_train.max_steps_per_epoch=20
+    --device "$DEVICE" --force --out "$RUNS/torchrun-teacher" \
+    --set teacher_train.epochs=1 --set teacher_train.max_steps_per_epoch=20 "${EXTRA[@]}"
 python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('torchrun teacher:', r[-1]['images'], 'images,', round(r[-1]['images_per_second']), 'img/s')" \
     "$RUNS/torchrun-teacher/metrics.jsonl"
 
 step "erde reproduce --schedule fast on CIFAR-10 ($DATA), ${REPRODUCE_SECONDS}s budget"
 if [ -f "$DATA" ]; then
     timeout --signal=INT "$REPRODUCE_SECONDS" python3 -m erde.cli reproduce --dataset cifar10 \
-        --data-dir "$DATA" --schedule fast --seeds 3 --teacher-seeds 1 --device cuda \
-        --no-progress --out "$RUNS/cifar10-fast"
+        --data-dir "$DATA" --schedule fast --seeds 3 --teacher-seeds 1 --device "$DEVICE" \
+        --no-progress --out "$RUNS/cifar10-fast" "${EXTRA[@]}"
     echo "reproduce exit status: $?"
     for f in results.json results.md tradeoff.png; do
         [ -f "$RUNS/cifar10-fast/$f" ] && cp "$RUNS/cifar10-fast/$f" "$OUT/reproduce/"

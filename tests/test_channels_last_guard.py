@@ -8,6 +8,7 @@ abort, and the test would fail instead of taking pytest down with it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,4 +52,14 @@ def test_a_narrow_student_asked_for_channels_last_trains_in_nchw(tmp_path: Path)
     assert "student_erde: trained in NCHW, not channels_last" in child.stdout
     assert "stages.1.0.shortcut.0" in child.stdout
     assert "teacher: trained in NCHW" not in child.stdout  # 8 channels: channels_last is safe
+    starts = {
+        line.split(":")[0]: line for line in child.stdout.splitlines() if ": training " in line
+    }
+    assert ", NHWC)" in starts["teacher"] and ", NCHW)" in starts["student_erde"]  # as trained
+    records = [
+        json.loads(line)
+        for name in ("teacher", "student")
+        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["memory_format"] for r in records] == ["NHWC"] * 2 + ["NCHW"]
     assert (tmp_path / "student" / "checkpoint.pt").is_file()

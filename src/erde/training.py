@@ -665,7 +665,8 @@ def train_together(
             save_config(cfg, run.out_dir / "config.yaml")
             print(start_line(run.job, mcfg, tcfg, run.model.num_exits, len(splits.train), device,
                              run.out_dir, run.position, steps_per_epoch,
-                             env.setting(run.needs_teacher)), flush=True)  # fmt: skip
+                             env.setting(run.needs_teacher, run.memory_format)),
+                  flush=True)  # fmt: skip
     if runs:
         _drive(env, runs, progress)
     D.barrier(ctx)
@@ -698,6 +699,11 @@ def _mapping(
             f"for each of the student's {model.num_exits} exits, got {mapping}"
         )
     return mapping
+
+
+def memory_format_name(memory_format: torch.memory_format) -> str:
+    """``NHWC`` for channels_last, else ``NCHW``: as start lines and metrics.jsonl say it."""
+    return "NHWC" if memory_format == torch.channels_last else "NCHW"
 
 
 def _memory_format(env: _Shared, model: nn.Module, job: Job) -> torch.memory_format:
@@ -770,9 +776,10 @@ class _Shared:
         x = prepare_batch(images, self.splits, train=True, generator=self.aug_gen)
         return x.contiguous(memory_format=self.memory_format), labels
 
-    def setting(self, needs_teacher: bool) -> str:
-        """How the steps compute, for the start line: precision, memory format, teacher forward."""
-        text = f"{precision_name(self.amp_dtype)}, {'NHWC' if self.tcfg.channels_last else 'NCHW'}"
+    def setting(self, needs_teacher: bool, memory_format: torch.memory_format) -> str:
+        """How one model's steps compute, for its start line: precision, its memory format
+        (NCHW where :func:`_memory_format` overrode channels_last), teacher forward."""
+        text = f"{precision_name(self.amp_dtype)}, {memory_format_name(memory_format)}"
         if needs_teacher and self.teacher_dtype != self.amp_dtype:
             text += f", teacher forward in {precision_name(self.teacher_dtype)}"
         return text
@@ -1015,6 +1022,7 @@ class _Run:
         record = _epoch_record(self.job, self.position["epoch"], totals, seconds, steps, timed)
         record["steady_seconds_per_step"] = self.blocks.steady()
         record["precision"] = precision_name(self.env.amp_dtype)
+        record["memory_format"] = memory_format_name(self.memory_format)
         record["lr"] = self.scheduler.get_last_lr()[0]
         record["epochs"] = self.tcfg.epochs
         left = self.env.total_steps - self.position["global_step"]

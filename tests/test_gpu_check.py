@@ -1,0 +1,55 @@
+"""scripts/gpu-check.sh rehearsed on the CPU with tiny models, run for real by bash.
+
+A GPU is lent for minutes, not hours: the script must not fail on its first line of
+shell after the device has started. This runs every step (environment, benchmark,
+torchrun training, reproduce against a time budget, status plot) with DEVICE=cpu.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from data_fixtures import CIFAR10_NAMES, make_tar_gz, write_imagefolder
+from test_reproduce import TINY
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+
+
+def test_every_step_runs_and_writes_its_files(tmp_path: Path) -> None:
+    folder = tmp_path / "jpeg"
+    write_imagefolder(folder, classes=tuple(CIFAR10_NAMES), per_class=(5, 2), size=32)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    make_tar_gz(archive, {"train": folder / "train", "test": folder / "test"})
+    bin_dir = tmp_path / "bin"  # `python3` in the script is this interpreter
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "OUT": str(out), "CIFAR10_JPEG": str(archive), "RUNS": str(tmp_path / "runs"),
+        "DEVICE": "cpu", "TESTS": "none", "OMP_NUM_THREADS": "1", "REPRODUCE_SECONDS": "300",
+        "BENCH_ARGS": "--preset cpu --batch-size 8 --steps 1 --warmup 1 --rounds 1",
+        "EXTRA": " ".join(f"--set {o}" for o in TINY),
+        "ERDE_CACHE_DIR": str(tmp_path / "cache"),
+    }  # fmt: skip
+
+    run = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
+    )
+
+    log = (out / "gpu-check.log").read_text()
+    assert run.returncode == 0, log[-3000:]
+    assert "=== " in log and log.rstrip().endswith("done"), log[-3000:]
+    assert "python" in (out / "env.txt").read_text()
+    assert json.loads((out / "training-bench.json").read_text())
+    assert "torchrun teacher:" in log and "reproduce exit status: 0" in log
+    results = json.loads((out / "reproduce" / "results.json").read_text())
+    assert (results["n_seeds"], results["schedule"], results["teacher_seeds"]) == (3, "fast", 1)
+    for name in ("results.md", "tradeoff.png", "curves.png"):
+        assert (out / "reproduce" / name).stat().st_size > 0, name
+    assert "student_erde epoch 1" in log  # the epoch times, read back from metrics.jsonl
