@@ -528,6 +528,36 @@ def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> Non
     assert teacher_anchor["gap"] == pytest.approx(0.91 - published)
 
 
+def test_reduction_ladder_reaches_a_student_only_once_enough_accuracy_is_given_up() -> None:
+    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+    acc = {"teacher": 0.91, "student_ce": 0.80, "student_kd": 0.89, "student_erde": 0.905}
+    results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced")
+
+    def ladder(name: str) -> list:
+        return [r["reduction"] for r in results["models"][name]["mac_reduction_by_tolerance"]]
+
+    # every threshold keeps the model's accuracy, so once a level admits it, its cheapest
+    # point is h = 1 at half its full MACs: 400 / 50 = 8x for a student, 2x for the teacher
+    assert ladder("student_erde") == pytest.approx([8.0] * 4)  # 0.905: within 0.5 points
+    assert ladder("student_kd")[:2] == [None, None]  # 0.89 is 2 points under 0.91
+    assert ladder("student_kd")[2:] == pytest.approx([8.0, 8.0])
+    assert ladder("student_ce") == [None] * 4  # 11 points under
+    assert ladder("teacher") == pytest.approx([2.0] * 4)
+    kd = results["models"]["student_kd"]["mac_reduction_by_tolerance"][2]
+    assert (kd["from_network"], kd["from_exits"]) == pytest.approx((4.0, 2.0))
+
+    md = render_markdown(results)
+    row = next(x for x in md.splitlines() if x.startswith("| KD student | —"))
+    assert (
+        row
+        == "| KD student | — | — | 8.00x (4.00 × 2.00), 89.00 % | 8.00x (4.00 × 2.00), 89.00 % |"
+    )
+    older = json.loads(json.dumps(results))  # written before the ladder was recorded
+    for model in older["models"].values():
+        del model["mac_reduction_by_tolerance"]
+    assert render_markdown(older) == md  # derived from the same mean curves
+
+
 def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()

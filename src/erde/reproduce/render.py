@@ -24,7 +24,7 @@ from erde.report import (
     model_label,
     use_log_macs,
 )
-from erde.reproduce.stats import PAIRS, TABLE_LEVELS, split_reduction
+from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances, split_reduction
 
 # --------------------------------------------------------------------------- rendering
 
@@ -51,6 +51,42 @@ def _partial_lines(n_seeds: int, planned: int) -> list[str]:
         "the others are still training or were interrupted (the same command resumes them). "
         "This block is rewritten as each seed finishes: until then its statistics cover "
         f"only the {n_seeds} seed{'s' * (n_seeds != 1)} listed.",
+        "",
+    ]
+
+
+def _tolerance_lines(
+    models: Mapping[str, Mapping[str, Any]], ref: Mapping[str, Any], sub: str
+) -> list[str]:
+    """The MAC reduction each model reaches for 0.5 / 1 / 2 / 5 points of accuracy given up."""
+    ladders = {
+        # results written before the ladder was recorded: derive it from the same mean curves
+        name: m.get("mac_reduction_by_tolerance") or reductions_at_tolerances(m, ref)
+        for name, m in models.items()
+    }
+    levels = [r["tolerance"] for r in next(iter(ladders.values()))]
+    rows = []
+    for name, ladder in ladders.items():
+        cells = [
+            f"{r['reduction']:.2f}x ({r['from_network']:.2f} × {r['from_exits']:.2f}), "
+            f"{100 * r['accuracy']:.2f} %"
+            if r.get("reduction") and r.get("from_network")
+            else "—"
+            for r in ladder
+        ]
+        rows.append([model_label(name), *cells])
+    return [
+        f"{sub} MAC reduction for accuracy given up",
+        "",
+        f"Each model's cheapest threshold on its mean curve within 0.5, 1, 2 and 5 points of "
+        f"the {model_label(ref['model'])}'s last exit ({100 * ref['accuracy_mean']:.2f} %): "
+        f"reduction against the {model_label(ref['model'])}'s full {fmt_count(ref['macs'])} "
+        "MACs (from the smaller network × from early exits), and the accuracy kept. "
+        "—: no threshold stays that close.",
+        "",
+        *markdown_table(
+            ["Model", *(f"within {100 * t:g} point{'s' * (t != 0.01)}" for t in levels)], rows
+        ),
         "",
     ]
 
@@ -242,6 +278,7 @@ def render_markdown(
         rows,
     )  # fmt: skip
     lines.append("")
+    lines += _tolerance_lines(models, ref, sub)
 
     compare_header = [
         "h", "θ", f"Accuracy diff. (points{', mean ± std' if n > 1 else ''})", "Seeds ahead", "p",

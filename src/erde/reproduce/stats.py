@@ -28,6 +28,9 @@ RULE = "entropy"
 # Table rows: entropy threshold as a fraction h of its maximum log K. h = 0 sends every
 # image to the last exit, h = 1 lets every non-uniform prediction leave at the first one.
 TABLE_LEVELS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
+# Accuracy given up below the reference's last exit (fractions: 0.5, 1, 2 and 5 points) for the
+# table of MAC reductions against accuracy: where a smaller student's ~10x sits.
+TOLERANCE_LEVELS = (0.005, 0.01, 0.02, 0.05)
 # (model, other): "did model beat other at this threshold, and by how much?"
 PAIRS = (
     ("student_erde", "student_kd"),
@@ -299,6 +302,41 @@ def split_reduction(reduction: dict[str, Any] | None, full_macs: float) -> dict[
     }
 
 
+def mean_curve_points(model: Mapping[str, Any]) -> list[SweepPoint]:
+    """A model's mean curve over seeds (``results["models"][name]["curve"]``) as sweep points."""
+    return [
+        SweepPoint(
+            RULE, p["threshold"], p["accuracy_mean"], p["macs_mean"], p["exit_fractions_mean"]
+        )
+        for p in model["curve"]
+    ]
+
+
+def reductions_at_tolerances(
+    model: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    levels: Sequence[float] = TOLERANCE_LEVELS,
+) -> list[dict[str, Any]]:
+    """For each accuracy given up (fraction) below the reference's last exit, the cheapest
+    threshold of ``model``'s mean curve that stays within it, split into network x exits.
+
+    One dict per level, as :func:`erde.evaluation.mac_reduction_at_equal_accuracy` gives it
+    (``reduction`` None where no threshold stays that close). ``reference`` is the results'
+    ``reference`` entry (``accuracy_mean``, ``macs``).
+    """
+    points = mean_curve_points(model)
+    out = []
+    for tolerance in levels:
+        red = mac_reduction_at_equal_accuracy(
+            points, reference["accuracy_mean"], reference["macs"], tolerance
+        )
+        out.append(
+            split_reduction(red, float(model["macs_per_exit"][-1]))
+            or {"tolerance": tolerance, "reduction": None}
+        )
+    return out
+
+
 def training_time(
     history: Sequence[Mapping[str, Any]], batch_size: int
 ) -> dict[str, float | int] | None:
@@ -403,18 +441,14 @@ def aggregate(
         "tolerance": float(first["reference"]["tolerance"]),
     }
     for model in models.values():
-        points = [
-            SweepPoint(
-                RULE, p["threshold"], p["accuracy_mean"], p["macs_mean"], p["exit_fractions_mean"]
-            )
-            for p in model["curve"]
-        ]
         model["mac_reduction"] = split_reduction(
             mac_reduction_at_equal_accuracy(
-                points, reference["accuracy_mean"], reference["macs"], reference["tolerance"]
+                mean_curve_points(model), reference["accuracy_mean"], reference["macs"],
+                reference["tolerance"],
             ),
             float(model["macs_per_exit"][-1]),
-        )
+        )  # fmt: skip
+        model["mac_reduction_by_tolerance"] = reductions_at_tolerances(model, reference)
         for row in model["thresholds"]:
             row["macs_fraction_of_reference"] = row["macs_mean"] / reference["macs"]
     comparisons = [_compare(a, b, models) for a, b in PAIRS if a in models and b in models]
