@@ -14,28 +14,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from data_fixtures import write_cifar10
 from test_reproduce import TINY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar10-fast.sh"
 
 
-def _run(data: Path, runs: Path, docs: Path) -> subprocess.CompletedProcess:
+def _run(data: Path, runs: Path, docs: Path, lanes: str = "1") -> subprocess.CompletedProcess:
     extra = " ".join(f"--set {o}" for o in (*TINY, "student_train.epochs=1"))
     env = {
         **os.environ,
         "DATA": str(data), "RUNS": str(runs), "EXTRA": extra, "OMP_NUM_THREADS": "1",
         "ERDE_CACHE_DIR": str(runs / "cache"), "PYTHON": sys.executable, "DOCS": str(docs),
+        "LANES": lanes,
     }  # fmt: skip
     return subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
     )
 
 
-def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lanes", ["1", "2"])  # 2: steps 2-3 and step 4 as two processes
+def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(
+    tmp_path: Path, lanes: str
+) -> None:
     data, runs, docs = tmp_path / "cifar10", tmp_path / "runs", tmp_path / "docs"
     write_cifar10(data)
-    first = _run(data, runs, docs)
+    first = _run(data, runs, docs, lanes)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "all CIFAR-10 fast-schedule runs finished" in first.stdout
     # step 2 adds seeds 1 and 2 to step 1's seed 0 without training seed 0 again
@@ -63,7 +68,7 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(tmp_pat
         assert page.count(f"<!-- erde-results:{name}:begin -->") == 1, name
         assert (docs / "results" / f"{name}.json").is_file(), name
 
-    again = _run(data, runs, docs)
+    again = _run(data, runs, docs, lanes)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
 

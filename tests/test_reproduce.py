@@ -12,6 +12,8 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -607,6 +609,42 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> 
         "![training curves](results/cifar10-reduced-training.png)"
         in (docs / "RESULTS.md").read_text()
     )
+
+
+PUBLISH_CHILD = """
+import json, sys
+from erde.reproduce import publish
+publish(json.loads(open(sys.argv[1]).read()), sys.argv[2])
+"""
+
+
+def test_publish_waits_for_another_run_publishing_into_the_same_docs(tmp_path: Path) -> None:
+    """Two runs finishing together must not lose one of their RESULTS.md blocks."""
+    from erde.outputs import folder_update_lock
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
+    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+    acc = {"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85, "student_erde": 0.88}
+    svhn = tmp_path / "svhn.json"
+    svhn.write_text(json.dumps(aggregate({0: _seed_report(acc, macs)}, dataset="svhn",
+                                         schedule="reduced")))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with folder_update_lock(docs):  # this process is half-way through its own publish
+        child = subprocess.Popen([sys.executable, "-c", PUBLISH_CHILD, str(svhn), str(docs)],
+                                 env=env)  # fmt: skip
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=3)  # blocked: it has not read RESULTS.md yet
+        text = (docs / "RESULTS.md").read_text()
+        cifar = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced")
+        block = render_markdown(cifar, level=3)
+        (docs / "RESULTS.md").write_text(replace_block(text, "cifar10-reduced", block))
+    assert child.wait(timeout=120) == 0
+    page = (docs / "RESULTS.md").read_text()
+    for name in ("cifar10-reduced", "svhn-reduced"):
+        inner = page.split(f"<!-- erde-results:{name}:begin -->")[1].split("<!-- erde")[0]
+        assert "Pending" not in inner and "| 88.00 · 50 |" in inner, name  # both blocks kept
 
 
 def test_replace_block_appends_markers_when_absent() -> None:

@@ -163,6 +163,27 @@ def output_lock(folder: str | os.PathLike, *, enabled: bool = True) -> Iterator[
         _remove_if_empty(created)  # a command that failed before writing leaves no folder
 
 
+@contextlib.contextmanager
+def folder_update_lock(folder: str | Path) -> Iterator[Path]:
+    """Wait for, then hold, an exclusive ``flock`` on ``folder`` itself for a read-modify-write.
+
+    For files that several commands update in turn (``erde reproduce --docs``
+    rewrites one block of a shared RESULTS.md): two runs publishing at the same
+    moment take turns instead of one losing the other's block. No lock file is
+    left behind (the lock is on the folder's own descriptor), and unlike
+    :func:`output_lock` it waits, since each holder keeps it for a moment only.
+    """
+    import fcntl
+
+    path = Path(folder)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _missing_folders(path: Path) -> list[Path]:
     """``path`` and its ancestors that do not exist yet, deepest first."""
     missing = []

@@ -15,6 +15,7 @@ import numpy as np
 from erde import io
 from erde.config import load_yaml, preset_path
 from erde.curves import render_curves_png
+from erde.outputs import folder_update_lock
 from erde.report import (
     curve_style,
     figure_png,
@@ -509,6 +510,12 @@ def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]
     ``-training.png`` (when the results hold training curves) and RESULTS.md's block of that
     name."""
     docs = Path(docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    with folder_update_lock(docs):  # another run may be publishing its block right now
+        return _publish(results, docs)
+
+
+def _publish(results: Mapping[str, Any], docs: Path) -> dict[str, Path]:
     name = results_name(results)
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
