@@ -61,8 +61,9 @@ main() {
                   --out "$runs/cifar10-fast-mobilenetv2x0.5")
     if [ "${LANES:-1}" = 2 ]; then
         # Two processes of one thread each: steps 2-3 in one, step 4 in the other. On a 2-core
-        # machine they get more done together than one 2-thread process does in turn (a second
-        # thread speeds one of these runs up by about 1.33x only). When steps 2-3 are done, step
+        # machine they get more done together than one 2-thread process does in turn: two
+        # 1-thread runs of the ResNet-20 trio made 0.84 + 0.79 = 1.63 steps/s on the 2-core
+        # AVX-512 EPYC VM, one 2-thread run 1.40 (1.16x). When steps 2-3 are done, step
         # 4 is stopped and resumed below with all threads (from its last checkpoint). Blocks
         # published by both lanes take turns on RESULTS.md.
         OMP_NUM_THREADS=1 "${PYTHON:-python3}" -m erde.cli reproduce "${common[@]}" "${mobile[@]}" &
