@@ -96,6 +96,19 @@ def _svhn_argv(tmp_path: Path, *args: str) -> list[str]:
             *args, *_sets()]  # fmt: skip
 
 
+SIMPLE_MACS = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+SIMPLE_ACC = {"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85, "student_erde": 0.88}
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    """A docs folder holding a copy of the repository's RESULTS.md, to publish into."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    shutil.copy(DOCS / "RESULTS.md", folder / "RESULTS.md")
+    return folder
+
+
 def _mtimes(out: Path) -> dict[str, int]:
     files = [*out.glob("seed_*/*/checkpoint.pt"), *out.glob("seed_*/report.json")]
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in files}
@@ -288,14 +301,11 @@ def test_a_released_teacher_placed_in_a_new_folder_is_reused_not_trained(
 
 
 def test_docs_show_each_finished_seed_marked_partial_until_the_last(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+    tmp_path: Path, docs: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
     """A run of hours publishes after every seed; a crash leaves the finished seeds, marked."""
     import erde.reproduce.runs as runs
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
     argv = _svhn_argv(tmp_path, "--seeds", "2", "--teacher-seeds", "1",
                       "--out", str(tmp_path / "out"), "--docs", str(docs))  # fmt: skip
     real = runs.run_seed
@@ -500,7 +510,7 @@ def test_paired_p_value_matches_the_closed_form_for_two_degrees_of_freedom() -> 
 
 
 def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> None:
-    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+    macs = SIMPLE_MACS
     reports = {
         0: _seed_report({"teacher": 0.90, "student_ce": 0.80, "student_kd": 0.85, "student_erde": 0.90}, macs),
         1: _seed_report({"teacher": 0.92, "student_ce": 0.82, "student_kd": 0.86, "student_erde": 0.91}, macs),
@@ -531,7 +541,7 @@ def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> Non
 
 
 def test_reduction_ladder_reaches_a_student_only_once_enough_accuracy_is_given_up() -> None:
-    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
+    macs = SIMPLE_MACS
     acc = {"teacher": 0.91, "student_ce": 0.80, "student_kd": 0.89, "student_erde": 0.905}
     results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced")
 
@@ -560,12 +570,8 @@ def test_reduction_ladder_reaches_a_student_only_once_enough_accuracy_is_given_u
     assert render_markdown(older) == md  # derived from the same mean curves
 
 
-def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
-    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
-    acc = {"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85, "student_erde": 0.88}
+def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path, docs: Path) -> None:
+    macs, acc = SIMPLE_MACS, SIMPLE_ACC
     data = tmp_path.parent / "shared" / "cifar10"  # recorded absolute, shown from the repository
     results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced",
                         command=f"erde reproduce --data-dir {data} --seeds 1")  # fmt: skip
@@ -618,15 +624,13 @@ publish(json.loads(open(sys.argv[1]).read()), sys.argv[2])
 """
 
 
-def test_publish_waits_for_another_run_publishing_into_the_same_docs(tmp_path: Path) -> None:
+def test_publish_waits_for_another_run_publishing_into_the_same_docs(
+    tmp_path: Path, docs: Path
+) -> None:
     """Two runs finishing together must not lose one of their RESULTS.md blocks."""
     from erde.outputs import folder_update_lock
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    shutil.copy(DOCS / "RESULTS.md", docs / "RESULTS.md")
-    macs = {"teacher": 400.0, "student_ce": 100.0, "student_kd": 100.0, "student_erde": 100.0}
-    acc = {"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85, "student_erde": 0.88}
+    macs, acc = SIMPLE_MACS, SIMPLE_ACC
     svhn = tmp_path / "svhn.json"
     svhn.write_text(json.dumps(aggregate({0: _seed_report(acc, macs)}, dataset="svhn",
                                          schedule="reduced")))  # fmt: skip
