@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--docs", metavar="DIR",
         help="also publish into DIR: results/<dataset>-<schedule>.json, .png and -training.png, "
-        "and the block of that name in DIR/RESULTS.md",
+        "and the block of that name in DIR/RESULTS.md; after every finished seed, marked "
+        "partial until the last",
     )  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")
     p.set_defaults(func=cmd_reproduce)
