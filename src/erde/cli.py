@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each seed, train the teacher and the ce/kd/erde students side by side (finished "
         "runs in --out are reused, interrupted ones resumed) and evaluate them on a fixed threshold grid; "
         "then write results.json, results.md (accuracy mean ± std over seeds and mean MACs per "
-        "threshold, MAC reduction at equal accuracy, ERDE vs KD at each threshold, anchors) and "
+        "threshold, MAC reduction at equal accuracy and for 0.5-5 points given up, ERDE vs KD at each threshold, anchors) and "
         "tradeoff.png (with spread bands), and training.png (validation accuracy per exit after each "
         "epoch, mean over seeds). --dataset cifar10 also reads an ImageFolder copy "
         "(train/<class>/*.jpg, test/<class>/*.jpg, folder or .tar.gz).",
