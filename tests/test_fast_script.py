@@ -68,9 +68,10 @@ def test_the_three_steps_share_one_teacher_and_a_rerun_reuses_everything(
         assert page.count(f"<!-- erde-results:{name}:begin -->") == 1, name
         assert (docs / "results" / f"{name}.json").is_file(), name
 
-    again = _run(data, runs, docs, lanes)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
+    if lanes == "1":  # the same reproduce commands either way: one rerun shows the reuse
+        again = _run(data, runs, docs, lanes)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
 
 
 def test_a_missing_data_copy_is_one_line_before_anything_runs(tmp_path: Path) -> None:
