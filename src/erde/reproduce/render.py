@@ -399,10 +399,10 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     use_log_macs(ax, [m for model in models.values() for m in model["macs_per_exit"]])
     n = results["n_seeds"]
     planned = int(results.get("planned_seeds") or n)
-    partial = f", {n} of {planned} seeds so far" if planned > n else ""
+    seeds = f"{n} of {planned} seeds so far" if planned > n else f"{n} seeds"
     ax.set_title(
         f"{results['dataset']['name']}, {results['schedule']} schedule: "
-        f"{f'mean ± std over {n} seeds' if n > 1 else 'one seed'}{partial} ({results['rule']} rule)",
+        f"{f'mean ± std over {seeds}' if n > 1 else 'one seed'} ({results['rule']} rule)",
         fontsize=10,
     )
     return figure_png(fig, ax, dpi)
