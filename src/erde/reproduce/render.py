@@ -79,7 +79,8 @@ def _tolerance_lines(
     return [
         f"{sub} MAC reduction for accuracy given up",
         "",
-        f"Each model's cheapest threshold on its mean curve within 0.5, 1, 2 and 5 points of "
+        f"Each model's cheapest threshold on its mean curve within "
+        f"{', '.join(f'{100 * t:g}' for t in levels[:-1])} and {100 * levels[-1]:g} points of "
         f"the {model_label(ref['model'])}'s last exit ({100 * ref['accuracy_mean']:.2f} %): "
         f"reduction against the {model_label(ref['model'])}'s full {fmt_count(ref['macs'])} "
         "MACs (from the smaller network × from early exits), and the accuracy kept. "
