@@ -111,6 +111,53 @@ def test_strict_tolerance_reports_unreached_reduction(tmp_path: Path) -> None:
     assert "not reached" in (tmp_path / "report.md").read_text()
 
 
+def test_reduction_ladder_grows_with_the_accuracy_given_up_and_splits_network_x_exits(
+    tmp_path: Path,
+) -> None:
+    report = build_report(_models())
+    ref = report["reference"]
+    for name, model in report["models"].items():
+        ladder = model["mac_reduction_by_tolerance"]
+        assert [r["tolerance"] for r in ladder] == [0.005, 0.01, 0.02, 0.05]
+        entropy_points = [p for p in model["sweep"] if p["rule"] == "entropy"]
+        full_macs = model["macs_per_exit"][-1]
+        for rung in ladder:
+            floor = ref["accuracy"] - rung["tolerance"]
+            qualifying = [p for p in entropy_points if p["accuracy"] >= floor - 1e-12]
+            if not qualifying:
+                assert rung["reduction"] is None, (name, rung)
+                continue
+            cheapest = min(p["mean_macs"] for p in qualifying)
+            assert rung["mean_macs"] == cheapest and rung["accuracy"] >= floor - 1e-12
+            assert rung["from_network"] == pytest.approx(ref["macs"] / full_macs)
+            assert rung["from_exits"] == pytest.approx(full_macs / cheapest)
+            assert rung["reduction"] == pytest.approx(rung["from_network"] * rung["from_exits"])
+        reached = [r["reduction"] for r in ladder if r["reduction"] is not None]
+        assert reached == sorted(reached)  # giving up more accuracy never costs MACs
+    # the teacher against itself: its exits alone, the network factor is exactly 1
+    assert report["models"]["teacher"]["mac_reduction_by_tolerance"][0]["from_network"] == 1.0
+    write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+    assert "## MAC reduction for accuracy given up" in text
+    assert "within 0.5, 1, 2 and 5 points of the reference (Teacher, last exit" in text
+    header = "| Model | within 0.5 points | within 1 point | within 2 points | within 5 points |"
+    assert header in text
+    rung = report["models"]["student_erde"]["mac_reduction_by_tolerance"][-1]
+    cell = (
+        f"{rung['reduction']:.2f}x ({rung['from_network']:.2f} × {rung['from_exits']:.2f}), "
+        f"{100 * rung['accuracy']:.2f} %"
+    )
+    ladder_rows = text.split("## MAC reduction for accuracy given up")[1].split("## Models")[0]
+    erde_row = next(
+        line for line in ladder_rows.splitlines() if line.startswith("| ERDE student |")
+    )
+    assert erde_row.endswith(f"| {cell} |")
+    older = copy.deepcopy(report)  # a report.json from before the ladder still renders
+    for model in older["models"].values():
+        del model["mac_reduction_by_tolerance"]
+    assert "accuracy given up" not in render_markdown(older)
+
+
 def test_report_markdown_tables(tmp_path: Path) -> None:
     models = _models()
     dataset = dataset_summary("synthetic", 5, (3, 8, 8), 120, 30, 270)

@@ -340,6 +340,51 @@ def mac_reduction_at_equal_accuracy(
     }
 
 
+TOLERANCE_LEVELS = (0.005, 0.01, 0.02, 0.05)  # accuracy given up, for the reduction ladder
+
+
+def split_reduction(reduction: dict[str, Any] | None, full_macs: float) -> dict[str, Any] | None:
+    """Add to a MAC reduction how much comes from the smaller network and how much from exits.
+
+    reduction = reference MACs / mean MACs
+              = (reference MACs / the model's full MACs) x (full MACs / mean MACs)
+              =  from_network                            x  from_exits
+
+    >>> r = split_reduction({"reference_macs": 120.0, "mean_macs": 10.0, "reduction": 12.0}, 40.0)
+    >>> r["from_network"], r["from_exits"]
+    (3.0, 4.0)
+    """
+    if reduction is None or not reduction.get("mean_macs"):
+        return reduction
+    return {
+        **reduction,
+        "from_network": reduction["reference_macs"] / full_macs,
+        "from_exits": full_macs / reduction["mean_macs"],
+    }
+
+
+def reduction_ladder(
+    points: Sequence[SweepPoint],
+    reference_accuracy: float,
+    reference_macs: float,
+    full_macs: float,
+    levels: Sequence[float] = TOLERANCE_LEVELS,
+) -> list[dict[str, Any]]:
+    """The MAC reduction a model reaches for each level of accuracy given up (fractions).
+
+    One dict per level: :func:`mac_reduction_at_equal_accuracy` at that tolerance, split by
+    :func:`split_reduction` into network x exits (``full_macs``: the model's own last exit), or
+    ``{"tolerance": t, "reduction": None}`` where no point stays that close. One operating
+    point rarely tells a reader what a deployment can buy; the ladder shows how the saving grows
+    as accuracy is given up.
+    """
+    out = []
+    for tolerance in levels:
+        red = mac_reduction_at_equal_accuracy(points, reference_accuracy, reference_macs, tolerance)
+        out.append(split_reduction(red, full_macs) or {"tolerance": tolerance, "reduction": None})
+    return out
+
+
 def _rule_thresholds(
     thresholds: Sequence[float] | Mapping[str, Sequence[float]] | None, rule: str
 ) -> Sequence[float] | None:

@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from erde import io
-from erde.evaluation import SweepPoint, mac_reduction_at_equal_accuracy, reference_point
+from erde.evaluation import (
+    SweepPoint,
+    mac_reduction_at_equal_accuracy,
+    reduction_ladder,
+    reference_point,
+)
 from erde.plotting import mac_unit, use_log_macs
 
 SCHEMA_VERSION = 1
@@ -101,7 +106,9 @@ def build_report(
 
     Any subset of models works. Each model gains ``mac_reduction``: the
     cheapest ``rule`` threshold within ``tolerance`` of the reference's
-    last-exit accuracy (None if no threshold gets there). When no model was
+    last-exit accuracy (None if no threshold gets there), and
+    ``mac_reduction_by_tolerance``: the same for 0.5, 1, 2 and 5 points, split
+    into network x exits (:func:`erde.evaluation.reduction_ladder`). When no model was
     swept with ``rule``, the first rule found in the sweeps is used instead;
     the rule used is recorded as ``reference.rule``. Inputs are not mutated.
     """
@@ -115,8 +122,12 @@ def build_report(
     entries = {}
     for name, model in models.items():
         entry = copy.deepcopy(dict(model))
+        points = _sweep_points(model, rule)
         entry["mac_reduction"] = mac_reduction_at_equal_accuracy(
-            _sweep_points(model, rule), ref["accuracy"], ref["macs"], tolerance
+            points, ref["accuracy"], ref["macs"], tolerance
+        )
+        entry["mac_reduction_by_tolerance"] = reduction_ladder(
+            points, ref["accuracy"], ref["macs"], float(model["macs_per_exit"][-1])
         )
         entries[name] = entry
     return {
@@ -293,6 +304,58 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     return lines + markdown_table([*header, "Reduction", "Saved"], rows) + [""]
 
 
+def ladder_table(ladders: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """One row per model, one column per level of accuracy given up (same levels for all).
+
+    A cell reads "4.04x (3.08 × 1.31), 85.12 %": the reduction against the reference's
+    full MACs (from the smaller network × from early exits), and the accuracy kept.
+    """
+    levels = [r["tolerance"] for r in next(iter(ladders.values()))]
+    rows = [
+        [
+            model_label(name),
+            *(
+                f"{r['reduction']:.2f}x ({r['from_network']:.2f} × {r['from_exits']:.2f}), "
+                f"{100 * r['accuracy']:.2f} %"
+                if r.get("reduction") and r.get("from_network")
+                else "—"
+                for r in ladder
+            ),
+        ]
+        for name, ladder in ladders.items()
+    ]
+    header = ["Model", *(f"within {100 * t:g} point{'s' * (t != 0.01)}" for t in levels)]
+    return markdown_table(header, rows)
+
+
+def level_words(levels: Sequence[float]) -> str:
+    """``[0.005, 0.01, 0.02]`` -> "0.5, 1 and 2" (points)."""
+    texts = [f"{100 * t:g}" for t in levels]
+    return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} and {texts[-1]}"
+
+
+def _ladder_section(report: Mapping[str, Any]) -> list[str]:
+    """The reduction each model reaches for 0.5 / 1 / 2 / 5 points given up (newer reports)."""
+    ladders = {n: m["mac_reduction_by_tolerance"] for n, m in report["models"].items()
+               if m.get("mac_reduction_by_tolerance")}  # fmt: skip
+    if not ladders:
+        return []  # reports written before the ladder was recorded
+    ref = report["reference"]
+    levels = [r["tolerance"] for r in next(iter(ladders.values()))]
+    return [
+        "## MAC reduction for accuracy given up",
+        "",
+        f"Each model's cheapest {ref.get('rule', 'entropy')} threshold within "
+        f"{level_words(levels)} points of the reference ({model_label(ref['model'])}, last exit "
+        f"{_pct(ref['accuracy'])}): reduction against its full {fmt_count(ref['macs'])} MACs "
+        "(from the smaller network × from early exits), and the accuracy kept. "
+        "—: no threshold stays that close.",
+        "",
+        *ladder_table(ladders),
+        "",
+    ]
+
+
 def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
     """Per-exit table, then one sweep table per rule (``rule`` first) for one model."""
     params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
@@ -344,7 +407,7 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
             f"Dataset: {dataset.get('name', '?')} ({dataset.get('num_classes', '?')} classes, "
             f"{dataset.get('test_images', '?')} test images{', ' + shape if shape else ''})."
         )
-    lines += ["", *_summary_section(report), "## Models", ""]
+    lines += ["", *_summary_section(report), *_ladder_section(report), "## Models", ""]
     for name, model in report["models"].items():
         lines += _model_section(name, model, report["reference"]["macs"], rule)
     env_rows = [[str(k), str(v)] for k, v in (report.get("environment") or {}).items()]

@@ -15,17 +15,20 @@ import numpy as np
 from erde import io
 from erde.config import load_yaml, preset_path
 from erde.curves import render_curves_png
+from erde.evaluation import split_reduction
 from erde.outputs import folder_update_lock
 from erde.report import (
     curve_style,
     figure_png,
     fmt_count,
+    ladder_table,
+    level_words,
     mac_unit,
     markdown_table,
     model_label,
     use_log_macs,
 )
-from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances, split_reduction
+from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
 
 # --------------------------------------------------------------------------- rendering
 
@@ -66,29 +69,16 @@ def _tolerance_lines(
         for name, m in models.items()
     }
     levels = [r["tolerance"] for r in next(iter(ladders.values()))]
-    rows = []
-    for name, ladder in ladders.items():
-        cells = [
-            f"{r['reduction']:.2f}x ({r['from_network']:.2f} × {r['from_exits']:.2f}), "
-            f"{100 * r['accuracy']:.2f} %"
-            if r.get("reduction") and r.get("from_network")
-            else "—"
-            for r in ladder
-        ]
-        rows.append([model_label(name), *cells])
     return [
         f"{sub} MAC reduction for accuracy given up",
         "",
-        f"Each model's cheapest threshold on its mean curve within "
-        f"{', '.join(f'{100 * t:g}' for t in levels[:-1])} and {100 * levels[-1]:g} points of "
+        f"Each model's cheapest threshold on its mean curve within {level_words(levels)} points of "
         f"the {model_label(ref['model'])}'s last exit ({100 * ref['accuracy_mean']:.2f} %): "
         f"reduction against the {model_label(ref['model'])}'s full {fmt_count(ref['macs'])} "
         "MACs (from the smaller network × from early exits), and the accuracy kept. "
         "—: no threshold stays that close.",
         "",
-        *markdown_table(
-            ["Model", *(f"within {100 * t:g} point{'s' * (t != 0.01)}" for t in levels)], rows
-        ),
+        *ladder_table(ladders),
         "",
     ]
 

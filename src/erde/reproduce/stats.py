@@ -16,7 +16,14 @@ import numpy as np
 
 from erde import io
 from erde.errors import ConfigError
-from erde.evaluation import SweepPoint, default_thresholds, mac_reduction_at_equal_accuracy
+from erde.evaluation import (
+    TOLERANCE_LEVELS,
+    SweepPoint,
+    default_thresholds,
+    mac_reduction_at_equal_accuracy,
+    reduction_ladder,
+    split_reduction,
+)
 from erde.exits import rule_range
 from erde.pipeline import STUDENT_METHODS
 from erde.report import (
@@ -30,7 +37,6 @@ RULE = "entropy"
 TABLE_LEVELS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 # Accuracy given up below the reference's last exit (fractions: 0.5, 1, 2 and 5 points) for the
 # table of MAC reductions against accuracy: where a smaller student's ~10x sits.
-TOLERANCE_LEVELS = (0.005, 0.01, 0.02, 0.05)
 # (model, other): "did model beat other at this threshold, and by how much?"
 PAIRS = (
     ("student_erde", "student_kd"),
@@ -286,22 +292,6 @@ def _anchors(
     return anchors
 
 
-def split_reduction(reduction: dict[str, Any] | None, full_macs: float) -> dict[str, Any] | None:
-    """Add to a MAC reduction how much comes from the smaller network and how much from exits.
-
-    reduction = reference MACs / mean MACs
-              = (reference MACs / the model's full MACs) x (full MACs / mean MACs)
-              =  from_network                            x  from_exits
-    """
-    if reduction is None or not reduction.get("mean_macs"):
-        return reduction
-    return {
-        **reduction,
-        "from_network": reduction["reference_macs"] / full_macs,
-        "from_exits": full_macs / reduction["mean_macs"],
-    }
-
-
 def mean_curve_points(model: Mapping[str, Any]) -> list[SweepPoint]:
     """A model's mean curve over seeds (``results["models"][name]["curve"]``) as sweep points."""
     return [
@@ -324,17 +314,10 @@ def reductions_at_tolerances(
     (``reduction`` None where no threshold stays that close). ``reference`` is the results'
     ``reference`` entry (``accuracy_mean``, ``macs``).
     """
-    points = mean_curve_points(model)
-    out = []
-    for tolerance in levels:
-        red = mac_reduction_at_equal_accuracy(
-            points, reference["accuracy_mean"], reference["macs"], tolerance
-        )
-        out.append(
-            split_reduction(red, float(model["macs_per_exit"][-1]))
-            or {"tolerance": tolerance, "reduction": None}
-        )
-    return out
+    return reduction_ladder(
+        mean_curve_points(model), reference["accuracy_mean"], reference["macs"],
+        float(model["macs_per_exit"][-1]), levels,
+    )  # fmt: skip
 
 
 def training_time(
