@@ -35,8 +35,6 @@ RULE = "entropy"
 # Table rows: entropy threshold as a fraction h of its maximum log K. h = 0 sends every
 # image to the last exit, h = 1 lets every non-uniform prediction leave at the first one.
 TABLE_LEVELS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
-# Accuracy given up below the reference's last exit (fractions: 0.5, 1, 2 and 5 points) for the
-# table of MAC reductions against accuracy: where a smaller student's ~10x sits.
 # (model, other): "did model beat other at this threshold, and by how much?"
 PAIRS = (
     ("student_erde", "student_kd"),
