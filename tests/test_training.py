@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -14,6 +15,7 @@ from conftest import tiny_config
 
 from erde import training
 from erde.checkpoints import load_checkpoint
+from erde.data import AugmentSpec, prepare_batch
 from erde.distributed import DistContext
 from erde.errors import CheckpointError
 from erde.training import EpochSums, Job, NonFiniteWatch, epoch_indices, train
@@ -261,3 +263,49 @@ def test_results_name_the_cpu_they_ran_on() -> None:
     text = _cpu_text({"cpu_model": "AMD EPYC", "cpu_capability": "AVX2", "cpu_bf16_flags": []})
     assert text == ", AMD EPYC, AVX2, bf16 hardware: none"
     assert _cpu_text({"torch": "2.13.0"}) == ""  # results written before these fields existed
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [AugmentSpec(crop_padding=4, flip=True), AugmentSpec(2, False), AugmentSpec(0, False)],
+    ids=["crop+flip", "crop", "none"],
+)
+def test_batches_from_an_epochs_draws_equal_batches_drawn_step_by_step(spec: AugmentSpec) -> None:
+    """The loop draws a whole epoch's crops and flips at once (one copy to a GPU per epoch);
+    every batch must still be the one a generator seeded for its own step gives."""
+    cfg = tiny_config()
+    splits = dataclasses.replace(training.load_splits(cfg), augment=spec)
+    batch, steps = 16, 3
+    env = training._Shared(
+        cfg=cfg, tcfg=cfg.teacher_train, ctx=DistContext(), device=torch.device("cpu"),
+        splits=splits, teacher=None, batch_size=batch, steps_per_epoch=steps, on_step=None,
+        on_epoch=None,
+    )  # fmt: skip
+    for step in (0, 1, 2, 3, 5, 4, 1):  # across epochs, forwards and back (a resumed run)
+        epoch, k = divmod(step, steps)
+        idx = epoch_indices(len(splits.train), cfg.seed, epoch, DistContext())
+        idx = idx[k * batch : (k + 1) * batch]
+        g = torch.Generator().manual_seed(training.augment_seed(cfg.seed, 0, step))
+        expected = prepare_batch(splits.train.images[idx], splits, train=True, generator=g)
+        x, labels = env.batch(step)
+        assert torch.equal(x, expected), step
+        assert torch.equal(labels, splits.train.labels[idx]), step
+    assert not torch.equal(env.batch(0)[0], env.batch(1)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_batch_within_an_epoch_makes_the_host_wait_for_nothing_on_a_gpu() -> None:
+    cfg = tiny_config()
+    splits = dataclasses.replace(training.load_splits(cfg), augment=AugmentSpec(4, True))
+    env = training._Shared(
+        cfg=cfg, tcfg=cfg.teacher_train, ctx=DistContext(), device=torch.device("cuda"),
+        splits=splits, teacher=None, batch_size=16, steps_per_epoch=4, on_step=None,
+        on_epoch=None,
+    )  # fmt: skip
+    env.batch(0)  # the epoch's order and draws are copied here, once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2, 3):
+            env.batch(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -3,7 +3,9 @@
 The loop is plain PyTorch, written for speed and for crashes:
 
 - the uint8 training set sits on the training device; each batch is sliced,
-  augmented and normalised there in a few batched ops (no DataLoader);
+  augmented and normalised there in a few batched ops (no DataLoader); the
+  epoch's shuffled order and crop/flip draws reach the device in one copy per
+  epoch, so building a batch never makes the host wait for a GPU;
 - channels_last, mixed precision (bf16 by default on CUDA and on CPUs with bf16
   hardware, fp16 + GradScaler on GPUs without bf16) and ``torch.compile`` are config switches;
 - a student's teacher runs once per batch for all its exits, under
@@ -54,6 +56,7 @@ from erde.config import (
     save_config,
 )
 from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch, to_device
+from erde.data.augment import AugmentDraws, draw_augment
 from erde.errors import CheckpointError, ConfigError, ErdeError
 from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe_convs
 from erde.io import atomic_write_text
@@ -750,7 +753,7 @@ class _Shared:
         self.train_set = keep_on_device(self.splits.train, self.device)
         self.val_set = keep_on_device(self.splits.val, self.device)
         self.aug_gen = torch.Generator()
-        self._order: tuple[int, torch.Tensor] | None = None
+        self._epoch: tuple[int, torch.Tensor, AugmentDraws] | None = None
         if self.teacher is not None:
             teacher = self.teacher.to(memory_format=self.memory_format)
             self.teacher = torch.compile(teacher) if self.tcfg.compile else teacher
@@ -766,15 +769,34 @@ class _Shared:
         together or alone, resumed or not, sees the same pixels.
         """
         epoch, k = divmod(global_step, self.steps_per_epoch)
-        if self._order is None or self._order[0] != epoch:
+        if self._epoch is None or self._epoch[0] != epoch:
             order = epoch_indices(len(self.train_set), self.cfg.seed, epoch, self.ctx)
-            self._order = (epoch, order.to(self.train_set.images.device))
-        idx = self._order[1][k * self.batch_size : (k + 1) * self.batch_size]
+            self._epoch = (epoch, order.to(self.train_set.images.device), self.epoch_draws(epoch))
+        idx = self._epoch[1][k * self.batch_size : (k + 1) * self.batch_size]
         images = self.train_set.images[idx].to(self.device, non_blocking=True)
         labels = self.train_set.labels[idx].to(self.device, non_blocking=True)
-        self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, global_step))
-        x = prepare_batch(images, self.splits, train=True, generator=self.aug_gen)
+        draws = AugmentDraws(
+            *(None if t is None else t[k, ..., : len(idx)] for t in self._epoch[2])
+        )
+        x = prepare_batch(images, self.splits, train=True, draws=draws)
         return x.contiguous(memory_format=self.memory_format), labels
+
+    def epoch_draws(self, epoch: int) -> AugmentDraws:
+        """Every step's crop and flip draws of one epoch, (steps, 2, B) and (steps, B), on the device.
+
+        Each step's draws come from its own seed (:func:`augment_seed`), exactly as if drawn
+        step by step; made once per epoch so that one host-to-GPU copy serves the epoch (a
+        copy per step from pageable memory would make the host wait for the GPU every step).
+        """
+        first = epoch * self.steps_per_epoch
+        steps = []
+        for step in range(first, first + self.steps_per_epoch):
+            self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, step))
+            steps.append(draw_augment(self.batch_size, self.splits.augment, self.aug_gen))
+        stacked = (
+            None if parts[0] is None else torch.stack(parts) for parts in zip(*steps, strict=True)
+        )
+        return AugmentDraws(*stacked).to(self.device)
 
     def setting(self, needs_teacher: bool, memory_format: torch.memory_format) -> str:
         """How one model's steps compute, for its start line: precision, its memory format

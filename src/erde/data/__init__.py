@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from erde.data import imagefolder as _imagefolder  # noqa: F401  (registers "imagefolder")
-from erde.data.augment import augment, normalize
+from erde.data.augment import AugmentDraws, apply_augment, augment, normalize
 from erde.data.formats import DATASETS
 from erde.data.sampling import stratified_split
 from erde.data.splits import split_raw
@@ -99,10 +99,18 @@ def prepare_batch(
     train: bool,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    draws: AugmentDraws | None = None,
 ) -> torch.Tensor:
-    """uint8 batch -> augmented (when ``train``) and normalised float batch, on its device."""
+    """uint8 batch -> augmented (when ``train``) and normalised float batch, on its device.
+
+    The augmentation's random numbers come from ``draws`` (already on the device) when
+    given, else from ``generator``.
+    """
     if train:
-        images = augment(images, splits.augment, generator)
+        if draws is not None:
+            images = apply_augment(images, splits.augment, draws)
+        else:
+            images = augment(images, splits.augment, generator)
     return normalize(images, splits.mean, splits.std, dtype)
 
 

@@ -7,31 +7,52 @@ no per-sample Python work and the same code runs on CPU and CUDA.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from erde.data.types import AugmentSpec
 
 
-def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """n uniforms in [0, 1) drawn from a CPU generator, so results do not depend on the device."""
-    return torch.rand(n, generator=generator).to(device, non_blocking=True)
+class AugmentDraws(NamedTuple):
+    """The random numbers of one batch's augmentation, drawn on the CPU.
+
+    ``offsets`` (2, B) int64: crop row and column offsets in [0, 2 * padding]
+    (None without cropping); ``flip`` (B,) float uniforms in [0, 1), an image is
+    mirrored where < 0.5 (None without flipping). Drawn from a CPU generator so
+    a batch does not depend on the device; the training loop draws a whole
+    epoch's at once and copies them to the GPU in one transfer, because a copy
+    from ordinary (pageable) host memory makes the host wait for the GPU.
+    """
+
+    offsets: torch.Tensor | None
+    flip: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> AugmentDraws:
+        return AugmentDraws(*(None if t is None else t.to(device) for t in self))
 
 
-def random_crop(
-    images: torch.Tensor, padding: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Zero-pad by ``padding`` and cut a random window of the original size per image.
+def draw_augment(
+    batch: int, spec: AugmentSpec, generator: torch.Generator | None = None
+) -> AugmentDraws:
+    """The draws of :func:`augment` for a batch of ``batch`` images, in its order (crop, flip)."""
+    offsets = flip = None
+    if spec.crop_padding > 0:
+        offsets = torch.randint(0, 2 * spec.crop_padding + 1, (2, batch), generator=generator)
+    if spec.flip:
+        flip = torch.rand(batch, generator=generator)
+    return AugmentDraws(offsets, flip)
+
+
+def crop_at(images: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by ``padding`` and cut the window at ``offsets`` (2, B) from each image.
 
     (B, C, H, W) -> (B, C, H, W), any dtype; one advanced-indexing gather.
     """
-    if padding <= 0:
-        return images
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    span = 2 * padding + 1
-    offsets = torch.randint(0, span, (2, b), generator=generator).to(images.device)
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (B, W)
     batch = torch.arange(b, device=images.device)[:, None, None]
@@ -39,20 +60,50 @@ def random_crop(
     return out.permute(0, 3, 1, 2)
 
 
+def flip_where(images: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images whose uniform (B,) is < 0.5: (B, C, H, W) -> same."""
+    return torch.where((uniforms < 0.5)[:, None, None, None], images.flip(3), images)
+
+
+def apply_augment(images: torch.Tensor, spec: AugmentSpec, draws: AugmentDraws) -> torch.Tensor:
+    """The augmentation of ``draws`` (on the images' device) applied to a uint8 batch."""
+    if draws.offsets is not None:
+        images = crop_at(images, spec.crop_padding, draws.offsets)
+    if draws.flip is not None:
+        images = flip_where(images, draws.flip)
+    return images
+
+
+def random_crop(
+    images: torch.Tensor, padding: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Zero-pad by ``padding`` and cut a random window of the original size per image."""
+    if padding <= 0:
+        return images
+    spec = AugmentSpec(crop_padding=padding, flip=False)
+    return apply_augment(images, spec, draw_augment(len(images), spec, generator).to(images.device))
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2: (B, C, H, W) -> same."""
-    flip = _uniform(images.shape[0], generator, images.device) < 0.5  # (B,)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return flip_where(images, torch.rand(len(images), generator=generator).to(images.device))
 
 
 def augment(
     images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Apply the data set's train-time augmentation to a uint8 batch."""
-    images = random_crop(images, spec.crop_padding, generator)
-    if spec.flip:
-        images = random_flip(images, generator)
-    return images
+    """Apply the data set's train-time augmentation to a uint8 batch (draws, then applies)."""
+    return apply_augment(images, spec, draw_augment(len(images), spec, generator).to(images.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_constants(
+    values: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(1, C, 1, 1) ``values * 255`` on ``device``, made once: building it per batch copies
+    from host memory, which on a GPU makes the host wait for the device every batch."""
+    with torch.inference_mode(False):  # a plain tensor, usable later outside inference mode
+        return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1) * 255.0
 
 
 def normalize(
@@ -62,8 +113,8 @@ def normalize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """uint8 (B, C, H, W) in [0, 255] -> float, per-channel standardised."""
-    m = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1) * 255.0
+    m = _channel_constants(tuple(map(float, mean)), dtype, images.device)
+    s = _channel_constants(tuple(map(float, std)), dtype, images.device)
     return (images.to(dtype) - m) / s
 
 
