@@ -786,7 +786,7 @@ class _Shared:
 
         Each step's draws come from its own seed (:func:`augment_seed`), exactly as if drawn
         step by step; made once per epoch so that one host-to-GPU copy serves the epoch (a
-        copy per step from pageable memory would make the host wait for the GPU every step).
+        blocking copy per step would make the host wait for the GPU's queue every step).
         """
         first = epoch * self.steps_per_epoch
         steps = []

@@ -23,8 +23,8 @@ class AugmentDraws(NamedTuple):
     (None without cropping); ``flip`` (B,) float uniforms in [0, 1), an image is
     mirrored where < 0.5 (None without flipping). Drawn from a CPU generator so
     a batch does not depend on the device; the training loop draws a whole
-    epoch's at once and copies them to the GPU in one transfer, because a copy
-    from ordinary (pageable) host memory makes the host wait for the GPU.
+    epoch's at once and copies them to the GPU in one transfer, because a
+    blocking copy from host memory makes the host wait for the GPU's queue.
     """
 
     offsets: torch.Tensor | None
@@ -100,8 +100,8 @@ def augment(
 def _channel_constants(
     values: tuple[float, ...], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """(1, C, 1, 1) ``values * 255`` on ``device``, made once: building it per batch copies
-    from host memory, which on a GPU makes the host wait for the device every batch."""
+    """(1, C, 1, 1) ``values * 255`` on ``device``, made once: building it per batch is a
+    blocking copy from host memory, which on a GPU makes the host wait for its queue."""
     with torch.inference_mode(False):  # a plain tensor, usable later outside inference mode
         return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1) * 255.0
 
