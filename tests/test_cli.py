@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,26 @@ def test_help_of_every_subcommand_exits_0_and_names_its_options(
     assert options, f"{command} has no options to document"
     for option in options:
         assert option in text, f"{command} --help does not mention {option}"
+
+
+def test_help_answers_without_importing_torch() -> None:
+    """`erde --help` and every `erde CMD --help` answer at once (importing torch takes seconds)."""
+    code = (
+        "import sys\n"
+        "from erde.cli import main\n"
+        "for args in ([], *([c] for c in sys.argv[1:])):\n"
+        "    try:\n"
+        "        main([*args, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (args, e.code)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *sorted(_subcommands())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from erde.errors import ErdeError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is checked: `erde --help` needs none
+    import torch
 
 MAX_CHANNELS = 4  # image channels: grey, RGB, RGBA
 MAX_IMAGE_SIDE = 1024  # pixels per side of a model input (CIFAR 32, ImageNet crops 224)
@@ -107,6 +108,8 @@ def check_finite_tensors(
     tensors: Mapping[str, torch.Tensor], where: str, error: type[ErdeError]
 ) -> None:
     """Every floating tensor finite: a NaN weight answers NaN for every image, silently."""
+    import torch
+
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise error(f"{where}: weight {name!r} holds NaN or infinite values")
