@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_OVERRIDES
 
+from erde import cli
 from erde.cli import build_parser, main
 
 FOUR_MODELS = ["teacher", "student_ce", "student_kd", "student_erde"]
@@ -83,6 +84,25 @@ def test_help_answers_without_importing_torch() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_bars_only_on_a_terminal_and_epoch_lines_elsewhere(
+    terminal: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Redrawn bars fill a log file with one endless line; a log gets a line per epoch."""
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: terminal)
+    argv = ["train-teacher", "--out", str(tmp_path / "t"), *TINY_SET,
+            "--set", "teacher_train.epochs=2", "--set", "teacher_train.max_steps_per_epoch=2"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    epoch_lines = [line for line in out.splitlines() if line.startswith("teacher: epoch ")]
+    if terminal:
+        assert "it/s" in err and not epoch_lines
+    else:
+        assert "it/s" not in err and "\r" not in err
+        assert [line.split()[2] for line in epoch_lines] == ["1/2", "2/2"]
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,7 +53,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument(
         "--no-progress", action="store_true",
-        help="hide progress bars (train-teacher, train-student and run then print a line per epoch)",
+        help="hide progress bars (shown only when stderr is a terminal); without them the "
+        "training commands print a line per epoch",
     )  # fmt: skip
     _add_threads_arg(g)
 
@@ -910,11 +911,20 @@ def _run(args: argparse.Namespace) -> int:
     return func(args)
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if "no_progress" in vars(args) and not _stderr_is_terminal():
+        args.no_progress = True  # bars redrawn with \r are for a terminal; a log gets epoch lines
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         if "threads" in vars(args):
