@@ -4,25 +4,32 @@
 # dependencies; erde runs from this source tree (no install, no network).
 #
 #   cp ../shared/data/cifar10-jpeg.tar.gz data/    # data/ is git-ignored
-#   OUT=/tmp/gpu bash scripts/gpu-check.sh         # REPRODUCE_SECONDS=480 by default
+#   OUT=/tmp/gpu bash scripts/gpu-check.sh         # REPRODUCE_SECONDS=300 by default
 #
 # Writes at most 8 files into $OUT (one folder down): gpu-check.log (everything printed),
-# env.txt, pytest.txt, training-bench.json, and reproduce/results.{json,md} and tradeoff.png of
-# `erde reproduce --schedule fast` for as many seeds as finish within REPRODUCE_SECONDS
-# (interrupted seeds are not in the results; the run folder resumes with the same command), and
-# reproduce/curves.png, the validation curves of every model so far (finished or not).
+# env.txt, pytest.txt (its CUDA tests include the no-sync check of batch building),
+# training-bench.json (the defaults: bf16 autocast, NHWC) and training-bench-fp32.json (the same
+# without autocast, which ran faster on an H200 for these models: docs/PERFORMANCE.md), and
+# reproduce/results.json and tradeoff.png of `erde reproduce --schedule fast` for as many seeds
+# as finish within REPRODUCE_SECONDS (interrupted seeds are not in the results; the run folder
+# resumes with the same command), and reproduce/curves.png, the validation curves of every
+# model so far (finished or not). The whole script takes about 3 minutes plus
+# REPRODUCE_SECONDS; on an H200 the fast schedule's teacher alone takes about 440 s, so within
+# one 10-minute call the reproduce step gives its epoch times, not results.
 #
 # For a rehearsal on a machine without a GPU (tests/test_gpu_check.py runs one with tiny models):
-# DEVICE=cpu, TESTS=none (skip the test step), BENCH_ARGS (the benchmark's arguments, default
-# "--preset cifar --epoch-time"), EXTRA (more arguments for the torchrun training and reproduce).
+# DEVICE=cpu, TESTS=none (skip the test step), BENCH_ARGS and BENCH_FP32_ARGS (the benchmark's
+# arguments, defaults "--preset cifar --rounds 3 --epoch-time" and "--preset cifar --rounds 3
+# --no-amp"), EXTRA (more arguments for the torchrun training and reproduce).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
 DATA="${CIFAR10_JPEG:-data/cifar10-jpeg.tar.gz}"
-REPRODUCE_SECONDS="${REPRODUCE_SECONDS:-480}"
+REPRODUCE_SECONDS="${REPRODUCE_SECONDS:-300}"
 DEVICE="${DEVICE:-cuda}"
 TESTS="${TESTS:-tests/test_training.py tests/test_losses.py tests/test_models.py tests/test_side_by_side.py tests/test_inference.py}"
-read -r -a BENCH <<< "${BENCH_ARGS:---preset cifar --epoch-time}"
+read -r -a BENCH <<< "${BENCH_ARGS:---preset cifar --rounds 3 --epoch-time}"
+read -r -a BENCH_FP32 <<< "${BENCH_FP32_ARGS:---preset cifar --rounds 3 --no-amp}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 RUNS="${RUNS:-/tmp/erde-gpu-runs}"
 mkdir -p "$OUT/reproduce" "$RUNS"
@@ -47,6 +54,9 @@ fi
 step "training throughput and epoch times (ResNet-56 teacher, ResNet-20 ERDE student)"
 timeout 300 python3 benchmarks/training.py "${BENCH[@]}" --device "$DEVICE" \
     --json "$OUT/training-bench.json"
+step "the same steps without bf16 autocast"
+timeout 120 python3 benchmarks/training.py "${BENCH_FP32[@]}" --device "$DEVICE" \
+    --json "$OUT/training-bench-fp32.json"
 
 step "one short training under torchrun (NCCL)"
 timeout 120 python3 -m torch.distributed.run --nnodes=1 --nproc_per_node=1 \
@@ -62,7 +72,7 @@ if [ -f "$DATA" ]; then
         --data-dir "$DATA" --schedule fast --seeds 3 --teacher-seeds 1 --device "$DEVICE" \
         --no-progress --out "$RUNS/cifar10-fast" "${EXTRA[@]}"
     echo "reproduce exit status: $?"
-    for f in results.json results.md tradeoff.png; do
+    for f in results.json tradeoff.png; do
         [ -f "$RUNS/cifar10-fast/$f" ] && cp "$RUNS/cifar10-fast/$f" "$OUT/reproduce/"
     done
     python3 -m erde.cli status "$RUNS/cifar10-fast" --plot "$OUT/reproduce/curves.png"

@@ -34,6 +34,7 @@ def test_every_step_runs_and_writes_its_files(tmp_path: Path) -> None:
         "OUT": str(out), "CIFAR10_JPEG": str(archive), "RUNS": str(tmp_path / "runs"),
         "DEVICE": "cpu", "TESTS": "none", "OMP_NUM_THREADS": "1", "REPRODUCE_SECONDS": "300",
         "BENCH_ARGS": "--preset cpu --batch-size 8 --steps 1 --warmup 1 --rounds 1",
+        "BENCH_FP32_ARGS": "--preset cpu --batch-size 8 --steps 1 --warmup 1 --rounds 1 --no-amp",
         "EXTRA": " ".join(f"--set {o}" for o in TINY),
         "ERDE_CACHE_DIR": str(tmp_path / "cache"),
     }  # fmt: skip
@@ -47,9 +48,12 @@ def test_every_step_runs_and_writes_its_files(tmp_path: Path) -> None:
     assert "=== " in log and log.rstrip().endswith("done"), log[-3000:]
     assert "python" in (out / "env.txt").read_text()
     assert json.loads((out / "training-bench.json").read_text())
+    assert json.loads((out / "training-bench-fp32.json").read_text())["settings"]["amp"] is False
     assert "torchrun teacher:" in log and "reproduce exit status: 0" in log
     results = json.loads((out / "reproduce" / "results.json").read_text())
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 8, files  # what a device call brings back
     assert (results["n_seeds"], results["schedule"], results["teacher_seeds"]) == (3, "fast", 1)
-    for name in ("results.md", "tradeoff.png", "curves.png"):
+    for name in ("tradeoff.png", "curves.png"):
         assert (out / "reproduce" / name).stat().st_size > 0, name
     assert "student_erde epoch 1" in log  # the epoch times, read back from metrics.jsonl
