@@ -10,7 +10,9 @@ import textwrap
 import time
 
 import pytest
+import torch
 
+from erde import training
 from erde.cli import main
 from erde.errors import ErdeError
 from erde.status import lock_holder, model_status, status_lines
@@ -63,6 +65,35 @@ def test_a_stopped_run_says_where_it_stands_and_how_long_is_left(tiny_cfg, tmp_p
     history = [{**record, "epoch": 1}, {**paused, "epoch": 2}, {**record, "epoch": 3}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     assert model_status(tmp_path).eta_seconds == pytest.approx(record["seconds_per_step"] * left)
+
+
+def test_the_time_left_is_estimated_before_the_first_epoch_ends(
+    tiny_cfg, tmp_path, monkeypatch
+) -> None:
+    """A long first epoch (a CPU run of hours) says how long is left from its timed steps."""
+    monkeypatch.setattr(training, "SYNC_EVERY", 1)  # blocks of one step: timed before step 2
+    cfg = tiny_cfg
+    cfg.teacher_train.epochs = 3
+    cfg.teacher_train.checkpoint_every_steps = 2
+    steps = cfg.teacher_train.max_steps_per_epoch
+
+    def stop(s: int) -> None:
+        if s == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # checkpoint at step 2, no epoch record yet
+        train(cfg, Job("teacher"), tmp_path, progress=False, on_step=stop)
+    assert model_status(tmp_path).epoch == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["steady_seconds_per_step"] > 0
+    status = model_status(tmp_path)
+    assert status.eta_seconds == pytest.approx(ckpt["steady_seconds_per_step"] * (3 * steps - 2))
+    assert "left" in status_lines(tmp_path)[0]
+
+    for hostile in ("fast", float("nan"), -1.0, True):  # a checkpoint that says nonsense
+        ckpt["steady_seconds_per_step"] = hostile
+        torch.save(ckpt, tmp_path / "checkpoint.pt")
+        assert model_status(tmp_path).eta_seconds is None, hostile
 
 
 HOLDER = textwrap.dedent("""

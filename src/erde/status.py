@@ -12,6 +12,7 @@ folder's lock now (is the run alive, or was it stopped?).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ class ModelStatus:
     steps_per_epoch: int
     val_exit_accuracy: list[float]
     updated: float  # checkpoint mtime (seconds since the epoch)
-    eta_seconds: float | None  # None when finished or when no epoch has been timed yet
+    eta_seconds: float | None  # None when finished or when no steps have been timed yet
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:
@@ -71,6 +72,13 @@ def _time_per_step(records: list[dict[str, Any]], steps_per_epoch: int) -> float
     return float(seconds) / steps_per_epoch if seconds else None
 
 
+def _checkpoint_time_per_step(ckpt: dict[str, Any]) -> float | None:
+    """The steady seconds per step of the epoch in progress, as its last checkpoint saved it."""
+    value = ckpt.get("steady_seconds_per_step")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) and value > 0 else None
+
+
 def model_status(folder: str | Path) -> ModelStatus:
     """Read ``folder/checkpoint.pt`` (``weights_only``) and ``metrics.jsonl``."""
     folder = Path(folder)
@@ -81,7 +89,9 @@ def model_status(folder: str | Path) -> ModelStatus:
     records = _records(folder)
     record = records[-1] if records else None
     finished = bool(ckpt.get("finished"))
-    per_step = None if finished else _time_per_step(records, steps)
+    per_step = None
+    if not finished:
+        per_step = _time_per_step(records, steps) or _checkpoint_time_per_step(ckpt)
     left = max(epochs * steps - int(ckpt["global_step"]), 0)
     return ModelStatus(
         folder=folder,

@@ -966,6 +966,9 @@ class _Run:
             "running": running,
             "history": self.history,
             "steps_per_epoch": self.env.steps_per_epoch,
+            # this epoch's steady time per step so far: `erde status` estimates the time left
+            # from it before the first epoch's record exists (None before the first block)
+            "steady_seconds_per_step": self.blocks.steady(),
             "batch_size": self.env.batch_size,
             "world_size": self.ctx.world_size,
             **self.extra,
