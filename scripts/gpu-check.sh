@@ -14,8 +14,8 @@
 # as finish within REPRODUCE_SECONDS (interrupted seeds are not in the results; the run folder
 # resumes with the same command), and reproduce/curves.png, the validation curves of every
 # model so far (finished or not). The whole script takes about 3 minutes plus
-# REPRODUCE_SECONDS; on an H200 the fast schedule's teacher alone takes about 440 s, so within
-# one 10-minute call the reproduce step gives its epoch times, not results.
+# REPRODUCE_SECONDS; on an H200 the fast schedule's teacher alone takes about 440 s, so with
+# the default budget the reproduce step gives its epoch times, not results.
 #
 # For a rehearsal on a machine without a GPU (tests/test_gpu_check.py runs one with tiny models):
 # DEVICE=cpu, TESTS=none (skip the test step), BENCH_ARGS and BENCH_FP32_ARGS (the benchmark's

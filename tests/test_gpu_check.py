@@ -1,6 +1,6 @@
 """scripts/gpu-check.sh rehearsed on the CPU with tiny models, run for real by bash.
 
-A GPU is lent for minutes, not hours: the script must not fail on its first line of
+Time on a GPU is often minutes, not hours: the script must not fail on its first line of
 shell after the device has started. This runs every step (environment, benchmark,
 torchrun training, reproduce against a time budget, status plot) with DEVICE=cpu.
 """
@@ -52,7 +52,7 @@ def test_every_step_runs_and_writes_its_files(tmp_path: Path) -> None:
     assert "torchrun teacher:" in log and "reproduce exit status: 0" in log
     results = json.loads((out / "reproduce" / "results.json").read_text())
     files = [f for f in out.rglob("*") if f.is_file()]
-    assert len(files) <= 8, files  # what a device call brings back
+    assert len(files) <= 8, files  # the script promises at most 8 result files
     assert (results["n_seeds"], results["schedule"], results["teacher_seeds"]) == (3, "fast", 1)
     for name in ("tradeoff.png", "curves.png"):
         assert (out / "reproduce" / name).stat().st_size > 0, name
