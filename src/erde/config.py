@@ -38,6 +38,8 @@ class DataConfig:
     max_train: int | None = None  # keep at most this many training images (quick runs)
     split_seed: int | None = None  # seeds the validation split and max_train subset; None = seed
     batch_size: int = 128  # training batch size (per process)
+    crop_padding: int | None = None  # random-translation padding in pixels; None = the data set's
+    alternating_flip: bool = False  # mirror each image every other epoch instead of at random
     eval_batch_size: int = 512  # batch size for validation/test passes
 
 
@@ -77,6 +79,9 @@ class TrainConfig:
     amp: bool | None = None  # bf16 autocast; None = on for CUDA and CPUs with bf16 hardware
     channels_last: bool = False  # NHWC memory format (faster convs on recent GPUs)
     compile: bool = False  # torch.compile the model
+    whiten_init: bool = False  # set data-initialised layers (fastnet's stem) from training patches
+    lookahead: bool = False  # pull the weights to their moving average every 5 steps (erde.recipe)
+    norm_bias_lr_scale: float = 1.0  # BatchNorm biases learn at this multiple of lr (airbench: 64)
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = once per epoch
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
 
@@ -387,6 +392,10 @@ def validate(cfg: ExperimentConfig) -> None:
         f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}",
     )
     _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
+    _check(
+        cfg.data.crop_padding is None or 0 <= cfg.data.crop_padding <= 64,
+        f"data.crop_padding must be in [0, 64] pixels (or null), got {cfg.data.crop_padding}",
+    )
     _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
     for section in ("teacher_train", "student_train"):
         t: TrainConfig = getattr(cfg, section)
@@ -394,6 +403,10 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(t.lr > 0 and math.isfinite(t.lr), f"{section}.lr must be > 0, got {t.lr}")
         _check(0 <= t.momentum < 1, f"{section}.momentum must be in [0, 1), got {t.momentum}")
         _check(t.checkpoint_every_steps >= 0, f"{section}.checkpoint_every_steps must be >= 0")
+        _check(
+            0 < t.norm_bias_lr_scale <= 1000 and math.isfinite(t.norm_bias_lr_scale),
+            f"{section}.norm_bias_lr_scale must be in (0, 1000], got {t.norm_bias_lr_scale}",
+        )
         _check(
             t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
             f"{section}.max_steps_per_epoch must be >= 1 (or null), got {t.max_steps_per_epoch}",

@@ -31,7 +31,9 @@ class ExitHead(nn.Module):
 
     The pool is adaptive (output side ``pool``) rather than a fixed 2x2 kernel so
     that the head's size does not depend on the input resolution. ``hidden > 0``
-    inserts one hidden FC layer for users who want a deeper head.
+    inserts one hidden FC layer for users who want a deeper head. ``logit_scale``
+    multiplies the logits (a backbone's ``head_logit_scale``; FastNet's 1/9 keeps
+    its heads stable at a high learning rate).
     """
 
     def __init__(
@@ -41,8 +43,10 @@ class ExitHead(nn.Module):
         pool: int = 2,
         dropout: float = 0.5,
         hidden: int = 0,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.logit_scale = float(logit_scale)
         self.bn = nn.BatchNorm2d(in_channels)
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.dropout = nn.Dropout(dropout)
@@ -56,7 +60,8 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, K)
         x = self.pool(F.relu(self.bn(x)))
-        return self.fc(self.dropout(torch.flatten(x, 1)))
+        logits = self.fc(self.dropout(torch.flatten(x, 1)))
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ The loop is plain PyTorch, written for speed and for crashes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -63,6 +64,13 @@ from erde.io import atomic_write_text
 from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
 from erde.models import build_model, measure_exit_costs
 from erde.monitor import recent_seconds_per_step
+from erde.recipe import (
+    WHITEN_IMAGES,
+    Lookahead,
+    alternating_flips,
+    init_from_data,
+    parameter_groups,
+)
 
 SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
 DATA_ON_GPU_FRACTION = 0.25  # keep the training set on the GPU if it takes at most this share
@@ -94,8 +102,9 @@ def seed_everything(seed: int) -> None:
 
 
 def load_splits(cfg: ExperimentConfig) -> DataSplits:
+    """The data set of ``cfg``, its augmentation adjusted by ``data.crop_padding``."""
     d = cfg.data
-    return load_data(
+    splits = load_data(
         d.name,
         d.data_dir,
         val_fraction=d.val_fraction,
@@ -103,16 +112,18 @@ def load_splits(cfg: ExperimentConfig) -> DataSplits:
         image_size=d.image_size,
         max_train=d.max_train,
     )
+    if d.crop_padding is not None:
+        splits.augment = dataclasses.replace(splits.augment, crop_padding=d.crop_padding)
+    return splits
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov) or AdamW; no weight decay on BN and bias parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """SGD (momentum, Nesterov) or AdamW; no weight decay on BN and bias parameters.
+
+    Frozen parameters (a whitened stem) are left out; BN biases get their own
+    learning rate with ``norm_bias_lr_scale`` (:func:`erde.recipe.parameter_groups`).
+    """
+    groups = parameter_groups(model, t.lr, t.weight_decay, t.norm_bias_lr_scale)
     if t.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0
@@ -650,6 +661,9 @@ def train_together(
             continue
         seed_everything(cfg.seed)  # every model starts from the seed, as when trained alone
         model = build_job_model(mcfg, splits, "teacher" if is_teacher else "student")
+        if tcfg.whiten_init:  # before the optimizer: the whitened weights are frozen
+            whiten_from = prepare_batch(splits.train.images[:WHITEN_IMAGES], splits, train=False)
+            init_from_data(model, whiten_from, mcfg.arch)
         weights = exit_weights(tcfg, model.num_exits, section)
         mapping = _mapping(cfg, model, teacher, splits) if job.method in ("kd", "erde") else []
         run = _Run(
@@ -771,7 +785,8 @@ class _Shared:
         epoch, k = divmod(global_step, self.steps_per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
             order = epoch_indices(len(self.train_set), self.cfg.seed, epoch, self.ctx)
-            self._epoch = (epoch, order.to(self.train_set.images.device), self.epoch_draws(epoch))
+            draws = self.epoch_draws(epoch, order)
+            self._epoch = (epoch, order.to(self.train_set.images.device), draws)
         idx = self._epoch[1][k * self.batch_size : (k + 1) * self.batch_size]
         images = self.train_set.images[idx].to(self.device, non_blocking=True)
         labels = self.train_set.labels[idx].to(self.device, non_blocking=True)
@@ -781,22 +796,33 @@ class _Shared:
         x = prepare_batch(images, self.splits, train=True, draws=draws)
         return x.contiguous(memory_format=self.memory_format), labels
 
-    def epoch_draws(self, epoch: int) -> AugmentDraws:
+    def epoch_draws(self, epoch: int, order: torch.Tensor) -> AugmentDraws:
         """Every step's crop and flip draws of one epoch, (steps, 2, B) and (steps, B), on the device.
 
         Each step's draws come from its own seed (:func:`augment_seed`), exactly as if drawn
         step by step; made once per epoch so that one host-to-GPU copy serves the epoch (a
         blocking copy per step would make the host wait for the GPU's queue every step).
+        With ``data.alternating_flip`` the flips follow the images of ``order`` (this
+        epoch's shuffled indices) instead: each image mirrored every other epoch.
         """
         first = epoch * self.steps_per_epoch
         steps = []
         for step in range(first, first + self.steps_per_epoch):
             self.aug_gen.manual_seed(augment_seed(self.cfg.seed, self.ctx.rank, step))
             steps.append(draw_augment(self.batch_size, self.splits.augment, self.aug_gen))
-        stacked = (
+        offsets, flips = (
             None if parts[0] is None else torch.stack(parts) for parts in zip(*steps, strict=True)
         )
-        return AugmentDraws(*stacked).to(self.device)
+        if flips is not None and self.cfg.data.alternating_flip:
+            used = order[: self.steps_per_epoch * self.batch_size]
+            flips = alternating_flips(self.first_flips[used], epoch).view(self.steps_per_epoch, -1)
+        return AugmentDraws(offsets, flips).to(self.device)
+
+    @functools.cached_property
+    def first_flips(self) -> torch.Tensor:
+        """(N,) bool: the training images mirrored in epoch 0 under ``alternating_flip``."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 17)
+        return torch.rand(len(self.train_set), generator=g) < 0.5
 
     def setting(self, needs_teacher: bool, memory_format: torch.memory_format) -> str:
         """How one model's steps compute, for its start line: precision, its memory format
@@ -904,6 +930,7 @@ class _Run:
         self.optimizer = build_optimizer(self.model, self.tcfg)
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, env.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16)
+        self.lookahead = Lookahead(self.model, env.total_steps) if self.tcfg.lookahead else None
         forward: nn.Module = self.model
         if self.ctx.enabled:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
@@ -926,6 +953,8 @@ class _Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(ckpt["lookahead"])
         self.rng = ckpt["rng"]
         self.position = {k: int(ckpt[k]) for k in self.position}
         self.epoch_start_step = self.position["global_step"]  # steps timed start here
@@ -960,6 +989,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "rng": self.rng,
             **self.position,
             "finished": finished,
@@ -1002,6 +1032,8 @@ class _Run:
         self.scheduler.step()
         p["step_in_epoch"] += 1
         p["global_step"] += 1
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.model, p["global_step"])
         self.watch.update(loss, p["global_step"])
         self.sums.add(loss, terms, exit_logits, labels)
 

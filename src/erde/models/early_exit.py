@@ -143,8 +143,9 @@ class EarlyExitNet(nn.Module):
         self.exit_channels = [backbone.block_channels[b - 1] for b in self.exit_after]
         self.exit_channels.append(backbone.block_channels[-1])
         self.stages = _split_stages(backbone, self.exit_after)
+        scale = float(getattr(backbone, "head_logit_scale", 1.0))
         heads = [
-            ExitHead(c, self.num_classes, head_pool, head_dropout, head_hidden)
+            ExitHead(c, self.num_classes, head_pool, head_dropout, head_hidden, logit_scale=scale)
             for c in self.exit_channels[:-1]
         ]
         self.exits = nn.ModuleList([*heads, backbone.classifier])

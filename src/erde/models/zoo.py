@@ -16,6 +16,7 @@ from functools import partial
 from erde.limits import MAX_DEPTH, MAX_WIDEN_FACTOR
 from erde.models.backbone import Backbone, UnknownModelError
 from erde.models.custom import build_custom_backbone, is_import_path
+from erde.models.fastnet import FastNet
 from erde.models.mobilenetv2 import MobileNetV2
 from erde.models.resnet import CifarResNet
 from erde.models.vgg import CONFIGS as VGG_CONFIGS
@@ -55,6 +56,11 @@ def mobilenetv2(multiplier: float, num_classes: int, **kwargs) -> Backbone:
     return MobileNetV2(num_classes, multiplier=multiplier, **kwargs)
 
 
+def fastnet(num_classes: int, **kwargs) -> Backbone:
+    """FastNet (airbench-like, widths 64/256/256 times kwargs' width); kwargs: width, in_channels."""
+    return FastNet(num_classes, **kwargs)
+
+
 def vgg(depth: int, num_classes: int, **kwargs) -> Backbone:
     """VGG-``depth`` with BatchNorm; kwargs: width, dropout (before the last layer), in_channels."""
     return VGG(depth, num_classes, **kwargs)
@@ -69,6 +75,7 @@ for _mult in MOBILENETV2_MULTIPLIERS:
     MODELS.add(f"mobilenetv2_x{_mult}", partial(mobilenetv2, float(_mult)))
 for _depth in VGG_CONFIGS:
     MODELS.add(f"vgg{_depth}_bn", partial(vgg, _depth))
+MODELS.add("fastnet", fastnet)
 
 
 def _unknown(name: str, why: str = "") -> UnknownModelError:

@@ -35,7 +35,7 @@ from erde.training import (
     train_students,
 )
 
-SCHEDULES = ("full", "reduced", "fast")
+SCHEDULES = ("full", "reduced", "fast", "speed")
 
 Log = Callable[[str], None]
 
@@ -67,7 +67,25 @@ def reproduce_config(
     base = load_yaml(preset)
     if overlay is not None:
         base = load_config(overlay, base=base).to_dict()
-    return load_config(config, list(overrides), base=base)
+    cfg = load_config(config, list(overrides), base=base)
+    check_schedule_fits(schedule, cfg)
+    return cfg
+
+
+SPEED_FAMILIES = ("fastnet",)  # the families the speed schedule's recipe was made for
+
+
+def check_schedule_fits(schedule: str, cfg: ExperimentConfig) -> None:
+    """Refuse the speed schedule's recipe (lr 1.5, whitened stem) on a family it was not made for."""
+    if schedule != "speed":
+        return
+    for section in ("teacher", "student"):
+        arch = getattr(cfg, section).arch
+        if arch not in SPEED_FAMILIES:
+            raise ConfigError(
+                f"--schedule speed is made for {', '.join(SPEED_FAMILIES)} only, but {section}.arch "
+                f"is {arch!r}; use --schedule fast or reduced for other families"
+            )
 
 
 def reproduce_command(
