@@ -63,7 +63,8 @@ def test_count_macs_restores_modes_and_grad() -> None:
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_registered_model_builds_and_runs(name: str) -> None:
     model = build_model(name, 5)
-    x = torch.randn(2, 3, 8, 8)
+    side = max(8, getattr(build_backbone(name, 5), "min_input_side", 8))
+    x = torch.randn(2, 3, side, side)
     for train in (True, False):
         model.train(train)
         with torch.no_grad():

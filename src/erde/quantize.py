@@ -114,6 +114,19 @@ def _quiet_axis_warnings() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+def _pre_process(q: Any, source: Path, prepared: Path) -> None:
+    """Shape inference and graph optimisation, as ONNX Runtime's quantiser expects.
+
+    ONNX Runtime's symbolic shape inference cannot follow the gather that an adaptive
+    pool over an odd-sized map exports to (FastNet's exit heads on 15x15 and 7x7 maps);
+    ONNX's own shape inference can, so it is the fallback.
+    """
+    try:
+        q.shape_inference.quant_pre_process(str(source), str(prepared))
+    except TypeError:
+        q.shape_inference.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+
+
 def quantize_stages(
     fp32_dir: Path, out_dir: Path, calibration: Tensor, *, per_channel: bool = True
 ) -> list[dict[str, Any]]:
@@ -132,8 +145,7 @@ def quantize_stages(
         source = fp32_dir / stage["file"]
         target = out_dir / stage["file"]
         prepared = fp32_dir / f"prepared_{stage['file']}"
-        # shape inference and graph optimisation first, as ONNX Runtime's quantiser expects
-        q.shape_inference.quant_pre_process(str(source), str(prepared))
+        _pre_process(q, source, prepared)
         with _quiet_axis_warnings():
             q.quantize_static(
                 str(prepared), str(target), _Reader(h),

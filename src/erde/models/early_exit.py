@@ -270,6 +270,12 @@ def build_model(
         arch, num_classes, width=width, dropout=dropout, in_channels=in_channels,
         input_shape=shape, **backbone_kwargs,
     )  # fmt: skip
+    min_side = int(getattr(backbone, "min_input_side", 1))
+    if min(shape[1:]) < min_side:
+        raise ModelConfigError(
+            f"{arch} needs images of at least {min_side}x{min_side} pixels, got "
+            f"{shape[1]}x{shape[2]}; set data.image_size={min_side} or more"
+        )
     return EarlyExitNet(
         backbone, exit_after, num_early_exits, head_pool, head_dropout, head_hidden,
         exit_at_macs=exit_at_macs, input_shape=shape,

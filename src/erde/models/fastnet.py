@@ -104,6 +104,7 @@ class FastNet(Backbone):
     """``stem`` = whitening conv + GELU, ``blocks`` = the three groups, ``classifier`` = pool + FC."""
 
     head_logit_scale = LOGIT_SCALE  # read by EarlyExitNet for its exit heads
+    min_input_side = 16  # the stem and three pools leave 1x1 at 16 pixels (read by build_model)
 
     def __init__(
         self,
