@@ -228,7 +228,9 @@ def test_routing_equals_the_sweep_on_fastnet() -> None:
     assert set(reference.exit_index.tolist()) == {0, 1, 2}
 
 
-def test_fastnet_exports_to_onnx_with_parity_and_to_int8(fast_teacher: Path, tmp_path: Path) -> None:
+def test_fastnet_exports_to_onnx_with_parity_and_to_int8(
+    fast_teacher: Path, tmp_path: Path
+) -> None:
     pytest.importorskip("onnxruntime")
     from erde.export import OnnxEarlyExitRuntime
 
