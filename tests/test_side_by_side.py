@@ -9,6 +9,7 @@ outside, and must resume to the same weights.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import torch
 
 from erde import training
 from erde.checkpoints import load_checkpoint
+from erde.config import load_yaml, parse_student
 from erde.errors import ConfigError
 from erde.training import Job, train, train_students
 
@@ -28,7 +30,7 @@ METHODS = ("ce", "kd", "erde")
 STEPS = 5  # per epoch
 
 
-def _config(checkpoint_every: int = 0):
+def _config(*extra: str, checkpoint_every: int = 0):
     from conftest import tiny_config
 
     return tiny_config(
@@ -37,6 +39,7 @@ def _config(checkpoint_every: int = 0):
         f"student_train.max_steps_per_epoch={STEPS}",
         f"student_train.checkpoint_every_steps={checkpoint_every}",
         "student.head_dropout=0.5",  # dropout draws must follow each student's own stream
+        *extra,
     )
 
 
@@ -138,11 +141,17 @@ def test_sigkill_then_resume_ends_with_the_separate_weights(
     # put the CE student back at step 2 and resume all three together
     early = tmp_path / "early"
     with pytest.raises(KeyboardInterrupt):
-        train(_config(2), Job("student", "ce"), early, progress=False, on_step=_stop_at(3))
+        train(
+            _config(checkpoint_every=2),
+            Job("student", "ce"),
+            early,
+            progress=False,
+            on_step=_stop_at(3),
+        )
     assert load_checkpoint(early)["global_step"] == 2
     (early / "checkpoint.pt").replace(out / "ce" / "checkpoint.pt")
     paths = train_students(
-        _config(2), METHODS, [out / m for m in METHODS], teacher_checkpoint=teacher_ckpt,
+        _config(checkpoint_every=2), METHODS, [out / m for m in METHODS], teacher_checkpoint=teacher_ckpt,
         resume=True, progress=False,
     )  # fmt: skip
     for method, path in zip(METHODS, paths, strict=True):
@@ -164,7 +173,7 @@ def _child(out: Path, teacher: Path, pause_at: int) -> None:
             time.sleep(600)
 
     train_students(
-        _config(2), METHODS, [out / m for m in METHODS], teacher_checkpoint=teacher,
+        _config(checkpoint_every=2), METHODS, [out / m for m in METHODS], teacher_checkpoint=teacher,
         progress=False, on_step=pause,
     )  # fmt: skip
 
@@ -173,3 +182,69 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     a = sys.argv[1:]
     _child(Path(a[0]), Path(a[1]), int(a[2]))
+
+
+# --- any set of students: specs with their own loss settings ----------------------------
+
+
+def test_named_students_with_their_own_settings_match_separate_runs_with_those_settings(
+    tmp_path: Path, teacher_ckpt: Path, separate: dict[str, Path]
+) -> None:
+    """ERDE at gamma 1 and 4 and KD at tau 1 in one loop: each ends where a run of its own
+    config would, and its config.yaml says which method and settings it trained with."""
+    specs = [parse_student("erde"), parse_student("erde_g4=erde:gamma=4"),
+             parse_student("kd_t1=kd:temperature=1")]  # fmt: skip
+    dirs = [tmp_path / s.name for s in specs]
+    paths = train_students(_config(), specs, dirs, teacher_checkpoint=teacher_ckpt, progress=False)
+    _assert_same_weights(paths[0], separate["erde"])
+    alone = train(
+        _config("distill.gamma=4"), Job("student", "erde"), tmp_path / "alone_g4",
+        teacher_checkpoint=teacher_ckpt, progress=False,
+    )  # fmt: skip
+    _assert_same_weights(paths[1], alone)
+    assert load_checkpoint(paths[1])["name"] == "student_erde_g4"
+    saved = load_yaml(dirs[1] / "config.yaml")["distill"]
+    assert saved["method"] == "erde" and saved["gamma"] == 4.0
+    saved_kd = load_yaml(dirs[2] / "config.yaml")["distill"]
+    assert saved_kd["method"] == "kd" and saved_kd["temperature"] == 1.0
+    g1, g4 = load_checkpoint(paths[0])["model"], load_checkpoint(paths[1])["model"]
+    assert any(not torch.equal(g1[k], g4[k]) for k in g1)  # gamma changed what was learnt
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ("kd,kd", "each name once, kd given twice"),
+        ("kd,x=bogus", "x has unknown method 'bogus'; valid: ce, kd, erde"),
+        ("erde_g=erde:gamma=-1", "erde_g.gamma out of range"),
+        ("a=erde:zeta=1", "key one of alpha, beta, gamma"),
+        ("../up=kd", "must be 1-64 letters"),
+    ],
+)
+def test_bad_student_specs_are_one_line_and_write_nothing(
+    tmp_path: Path, methods: str, message: str
+) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "erde.cli", "run", "--out", str(out), "--methods", methods,
+           "--set", "data.image_size=8", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_students_from_the_config_train_side_by_side_and_are_compared_with_kd(
+    tmp_path: Path,
+) -> None:
+    from erde.pipeline import run_pipeline
+    from erde.reproduce.stats import comparison_pairs
+
+    cfg = _config(
+        "teacher_train.max_steps_per_epoch=2", "student_train.epochs=1",
+        "distill.students=[{name: kd, method: kd}, {name: erde_g2, method: erde, gamma: 2}]",
+    )  # fmt: skip
+    paths = run_pipeline(cfg, tmp_path, progress=False)
+    report = json.loads(paths["json"].read_text())
+    assert list(report["models"]) == ["teacher", "student_kd", "student_erde_g2"]
+    assert comparison_pairs(list(report["models"])) == [("student_erde_g2", "student_kd")]

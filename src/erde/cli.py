@@ -205,11 +205,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _locked(args, lambda a: _run_pipeline(a, cfg))
 
 
+def _students(text: str | None) -> list | None:
+    """``--methods`` / ``--students`` text -> student specs (None: the config's students)."""
+    if text is None:
+        return None
+    from erde.config import parse_students
+
+    return parse_students(text)
+
+
+def _students_override(text: str | None) -> list[str]:
+    """``--students`` as a ``distill.students=[...]`` override (JSON is YAML), recorded as such."""
+    import json
+
+    specs = _students(text)
+    if specs is None:
+        return []
+    rows = [{k: v for k, v in vars(s).items() if v is not None} for s in specs]
+    return [f"distill.students={json.dumps(rows, separators=(',', ':'))}"]
+
+
 def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     from erde.pipeline import run_pipeline
 
     paths = run_pipeline(
-        cfg, args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume, force=args.force,
+        cfg, args.out, methods=_students(args.methods), resume=args.resume, force=args.force,
         progress=not args.no_progress, allow_config_change=args.allow_config_change,
         on_epoch=_epoch_callback(args),
     )  # fmt: skip
@@ -265,7 +285,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         args.dataset, args.out,
         data_dir=args.data_dir, seeds=args.seeds, teacher_seeds=args.teacher_seeds,
         schedule=args.schedule, config=args.config,
-        overrides=[*flags, *args.overrides], download=args.download, docs_dir=args.docs,
+        overrides=[*flags, *_students_override(args.students), *args.overrides],
+        download=args.download, docs_dir=args.docs,
         progress=not args.no_progress, log=print, on_epoch=_epoch_callback(args),
     )  # fmt: skip
     print()
@@ -653,8 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_train_args(p)
     p.add_argument(
-        "--methods", default="ce,kd,erde", help="student methods to train (default: ce,kd,erde)"
-    )
+        "--methods", metavar="STUDENTS", help="students to train side by side, comma-separated: "
+        "a method (ce, kd, erde) or NAME=METHOD:key=value:... with its own alpha, beta, gamma, "
+        "temperature or uncertain_above, e.g. 'kd,erde,erde_g2=erde:gamma=2' (default: "
+        "distill.students, else ce,kd,erde)",
+    )  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/<dataset>)")
     p.set_defaults(func=cmd_run)
 
@@ -695,6 +719,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also publish into DIR: results/<dataset>-<schedule>.json, .png and -training.png, "
         "and the block of that name in DIR/RESULTS.md; after every finished seed, marked "
         "partial until the last",
+    )  # fmt: skip
+    p.add_argument(
+        "--students", metavar="STUDENTS", help="the students of every seed, comma-separated, "
+        "trained side by side on the same batches with one teacher forward: a method (ce, kd, "
+        "erde) or NAME=METHOD:key=value:... with its own alpha, beta, gamma, temperature or "
+        "uncertain_above, e.g. 'ce,kd,erde,erde_g0.5=erde:gamma=0.5,erde_g2=erde:gamma=2' "
+        "(default: ce,kd,erde). Each student beyond those three is compared with KD and ERDE",
     )  # fmt: skip
     p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")
     p.set_defaults(func=cmd_reproduce)

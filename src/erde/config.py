@@ -86,6 +86,33 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
 
 
+STUDENT_METHODS = ("ce", "kd", "erde")  # the losses of erde.losses.student_loss
+SPEC_SETTINGS = ("alpha", "beta", "gamma", "temperature", "uncertain_above")  # a spec may set these
+_SPEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass
+class StudentSpec:
+    """One student of a side-by-side run: a name, its method and the loss settings it changes.
+
+    Settings left at None are ``distill``'s. The student trains into ``student_<name>``;
+    e.g. ``StudentSpec("erde_g2", "erde", gamma=2.0)`` next to the default three makes a
+    gamma ablation one loop with one teacher forward per batch.
+    """
+
+    name: str = "erde"  # folder student_<name> and the report's model name
+    method: str = "erde"  # ce | kd | erde
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    temperature: float | None = None
+    uncertain_above: float | None = None  # sets the "uncertain or incorrect" mask (cannot unset it)
+
+    def settings(self) -> dict[str, float]:
+        """The loss settings this student changes: ``{field: value}`` for those not None."""
+        return {k: getattr(self, k) for k in SPEC_SETTINGS if getattr(self, k) is not None}
+
+
 @dataclass
 class DistillConfig:
     method: str = "erde"  # ce | kd | erde (train-student default; `run` trains all three)
@@ -101,6 +128,80 @@ class DistillConfig:
     # erde: a teacher exit that is right but unsure (normalised entropy H / log K above this) also
     # gets the entropy term instead of KL, the "uncertain or incorrect" reading; None = incorrect only
     uncertain_above: float | None = None
+    # the students trained side by side by `erde run` / `erde reproduce`; None = ce, kd and erde
+    students: list[StudentSpec] | None = None
+
+
+def student_specs(d: DistillConfig) -> list[StudentSpec]:
+    """The students of a side-by-side run (``d.students``, or one per method by default)."""
+    if d.students is None:
+        return [StudentSpec(m, m) for m in STUDENT_METHODS]
+    return list(d.students)
+
+
+def spec_distill(d: DistillConfig, spec: StudentSpec) -> DistillConfig:
+    """``d`` as the student of ``spec`` trains with it: its method and its own settings."""
+    return dataclasses.replace(d, method=spec.method, students=None, **spec.settings())
+
+
+def parse_student(text: str) -> StudentSpec:
+    """``NAME[=METHOD][:key=value]...`` -> StudentSpec, e.g. ``erde_g2=erde:gamma=2`` or ``kd``.
+
+    Without ``=METHOD`` the name is the method. Keys: alpha, beta, gamma, temperature,
+    uncertain_above.
+    """
+    head, *pairs = text.strip().split(":")
+    name, sep, method = head.partition("=")
+    fields: dict[str, Any] = {"name": name.strip(), "method": (method if sep else name).strip()}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip()
+        if not eq or key not in SPEC_SETTINGS:
+            raise ConfigError(
+                f"student {text!r}: {pair!r} must be key=value with key one of "
+                f"{', '.join(SPEC_SETTINGS)}"
+            )
+        if key in fields:
+            raise ConfigError(f"student {text!r}: {key} given twice")
+        try:
+            fields[key] = float(value)
+        except ValueError:
+            raise ConfigError(f"student {text!r}: {key} must be a number, got {value!r}") from None
+    return StudentSpec(**fields)
+
+
+def parse_students(text: str) -> list[StudentSpec]:
+    """A comma-separated list of :func:`parse_student` items, checked as a whole."""
+    specs = [parse_student(item) for item in text.split(",") if item.strip()]
+    check_students(specs)
+    return specs
+
+
+def check_students(specs: list[StudentSpec]) -> None:
+    """Known methods, folder-safe unique names, settings in their ranges: one line per problem."""
+    _check(len(specs) >= 1, "distill.students: name at least one student")
+    names = [s.name for s in specs]
+    for spec in specs:
+        _check(
+            isinstance(spec.name, str) and _SPEC_NAME.fullmatch(spec.name) is not None,
+            f"distill.students: name {str(spec.name)[:80]!r} must be 1-64 letters, digits, _ . - "
+            "(it names a folder)",
+        )
+        _check(
+            spec.method in STUDENT_METHODS,
+            f"distill.students: {spec.name} has unknown method {str(spec.method)[:40]!r}; valid: "
+            f"{', '.join(STUDENT_METHODS)}",
+        )
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _check(not dupes, f"distill.students: each name once, {', '.join(dupes)} given twice")
+    for spec in specs:
+        for key, v in spec.settings().items():
+            ok = v > 0 if key == "temperature" else v >= 0
+            if key == "uncertain_above":
+                ok = 0 < v < 1
+            _check(
+                ok and math.isfinite(v), f"distill.students: {spec.name}.{key} out of range: {v}"
+            )
 
 
 @dataclass
@@ -359,9 +460,9 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     if d.exit_mapping is not None:
         _check(all(m >= 0 for m in d.exit_mapping), "distill.exit_mapping must be >= 0")
-    _check(
-        d.method in ("ce", "kd", "erde"), f"distill.method must be ce, kd or erde, got {d.method!r}"
-    )
+    _check(d.method in STUDENT_METHODS, f"distill.method must be ce, kd or erde, got {d.method!r}")
+    if d.students is not None:
+        check_students(d.students)
     _check(
         d.exit_mapping_by in ("depth", "cost"),
         f"distill.exit_mapping_by must be depth or cost, got {d.exit_mapping_by!r}",

@@ -15,7 +15,16 @@ import torch
 from erde import distributed as D
 from erde import io
 from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
-from erde.config import ExperimentConfig, config_from_dict, save_config
+from erde.config import (
+    STUDENT_METHODS,
+    ExperimentConfig,
+    StudentSpec,
+    check_students,
+    config_from_dict,
+    parse_student,
+    save_config,
+    student_specs,
+)
 from erde.curves import folder_curves, render_curves_png
 from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
@@ -27,7 +36,7 @@ from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import MAX_REPORT_BYTES, write_report_html
 from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
 
-STUDENT_METHODS = ("ce", "kd", "erde")
+__all__ = ["STUDENT_METHODS", "as_specs", "evaluate_checkpoints", "run_pipeline"]
 
 
 def evaluate_checkpoints(
@@ -121,11 +130,28 @@ def evaluate_checkpoints(
     return paths
 
 
+def as_specs(
+    methods: Sequence[str | StudentSpec] | None, cfg: ExperimentConfig
+) -> list[StudentSpec]:
+    """Students to train: ``methods`` (names, spec text or specs), else ``distill.students``.
+
+    Unknown methods, duplicate names and settings out of range are one ConfigError.
+    """
+    if methods is None:
+        return student_specs(cfg.distill)
+    if isinstance(methods, str):
+        raise ConfigError(f"methods must be a list of students, got the string {methods[:80]!r}")
+    specs = [parse_student(m) if isinstance(m, str) else m for m in methods]
+    if specs:  # none: the teacher alone
+        check_students(specs)
+    return specs
+
+
 def run_pipeline(
     cfg: ExperimentConfig,
     out_dir: str | Path,
     *,
-    methods: Sequence[str] = STUDENT_METHODS,
+    methods: Sequence[str | StudentSpec] | None = None,
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -136,6 +162,8 @@ def run_pipeline(
 
     The students share every batch and one teacher forward per batch (see
     :func:`erde.training.train_students`), so they differ only by their loss.
+    ``methods``: method names or student specs (``NAME=METHOD:key=value`` text or
+    :class:`~erde.config.StudentSpec`); default ``distill.students`` (ce, kd, erde).
 
     Every output folder is checked before the first model is trained, so a run
     into a folder that already holds checkpoints fails without touching any
@@ -143,14 +171,11 @@ def run_pipeline(
     ``on_epoch(out_dir, record)`` is called after every epoch of every model.
     """
     out_dir = Path(out_dir)
-    unknown = [m for m in methods if m not in STUDENT_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(STUDENT_METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"each method may appear once, got {list(methods)}")
+    specs = as_specs(methods, cfg)
+    names = [f"student_{spec.name}" for spec in specs]
     existing = [
         out_dir / name / "checkpoint.pt"
-        for name in ("teacher", *(f"student_{m}" for m in methods))
+        for name in ("teacher", *names)
         if (out_dir / name / "checkpoint.pt").exists()
     ]
     if existing and not (resume or force):
@@ -159,9 +184,9 @@ def run_pipeline(
             "pass --resume to continue (finished models are reused) or --force to start over"
         )
     if resume and not force and not allow_config_change:
-        _check_same_models(out_dir, ["teacher", *(f"student_{m}" for m in methods)])
+        _check_same_models(out_dir, ["teacher", *names])
     splits = load_splits(cfg)
-    for role in ("teacher", "student") if methods else ("teacher",):
+    for role in ("teacher", "student") if specs else ("teacher",):
         build_job_model(getattr(cfg, role), splits, role)  # fails before any model trains
     teacher = train(
         cfg,
@@ -175,7 +200,7 @@ def run_pipeline(
         on_epoch=on_epoch,
     )
     students = train_students(
-        cfg, methods, [out_dir / f"student_{m}" for m in methods], teacher_checkpoint=teacher,
+        cfg, specs, [out_dir / name for name in names], teacher_checkpoint=teacher,
         resume=resume, force=force, progress=progress, splits=splits,
         allow_config_change=allow_config_change,
         on_epoch=on_epoch,

@@ -49,12 +49,16 @@ from erde.checkpoints import (
     save_checkpoint,
 )
 from erde.config import (
+    STUDENT_METHODS,
     DistillConfig,
     ExperimentConfig,
     ModelConfig,
+    StudentSpec,
     TrainConfig,
     explicit_split_seed,
+    parse_student,
     save_config,
+    spec_distill,
 )
 from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_batch, to_device
 from erde.data.augment import AugmentDraws, draw_augment
@@ -85,14 +89,38 @@ class TrainingError(ErdeError):
 
 @dataclass
 class Job:
-    """What one call of :func:`train` trains: the teacher or one student method."""
+    """What one call of :func:`train` trains: the teacher or one student.
+
+    A student is a method (``Job("student", "kd")``) or a spec with a name and its
+    own loss settings (:meth:`student`, e.g. ERDE at gamma 2 as ``student_erde_g2``).
+    """
 
     role: str  # teacher | student
     method: str | None = None  # ce | kd | erde for students
+    spec: StudentSpec | None = None  # a named student with its own settings
+
+    @classmethod
+    def student(cls, spec: StudentSpec | str) -> Job:
+        """The job of a spec, or of ``NAME[=METHOD][:key=value]...`` text (just ``kd`` works)."""
+        spec = parse_student(spec) if isinstance(spec, str) else spec
+        return cls("student", spec.method, spec)
 
     @property
     def name(self) -> str:
-        return "teacher" if self.role == "teacher" else f"student_{self.method}"
+        if self.role == "teacher":
+            return "teacher"
+        return f"student_{self.spec.name if self.spec is not None else self.method}"
+
+    def config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """``cfg`` as this model trains with it: a student's ``distill`` is its own.
+
+        This is the config saved next to the student's checkpoint, so each one
+        says which method and which gamma, beta, ... it was trained with.
+        """
+        if self.role == "teacher":
+            return cfg
+        spec = self.spec or StudentSpec(str(self.method), str(self.method))
+        return dataclasses.replace(cfg, distill=spec_distill(cfg.distill, spec))
 
 
 def seed_everything(seed: int) -> None:
@@ -447,6 +475,7 @@ _NOT_COMPARED = (
     "data.data_dir",
     "data.eval_batch_size",
     "distill.method",
+    "distill.students",  # the list of a side-by-side run; each student compares its own settings
     *(f"{t}.{k}" for t in ("teacher_train", "student_train")
       for k in PERFORMANCE_ONLY),
 )  # fmt: skip
@@ -548,7 +577,7 @@ def train(
 
 def train_students(
     cfg: ExperimentConfig,
-    methods: Sequence[str],
+    methods: Sequence[str | StudentSpec],
     out_dirs: Sequence[str | Path],
     *,
     teacher_checkpoint: str | Path | None,
@@ -564,11 +593,13 @@ def train_students(
 
     The students then differ only by their loss (a paired comparison), and the
     teacher runs once per batch for all of them instead of once per student.
+    ``methods`` are method names or :class:`~erde.config.StudentSpec`s (any number,
+    e.g. ERDE at several gammas beside KD).
     Each student ends with exactly the weights that :func:`train` would give it
     alone with the same config (each keeps its own dropout random stream), and
     keeps its own checkpoint in its own folder.
     """
-    jobs = [Job("student", m) for m in methods]
+    jobs = [Job.student(m) for m in methods]
     return train_together(
         cfg, jobs, out_dirs, teacher_checkpoint=teacher_checkpoint, resume=resume, force=force,
         progress=progress, splits=splits, on_step=on_step, on_epoch=on_epoch,
@@ -588,9 +619,9 @@ def _check_jobs(jobs: Sequence[Job], out_dirs: Sequence[Path]) -> None:
         raise ConfigError("each model needs its own output folder")
     if any(j.role == "teacher" for j in jobs) and len(jobs) > 1:
         raise ConfigError("the teacher trains alone: its students need it finished")
-    bad = [j.method for j in jobs if j.role == "student" and j.method not in ("ce", "kd", "erde")]
+    bad = [j.method for j in jobs if j.role == "student" and j.method not in STUDENT_METHODS]
     if bad:
-        raise ConfigError(f"unknown student method(s) {bad}; valid: ce, kd, erde")
+        raise ConfigError(f"unknown student method(s) {bad}; valid: {', '.join(STUDENT_METHODS)}")
 
 
 def train_together(
@@ -646,7 +677,7 @@ def train_together(
         if prev is not None:
             _check_resumable(prev, job, mcfg, splits, steps_per_epoch)
             if not allow_config_change:
-                check_same_settings(prev, cfg, job)
+                check_same_settings(prev, job.config(cfg), job)
 
     env = _Shared(
         cfg=cfg, tcfg=tcfg, ctx=ctx, device=device, splits=splits, teacher=teacher,
@@ -668,7 +699,7 @@ def train_together(
         mapping = _mapping(cfg, model, teacher, splits) if job.method in ("kd", "erde") else []
         run = _Run(
             env=env, job=job, out_dir=out_dir, model=model,
-            loss_fn=make_loss(job, weights, mapping, cfg.distill, tcfg.label_smoothing),
+            loss_fn=make_loss(job, weights, mapping, job.config(cfg).distill, tcfg.label_smoothing),
             extra={"exit_weights": weights, "exit_mapping": mapping,
                    "teacher_checkpoint": str(teacher_checkpoint) if job.method in ("kd", "erde") else None},
         )  # fmt: skip
@@ -679,7 +710,7 @@ def train_together(
         for run in runs:
             run.out_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temp_files(run.out_dir)
-            save_config(cfg, run.out_dir / "config.yaml")
+            save_config(run.cfg, run.out_dir / "config.yaml")
             print(start_line(run.job, mcfg, tcfg, run.model.num_exits, len(splits.train), device,
                              run.out_dir, run.position, steps_per_epoch,
                              env.setting(run.needs_teacher, run.memory_format)),
@@ -846,7 +877,7 @@ class _Shared:
 
 def _drive(env: _Shared, runs: list[_Run], progress: bool) -> None:
     """The loop: one batch per global step, shared by every model still due at that step."""
-    names = "+".join(r.job.method or r.job.name for r in runs)
+    names = "+".join(r.job.name.removeprefix("student_") for r in runs)
     start = min(r.position["global_step"] for r in runs)
     bar = tqdm(
         total=env.total_steps, initial=start, desc=runs[0].job.name if len(runs) == 1 else
@@ -892,7 +923,7 @@ def _postfix(env: _Shared, runs: list[_Run]) -> dict[str, str]:
         if len(runs) == 1:
             out.update(loss=f"{m['loss']:.3f}", acc=acc)
         else:
-            out[run.job.method or run.job.name] = acc
+            out[run.job.name.removeprefix("student_")] = acc
     return out
 
 
@@ -922,7 +953,12 @@ class _Run:
             loss_fn,
             extra,
         )
-        self.cfg, self.tcfg, self.ctx, self.device = env.cfg, env.tcfg, env.ctx, env.device
+        self.cfg, self.tcfg, self.ctx, self.device = (
+            job.config(env.cfg),
+            env.tcfg,
+            env.ctx,
+            env.device,
+        )
         self.needs_teacher = job.method in ("kd", "erde")
         self.rng = _rng_state(env.device)  # taken right after the model was built from the seed
         self.memory_format = _memory_format(env, model, job)

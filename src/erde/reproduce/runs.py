@@ -17,15 +17,16 @@ from erde.config import (
     load_config,
     load_yaml,
     preset_path,
+    student_specs,
 )
 from erde.curves import folder_curves, mean_curve, read_metrics
 from erde.data.formats import CIFAR10
 from erde.errors import ConfigError, DataError, ErdeError, ReportError
 from erde.io import read_json
-from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints
+from erde.pipeline import evaluate_checkpoints
 from erde.report_html import MAX_REPORT_BYTES, load_report
 from erde.reproduce.render import publish, write_results
-from erde.reproduce.stats import MODELS, RULE, aggregate, threshold_grid, training_time
+from erde.reproduce.stats import RULE, aggregate, threshold_grid, training_time
 from erde.training import (
     PERFORMANCE_ONLY,
     EpochCallback,
@@ -172,6 +173,10 @@ def _training_view(config: Mapping[str, Any], role: str) -> dict[str, Any]:
     view = explicit_split_seed(config_from_dict(copy.deepcopy(dict(config))).to_dict())
     for key in ("device", "evaluation"):
         view.pop(key, None)
+    distill = dict(view.get("distill") or {})
+    for key in ("method", "students"):  # the folder names the student; its settings compare
+        distill.pop(key, None)
+    view["distill"] = distill
     data = dict(view.get("data") or {})
     for key in ("data_dir", "eval_batch_size"):
         data.pop(key, None)
@@ -196,19 +201,34 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_reusable(seed_dir: Path, cfg: ExperimentConfig, names: Sequence[str] = MODELS) -> None:
+def model_names(cfg: ExperimentConfig) -> list[str]:
+    """``teacher`` and ``student_<name>`` for each student of ``distill.students``."""
+    return ["teacher", *(f"student_{spec.name}" for spec in student_specs(cfg.distill))]
+
+
+def _job_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    """The config model ``name`` trains with (a student's own distill settings)."""
+    if name == "teacher":
+        return cfg
+    spec = next((s for s in student_specs(cfg.distill) if f"student_{s.name}" == name), None)
+    return Job.student(spec).config(cfg) if spec is not None else cfg
+
+
+def check_reusable(
+    seed_dir: Path, cfg: ExperimentConfig, names: Sequence[str] | None = None
+) -> None:
     """Refuse to reuse runs in ``seed_dir`` that were trained with another config.
 
     Training resumes or reuses whatever checkpoint it finds, so a folder left by
     another schedule, architecture or teacher design would silently enter the
     statistics.
     """
-    for name in names:
+    for name in model_names(cfg) if names is None else names:
         saved = seed_dir / name / "config.yaml"
         if not saved.is_file():
             continue
         role = "teacher" if name == "teacher" else "student"
-        want = _flatten(_training_view(cfg.to_dict(), role))
+        want = _flatten(_training_view(_job_config(cfg, name).to_dict(), role))
         try:
             have = _flatten(_training_view(load_yaml(saved), role))
         except ConfigError as exc:
@@ -224,7 +244,9 @@ def check_reusable(seed_dir: Path, cfg: ExperimentConfig, names: Sequence[str] =
             )
 
 
-def _report_is_current(report: Path, checkpoints: Sequence[Path], grid: Sequence[float]) -> bool:
+def _report_is_current(
+    report: Path, checkpoints: Sequence[Path], grid: Sequence[float], names: Sequence[str]
+) -> bool:
     """A seed report newer than its checkpoints, covering every model, threshold and measure.
 
     A report written before a measure existed (``exit_ece``) is evaluated again: the
@@ -241,7 +263,7 @@ def _report_is_current(report: Path, checkpoints: Sequence[Path], grid: Sequence
         ]
     except (ReportError, KeyError, TypeError):
         return False
-    if set(models) != set(MODELS):
+    if set(models) != set(names):
         return False
     wanted = set(grid)
     return all(
@@ -325,18 +347,19 @@ def run_seed(
     teacher_dir = Path(teacher_dir) if teacher_dir is not None else seed_dir / "teacher"
     student_cfg, teacher_cfg = plan.student_config(cfg), plan.teacher_config(cfg)
     check_reusable(teacher_dir.parent, teacher_cfg, ["teacher"])
-    check_reusable(seed_dir, student_cfg, [m for m in MODELS if m != "teacher"])
+    names = model_names(cfg)
+    check_reusable(seed_dir, student_cfg, names[1:])
     splits = load_splits(student_cfg)
     common = {"resume": True, "progress": progress, "splits": splits, "on_epoch": on_epoch}
     teacher = train(teacher_cfg, Job("teacher"), teacher_dir, **common)
     students = train_students(
-        student_cfg, STUDENT_METHODS, [seed_dir / f"student_{m}" for m in STUDENT_METHODS],
+        student_cfg, student_specs(cfg.distill), [seed_dir / n for n in names[1:]],
         teacher_checkpoint=teacher, **common,
     )  # fmt: skip
     checkpoints = [teacher, *students]
     grid = threshold_grid(splits.num_classes, cfg.evaluation.num_thresholds)
     report = seed_dir / "report.json"
-    if not _report_is_current(report, checkpoints, grid):
+    if not _report_is_current(report, checkpoints, grid, names):
         eval_cfg = dataclasses.replace(
             student_cfg, evaluation=dataclasses.replace(cfg.evaluation, rules=[RULE])
         )
@@ -417,12 +440,12 @@ def reproduce(
     )
     for plan in plans:  # refuse a reused folder of another config or design before any training
         check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
-        students = [m for m in MODELS if m != "teacher"]
+        students = model_names(cfg)[1:]
         check_reusable(out / f"seed_{plan.seed}", plan.student_config(cfg), students)
     reports: dict[int, dict[str, Any]] = {}
     relative: dict[int, str] = {}
     times: dict[int, dict[str, dict[str, Any] | None]] = {}
-    model_folders: dict[str, list[Path]] = {m: [] for m in MODELS}
+    model_folders: dict[str, list[Path]] = {m: [] for m in model_names(cfg)}
     paths: dict[str, Path] = {}
     log(f"{schedule} schedule, {design}")
     for i, plan in enumerate(plans):
@@ -435,7 +458,7 @@ def reproduce(
         )  # fmt: skip
         reports[plan.seed] = load_report(report)
         relative[plan.seed] = str(report.relative_to(out))
-        folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in MODELS}
+        folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in model_names(cfg)}
         times[plan.seed] = {m: _training_time(d, cfg.data.batch_size) for m, d in folders.items()}
         for m, d in folders.items():
             model_folders[m].append(d)

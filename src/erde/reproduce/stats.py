@@ -43,6 +43,20 @@ PAIRS = (
 )
 RESULTS_SCHEMA_VERSION = 1
 
+
+def comparison_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """``PAIRS`` among ``names``, then every further student against KD (and against ERDE).
+
+    A gamma sweep or a masked ERDE trained beside the default three is compared
+    with what it must beat: classic KD, and the default ERDE it varies.
+    """
+    pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
+    extra = [n for n in names if n.startswith("student_") and n not in MODELS]
+    for name in extra:
+        pairs += [(name, other) for other in ("student_kd", "student_erde") if other in names]
+    return pairs
+
+
 _HE = "He et al. 2016 (arXiv 1512.03385), Table 6"
 _CRD = "Tian et al. 2020 (CRD, arXiv 1910.10699), Table 1"
 # Published top-1 accuracy of the plain (single-exit) network, by (dataset, arch).
@@ -432,7 +446,7 @@ def aggregate(
         model["mac_reduction_by_tolerance"] = reductions_at_tolerances(model, reference)
         for row in model["thresholds"]:
             row["macs_fraction_of_reference"] = row["macs_mean"] / reference["macs"]
-    comparisons = [_compare(a, b, models) for a, b in PAIRS if a in models and b in models]
+    comparisons = [_compare(a, b, models) for a, b in comparison_pairs(list(models))]
     config = first.get("config") or {}
     data = first.get("dataset") or {}
     return {
