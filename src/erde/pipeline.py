@@ -32,6 +32,7 @@ from erde.errors import ConfigError, ReportError
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
+from erde.records import ExitRecords, exit_records, save_records
 from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import MAX_REPORT_BYTES, write_report_html
 from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
@@ -48,8 +49,12 @@ def evaluate_checkpoints(
     thresholds: Sequence[float] | None = None,
     progress: bool = True,
     names: Sequence[str] | None = None,
+    records: str | Path | None = None,
 ) -> dict[str, Path]:
     """Record every exit's test logits once per checkpoint, sweep thresholds, write the report.
+
+    With ``records``, the per-image records of every model (:mod:`erde.records`) are
+    written there too, keyed by model name.
 
     The data set comes from ``cfg`` (default: the first checkpoint's own config).
     All checkpoints are loaded and checked before anything is written. ``names``
@@ -88,6 +93,7 @@ def evaluate_checkpoints(
     device = resolve_device(cfg.device)
 
     models: dict[str, dict[str, Any]] = {}
+    per_image: dict[str, ExitRecords] = {}
     for ckpt in loaded:
         model = model_from_checkpoint(ckpt).to(device)
         costs = measure_exit_costs(model, splits.image_shape)
@@ -98,6 +104,8 @@ def evaluate_checkpoints(
             )
         )
         exit_logits, labels = collect_exit_logits(model, batches, device=device, progress=progress)
+        if records is not None:
+            per_image[ckpt["name"]] = exit_records(exit_logits)
         models[ckpt["name"]] = model_report(
             ckpt["name"], exit_logits, labels, costs.macs_per_exit, costs.params_per_exit,
             thresholds=grids, rules=cfg.evaluation.rules,
@@ -127,6 +135,9 @@ def evaluate_checkpoints(
         paths["training"] = out_dir / "training.png"
         io.atomic_write_bytes(paths["training"], render_curves_png(curves, title="Training curves"))
     save_config(cfg, out_dir / "config.yaml")
+    if records is not None:
+        save_records(records, per_image, labels)
+        paths["records"] = Path(records)
     return paths
 
 

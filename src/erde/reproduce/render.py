@@ -452,8 +452,8 @@ def replace_block(text: str, name: str, block: str) -> str:
 def results_name(results: Mapping[str, Any]) -> str:
     """``<dataset>-<schedule>``: the file stem and RESULTS.md block of one set of results.
 
-    A teacher/student pair other than the data set's preset (e.g. a MobileNetV2
-    student, or the preset's student at another width) adds
+    A teacher/student pair other than the data set's preset or its schedule's
+    (e.g. a MobileNetV2 student, or the preset's student at another width) adds
     ``-<teacher>-<student>`` (``_x<width>`` after an architecture whose width
     is not 1), so that its results get a block of their own instead of
     replacing the preset pair's.
@@ -463,6 +463,11 @@ def results_name(results: Mapping[str, Any]) -> str:
     config = results.get("config") or {}
     preset = preset_path(dataset)
     defaults = load_yaml(preset) if preset.is_file() else {}
+    overlay = preset.parent / "schedules" / f"{results['schedule']}.yaml"
+    if overlay.is_file():  # a schedule with models of its own (speed: fastnet) names them
+        for role, section in load_yaml(overlay).items():
+            if role in ("teacher", "student"):
+                defaults[role] = {**(defaults.get(role) or {}), **section}
     pair = [_model_name(config.get(role)) for role in ("teacher", "student")]
     if pair != [_model_name(defaults.get(role)) for role in ("teacher", "student")]:
         name += "".join(f"-{re.sub(r'[^A-Za-z0-9_.]+', '_', model)}" for model in pair)
@@ -496,17 +501,21 @@ def command_from(command: str | None, root: Path) -> str | None:
     return shlex.join(parts)
 
 
-def publish(results: Mapping[str, Any], docs_dir: str | Path) -> dict[str, Path]:
+def publish(
+    results: Mapping[str, Any], docs_dir: str | Path, records: str | Path | None = None
+) -> dict[str, Path]:
     """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
-    ``-training.png`` (when the results hold training curves) and RESULTS.md's block of that
-    name."""
+    ``-training.png`` (when the results hold training curves), ``-records.npz`` (the
+    per-image records, when given) and RESULTS.md's block of that name."""
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     with folder_update_lock(docs):  # another run may be publishing its block right now
-        return _publish(results, docs)
+        return _publish(results, docs, records)
 
 
-def _publish(results: Mapping[str, Any], docs: Path) -> dict[str, Path]:
+def _publish(
+    results: Mapping[str, Any], docs: Path, records: str | Path | None = None
+) -> dict[str, Path]:
     name = results_name(results)
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
@@ -525,6 +534,11 @@ def _publish(results: Mapping[str, Any], docs: Path) -> dict[str, Path]:
     training = render_training_png(results)
     if training is not None:
         files["docs_training"] = (docs / "results" / f"{name}-training.png", training)
+    if records is not None:
+        files["docs_records"] = (
+            docs / "results" / f"{name}-records.npz",
+            Path(records).read_bytes(),
+        )
     return _write_rendered(files)
 
 

@@ -24,7 +24,9 @@ from erde.data.formats import CIFAR10
 from erde.errors import ConfigError, DataError, ErdeError, ReportError
 from erde.io import read_json
 from erde.pipeline import evaluate_checkpoints
+from erde.records import RecordsError, load_records
 from erde.report_html import MAX_REPORT_BYTES, load_report
+from erde.reproduce.evidence import gather
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import RULE, aggregate, threshold_grid, training_time
 from erde.training import (
@@ -37,6 +39,7 @@ from erde.training import (
 )
 
 SCHEDULES = ("full", "reduced", "fast", "speed")
+RECORDS_FILE = "records.npz"  # per seed folder: every model's per-image records
 
 Log = Callable[[str], None]
 
@@ -358,15 +361,28 @@ def run_seed(
     )  # fmt: skip
     checkpoints = [teacher, *students]
     grid = threshold_grid(splits.num_classes, cfg.evaluation.num_thresholds)
-    report = seed_dir / "report.json"
-    if not _report_is_current(report, checkpoints, grid, names):
+    report, records = seed_dir / "report.json", seed_dir / RECORDS_FILE
+    current = _report_is_current(report, checkpoints, grid, names)
+    if not current or not _records_are_current(records, report, names):
         eval_cfg = dataclasses.replace(
             student_cfg, evaluation=dataclasses.replace(cfg.evaluation, rules=[RULE])
         )
         evaluate_checkpoints(
-            checkpoints, seed_dir, cfg=eval_cfg, splits=splits, thresholds=grid, progress=progress
-        )
+            checkpoints, seed_dir, cfg=eval_cfg, splits=splits, thresholds=grid,
+            progress=progress, records=records,
+        )  # fmt: skip
     return report
+
+
+def _records_are_current(records: Path, report: Path, names: Sequence[str]) -> bool:
+    """Per-image records written with the report (a seed from before records existed: no)."""
+    if not records.is_file() or records.stat().st_mtime_ns < report.stat().st_mtime_ns:
+        return False
+    try:
+        _, held = load_records(records)
+    except RecordsError:
+        return False
+    return set(held) == set(names)
 
 
 def _training_time(model_dir: Path, batch_size: int) -> dict[str, Any] | None:
@@ -448,6 +464,7 @@ def reproduce(
     model_folders: dict[str, list[Path]] = {m: [] for m in model_names(cfg)}
     paths: dict[str, Path] = {}
     log(f"{schedule} schedule, {design}")
+    done: list[tuple[int, int]] = []  # (student seed, teacher seed) of the finished seeds
     for i, plan in enumerate(plans):
         seed_dir = out / f"seed_{plan.seed}"
         teacher_dir = out / f"seed_{plan.teacher_seed}" / "teacher"
@@ -467,7 +484,10 @@ def reproduce(
             seed_reports=relative, teacher_seeds=teacher_seeds, design=design, training=times,
             curves=training_curves(model_folders), planned_seeds=seeds,
         )  # fmt: skip
+        done.append((plan.seed, plan.teacher_seed))
+        results["records"] = gather(out, done, model_names(cfg), out / RECORDS_FILE)
         paths = write_results(out, results)
+        paths["records"] = out / RECORDS_FILE
         if docs_dir is not None:  # after every seed: a long run shows what it has so far
-            paths.update(publish(results, docs_dir))
+            paths.update(publish(results, docs_dir, records=out / RECORDS_FILE))
     return paths

@@ -106,6 +106,21 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_ci95(diffs: Sequence[float]) -> tuple[float | None, float | None]:
+    """95 % confidence interval of the mean paired difference (Student's t, n - 1 dof).
+
+    (None, None) with one seed: no spread, no interval.
+    """
+    from scipy.special import stdtrit
+
+    n = len(diffs)
+    if n < 2:
+        return None, None
+    mean, std = mean_std(diffs)
+    half = float(stdtrit(n - 1, 0.975)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def paired_p_value(diffs: Sequence[float]) -> float | None:
     """Two-sided paired t-test of the per-seed differences against 0.
 
@@ -244,6 +259,7 @@ def _compare(name: str, other: str, models: Mapping[str, Mapping[str, Any]]) -> 
                 "accuracy_diff_mean": diff_mean,
                 "accuracy_diff_std": diff_std,
                 "p_value": paired_p_value(diffs),
+                **dict(zip(("ci95_low", "ci95_high"), paired_ci95(diffs), strict=True)),
                 "seeds_ahead": sum(d > 0 for d in diffs),
                 "n_seeds": len(diffs),
                 "winner": winner,

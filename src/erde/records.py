@@ -1,0 +1,191 @@
+"""Per-image records of a test pass: what each exit answered, compactly, as evidence.
+
+For every model and every exit, per test image: the predicted class (uint8, or
+uint16 beyond 256 classes), the softmax entropy (float32, exactly as the exit
+rule computes it, so that replaying a threshold on the records gives the very
+same exits as on the logits) and the top probability (float16). Saved as a
+compressed ``.npz`` (numpy's zip of ``.npy`` arrays, read with
+``allow_pickle=False``), about 200 kB per model for 10,000 images and 3 exits.
+
+The records are enough to recompute a threshold sweep (:func:`sweep_records`),
+so published tables can be re-derived without the checkpoints or the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erde import exits
+from erde.errors import ErdeError
+from erde.evaluation import SweepPoint
+
+MAX_RECORDS_FILE_BYTES = 64 << 20  # a compressed records file; published ones are a few MB
+MAX_RECORDS_ARRAY_BYTES = 256 << 20  # one array once decompressed (checked before reading)
+MAX_RECORD_ENTRIES = 4096  # arrays in one file
+FIELDS = ("pred", "entropy", "max_prob")
+_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}(/[A-Za-z0-9_.-]{1,128}){0,2}")
+
+
+class RecordsError(ErdeError, ValueError):
+    """A records file that is unreadable, too large, or does not match what it should hold."""
+
+
+@dataclass(frozen=True)
+class ExitRecords:
+    """One model's records: ``pred`` (E, N) int, ``entropy`` (E, N) float32, ``max_prob`` (E, N)."""
+
+    pred: np.ndarray
+    entropy: np.ndarray
+    max_prob: np.ndarray
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.pred.shape[0])
+
+
+def exit_records(exit_logits: torch.Tensor) -> ExitRecords:
+    """(E, N, K) logits -> the model's records (classes as uint8 where K <= 256)."""
+    logits = exit_logits.detach().float().cpu()
+    k = logits.shape[-1]
+    pred = logits.argmax(dim=-1).numpy().astype(np.uint8 if k <= 256 else np.uint16)
+    entropy = exits.rule_score(logits, "entropy").numpy().astype(np.float32)
+    max_prob = exits.rule_score(logits, "max_softmax").numpy().astype(np.float16)
+    return ExitRecords(pred, entropy, max_prob)
+
+
+def sweep_records(
+    records: ExitRecords,
+    labels: np.ndarray,
+    macs_per_exit: Sequence[float],
+    thresholds: Sequence[float],
+) -> list[SweepPoint]:
+    """The entropy-rule sweep of :func:`erde.evaluation.sweep`, replayed on records.
+
+    Same comparison (``exits.may_exit``) on the same float32 entropies and the same
+    argmax classes, so every point equals the one computed from the logits.
+    """
+    scores = torch.from_numpy(records.entropy[:-1].astype(np.float32))  # (E-1, N)
+    correct = torch.from_numpy(records.pred.astype(np.int64) == labels.astype(np.int64)[None])
+    macs = torch.tensor([float(m) for m in macs_per_exit], dtype=torch.float64)
+    num_exits, n = correct.shape
+    last = torch.ones(1, n, dtype=torch.bool)
+    points = []
+    for t in thresholds:
+        leave = torch.cat([exits.may_exit(scores, float(t), "entropy"), last])
+        chosen = leave.byte().argmax(dim=0)
+        hit = correct.gather(0, chosen.unsqueeze(0)).squeeze(0)
+        fractions = torch.bincount(chosen, minlength=num_exits).double() / n
+        points.append(
+            SweepPoint(
+                "entropy", float(t), hit.double().mean().item(), macs[chosen].mean().item(),
+                fractions.tolist(),
+            )
+        )  # fmt: skip
+    return points
+
+
+def save_records(
+    path: str | Path, models: Mapping[str, ExitRecords], labels: np.ndarray | torch.Tensor
+) -> str:
+    """Write ``{key: records}`` and the labels to a compressed .npz; returns its sha256.
+
+    Keys name a model (``student_kd``) or a seed and model (``seed_3/student_kd``);
+    written atomically (a reader never sees half a file).
+    """
+    from erde.io import atomic_write_bytes
+
+    labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    arrays: dict[str, np.ndarray] = {
+        "labels": labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+    }
+    for key, rec in models.items():
+        _check_key(key)
+        for field in FIELDS:
+            arrays[f"{key}/{field}"] = getattr(rec, field)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    data = buffer.getvalue()
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_key(key: str) -> None:
+    if not _KEY.fullmatch(key):
+        raise RecordsError(
+            f"records key {key[:80]!r} must be NAME or SEED/NAME (letters, digits, _ . -)"
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_records(path: str | Path) -> tuple[np.ndarray, dict[str, ExitRecords]]:
+    """(labels (N,), ``{key: records}``) from a file :func:`save_records` wrote.
+
+    Untrusted input: the file and every array are size-bounded before anything is
+    decompressed, nothing is unpickled, and every array is checked for its dtype
+    and its shape against the labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecordsError(f"records file not found: {path}")
+    if path.stat().st_size > MAX_RECORDS_FILE_BYTES:
+        raise RecordsError(f"{path}: over {MAX_RECORDS_FILE_BYTES >> 20} MiB, not a records file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if len(infos) > MAX_RECORD_ENTRIES:
+                raise RecordsError(f"{path}: {len(infos)} arrays, more than {MAX_RECORD_ENTRIES}")
+            big = [i.filename for i in infos if i.file_size > MAX_RECORDS_ARRAY_BYTES]
+            if big:
+                raise RecordsError(f"{path}: array {big[0][:80]} would decompress past the limit")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, RecordsError):
+            raise
+        raise RecordsError(f"{path}: not a readable records file ({str(exc)[:200]})") from None
+    return _unpack(path, arrays)
+
+
+def _unpack(path: Path, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, ExitRecords]]:
+    labels = arrays.pop("labels", None)
+    if labels is None or labels.ndim != 1 or labels.dtype.kind != "u":
+        raise RecordsError(f"{path}: no labels array (N,) of unsigned integers")
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        key, _, field = name.rpartition("/")
+        if field not in FIELDS or not key:
+            raise RecordsError(f"{path}: unexpected array {name[:80]!r}")
+        _check_key(key)
+        groups.setdefault(key, {})[field] = array
+    out = {}
+    kinds = {"pred": "u", "entropy": "f", "max_prob": "f"}
+    for key, fields in groups.items():
+        missing = [f for f in FIELDS if f not in fields]
+        if missing:
+            raise RecordsError(f"{path}: {key} lacks {', '.join(missing)}")
+        shape = fields["pred"].shape
+        for field, array in fields.items():
+            if array.ndim != 2 or array.shape != shape or array.shape[1] != len(labels):
+                raise RecordsError(
+                    f"{path}: {key}/{field} has shape {array.shape}, expected (exits, {len(labels)})"
+                )
+            if array.dtype.kind != kinds[field]:
+                raise RecordsError(f"{path}: {key}/{field} has dtype {array.dtype}")
+        out[key] = ExitRecords(fields["pred"], fields["entropy"], fields["max_prob"])
+    return labels, out

@@ -1,0 +1,140 @@
+"""Per-image records: written for every seed and model, packed per block, and enough to
+re-derive every published table (erde verify); records that do not match are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import write_svhn
+from test_reproduce import _sets
+
+from erde.cli import main
+from erde.evaluation import sweep
+from erde.records import RecordsError, exit_records, load_records, save_records, sweep_records
+from erde.reproduce.evidence import verify_block
+
+
+@pytest.fixture(scope="module")
+def block(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two student seeds sharing one teacher on small SVHN files, published into docs/."""
+    root = tmp_path_factory.mktemp("evidence")
+    data = root / "svhn"
+    write_svhn(data, n_train=60, n_test=30)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--no-progress",
+                "--seeds", "2", "--teacher-seeds", "1", "--out", str(root / "out"),
+                "--docs", str(root / "docs"), "--students", "ce,kd,erde,erde_g2=erde:gamma=2",
+                *_sets()]  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _published(folder: Path) -> Path:
+    (path,) = folder.glob("*.json")
+    return path
+
+
+def test_records_replay_the_sweep_of_the_logits_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2000, 10, generator=g) * 3
+    labels = torch.randint(0, 10, (2000,), generator=g)
+    grid = np.linspace(0, np.log(10), 41).tolist()
+    assert sweep(logits, labels, [1, 2, 3], grid) == sweep_records(
+        exit_records(logits), labels.numpy(), [1, 2, 3], grid
+    )
+
+
+def test_every_seed_and_the_block_carry_records_of_every_model(block: Path) -> None:
+    out = block / "out"
+    names = {"teacher", "student_ce", "student_kd", "student_erde", "student_erde_g2"}
+    for seed in (0, 1):
+        _, held = load_records(out / f"seed_{seed}" / "records.npz")
+        assert set(held) == names
+    results = json.loads((out / "results.json").read_text())
+    entries = results["records"]["entries"]
+    assert entries["0"]["teacher"] == entries["1"]["teacher"] == "seed_0/teacher"  # stored once
+    json_path = _published(block / "docs" / "results")
+    labels, held = load_records(json_path.with_name(json_path.stem + "-records.npz"))
+    assert len(labels) == results["dataset"]["test_images"] and len(held) == 1 + 2 * 4
+    extra = [c for c in results["comparisons"] if c["model"] == "student_erde_g2"]
+    assert [c["other"] for c in extra] == ["student_kd", "student_erde"]
+    row = results["comparisons"][0]["per_threshold"][3]
+    assert row["ci95_low"] <= row["accuracy_diff_mean"] <= row["ci95_high"]
+
+
+def test_verify_re_derives_every_published_number_from_the_records(block: Path, capsys) -> None:
+    published = _published(block / "docs" / "results")
+    checked, diffs = verify_block(published)
+    assert diffs == [] and checked > 500
+    assert main(["verify", str(published)]) == 0
+    assert f"all {checked} numbers re-derived" in capsys.readouterr().out
+
+
+def test_a_changed_number_is_found_and_named(block: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "results"
+    shutil.copytree(block / "docs" / "results", folder)
+    path = _published(folder)
+    results = json.loads(path.read_text())
+    row = results["models"]["student_erde"]["thresholds"][2]
+    row["accuracy_per_seed"][1] += 0.01
+    path.write_text(json.dumps(results))
+    assert main(["verify", str(path)]) == 1
+    assert "student_erde at h=0.02: accuracy_per_seed[1]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("other_file", "do not belong together"),
+        ("missing", "records file not found"),
+        ("classes", "a class index beyond the results' 10 classes"),
+    ],
+)
+def test_records_that_do_not_match_their_json_are_one_line(
+    block: Path, tmp_path: Path, damage: str, message: str
+) -> None:
+    folder = tmp_path / "results"
+    shutil.copytree(block / "docs" / "results", folder)
+    path = _published(folder)
+    records = path.with_name(path.stem + "-records.npz")
+    if damage == "other_file":
+        shutil.copy(block / "out" / "seed_1" / "records.npz", records)
+    elif damage == "missing":
+        records.unlink()
+    else:  # records rewritten with an impossible class, and the JSON told its new sha256
+        labels, held = load_records(records)
+        first = next(iter(held))
+        held[first].pred[0, 0] = 200
+        results = json.loads(path.read_text())
+        results["records"]["sha256"] = save_records(records, held, labels)
+        path.write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, "-m", "erde.cli", "verify", str(path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_a_records_file_that_would_decompress_too_far_is_refused(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from erde import records
+
+    path = tmp_path / "r.npz"
+    save_records(
+        path, {"m": exit_records(torch.zeros(2, 5000, 10))}, torch.zeros(5000, dtype=torch.long)
+    )
+    monkeypatch.setattr(records, "MAX_RECORDS_ARRAY_BYTES", 1000)
+    with pytest.raises(RecordsError, match="would decompress past the limit"):
+        load_records(path)
