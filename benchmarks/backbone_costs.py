@@ -35,15 +35,18 @@ def _m(value: float) -> str:
 
 
 def cost_rows(
-    arch: str, size: int, num_classes: int, exit_at_macs: list[float] | None
+    arch: str, size: int, num_classes: int, exit_at_macs: list[float] | None, width: float = 1.0
 ) -> list[str]:
-    """One Markdown row per exit of ``arch`` on (3, size, size) images."""
-    model = build_model(arch, num_classes, exit_at_macs=exit_at_macs, input_shape=(3, size, size))
+    """One Markdown row per exit of ``arch`` (at ``width``) on (3, size, size) images."""
+    model = build_model(
+        arch, num_classes, width=width, exit_at_macs=exit_at_macs, input_shape=(3, size, size)
+    )
+    label = arch if width == 1.0 else f"{arch} x{width:g}"
     costs = measure_exit_costs(model, (3, size, size))
     bounds = [*model.exit_after, model.num_blocks]
     full = costs.macs_per_exit[-1]
     return [
-        f"| {arch} | {i} | {b} / {model.num_blocks} | {_m(macs)} | {100 * macs / full:.0f}% "
+        f"| {label} | {i} | {b} / {model.num_blocks} | {_m(macs)} | {100 * macs / full:.0f}% "
         f"| {_m(params)} |"
         for i, (b, macs, params) in enumerate(
             zip(bounds, costs.macs_per_exit, costs.params_per_exit, strict=True)
@@ -51,11 +54,20 @@ def cost_rows(
     ]
 
 
-def render(archs: list[str], size: int, num_classes: int, exit_at_macs: list[float] | None) -> str:
+def render(
+    archs: list[str],
+    size: int,
+    num_classes: int,
+    exit_at_macs: list[float] | None,
+    widths: list[float] | None = None,
+) -> str:
     """The whole Markdown table, with the settings and machine it was measured with."""
+    widths = widths or [1.0]
     placement = f"exit_at_macs={exit_at_macs}" if exit_at_macs else "default exits"
     lines = [
         f"Measured by `python benchmarks/backbone_costs.py"
+        f"{' --archs ' + ' '.join(archs) if list(archs) != list(ARCHS) else ''}"
+        f"{' --widths ' + ' '.join(f'{w:g}' for w in widths) if widths != [1.0] else ''}"
         f"{' --exit-at-macs ' + ' '.join(map(str, exit_at_macs)) if exit_at_macs else ''}`: "
         f"{placement}, 3x{size}x{size} images, {num_classes} classes; torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()}.",
@@ -64,7 +76,8 @@ def render(archs: list[str], size: int, num_classes: int, exit_at_macs: list[flo
         "|---|---|---|---|---|---|",
     ]
     for arch in archs:
-        lines += cost_rows(arch, size, num_classes, exit_at_macs)
+        for width in widths:
+            lines += cost_rows(arch, size, num_classes, exit_at_macs, width)
     return "\n".join(lines)
 
 
@@ -105,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         "--exit-at-macs", nargs="+", type=float, help="place exits at these shares of the MACs"
     )
     parser.add_argument(
+        "--widths", nargs="+", type=float, default=[1.0],
+        help="width multipliers to measure each architecture at (default: 1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pair", nargs=2, metavar=("TEACHER", "STUDENT"), help="print exit pairs instead"
     )
     args = parser.parse_args(argv)
     if args.pair:
         print(pairing(*args.pair, args.size, args.num_classes, args.exit_at_macs))
     else:
-        print(render(args.archs, args.size, args.num_classes, args.exit_at_macs))
+        print(render(args.archs, args.size, args.num_classes, args.exit_at_macs, args.widths))
     return 0
 
 

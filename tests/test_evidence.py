@@ -138,3 +138,42 @@ def test_a_records_file_that_would_decompress_too_far_is_refused(
     monkeypatch.setattr(records, "MAX_RECORDS_ARRAY_BYTES", 1000)
     with pytest.raises(RecordsError, match="would decompress past the limit"):
         load_records(path)
+
+
+def test_seeds_are_added_elsewhere_from_a_released_teacher_without_training_it(
+    block: Path, tmp_path: Path, capsys
+) -> None:
+    shipped = tmp_path / "shipped-teacher"
+    trained = block / "out" / "seed_0" / "teacher"
+    assert main(["release", str(trained), "--out", str(shipped / "checkpoint.pt")]) == 0
+    shutil.copy(trained / "config.yaml", shipped / "config.yaml")
+    data = block / "svhn"
+    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(data), "--no-progress",
+            "--seeds", "1", "--teacher-seeds", "1", "--teacher", str(shipped),
+            "--out", str(tmp_path / "elsewhere"), *_sets()]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "copied into" in printed and "teacher: already finished" in printed
+    assert "teacher: training" not in printed
+    _, before = load_records(block / "out" / "seed_0" / "records.npz")
+    _, after = load_records(tmp_path / "elsewhere" / "seed_0" / "records.npz")
+    assert np.array_equal(before["teacher"].entropy, after["teacher"].entropy)
+
+
+def test_a_teacher_without_its_config_or_with_several_teacher_seeds_is_refused(
+    block: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "t"
+    folder.mkdir()
+    shutil.copy(block / "out" / "seed_0" / "teacher" / "checkpoint.pt", folder / "checkpoint.pt")
+    base = ["reproduce", "--dataset", "svhn", "--data-dir", str(block / "svhn"), "--no-progress",
+            "--out", str(tmp_path / "o"), "--teacher", str(folder), *_sets()]  # fmt: skip
+    for extra, message in (
+        (["--seeds", "2", "--teacher-seeds", "2"], "use --teacher-seeds 1"),
+        (["--seeds", "1"], "needs checkpoint.pt and config.yaml"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "erde.cli", *base, *extra],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o" / "seed_0" / "student_ce").exists()

@@ -286,7 +286,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, seeds=args.seeds, teacher_seeds=args.teacher_seeds,
         schedule=args.schedule, config=args.config,
         overrides=[*flags, *_students_override(args.students), *args.overrides],
-        download=args.download, docs_dir=args.docs,
+        download=args.download, docs_dir=args.docs, teacher=args.teacher,
         progress=not args.no_progress, log=print, on_epoch=_epoch_callback(args),
     )  # fmt: skip
     print()
@@ -734,6 +734,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also publish into DIR: results/<dataset>-<schedule>.json, .png and -training.png, "
         "and the block of that name in DIR/RESULTS.md; after every finished seed, marked "
         "partial until the last",
+    )  # fmt: skip
+    p.add_argument(
+        "--teacher", metavar="DIR", help="a released teacher folder (checkpoint.pt, config.yaml; "
+        "e.g. docs/results/cifar10-speed-teacher) that every seed shares instead of training one; "
+        "needs --teacher-seeds 1. How seeds are added to a published block on another machine",
     )  # fmt: skip
     p.add_argument(
         "--students", metavar="STUDENTS", help="the students of every seed, comma-separated, "

@@ -374,6 +374,32 @@ def run_seed(
     return report
 
 
+def _place_teacher(source: Path, target: Path, log: Log) -> None:
+    """Copy a released teacher folder to ``target`` (the same one already there is fine)."""
+    import shutil
+
+    from erde.checkpoints import load_checkpoint
+
+    files = [source / "checkpoint.pt", source / "config.yaml"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"--teacher {source}: needs checkpoint.pt and config.yaml, missing "
+                          f"{', '.join(missing)}")  # fmt: skip
+    ckpt = load_checkpoint(files[0])
+    if ckpt.get("role") != "teacher" or not ckpt.get("finished"):
+        raise ConfigError(f"--teacher {source}: not a finished teacher checkpoint")
+    there = target / "checkpoint.pt"
+    if there.exists():
+        if there.read_bytes() != files[0].read_bytes():
+            raise ConfigError(f"{target} already holds another teacher; use another --out")
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for f in [*files, source / "metrics.jsonl"]:
+        if f.is_file():
+            shutil.copy2(f, target / f.name)
+    log(f"teacher: {source} copied into {target} (shared by every seed, not trained)")
+
+
 def _records_are_current(records: Path, report: Path, names: Sequence[str]) -> bool:
     """Per-image records written with the report (a seed from before records existed: no)."""
     if not records.is_file() or records.stat().st_mtime_ns < report.stat().st_mtime_ns:
@@ -422,8 +448,14 @@ def reproduce(
     progress: bool = True,
     log: Log | None = None,
     on_epoch: EpochCallback | None = None,
+    teacher: str | Path | None = None,
 ) -> dict[str, Path]:
     """Train and evaluate every seed (reusing finished runs), then aggregate and write.
+
+    ``teacher``: a released teacher folder (``checkpoint.pt`` with its ``config.yaml``,
+    e.g. ``docs/results/cifar10-speed-teacher``) that all seeds share instead of
+    training one: copied into the first seed's teacher folder (which must not hold
+    another), checked against the config like any reused run.
 
     Seeds are ``seed, seed + 1, ...`` from the config's ``seed`` (default 0).
     ``teacher_seeds`` (default: ``seeds``) is how many teachers are trained;
@@ -454,6 +486,10 @@ def reproduce(
     command = reproduce_command(
         dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds
     )
+    if teacher is not None:
+        if teacher_seeds != 1:
+            raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
+        _place_teacher(Path(teacher), out / f"seed_{plans[0].teacher_seed}" / "teacher", log)
     for plan in plans:  # refuse a reused folder of another config or design before any training
         check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
         students = model_names(cfg)[1:]
