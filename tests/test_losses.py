@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from erde.errors import ConfigError
 from erde.losses import (
     ce_exit_loss,
     erde_exit_loss,
@@ -328,3 +329,39 @@ def test_exit_mapping_last_exits_always_match_and_rejects_zero_exits() -> None:
             assert mapping == sorted(mapping)
     with pytest.raises(ValueError, match="at least one exit"):
         exit_mapping(0, 3)
+
+
+def test_a_method_registered_in_one_place_trains_and_is_reported_end_to_end(tmp_path) -> None:
+    """One function and one registration, nothing else edited: config, loop, report find it."""
+    import json
+
+    from conftest import tiny_config
+
+    from erde.losses import METHODS, kd_exit_loss, register_method
+    from erde.pipeline import run_pipeline
+
+    @register_method("halfkd", needs_teacher=True, summary="KD with half the KL weight")
+    def halfkd(z_s, z_t, labels, s):
+        return kd_exit_loss(z_s.float(), z_t, labels, s.alpha, 0.5 * s.beta, s.tau)
+
+    try:
+        cfg = tiny_config(
+            "distill.students=[{name: halfkd, method: halfkd}, {name: kd, method: kd}]"
+        )
+        paths = run_pipeline(cfg, tmp_path, progress=False)
+        report = json.loads(paths["json"].read_text())
+        assert list(report["models"]) == ["teacher", "student_halfkd", "student_kd"]
+        metrics = (tmp_path / "student_halfkd" / "metrics.jsonl").read_text()
+        assert '"kl_0"' in metrics  # the registered loss's terms were logged
+    finally:
+        METHODS.pop("halfkd", None)
+    with pytest.raises(ConfigError, match="unknown method 'halfkd'"):
+        tiny_config("distill.students=[{name: halfkd, method: halfkd}]")
+
+
+def test_every_registered_method_declares_whether_it_needs_the_teacher() -> None:
+    from erde.losses import METHODS
+
+    assert {m: s.needs_teacher for m, s in METHODS.items()} == {
+        "ce": False, "kd": True, "erde": True
+    }  # fmt: skip

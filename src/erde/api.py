@@ -111,10 +111,12 @@ def train_student(
     wrong; weights in ``cfg.distill``). ``kd`` and ``erde`` need the
     ``teacher`` checkpoint. Returns the student's checkpoint.pt.
     """
-    if method not in STUDENT_METHODS:
+    from erde.losses import METHODS
+
+    if method not in METHODS:
         from erde.errors import ConfigError
 
-        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(STUDENT_METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     return train(
         _named_after(cfg, splits), Job("student", method), out_dir, teacher_checkpoint=teacher,
         resume=resume, force=force, progress=progress, splits=splits, on_epoch=on_epoch,

@@ -639,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument(
         "--method",
-        choices=("ce", "kd", "erde"),
-        help="training method (default: distill.method, erde)",
+        help="a registered student method: ce, kd, erde or one registered with "
+        "erde.losses.register_method (default: distill.method, erde)",
     )
     p.add_argument("--teacher", help="teacher checkpoint (required for kd and erde)")
     p.add_argument("--out", default="runs/student", help="output folder (default: runs/student)")

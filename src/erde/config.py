@@ -86,7 +86,18 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
 
 
-STUDENT_METHODS = ("ce", "kd", "erde")  # the losses of erde.losses.student_loss
+DEFAULT_STUDENTS = ("ce", "kd", "erde")  # the students of a run when distill.students is None
+STUDENT_METHODS = DEFAULT_STUDENTS  # (older name)
+
+
+def registered_methods() -> tuple[str, ...]:
+    """Names of the student methods registered in :mod:`erde.losses` (imported on first use:
+    the config module itself stays free of torch, so ``--help`` answers at once)."""
+    from erde.losses import METHODS
+
+    return tuple(METHODS)
+
+
 SPEC_SETTINGS = ("alpha", "beta", "gamma", "temperature", "uncertain_above")  # a spec may set these
 _SPEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -115,7 +126,7 @@ class StudentSpec:
 
 @dataclass
 class DistillConfig:
-    method: str = "erde"  # ce | kd | erde (train-student default; `run` trains all three)
+    method: str = "erde"  # a registered method: ce | kd | erde | yours (train-student's)
     alpha: float = 1.0  # weight of cross-entropy on labels
     beta: float = 1.0  # weight of the KL distillation term
     gamma: float = 1.0  # weight of the entropy term (erde only)
@@ -135,7 +146,7 @@ class DistillConfig:
 def student_specs(d: DistillConfig) -> list[StudentSpec]:
     """The students of a side-by-side run (``d.students``, or one per method by default)."""
     if d.students is None:
-        return [StudentSpec(m, m) for m in STUDENT_METHODS]
+        return [StudentSpec(m, m) for m in DEFAULT_STUDENTS]
     return list(d.students)
 
 
@@ -188,9 +199,9 @@ def check_students(specs: list[StudentSpec]) -> None:
             "(it names a folder)",
         )
         _check(
-            spec.method in STUDENT_METHODS,
+            spec.method in registered_methods(),
             f"distill.students: {spec.name} has unknown method {str(spec.method)[:40]!r}; valid: "
-            f"{', '.join(STUDENT_METHODS)}",
+            f"{', '.join(registered_methods())}",
         )
     dupes = sorted({n for n in names if names.count(n) > 1})
     _check(not dupes, f"distill.students: each name once, {', '.join(dupes)} given twice")
@@ -460,7 +471,11 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     if d.exit_mapping is not None:
         _check(all(m >= 0 for m in d.exit_mapping), "distill.exit_mapping must be >= 0")
-    _check(d.method in STUDENT_METHODS, f"distill.method must be ce, kd or erde, got {d.method!r}")
+    _check(
+        d.method in registered_methods(),
+        f"distill.method must be a registered method ({', '.join(registered_methods())}), "
+        f"got {str(d.method)[:40]!r}",
+    )
     if d.students is not None:
         check_students(d.students)
     _check(

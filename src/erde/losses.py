@@ -1,4 +1,6 @@
-"""Student and teacher losses as small pure functions (see docs/ERDE.md).
+"""Student and teacher losses as small pure functions (see docs/METHOD.md), and the
+registry of student methods: a new method is one loss function plus one
+``@register_method`` line (docs/ARCHITECTURE.md).
 
 Each returns a dict of named terms so the trainer can log every term on its own;
 ``"total"`` is the one to back-propagate. Masked terms are averaged over the
@@ -8,12 +10,11 @@ whole batch, so a batch where the teacher is always right gives L_E = 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-
-METHODS = ("ce", "kd", "erde")
 
 
 def kl_per_sample(
@@ -162,6 +163,86 @@ def teacher_loss(
     return terms
 
 
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What a per-exit student loss may read: ``distill``'s weights, temperature and mask."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    tau: float = 4.0
+    label_smoothing: float = 0.0
+    uncertain_above: float | None = None
+
+
+# (student exit logits (B, K), teacher exit logits (B, K) float32 or None, labels (B,), settings)
+# -> {"total": scalar, <term>: scalar, ...}
+ExitLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, LossSettings], dict]
+
+
+@dataclass(frozen=True)
+class StudentMethod:
+    """A way to train a student: its per-exit loss and whether it needs the teacher's logits."""
+
+    name: str
+    exit_loss: ExitLoss
+    needs_teacher: bool
+    summary: str = ""
+
+
+METHODS: dict[str, StudentMethod] = {}
+
+
+def register_method(
+    name: str, *, needs_teacher: bool, summary: str = ""
+) -> Callable[[ExitLoss], ExitLoss]:
+    """Register a student method: ``@register_method("mine", needs_teacher=True)`` on its loss.
+
+    The loss is called once per exit with the student's logits (in the step's
+    precision), the mapped teacher exit's logits as float32 (None without a
+    teacher), the labels and the :class:`LossSettings`, and returns its terms
+    with ``"total"``. Everything else (config validation, the training loop,
+    ``erde run --methods``, reports) finds the method here by name.
+    """
+
+    def decorator(fn: ExitLoss) -> ExitLoss:
+        if name in METHODS:
+            raise KeyError(f"student method {name!r} is already registered")
+        METHODS[name] = StudentMethod(name, fn, needs_teacher, summary)
+        return fn
+
+    return decorator
+
+
+@register_method("ce", needs_teacher=False, summary="cross-entropy on the labels only")
+def _ce(
+    z_s: torch.Tensor, _z_t: torch.Tensor | None, labels: torch.Tensor, s: LossSettings
+) -> dict:
+    return ce_exit_loss(z_s, labels, s.alpha, s.label_smoothing)
+
+
+@register_method("kd", needs_teacher=True, summary="classic KD: CE + KL to the teacher's exit")
+def _kd(z_s: torch.Tensor, z_t: torch.Tensor | None, labels: torch.Tensor, s: LossSettings) -> dict:
+    assert z_t is not None
+    return kd_exit_loss(z_s.float(), z_t, labels, s.alpha, s.beta, s.tau, s.label_smoothing)
+
+
+@register_method(
+    "erde", needs_teacher=True, summary="CE + KL where the teacher is right, entropy where wrong"
+)
+def _erde(
+    z_s: torch.Tensor, z_t: torch.Tensor | None, labels: torch.Tensor, s: LossSettings
+) -> dict:
+    assert z_t is not None
+    return erde_exit_loss(
+        z_s.float(), z_t, labels, s.alpha, s.beta, s.gamma, s.tau, s.label_smoothing,
+        s.uncertain_above,
+    )  # fmt: skip
+
+
 def student_loss(
     method: str,
     student_exits: Sequence[torch.Tensor],
@@ -177,29 +258,22 @@ def student_loss(
     label_smoothing: float = 0.0,
     uncertain_above: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """L_tot = sum_i w_i L_i for ``method`` in ce | kd | erde; per-exit terms logged as ``<term>_<i>``.
+    """L_tot = sum_i w_i L_i for a registered ``method``; per-exit terms logged as ``<term>_<i>``.
 
     ``label_smoothing`` applies to the cross-entropy on labels only, never to the
     teacher's soft targets; ``uncertain_above`` to erde only (see :func:`erde_exit_loss`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if method != "ce" and teacher_exits is None:
+    spec = METHODS[method]
+    if spec.needs_teacher and teacher_exits is None:
         raise ValueError(f"method {method!r} needs teacher logits")
+    settings = LossSettings(alpha, beta, gamma, tau, label_smoothing, uncertain_above)
     terms: dict[str, torch.Tensor] = {}
     total = student_exits[0].new_zeros(())
     for i, (z_s, w) in enumerate(zip(student_exits, weights, strict=True)):
-        if method == "ce":
-            parts = ce_exit_loss(z_s, labels, alpha, label_smoothing)
-        else:
-            z_t = teacher_exits[mapping[i]].float()
-            if method == "kd":
-                parts = kd_exit_loss(z_s.float(), z_t, labels, alpha, beta, tau, label_smoothing)
-            else:
-                parts = erde_exit_loss(
-                    z_s.float(), z_t, labels, alpha, beta, gamma, tau, label_smoothing,
-                    uncertain_above,
-                )  # fmt: skip
+        z_t = teacher_exits[mapping[i]].float() if spec.needs_teacher and teacher_exits else None
+        parts = spec.exit_loss(z_s, z_t, labels, settings)
         total = total + w * parts.pop("total")
         terms.update({f"{k}_{i}": v for k, v in parts.items()})
     terms["total"] = total

@@ -49,7 +49,6 @@ from erde.checkpoints import (
     save_checkpoint,
 )
 from erde.config import (
-    STUDENT_METHODS,
     DistillConfig,
     ExperimentConfig,
     ModelConfig,
@@ -65,7 +64,7 @@ from erde.data.augment import AugmentDraws, draw_augment
 from erde.errors import CheckpointError, ConfigError, ErdeError
 from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe_convs
 from erde.io import atomic_write_text
-from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
+from erde.losses import METHODS, exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
 from erde.models import build_model, measure_exit_costs
 from erde.monitor import recent_seconds_per_step
 from erde.recipe import (
@@ -121,6 +120,11 @@ class Job:
             return cfg
         spec = self.spec or StudentSpec(str(self.method), str(self.method))
         return dataclasses.replace(cfg, distill=spec_distill(cfg.distill, spec))
+
+
+def needs_teacher(job: Job) -> bool:
+    """Whether ``job`` is a student whose registered method learns from the teacher's logits."""
+    return job.role == "student" and METHODS[str(job.method)].needs_teacher
 
 
 def seed_everything(seed: int) -> None:
@@ -619,9 +623,9 @@ def _check_jobs(jobs: Sequence[Job], out_dirs: Sequence[Path]) -> None:
         raise ConfigError("each model needs its own output folder")
     if any(j.role == "teacher" for j in jobs) and len(jobs) > 1:
         raise ConfigError("the teacher trains alone: its students need it finished")
-    bad = [j.method for j in jobs if j.role == "student" and j.method not in STUDENT_METHODS]
+    bad = [j.method for j in jobs if j.role == "student" and j.method not in METHODS]
     if bad:
-        raise ConfigError(f"unknown student method(s) {bad}; valid: {', '.join(STUDENT_METHODS)}")
+        raise ConfigError(f"unknown student method(s) {bad}; valid: {', '.join(METHODS)}")
 
 
 def train_together(
@@ -658,9 +662,9 @@ def train_together(
 
     splits = splits or load_splits(cfg)
     teacher = None
-    if any(j.role == "student" and j.method != "ce" for j in jobs):
+    if any(needs_teacher(j) for j in jobs):
         if teacher_checkpoint is None:
-            method = next(j.method for j in jobs if j.method != "ce")
+            method = next(j.method for j in jobs if needs_teacher(j))
             raise ConfigError(f"method {method!r} needs a teacher checkpoint (--teacher)")
         teacher = _load_teacher(teacher_checkpoint, splits, device)
     n_train = len(splits.train) // ctx.world_size
@@ -696,12 +700,12 @@ def train_together(
             whiten_from = prepare_batch(splits.train.images[:WHITEN_IMAGES], splits, train=False)
             init_from_data(model, whiten_from, mcfg.arch)
         weights = exit_weights(tcfg, model.num_exits, section)
-        mapping = _mapping(cfg, model, teacher, splits) if job.method in ("kd", "erde") else []
+        mapping = _mapping(cfg, model, teacher, splits) if needs_teacher(job) else []
         run = _Run(
             env=env, job=job, out_dir=out_dir, model=model,
             loss_fn=make_loss(job, weights, mapping, job.config(cfg).distill, tcfg.label_smoothing),
             extra={"exit_weights": weights, "exit_mapping": mapping,
-                   "teacher_checkpoint": str(teacher_checkpoint) if job.method in ("kd", "erde") else None},
+                   "teacher_checkpoint": str(teacher_checkpoint) if needs_teacher(job) else None},
         )  # fmt: skip
         if prev is not None:
             _restore(run, prev)
@@ -959,7 +963,7 @@ class _Run:
             env.ctx,
             env.device,
         )
-        self.needs_teacher = job.method in ("kd", "erde")
+        self.needs_teacher = needs_teacher(job)
         self.rng = _rng_state(env.device)  # taken right after the model was built from the seed
         self.memory_format = _memory_format(env, model, job)
         self.model = model.to(env.device, memory_format=self.memory_format)
