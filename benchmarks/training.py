@@ -61,6 +61,8 @@ PRESETS = {
     "cpu": {"teacher": "resnet20", "student": "resnet8", "width": 0.5, "size": 16, "batch": 64},
     # CIFAR-10 (configs/cifar10.yaml): 32x32 images, batch 128
     "cifar": {"teacher": "resnet56", "student": "resnet20", "width": 1.0, "size": 32, "batch": 128},
+    # the speed schedule (configs/schedules/speed.yaml): FastNet -> half-width FastNet, batch 1024
+    "speed": {"teacher": "fastnet", "student": "fastnet", "width": 0.5, "size": 32, "batch": 1024},
 }
 # options recorded with the figures
 SETTINGS = ("preset", "steps", "warmup", "rounds", "channels_last", "compile", "amp", "threads")

@@ -456,7 +456,8 @@ def results_name(results: Mapping[str, Any]) -> str:
     (e.g. a MobileNetV2 student, or the preset's student at another width) adds
     ``-<teacher>-<student>`` (``_x<width>`` after an architecture whose width
     is not 1), so that its results get a block of their own instead of
-    replacing the preset pair's.
+    replacing the preset pair's; students other than ce, kd and erde
+    (``--students``, a gamma sweep) add ``-ablation``.
     """
     dataset = results["dataset"]["name"]
     name = f"{dataset}-{results['schedule']}"
@@ -471,6 +472,9 @@ def results_name(results: Mapping[str, Any]) -> str:
     pair = [_model_name(config.get(role)) for role in ("teacher", "student")]
     if pair != [_model_name(defaults.get(role)) for role in ("teacher", "student")]:
         name += "".join(f"-{re.sub(r'[^A-Za-z0-9_.]+', '_', model)}" for model in pair)
+    students = (config.get("distill") or {}).get("students")
+    if students is not None and [s.get("name") for s in students] != ["ce", "kd", "erde"]:
+        name += "-ablation"  # other students than the default three: a block of their own
     return name
 
 
