@@ -6,7 +6,7 @@ Trains the digits preset's teacher (ResNet-20, 3 exits, 16x16 images) for
 ``--epochs`` epochs once per thread count per round, in turns (1, 2, 1, 2 ...)
 so every count sees the same machine load, and prints each run's seconds with
 the 1-minute load average at its end. This is the measurement behind erde's
-default thread count (erde/threads.py); results are in docs/PERFORMANCE.md.
+default thread count (erde/threads.py); results are in docs/LOG.md.
 """
 
 from __future__ import annotations

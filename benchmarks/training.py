@@ -25,7 +25,7 @@ pixel values), so the script runs from a fresh clone with no download.
 
 ``--epoch-time`` also trains the teacher and the ERDE student for one full
 epoch of CIFAR-10-sized data (45,000 training images) and reports the seconds
-of each epoch. Results and commands are recorded in docs/PERFORMANCE.md.
+of each epoch. Commands are in docs/PERFORMANCE.md, dated results in docs/LOG.md.
 """
 
 from __future__ import annotations

@@ -51,3 +51,82 @@ def test_every_python_block_of_the_page_runs(page: Path, workspace: Path) -> Non
         assert (workspace / "runs/own/student_erde_onnx/manifest.json").is_file()
         assert [s[1] for s in namespace["seen"]] == [1, 2]
         assert namespace["line"].startswith("not running")  # the status block's last line
+
+
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(page: Path) -> set[str]:
+    """The heading anchors of a page, as GitHub makes them (a repeated one gets -1, -2...)."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", page.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_of_the_page_resolves(page: Path) -> None:
+    """Files linked from the README and docs/ exist, and so do the headings they point at."""
+    broken = []
+    for target in LINK.findall(FENCE.sub("", page.read_text(encoding="utf-8"))):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{page.name}: " + ", ".join(broken)
+
+
+README_ROWS = {  # the README's results table: row label -> the result file it is read from
+    "`fast` schedule: ResNet-56 → ResNet-20 |": "cifar10-fast",
+    "`reduced` schedule: ResNet-56 → ResNet-20 |": "cifar10-reduced",
+    "`fast` schedule: ResNet-56 → ResNet-20 x0.5 |": "cifar10-fast-resnet56-resnet20_x0.5",
+    "`reduced` schedule: ResNet-56 → MobileNetV2 x0.5 |": "cifar10-reduced-resnet56-mobilenetv2_x0.5",
+}
+
+
+def _last_exit(model: dict, n_seeds: int) -> str:
+    mean, std = model["exit_accuracy_mean"][-1] * 100, model["exit_accuracy_std"][-1] * 100
+    return f"{mean:.2f} ± {std:.2f} %" if n_seeds > 1 and std > 0 else f"{mean:.2f} %"
+
+
+def _within_one_point(model: dict) -> str:
+    (row,) = [r for r in model["mac_reduction_by_tolerance"] if r["tolerance"] == 0.01]
+    return f"{row['reduction']:.2f}x" if row.get("reduction") else "not reached"
+
+
+def test_the_readme_results_table_is_read_from_the_result_files() -> None:
+    """Every number of the README's table is the one its docs/results/*.json file holds."""
+    import json
+
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    for label, name in README_ROWS.items():
+        (row,) = [line for line in lines if line.startswith(f"| {label}")]
+        results = json.loads((ROOT / "docs" / "results" / f"{name}.json").read_text())
+        models, n = results["models"], results["n_seeds"]
+        seeds = ", ".join(str(s) for s in results["seeds"])
+        (comparison,) = [
+            c
+            for c in results["comparisons"]
+            if (c["model"], c["other"]) == ("student_erde", "student_kd")
+        ]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].startswith(seeds), (name, cells[1])
+        assert cells[2:5] == [
+            _last_exit(models[m], n) for m in ("teacher", "student_kd", "student_erde")
+        ]
+        assert cells[5] == " / ".join(
+            _within_one_point(models[m]) for m in ("student_kd", "student_erde")
+        )
+        verdict = cells[6]
+        wins, losses = comparison["wins"], comparison["losses"]
+        assert ("ERDE did not beat KD" in verdict) == (wins < losses), (name, verdict)
+        assert f"{max(wins, losses)} of {wins + losses} thresholds" in verdict, (name, verdict)

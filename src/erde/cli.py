@@ -684,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_CONFIG, formatter_class=fmt,
         description="Train the teacher, then one student per method from it, then evaluate all four and "
         "write the report. With no argument: the embedded digits data set, about a minute on an idle 2-core "
-        "CPU (README: what to expect, and what varies between machines).",
+        "CPU (docs/USAGE.md: what to expect, and what varies between machines).",
     )  # fmt: skip
     _add_config_args(p)
     _add_train_args(p)

@@ -16,7 +16,7 @@ AVX-512) ONNX Runtime multiplies uint8 activations by int8 weights with an
 instruction that adds pairs of products into a saturating int16, and full-range
 weights overflow it. On a 2-core AVX2 EPYC that cost a digits ResNet-8 x0.5
 student 9-11 points at every exit; with 7-bit weights the loss was 0.28 points
-at exit 0 and none at the others (docs/PERFORMANCE.md). The exported folder
+at exit 0 and none at the others (docs/LOG.md). The exported folder
 may run on any CPU, so the safe range is always used.
 """
 

@@ -4,7 +4,7 @@ PyTorch starts one intra-op thread per core. For the small models erde trains
 on a CPU (digits, CIFAR ResNets at batch 64-128) each convolution is too small
 to split well, and on a machine whose cores are also busy with other work the
 threads wait on each other: the same two-epoch digits teacher took 116 s with
-2 threads and 22-24 s with 1 on a loaded 2-core VM (README, measured with
+2 threads and 22-24 s with 1 on a loaded 2-core VM (docs/LOG.md, measured with
 benchmarks/threads.py). So, unless told otherwise (``--threads``, ``ERDE_THREADS``,
 ``OMP_NUM_THREADS``), erde uses at most ``DEFAULT_MAX_THREADS`` threads, and
 fewer when the machine's load average says the cores are taken.
