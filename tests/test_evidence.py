@@ -99,6 +99,7 @@ def test_a_changed_number_is_found_and_named(block: Path, tmp_path: Path, capsys
         ("other_file", "do not belong together"),
         ("missing", "records file not found"),
         ("classes", "a class index beyond the results' 10 classes"),
+        ("count", "images, the results say 999"),
     ],
 )
 def test_records_that_do_not_match_their_json_are_one_line(
@@ -112,6 +113,10 @@ def test_records_that_do_not_match_their_json_are_one_line(
         shutil.copy(block / "out" / "seed_1" / "records.npz", records)
     elif damage == "missing":
         records.unlink()
+    elif damage == "count":
+        results = json.loads(path.read_text())
+        results["records"]["images"] = 999
+        path.write_text(json.dumps(results))
     else:  # records rewritten with an impossible class, and the JSON told its new sha256
         labels, held = load_records(records)
         first = next(iter(held))
