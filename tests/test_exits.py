@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from erde import exits
 from erde.errors import ErdeError
 from erde.exits import (
     ThresholdError,
@@ -151,3 +152,50 @@ def test_first_exit_on_hand_made_logits_max_softmax() -> None:
 def test_first_exit_single_exit_model_answers_at_exit_zero() -> None:
     logits = torch.randn(1, 5, 4)
     assert first_exit(logits, [], "entropy").tolist() == [0] * 5
+
+
+def test_a_rule_registered_in_one_place_routes_sweeps_and_reports_end_to_end(tiny_run) -> None:
+    """One score function and one registration: routing, the sweep and the report use it."""
+    import json
+
+    from erde.checkpoints import load_checkpoint, model_from_checkpoint
+    from erde.config import config_from_dict
+    from erde.evaluation import collect_exit_logits, simulate
+    from erde.inference import EarlyExitRouter, ExitPolicy
+    from erde.models import measure_exit_costs
+    from erde.pipeline import evaluate_checkpoints
+    from erde.training import load_splits
+
+    @exits.register_rule("margin", leaves_below=False, top=lambda k: 1.0)
+    def margin(logits: torch.Tensor) -> torch.Tensor:  # top-1 minus top-2 probability
+        top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+
+    try:
+        ckpt = load_checkpoint(tiny_run["teacher"])
+        cfg = config_from_dict(ckpt["config"])
+        cfg.evaluation.rules = ["entropy", "margin"]
+        splits = load_splits(cfg)
+        model = model_from_checkpoint(ckpt).eval()
+        from erde.data import prepare_batch
+
+        x = prepare_batch(splits.test.images, splits, train=False)
+        logits, labels = collect_exit_logits(model, [(x, splits.test.labels)])
+        macs = measure_exit_costs(model, splits.image_shape).macs_per_exit
+        policy = ExitPolicy.create(0.5, "margin", splits.num_classes, model.num_exits)
+        routed = EarlyExitRouter(model, policy)(x)
+        assert torch.equal(
+            routed.exit_index, simulate(logits, labels, macs, 0.5, "margin").exit_index
+        )
+        out = tiny_run["out"].parent / "margin_report"
+        paths = evaluate_checkpoints(
+            [tiny_run["teacher"]], out, cfg=cfg, splits=splits, progress=False
+        )
+        sweep = json.loads(paths["json"].read_text())["models"]["teacher"]["sweep"]
+        assert {p["rule"] for p in sweep} == {"entropy", "margin"}
+    finally:
+        exits.EXIT_RULES.pop("margin", None)
+        if "margin" in exits.RULES:
+            exits.RULES.remove("margin")
+    with pytest.raises(exits.ThresholdError, match="unknown exit rule 'margin'"):
+        exits.rule_score(torch.zeros(1, 3), "margin")

@@ -303,9 +303,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _add_fit_args(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--rule",
-        choices=("entropy", "max_softmax"),
         default="entropy",
-        help="exit rule (default: entropy)",
+        help="a registered exit rule: entropy (default), max_softmax, or one registered with "
+        "erde.exits.register_rule",
     )
     g.add_argument(
         "--per-exit",
@@ -327,7 +327,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
         "--threshold", help="threshold(s): one value, or one per early exit, comma-separated"
     )
     g.add_argument(
-        "--rule", choices=("entropy", "max_softmax"), help="rule for --threshold (default: entropy)"
+        "--rule", help="rule for --threshold: entropy (default), max_softmax or a registered one"
     )
     g.add_argument("--thresholds-file", help="a thresholds JSON written by `erde calibrate`")
 

@@ -90,6 +90,13 @@ DEFAULT_STUDENTS = ("ce", "kd", "erde")  # the students of a run when distill.st
 STUDENT_METHODS = DEFAULT_STUDENTS  # (older name)
 
 
+def registered_rules() -> tuple[str, ...]:
+    """Names of the exit rules registered in :mod:`erde.exits` (imported on first use)."""
+    from erde.exits import RULES
+
+    return tuple(RULES)
+
+
 def registered_methods() -> tuple[str, ...]:
     """Names of the student methods registered in :mod:`erde.losses` (imported on first use:
     the config module itself stays free of torch, so ``--help`` answers at once)."""
@@ -586,8 +593,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(len(e.rules) >= 1, "evaluation.rules must name at least one rule")
     for rule in e.rules:
         _check(
-            rule in ("entropy", "max_softmax"),
-            f"evaluation.rules: unknown rule {rule!r} (entropy, max_softmax)",
+            rule in registered_rules(),
+            f"evaluation.rules: unknown rule {str(rule)[:40]!r} ({', '.join(registered_rules())})",
         )
 
 

@@ -190,7 +190,7 @@ def default_thresholds(rule: str, num_classes: int, n: int = 41) -> list[float]:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
     low, high = exits.rule_range(rule, num_classes)
     gaps = torch.logspace(-5, 0, n - 1, dtype=torch.float64).tolist()  # 1e-5 .. 1, ascending
-    if rule == "entropy":
+    if exits.get_rule(rule).leaves_below:  # e.g. entropy: 0, then up to the top
         values = [low] + [high * g for g in gaps]
     else:  # max_softmax: 0, then 1/K .. 1 with points packed near 1
         floor = 1.0 / num_classes

@@ -11,15 +11,14 @@ engine and the ONNX runtime, so that all three agree exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from erde.errors import ErdeError
-
-RULES = ("entropy", "max_softmax")
 
 
 class ThresholdError(ErdeError, ValueError):
@@ -75,22 +74,74 @@ def max_softmax(logits: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits.float(), dim=-1).amax(dim=-1)
 
 
+@dataclass(frozen=True)
+class ExitRule:
+    """An exit rule: a score per image, which side of the threshold leaves, and its range.
+
+    ``score``: logits (..., K) -> (...) float32. ``leaves_below``: an image leaves
+    when its score is below the threshold (entropy), else when at or above it
+    (max-softmax). ``top(K)``: the top of the threshold range, whose bottom is 0.
+    """
+
+    name: str
+    score: Callable[[torch.Tensor], torch.Tensor]
+    leaves_below: bool
+    top: Callable[[int], float]
+    hint: str = ""  # appended to range errors, e.g. "(0 to log K, K = {k} classes)"
+
+
+EXIT_RULES: dict[str, ExitRule] = {}
+
+
+def register_rule(
+    name: str, *, leaves_below: bool, top: Callable[[int], float], hint: str = ""
+) -> Callable[[Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]:
+    """Register an exit rule on its score function: evaluation, calibration, routing, export
+    and the CLI find it by name (``--rule``, ``evaluation.rules``)."""
+
+    def decorator(score: Callable[[torch.Tensor], torch.Tensor]):
+        if name in EXIT_RULES:
+            raise KeyError(f"exit rule {name!r} is already registered")
+        EXIT_RULES[name] = ExitRule(name, score, leaves_below, top, hint)
+        RULES[:] = list(EXIT_RULES)
+        return score
+
+    return decorator
+
+
+RULES: list[str] = []  # the registered names, in registration order
+
+
+register_rule(
+    "entropy", leaves_below=True, top=lambda k: math.log(k), hint=" (0 to log K, K = {k} classes)"
+)(entropy)
+register_rule("max_softmax", leaves_below=False, top=lambda k: 1.0)(max_softmax)
+
+
+def get_rule(rule: str) -> ExitRule:
+    """The registered rule ``rule``; a ValueError listing the valid ones otherwise."""
+    if rule not in EXIT_RULES:
+        raise ThresholdError(
+            f"unknown exit rule {str(rule)[:40]!r}; valid rules: {', '.join(RULES)}"
+        )
+    return EXIT_RULES[rule]
+
+
 def rule_score(logits: torch.Tensor, rule: str) -> torch.Tensor:
     """The score the rule compares to its threshold (entropy, or max probability)."""
-    if rule == "entropy":
-        return entropy(logits)
-    if rule == "max_softmax":
-        return max_softmax(logits)
-    raise ValueError(f"unknown exit rule {rule!r}; valid rules: {', '.join(RULES)}")
+    return get_rule(rule).score(logits)
 
 
 def rule_range(rule: str, num_classes: int) -> tuple[float, float]:
     """Closed range of meaningful thresholds: entropy in [0, log K], max-softmax in [0, 1]."""
-    if rule == "entropy":
-        return 0.0, math.log(num_classes)
-    if rule == "max_softmax":
-        return 0.0, 1.0
-    raise ValueError(f"unknown exit rule {rule!r}; valid rules: {', '.join(RULES)}")
+    return 0.0, float(get_rule(rule).top(num_classes))
+
+
+def conservative_end(rule: str, num_classes: int) -> float:
+    """The threshold at which (almost) no image leaves early: the bottom for a rule that
+    leaves below its threshold, the top for one that leaves at or above it."""
+    low, high = rule_range(rule, num_classes)
+    return low if get_rule(rule).leaves_below else high
 
 
 def check_thresholds(
@@ -106,7 +157,7 @@ def check_thresholds(
     low, high = rule_range(rule, num_classes)
     scalar = isinstance(thresholds, (int, float))
     values = [float(thresholds)] if scalar else [float(t) for t in thresholds]
-    hint = f" (0 to log K, K = {num_classes} classes)" if rule == "entropy" else ""
+    hint = get_rule(rule).hint.format(k=num_classes)
     for t in values:
         if not (low <= t <= high):  # also false for NaN
             raise ThresholdError(
@@ -125,11 +176,7 @@ def check_thresholds(
 
 def may_exit(score: torch.Tensor, threshold: float, rule: str) -> torch.Tensor:
     """Boolean mask of samples the rule lets leave: entropy < theta, or max-softmax >= theta."""
-    if rule == "entropy":
-        return score < threshold
-    if rule == "max_softmax":
-        return score >= threshold
-    raise ValueError(f"unknown exit rule {rule!r}; valid rules: {', '.join(RULES)}")
+    return score < threshold if get_rule(rule).leaves_below else score >= threshold
 
 
 def first_exit(exit_logits: torch.Tensor, thresholds: Sequence[float], rule: str) -> torch.Tensor:

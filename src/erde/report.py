@@ -16,7 +16,7 @@ from io import BytesIO, StringIO
 from pathlib import Path
 from typing import Any
 
-from erde import io
+from erde import exits, io
 from erde.evaluation import (
     SweepPoint,
     mac_reduction_at_equal_accuracy,
@@ -246,9 +246,9 @@ def _side(value: float, end: float) -> int:
 
 def rule_ends(rule: str, num_classes: int | None) -> tuple[float, ...]:
     """The ends of a rule's threshold range that a rounded threshold must not be mistaken for."""
-    if rule == "entropy":
-        return (0.0, math.log(num_classes)) if num_classes and num_classes > 1 else (0.0,)
-    return (0.0, 1.0)
+    if num_classes and num_classes > 1:
+        return exits.rule_range(rule, num_classes)
+    return (0.0,)
 
 
 def _pct(value: float | None, digits: int = 2) -> str:

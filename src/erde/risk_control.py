@@ -150,7 +150,7 @@ def shared_grid(rule: str, num_classes: int, size: int = GRID_SIZE) -> Tensor:
     """
     low, high = exits.rule_range(rule, num_classes)
     steps = torch.logspace(-6, 0, size - 1, dtype=torch.float64) * (high - low)
-    if rule == "entropy":  # leaves when entropy < θ: θ = 0 lets nothing out
+    if exits.get_rule(rule).leaves_below:  # e.g. entropy < θ: θ = 0 lets nothing out
         values = torch.cat([torch.tensor([low], dtype=torch.float64), low + steps])
     else:  # max_softmax leaves when p_max >= θ: θ = 1 is the strictest
         values = torch.cat([torch.tensor([high], dtype=torch.float64), high - steps])
