@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -17,6 +18,7 @@ from erde.cli import main
 from erde.errors import ConfigError
 from erde.evaluation import simulate
 from erde.risk_control import (
+    RiskTarget,
     binomial_p_values,
     calibrate_guaranteed,
     fixed_sequence,
@@ -286,3 +288,67 @@ def test_cli_bad_guarantee_arguments(trained, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "teacher.thresholds.json").exists()
+
+
+# --- hostile and degenerate inputs -------------------------------------------------------
+
+
+def _saturated(n: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Early exits sure (float32 top probability exactly 1.0) and often wrong; last exit right."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    logits = torch.zeros(3, n, 10)
+    wrong = (labels + 1) % 10
+    early = torch.where(torch.rand(n, generator=g) < 0.3, wrong, labels)
+    for e in range(2):
+        logits[e, torch.arange(n), early] = 200.0  # softmax gives exactly 1.0 in float32
+    logits[2, torch.arange(n), labels] = 5.0
+    return logits, labels
+
+
+def test_the_max_softmax_fallback_sends_every_image_to_the_last_exit() -> None:
+    logits, labels = _saturated()
+    assert bool((torch.softmax(logits[0], -1).amax(-1) == 1.0).all())
+    result = calibrate_guaranteed(logits, labels, [1.0, 2.0, 3.0], max_risk=0.01,
+                                  confidence=0.9, rule="max_softmax")  # fmt: skip
+    assert not result.passed
+    chosen = exits.first_exit(logits, list(result.policy.thresholds), "max_softmax")
+    assert bool((chosen == 2).all())  # truly the conservative setting, not 30 % wrong answers
+    assert result.validation["risk"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("nan_last", "non-finite logit rows"),
+        ("label_out_of_range", r"labels must be class indices in \[0, 9\]"),
+        ("labels_count", "expected 2000 labels"),
+        ("two_dims", "must be \\(exits, images, classes\\)"),
+        ("nan_macs", "MACs per exit must be finite"),
+        ("falling_macs", "rise with depth"),
+    ],
+)
+def test_bad_calibration_data_is_one_clear_error(damage: str, message: str) -> None:
+    logits, labels = _saturated()
+    macs: list = [1.0, 2.0, 3.0]
+    if damage == "nan_last":
+        logits[2, 5, 3] = float("nan")
+    elif damage == "label_out_of_range":
+        labels[0] = 10
+    elif damage == "labels_count":
+        labels = labels[:-1]
+    elif damage == "two_dims":
+        logits = logits[0]
+    elif damage == "nan_macs":
+        macs = [1.0, float("nan"), 3.0]
+    else:
+        macs = [3.0, 2.0, 1.0]
+    with pytest.raises(ConfigError, match=message):
+        calibrate_guaranteed(logits, labels, macs, max_risk=0.02, confidence=0.9)
+
+
+def test_numpy_numbers_are_accepted_and_impossible_confidences_are_clear() -> None:
+    target = RiskTarget.create("drop", np.float32(0.02), np.float64(0.9))
+    assert target.epsilon == pytest.approx(0.02) and target.delta == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"confidence \(1 - δ\) must be in \(0, 0.999999999\]"):
+        RiskTarget.create("drop", 0.02, 1 - 1e-15)

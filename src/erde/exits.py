@@ -137,6 +137,25 @@ def rule_range(rule: str, num_classes: int) -> tuple[float, float]:
     return 0.0, float(get_rule(rule).top(num_classes))
 
 
+def never_threshold(rule: str, num_classes: int) -> float:
+    """The threshold at which no image leaves early, whatever its score.
+
+    The bottom of the range for a rule that leaves below its threshold (no entropy
+    is < 0); for one that leaves at or above it, one float32 step above the top: a
+    top probability of exactly 1.0 (saturated logits) still leaves at the top.
+    """
+    low, high = rule_range(rule, num_classes)
+    if get_rule(rule).leaves_below:
+        return low
+    return torch.nextafter(torch.tensor(high), torch.tensor(math.inf)).item()
+
+
+def threshold_bounds(rule: str, num_classes: int) -> tuple[float, float]:
+    """Accepted thresholds: the rule's range, plus :func:`never_threshold` above its top."""
+    low, high = rule_range(rule, num_classes)
+    return low, max(high, never_threshold(rule, num_classes))
+
+
 def conservative_end(rule: str, num_classes: int) -> float:
     """The threshold at which (almost) no image leaves early: the bottom for a rule that
     leaves below its threshold, the top for one that leaves at or above it."""
@@ -154,7 +173,7 @@ def check_thresholds(
     a value for the last exit). Raises :class:`ThresholdError` (a ``ValueError``)
     naming the valid range when a value is outside it.
     """
-    low, high = rule_range(rule, num_classes)
+    low, high = threshold_bounds(rule, num_classes)
     scalar = isinstance(thresholds, (int, float))
     values = [float(thresholds)] if scalar else [float(t) for t in thresholds]
     hint = get_rule(rule).hint.format(k=num_classes)

@@ -37,7 +37,9 @@ them (fewest calibration MACs) is chosen.
 
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ RISK_WORDS = {
     "consistency": "share of images whose early-exit answer differs from the last exit's answer",
 }
 GRID_SIZE = 256  # shared-threshold candidates (fixed, data-independent)
+MIN_DELTA = 1e-9  # a confidence closer to 1 is no statement a finite sample can support
 PATH_FRACTION = 0.3  # share of the calibration images that learns the per-exit path
 PATH_LEVELS = 17  # per-exit path: plain searches at risk levels 0, ε/8, ..., 2ε on the path images
 
@@ -74,14 +77,26 @@ class RiskTarget:
     def create(cls, risk: str, max_risk: float, confidence: float) -> RiskTarget:
         """Validated target; ε and 1 - δ must lie strictly inside (0, 1)."""
         if risk not in RISKS:
-            raise ConfigError(f"unknown risk {risk!r}; valid risks: {', '.join(RISKS)}")
-        if not (isinstance(max_risk, (int, float)) and 0 < max_risk < 1):
+            raise ConfigError(f"unknown risk {str(risk)[:40]!r}; valid risks: {', '.join(RISKS)}")
+        eps, conf = _real(max_risk), _real(confidence)  # numpy scalars are numbers too
+        if eps is None or not 0 < eps < 1:
             raise ConfigError(
-                f"the guaranteed {risk} must be in (0, 1) (0.01 = 1 point), got {max_risk}"
+                f"the guaranteed {risk} must be in (0, 1) (0.01 = 1 point), got {max_risk!r:.40}"
             )
-        if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
-            raise ConfigError(f"confidence (1 - δ) must be in (0, 1), e.g. 0.9, got {confidence}")
-        return cls(risk, float(max_risk), round(1.0 - float(confidence), 12))
+        if conf is None or not 0 < conf <= 1 - MIN_DELTA:
+            raise ConfigError(
+                f"confidence (1 - δ) must be in (0, {1 - MIN_DELTA:.9g}], e.g. 0.9, got "
+                f"{confidence!r:.40}"
+            )
+        return cls(risk, eps, max(MIN_DELTA, round(1.0 - conf, 12)))
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (Python or NumPy, not bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -240,16 +255,43 @@ class GuaranteedCalibration:
 
 
 def _check_inputs(val_logits: Tensor, val_labels: Tensor, macs_per_exit: Sequence[float]) -> None:
-    """Refuse what cannot be calibrated: no images, one class only, one exit, MAC count mismatch."""
-    num_exits, n, _ = val_logits.shape
+    """Refuse what cannot be calibrated, or would make the guarantee say more than the data:
+    wrong shapes, no images, one class only, one exit, labels outside the classes, non-finite
+    logits (a NaN counts as no risk), MACs that are not finite, positive and rising."""
+    if val_logits.dim() != 3:
+        raise ConfigError(
+            f"calibration logits must be (exits, images, classes), got shape {tuple(val_logits.shape)}"
+        )
+    num_exits, n, num_classes = val_logits.shape
+    if val_labels.dim() != 1 or len(val_labels) != n:
+        raise ConfigError(
+            f"expected {n} labels (one per image), got shape {tuple(val_labels.shape)}"
+        )
     if n == 0:
         raise ConfigError("calibration needs validation images; the validation split is empty")
     if len(macs_per_exit) != num_exits:
-        raise ValueError(
+        raise ConfigError(
             f"expected {num_exits} MAC counts (one per exit), got {len(macs_per_exit)}"
         )
     if num_exits < 2:
         raise ConfigError("a model with a single exit has no thresholds to calibrate")
+    macs = [_real(m) for m in macs_per_exit]
+    if any(m is None or m <= 0 for m in macs) or any(a >= b for a, b in itertools.pairwise(macs)):
+        raise ConfigError(
+            f"MACs per exit must be finite, > 0 and rise with depth, got {list(macs_per_exit)[:8]}"
+        )
+    if int(val_labels.min()) < 0 or int(val_labels.max()) >= num_classes:
+        raise ConfigError(
+            f"labels must be class indices in [0, {num_classes - 1}], got values from "
+            f"{int(val_labels.min())} to {int(val_labels.max())}"
+        )
+    bad = ~torch.isfinite(val_logits).all(dim=-1)  # (E, N)
+    if bool(bad.any()):
+        exit_i, image = (int(v) for v in bad.nonzero()[0])
+        raise ConfigError(
+            f"{int(bad.sum())} non-finite logit rows (NaN or inf), first at exit {exit_i}, "
+            f"image {image}: they would count as risk-free and void the guarantee"
+        )
     classes = torch.unique(val_labels)
     if len(classes) < 2:
         raise ConfigError(
@@ -335,8 +377,15 @@ def calibrate_guaranteed(
     needed, message = None, None
     if not early:
         needed, message = _shortfall(events, mean_macs, macs, m, target, passed_count)
+    # nothing passed: every image to the last exit, truly (a max-softmax threshold of 1.0
+    # would still let images whose float32 top probability is exactly 1.0 leave)
+    setting = (
+        path[chosen].tolist()
+        if early
+        else [exits.never_threshold(rule, num_classes)] * (num_exits - 1)
+    )
     policy = ExitPolicy.create(
-        path[chosen].tolist(), rule, num_classes, num_exits, temperatures=shape.temperatures
+        setting, rule, num_classes, num_exits, temperatures=shape.temperatures
     )
     test = None
     if test_logits is not None and test_labels is not None:

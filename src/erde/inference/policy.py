@@ -75,7 +75,7 @@ class ExitPolicy:
         if rule not in exits.RULES:
             raise ValueError(f"unknown exit rule {rule!r}; valid rules: {', '.join(exits.RULES)}")
         values = exits.check_thresholds(thresholds, rule, num_classes, num_exits)
-        low, high = exits.rule_range(rule, num_classes)
+        low, high = exits.threshold_bounds(rule, num_classes)
         temps = None
         if temperatures is not None:
             temps = [float(t) for t in temperatures]
