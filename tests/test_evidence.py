@@ -100,6 +100,7 @@ def test_a_changed_number_is_found_and_named(block: Path, tmp_path: Path, capsys
         ("missing", "records file not found"),
         ("classes", "a class index beyond the results' 10 classes"),
         ("count", "images, the results say 999"),
+        ("not_results", "not a results file of erde reproduce with records"),
     ],
 )
 def test_records_that_do_not_match_their_json_are_one_line(
@@ -113,6 +114,10 @@ def test_records_that_do_not_match_their_json_are_one_line(
         shutil.copy(block / "out" / "seed_1" / "records.npz", records)
     elif damage == "missing":
         records.unlink()
+    elif damage == "not_results":
+        results = json.loads(path.read_text())
+        del results["models"]
+        path.write_text(json.dumps(results))
     elif damage == "count":
         results = json.loads(path.read_text())
         results["records"]["images"] = 999

@@ -219,6 +219,7 @@ def test_named_students_with_their_own_settings_match_separate_runs_with_those_s
         ("erde_g=erde:gamma=-1", "erde_g.gamma out of range"),
         ("a=erde:zeta=1", "key one of alpha, beta, gamma"),
         ("../up=kd", "must be 1-64 letters"),
+        (",".join(f"s{i}=ce" for i in range(33)), "at most 32 students side by side, got 33"),
     ],
 )
 def test_bad_student_specs_are_one_line_and_write_nothing(

@@ -106,6 +106,7 @@ def registered_methods() -> tuple[str, ...]:
 
 
 SPEC_SETTINGS = ("alpha", "beta", "gamma", "temperature", "uncertain_above")  # a spec may set these
+MAX_STUDENTS = 32  # side by side in one loop: each holds a model and an optimizer in memory
 _SPEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -198,6 +199,10 @@ def parse_students(text: str) -> list[StudentSpec]:
 def check_students(specs: list[StudentSpec]) -> None:
     """Known methods, folder-safe unique names, settings in their ranges: one line per problem."""
     _check(len(specs) >= 1, "distill.students: name at least one student")
+    _check(
+        len(specs) <= MAX_STUDENTS,
+        f"distill.students: at most {MAX_STUDENTS} students side by side, got {len(specs)}",
+    )
     names = [s.name for s in specs]
     for spec in specs:
         _check(

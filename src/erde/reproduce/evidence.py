@@ -166,9 +166,15 @@ def verify_block(results_json: Path) -> tuple[int, list[str]]:
 
     results = read_json(results_json, max_bytes=MAX_REPORT_BYTES, error=RecordsError,
                         what="a results file")  # fmt: skip
-    labels, held = load_block_records(results, records_path(results_json))
-    counter: list[int] = [0]
-    diffs = differences(results, rederive(results, labels, held), counter)
+    try:
+        labels, held = load_block_records(results, records_path(results_json))
+        counter: list[int] = [0]
+        diffs = differences(results, rederive(results, labels, held), counter)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise RecordsError(
+            f"{results_json}: not a results file of erde reproduce with records "
+            f"({type(exc).__name__}: {str(exc)[:80]})"
+        ) from None
     return counter[0], diffs
 
 
