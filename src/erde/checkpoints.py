@@ -135,11 +135,32 @@ def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
     check_finite_tensors(model, where, CheckpointError)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the early-exit model a checkpoint describes and load its weights."""
+def model_from_checkpoint(
+    ckpt: dict[str, Any], *, trust_modules: Sequence[str] = ()
+) -> torch.nn.Module:
+    """Rebuild the early-exit model a checkpoint describes and load its weights.
+
+    A checkpoint of a user's own network names a ``module:factory``; that module
+    is imported only if the user trusts it (``trust_modules``, or an enclosing
+    :func:`erde.models.custom.trusted_modules` block): a file must not decide on
+    its own to run code.
+    """
+    from erde.models.custom import check_trusted
+
     where = ckpt.get("path", "checkpoint")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = {k: v for k, v in ckpt["model_config"].items() if k in fields}
+    arch = mcfg.get("arch")
+    if not isinstance(arch, str):
+        raise CheckpointError(
+            f"{where}: model_config.arch must be a string, got {type(arch).__name__}"
+        )
+    if isinstance(trust_modules, str):
+        raise TypeError("trust_modules takes a list of module names, not one string")
+    try:
+        check_trusted(arch, str(where), trust_modules)
+    except ErdeError as exc:
+        raise CheckpointError(str(exc)) from None
     # Built on the meta device first (no memory): sizes the file claims are compared with the
     # weights it really holds before a single parameter is allocated.
     shell = _build(ckpt, mcfg, where, torch.device("meta"))

@@ -67,6 +67,49 @@ def _add_threads_arg(g: argparse._ActionsContainer) -> None:
     )  # fmt: skip
 
 
+def _module_name(text: str) -> str:
+    """argparse type of --trust-module: a dotted Python module name."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", text):
+        raise argparse.ArgumentTypeError(
+            f"must be a module name like mypackage.models, got {text!r}"
+        )
+    return text
+
+
+def _add_trust_arg(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--trust-module", dest="trust_modules", action="append", default=[], type=_module_name,
+        metavar="MODULE",
+        help="let checkpoints of your own network import MODULE (and its submodules) to rebuild "
+        "it (repeatable); modules named by the arch of --config or --set are trusted already. "
+        "Without it a checkpoint naming a module:factory is refused: importing runs code",
+    )  # fmt: skip
+
+
+def _user_modules(args: argparse.Namespace) -> list[str]:
+    """Modules the user named on this command line: --trust-module, and the arch of --config/--set.
+
+    A checkpoint's own config (the fallback of evaluate and calibrate) does not count:
+    a file must not decide on its own what is imported.
+    """
+    from erde.models.custom import module_of
+
+    names = list(getattr(args, "trust_modules", None) or [])
+    archs = []
+    for override in getattr(args, "overrides", None) or []:
+        key, _, value = override.partition("=")
+        if key.strip().endswith(".arch"):
+            archs.append(value.strip())
+    if getattr(args, "config", None):
+        data = load_yaml(args.config)
+        for role in ("teacher", "student"):
+            section = data.get(role) if isinstance(data, dict) else None
+            archs.append(section.get("arch") if isinstance(section, dict) else None)
+    return names + [m for a in archs if isinstance(a, str) and (m := module_of(a))]
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
@@ -607,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training method (default: distill.method, erde)",
     )
     p.add_argument("--teacher", help="teacher checkpoint (required for kd and erde)")
+    _add_trust_arg(p)
     p.add_argument("--out", default="runs/student", help="output folder (default: runs/student)")
     p.set_defaults(func=cmd_train_student)
 
@@ -641,6 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", help="comma-separated fractions of the full MACs (default: 0.2,0.3,...,1.0)"
     )
     _add_fit_args(g)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -731,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
     _add_config_args(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -806,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn when any exit loses more test accuracy than this to int8 (default 0.005)",
     )  # fmt: skip
     _add_threads_arg(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -828,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default) or cuda[:N], for checkpoints")
     p.add_argument("--output", help="write the JSON lines here instead of stdout")
     _add_threads_arg(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -875,6 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile each stage")
     _add_threads_arg(p)
     p.add_argument("--json", help="write the records to this JSON file")
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -905,10 +954,13 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from erde.models.custom import trusted_modules
+
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command in LOCKED_COMMANDS and getattr(args, "out", None) is not None:
-        return _locked(args, func)
-    return func(args)
+    with trusted_modules(_user_modules(args)):
+        if args.command in LOCKED_COMMANDS and getattr(args, "out", None) is not None:
+            return _locked(args, func)
+        return func(args)
 
 
 def _stderr_is_terminal() -> bool:

@@ -23,6 +23,7 @@ from erde.errors import ConfigError, ReportError
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
+from erde.models.custom import config_modules, trusted_modules
 from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import MAX_REPORT_BYTES, write_report_html
 from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
@@ -184,9 +185,10 @@ def run_pipeline(
     ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes
     paths: dict[str, Path] = {}
     if ctx.is_main:
-        paths = evaluate_checkpoints(
-            checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress
-        )
+        with trusted_modules(config_modules(cfg)):  # the models this config itself names
+            paths = evaluate_checkpoints(
+                checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress
+            )
     D.barrier(ctx)
     return paths
 

@@ -62,6 +62,7 @@ from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe
 from erde.io import atomic_write_text
 from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
 from erde.models import build_model, measure_exit_costs
+from erde.models.custom import config_modules, trusted_modules
 from erde.monitor import recent_seconds_per_step
 
 SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
@@ -620,7 +621,8 @@ def train_together(
         if teacher_checkpoint is None:
             method = next(j.method for j in jobs if j.method != "ce")
             raise ConfigError(f"method {method!r} needs a teacher checkpoint (--teacher)")
-        teacher = _load_teacher(teacher_checkpoint, splits, device)
+        with trusted_modules(config_modules(cfg)):  # the user's config names them
+            teacher = _load_teacher(teacher_checkpoint, splits, device)
     n_train = len(splits.train) // ctx.world_size
     batch_size = splits_batch(cfg, n_train)
     steps_per_epoch = n_train // batch_size

@@ -120,6 +120,7 @@ def load_predictor(
     device: str | torch.device = "cpu",
     compile: bool = False,
     optimize: bool = True,
+    trust_modules: Sequence[str] = (),
 ) -> Predictor:
     """A checkpoint (file, or folder with checkpoint.pt) -> PyTorch router; else an ONNX export folder.
 
@@ -129,6 +130,8 @@ def load_predictor(
 
     Thresholds: given values, else ``thresholds_file``, else the file ``erde
     calibrate`` wrote (beside the checkpoint, or thresholds.json in the export).
+    ``trust_modules``: modules a checkpoint of your own network may import (see
+    :func:`erde.trusted_modules`).
     """
     source = Path(source)
     if source.is_dir() and not (source / "checkpoint.pt").is_file():
@@ -149,7 +152,7 @@ def load_predictor(
 
     ckpt = load_checkpoint(source)
     dev = resolve_device(str(device))  # a clear error when CUDA is asked for but absent
-    model = model_from_checkpoint(ckpt).to(dev)
+    model = model_from_checkpoint(ckpt, trust_modules=trust_modules).to(dev)
     identity = ModelIdentity(
         ckpt["name"], model_fingerprint(ckpt["model"]), int(ckpt["num_classes"]), model.num_exits
     )
