@@ -20,6 +20,7 @@ import yaml
 from hostile import SRC, erde, one_error_line, png, snapshot, tmpfs
 
 from erde.cli import main
+from erde.errors import OutputError
 from erde.outputs import LOCK_NAME, OutputLockedError, output_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,6 +135,35 @@ def test_a_process_may_nest_locks_on_its_own_folder(tmp_path: Path) -> None:
     with output_lock(tmp_path), output_lock(tmp_path):
         assert (tmp_path / LOCK_NAME).exists()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link_to_a_file", "dangling_link"])
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(
+    tmp_path: Path, dangling: bool
+) -> None:
+    out, outside = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    if not dangling:
+        outside.write_text("keep me")
+    (out / LOCK_NAME).symlink_to(outside)
+    done = erde("train-teacher", "--out", str(out), *TINY)
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "is a symbolic link" in line and LOCK_NAME in line
+    if dangling:
+        assert not outside.exists()  # not created through the link
+    else:
+        assert outside.read_text() == "keep me"
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_lock_file_hard_linked_to_another_file_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    os.link(outside, tmp_path / "out" / LOCK_NAME)
+    with pytest.raises(OutputError, match="hard link"), output_lock(tmp_path / "out"):
+        pass
+    assert outside.read_text() == "keep me"
 
 
 # --------------------------------------------------------------------------- bad output folders

@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -206,12 +207,7 @@ def _acquire(lock: Path) -> int:
     import fcntl
 
     for _ in range(10):
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write to output folder {lock.parent}: {_describe_os_error(exc)}"
-            ) from None
+        fd = _open_lock_file(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -224,7 +220,7 @@ def _acquire(lock: Path) -> int:
                 ) from None
             raise OutputError(f"cannot lock {lock}: {_describe_os_error(exc)}") from None
         try:  # the file we locked must still be the one at the path (not unlinked by a releaser)
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(lock).st_ino
         except FileNotFoundError:
             same = False
         if not same:
@@ -240,6 +236,37 @@ def _acquire(lock: Path) -> int:
         os.pwrite(fd, (json.dumps(stamp) + "\n").encode(), 0)
         return fd
     raise OutputLockedError(f"{lock.parent}: could not take its lock (contended); try again")
+
+
+def _open_lock_file(lock: Path) -> int:
+    """Open (or create) the lock file itself, never what a link in its place points to.
+
+    The lock file is truncated and stamped, so a symbolic link (even a dangling
+    one) or a hard link planted at ``.erde.lock`` would make erde overwrite or
+    create a file outside the folder: anything but a plain file of our own is refused.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(
+                f"{lock} is a symbolic link; erde writes its lock only as a plain file in the "
+                "output folder: remove the link"
+            ) from None
+        raise OutputError(
+            f"cannot write to output folder {lock.parent}: {_describe_os_error(exc)}"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = (
+            "not a plain file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+        )
+        raise OutputError(
+            f"{lock} is {what}; erde writes its lock only as a plain file of its own: remove it"
+        )
+    return fd
 
 
 def _release(lock: Path, fd: int) -> None:

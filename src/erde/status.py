@@ -171,8 +171,9 @@ def lock_holder(folder: str | Path) -> str | None:
         line.split()[1:2] == ["FLOCK"] and device in line.split() for line in table.splitlines()
     ):
         return None
-    try:
-        with lock.open("rb") as f:
+    try:  # not through a link, and a FIFO planted there must not block the read
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
             info = json.loads(f.read(MAX_LOCK_BYTES))  # a lock file is a line of JSON
         return f"pid {info['pid']} ({info.get('command', 'erde')})"
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
