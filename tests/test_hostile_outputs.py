@@ -205,3 +205,64 @@ def test_full_disk_during_training_says_so_and_keeps_the_last_checkpoint(
         assert code == 2 and "disk full" in line and str(disk / "checkpoint.pt") in line
         assert (disk / "checkpoint.pt").read_bytes() == good
         assert not list(disk.glob(".checkpoint.pt.*"))  # no half-written temporary file
+
+
+# --------------------------------------------------------------------------- outputs over inputs
+
+
+@pytest.fixture
+def model_copy(tiny_run, tmp_path: Path) -> Path:
+    """A copy of the tiny teacher's folder, calibrated: checkpoint, thresholds, config."""
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_run["teacher"].parent, folder)
+    assert main(["calibrate", str(folder), "--budget", "0.7", "--no-progress"]) == 0
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "{ck}", "{img}", "--output", "{ck}/checkpoint.pt"],
+        ["predict", "{ck}", "{img}", "--output", "{ck}/checkpoint.thresholds.json"],
+        ["calibrate", "{ck}", "--budget", "0.5", "--out", "{ck}/checkpoint.pt"],
+        [
+            "calibrate",
+            "{ck}",
+            "--max-drop",
+            "0.5",
+            "--confidence",
+            "0.9",
+            "--out",
+            "{ck}/checkpoint.pt",
+        ],
+        ["release", "{ck}", "--out", "{ck}/checkpoint.pt"],
+        ["bench", "{ck}", "--no-onnx", "--json", "{ck}/checkpoint.pt"],
+        ["evaluate", "{ck}", "--out", "{ck}"],
+        ["export", "{ck}", "--out", "{ck}"],
+        ["train-student", "--teacher", "{ck}", "--out", "{ck}", "--force", "--method", "kd"],
+    ],
+    ids=lambda argv: f"{argv[0]}-{argv[-1].rsplit('/', 1)[-1]}",
+)
+def test_no_output_option_writes_over_the_model_it_reads(
+    model_copy: Path, images: Path, argv: list[str], capsys
+) -> None:
+    before = snapshot(model_copy)
+    argv = [a.format(ck=model_copy, img=images / "0.png") for a in argv]
+    extra = TINY if argv[0] == "train-student" else []
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("erde: error:") == 1 and "Traceback" not in err
+    named = ("is also an input", "holds the input model", "is the checkpoint itself")
+    assert any(words in err for words in named), err
+    assert snapshot(model_copy) == before
+
+
+def test_an_output_that_is_a_hard_link_to_the_checkpoint_is_refused(
+    model_copy: Path, images: Path, capsys
+) -> None:
+    link = model_copy.parent / "looks-new.jsonl"
+    os.link(model_copy / "checkpoint.pt", link)
+    before = snapshot(model_copy)
+    assert main(["predict", str(model_copy), str(images / "0.png"), "--output", str(link)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert snapshot(model_copy) == before

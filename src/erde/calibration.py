@@ -480,11 +480,8 @@ def calibrate_checkpoint(
     stem>.thresholds.json`` beside the checkpoint (or ``out``) and returns the
     result and the path.
     """
-    from erde.inference import thresholds_path
-    from erde.outputs import check_output_file
-
     Target.create(budget, max_drop)  # fail before loading anything
-    check_output_file(Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint])
+    check_thresholds_output(checkpoint, out)
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
     val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
         model, splits, dev, cfg.data.eval_batch_size, progress
@@ -494,6 +491,20 @@ def calibrate_checkpoint(
         per_exit=per_exit, temperature=temperature, test_logits=test_logits, test_labels=test_labels,
     )  # fmt: skip
     return result, _save_checkpoint_thresholds(ckpt, model, splits, costs, result, per_exit, out)
+
+
+def check_thresholds_output(checkpoint: str | Path, out: str | Path | None) -> Path:
+    """Where calibration writes (``out``, else beside the checkpoint), checked before any work.
+
+    Never the checkpoint itself (nor a link to it): a thresholds file written over
+    the model would destroy it.
+    """
+    from erde.inference import thresholds_path
+    from erde.outputs import check_output_file
+
+    return check_output_file(
+        Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint]
+    )
 
 
 def _val_and_test_logits(
@@ -552,6 +563,9 @@ def evaluate_budgeted(
         raise ConfigError(
             f"names: one non-empty name per checkpoint ({len(checkpoints)}), got {names}"
         )
+    from erde.outputs import check_out_folder
+
+    check_out_folder(out_dir, checkpoints)
     models: dict[str, Any] = {}
     splits = None
     for index, checkpoint in enumerate(checkpoints):

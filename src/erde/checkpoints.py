@@ -28,6 +28,7 @@ from erde.limits import (
     check_model_fields,
     check_stats,
 )
+from erde.outputs import check_not_input
 
 FORMAT = "erde-checkpoint"
 VERSION = 1
@@ -70,6 +71,7 @@ def release_checkpoint(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.resolve() == Path(ckpt["path"]).resolve():
         raise CheckpointError(f"{out} is the checkpoint itself; write the release elsewhere")
+    check_not_input(out, [ckpt["path"]], "--out")  # also a hard link to it
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(released, out)
     return out

@@ -556,6 +556,24 @@ def _export_int8(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds_read(args: argparse.Namespace) -> list[Path]:
+    """The thresholds files predict or bench may read: given, beside the checkpoint, exported."""
+    from erde.inference import thresholds_path
+
+    source = Path(getattr(args, "source", None) or args.checkpoint)
+    found = [thresholds_path(source), source / "thresholds.json"] if source.is_dir() else []
+    found += [thresholds_path(source)] if source.is_file() else []
+    return [*found, *([Path(args.thresholds_file)] if args.thresholds_file else [])]
+
+
+def _check_json_output(args: argparse.Namespace, models: list[str | None]) -> None:
+    """bench's --json: checked before any timing, and never one of the files it reads."""
+    from erde.outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json, [*models, *_thresholds_read(args), args.onnx])
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
@@ -568,7 +586,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise ErdeError(f"no image files found in {', '.join(args.inputs)}")
     if args.output:
-        check_output_file(args.output, [args.source, *files])
+        check_output_file(args.output, [args.source, *files, *_thresholds_read(args)])
     predictor = load_predictor(args.source, device=args.device or "cpu", **_policy_kwargs(args))
     failed = 0
     with (
@@ -591,6 +609,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from erde.inference import bench_checkpoint, load_predictor
 
+    _check_json_output(args, [args.checkpoint, args.teacher])
     if args.deploy or args.teacher:
         return _bench_deploy(args)
     policy = load_predictor(args.checkpoint, **_policy_kwargs(args)).policy

@@ -24,6 +24,7 @@ from erde.evaluation import collect_exit_logits, default_thresholds, model_repor
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
 from erde.models.custom import config_modules, trusted_modules
+from erde.outputs import check_out_folder
 from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import MAX_REPORT_BYTES, write_report_html
 from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
@@ -51,6 +52,7 @@ def evaluate_checkpoints(
     loaded = [load_checkpoint(p) for p in checkpoints]
     if not loaded:
         raise ConfigError("no checkpoint to evaluate")
+    check_out_folder(out_dir, [c["path"] for c in loaded])  # its config.yaml would be replaced
     if names is not None:
         if len(names) != len(loaded) or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(

@@ -64,6 +64,7 @@ from erde.losses import exit_mapping, exit_mapping_by_cost, student_loss, teache
 from erde.models import build_model, measure_exit_costs
 from erde.models.custom import config_modules, trusted_modules
 from erde.monitor import recent_seconds_per_step
+from erde.outputs import check_out_folder
 
 SYNC_EVERY = 20  # optimizer steps between host reads of the running metrics
 DATA_ON_GPU_FRACTION = 0.25  # keep the training set on the GPU if it takes at most this share
@@ -609,6 +610,9 @@ def train_together(
     """
     out_dirs = [Path(d) for d in out_dirs]
     _check_jobs(jobs, out_dirs)
+    if teacher_checkpoint is not None:
+        for out_dir in out_dirs:  # a student written over its own teacher would destroy it
+            check_out_folder(out_dir, [teacher_checkpoint])
     ctx, device = D.setup(cfg.device)
     is_teacher = jobs[0].role == "teacher"
     mcfg = cfg.teacher if is_teacher else cfg.student
