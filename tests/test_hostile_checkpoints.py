@@ -290,3 +290,67 @@ def test_model_from_checkpoint_refuses_an_untrusted_module_in_python(tiny_run, t
         model_from_checkpoint(load_checkpoint(bad))
     with pytest.raises(CheckpointError, match="cannot import 'erde_nowhere'"):
         model_from_checkpoint(load_checkpoint(bad), trust_modules=["erde_nowhere"])
+
+
+# --------------------------------------------------------------------------- oversized records
+
+
+def _bomb(source: Path, target: Path, unpacked: int) -> Path:
+    """``source`` with an extra field whose record is ``unpacked`` deflated zero bytes."""
+    import zipfile
+
+    marker = 12_345  # a record size no real field has, to find the field's record
+    plain = crafted_checkpoint(
+        source, target.with_suffix(".plain"), junk=torch.zeros(marker, dtype=torch.uint8)
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            if info.file_size != marker:
+                dst.writestr(info, src.read(info))
+                continue
+            record = zipfile.ZipInfo(info.filename)
+            record.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(record, "w", force_zip64=True) as out:
+                chunk = bytes(1 << 20)
+                for _ in range(unpacked >> 20):
+                    out.write(chunk)
+    return target
+
+
+def test_a_compression_bomb_in_a_checkpoint_is_refused_before_it_is_inflated(
+    tiny_run, tmp_path: Path, image: Path
+) -> None:
+    import zipfile
+
+    bomb = _bomb(tiny_run["teacher"], tmp_path / "bomb" / "checkpoint.pt", 256 << 20)
+    with zipfile.ZipFile(bomb) as archive:  # the deflated record really is there
+        archive.getinfo(
+            next(n for n in archive.namelist() if archive.getinfo(n).file_size == 256 << 20)
+        )
+    for argv in (
+        ["predict", str(bomb), str(image), "--threshold", "0.5"],
+        ["status", str(bomb.parent)],
+    ):
+        done = erde(*argv, memory_limit=MEMORY_LIMIT)
+        text = done.stderr if argv[0] == "predict" else done.stdout
+        assert "compression bomb" in text and "268,435,456 bytes" in text, done
+        if argv[0] == "predict":
+            assert done.returncode == 2 and one_error_line(done.stderr)
+        else:
+            assert "unreadable" in text
+
+
+def test_a_field_erde_never_writes_is_refused(tiny_run, tmp_path: Path) -> None:
+    bad = crafted_checkpoint(
+        tiny_run["teacher"], tmp_path / "extra.pt", junk=torch.zeros(3), **{"x" * 500: 1}
+    )
+    with pytest.raises(
+        CheckpointError, match="field\\(s\\) erde never writes \\('junk', 'xxx"
+    ) as info:
+        load_checkpoint(bad)
+    assert len(str(info.value)) < 400  # the long name is cut
+    for key in ("lookahead", "teacher_sha256"):  # written by newer training code: accepted
+        load_checkpoint(
+            crafted_checkpoint(tiny_run["teacher"], tmp_path / f"{key}.pt", **{key: None})
+        )

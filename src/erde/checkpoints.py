@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,25 @@ REQUIRED_KEYS = (
     "model",
     "config",
 )
+
+
+# Every top-level field erde writes (training, release); a file with others was not written by
+# erde, and an unknown field is also where an oversized payload would hide.
+KNOWN_KEYS = frozenset(
+    {
+        *REQUIRED_KEYS,
+        "path",  # replaced on every load; kept by files re-saved from a loaded dict
+        "role", "method", "dataset", "class_names", "mean", "std",
+        "optimizer", "scheduler", "scaler", "rng", "running", "lookahead",
+        "epoch", "step_in_epoch", "global_step", "finished", "history",
+        "steps_per_epoch", "steady_seconds_per_step", "batch_size", "world_size",
+        "exit_weights", "exit_mapping", "teacher_checkpoint", "teacher_sha256",
+    }
+)  # fmt: skip
+# torch writes checkpoint records uncompressed: what they unpack to is bounded by the file's
+# own size, plus slack for an archive re-packed with compression; more is a compression bomb.
+UNPACK_RATIO, UNPACK_SLACK = 2, 64 << 20
+MAX_RECORDS = 200_000
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -84,6 +104,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_archive(path)
     try:
         # torch warns about foreign pickle protocols; the file is judged below instead
         with warnings.catch_warnings():
@@ -106,9 +127,51 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    unknown = [k for k in ckpt if k not in KNOWN_KEYS]
+    if unknown:
+        shown = ", ".join(_short(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise CheckpointError(
+            f"{path} holds field(s) erde never writes ({shown}); not an erde checkpoint, or "
+            "one altered by hand"
+        )
     _check_fields(ckpt, path)
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _check_archive(path: Path) -> None:
+    """Bound what the checkpoint's records unpack to, from the zip directory, before reading any.
+
+    A small file can hold a deflated record of gigabytes that ``torch.load`` would
+    inflate into memory whole; the sizes are declared in the zip directory, and
+    the reader refuses a record that inflates to more than it declares.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: uncompressed, judged by torch.load below
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable erde checkpoint (truncated or corrupted? {_brief(exc)})"
+        ) from None
+    if len(records) > MAX_RECORDS:
+        raise CheckpointError(f"{path} holds {len(records)} records; at most {MAX_RECORDS}")
+    size = path.stat().st_size
+    unpacked = sum(r.file_size for r in records)
+    if unpacked > UNPACK_RATIO * size + UNPACK_SLACK:
+        largest = max(records, key=lambda r: r.file_size)
+        raise CheckpointError(
+            f"{path}: its records unpack to {unpacked:,} bytes from a {size:,}-byte file "
+            f"({_short(largest.filename)}: {largest.file_size:,} bytes); refused as a "
+            "compression bomb (erde writes checkpoints uncompressed)"
+        )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters: a crafted file's names may be of any length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
