@@ -41,6 +41,42 @@ def test_deeply_nested_config_file_is_one_line(tmp_path: Path, capsys) -> None:
     assert "nested too deeply" in _error(capsys)
 
 
+def _alias_bomb(levels: int = 9) -> list[str]:
+    """List items, each nine aliases of the one before: a few hundred bytes, 9**levels values."""
+    items = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return items
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("teacher", "exit_after"), ("teacher", "arch"), ("data", "name")],
+)
+def test_alias_bomb_under_a_valid_key_is_refused_at_once_in_one_short_line(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    from hostile import erde
+
+    config = tmp_path / "bomb.yaml"
+    items = "".join(f"    - {item}\n" for item in _alias_bomb())
+    config.write_text(f"{section}:\n  {key}:\n{items}")
+    assert len(config.read_bytes()) < 800
+    done = erde("train-teacher", "--config", str(config), "--out", str(tmp_path / "o"), timeout=60,
+                memory_limit=3 << 30)  # fmt: skip
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "aliases expand to more than 100,000 values" in line
+    assert len(done.stderr) < 1000 and not (tmp_path / "o").exists()
+
+
+def test_an_error_quotes_a_long_value_cut_short(capsys, tmp_path: Path) -> None:
+    argv = ["train-teacher", "--set", f"teacher_train.optimizer={'x' * 100_000}",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert "teacher_train.optimizer must be sgd or adamw" in line and len(line) < 300
+    assert "100,002 characters" in line
+
+
 def test_all_zero_exit_weights_are_refused() -> None:
     with pytest.raises(ConfigError, match="teacher_train.exit_weights are all 0"):
         load_config(None, ["teacher_train.exit_weights=[0, 0, 0]"])

@@ -989,6 +989,17 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
+MAX_MESSAGE = 2000  # characters of an error printed; a message quoting user input stays readable
+
+
+def _bounded(exc: BaseException) -> str:
+    """An error's message, cut: it may quote a value from a file of any size."""
+    text = str(exc)
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
@@ -1004,10 +1015,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             set_threads(args.threads)
         return _run(args)
     except ErdeError as exc:
-        print(f"erde: error: {exc}", file=sys.stderr)
+        print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
         return 2
     except ValueError as exc:  # thresholds out of range and similar argument errors
-        print(f"erde: error: {exc}", file=sys.stderr)
+        print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`erde status DIR | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
