@@ -207,6 +207,9 @@ def test_allow_config_change_reuses_the_model_explicitly(finished_run: Path, cap
         ("teacher_train.warmup_epochs=.inf", "teacher_train.warmup_epochs must be >= 0 and finite"),
         ("teacher.width=1e6", "teacher.width must be in (0, 16]"),
         ("data.image_size=100000", "data.image_size must be <= 1024"),
+        ("teacher_train.lr=1e308", "teacher_train.lr must be in (0, 10], got 1e+308"),
+        ("student_train.lr=1e30", "student_train.lr must be in (0, 10]"),
+        ("student_train.lr=.nan", "student_train.lr must be in (0, 10]"),
     ],
 )
 def test_unbounded_or_infinite_settings_are_refused(override: str, named: str) -> None:

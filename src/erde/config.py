@@ -24,6 +24,7 @@ from erde.limits import MAX_HEAD_HIDDEN, MAX_HEAD_POOL, MAX_IMAGE_SIDE, MAX_WIDT
 
 MAX_YAML_BYTES = 1 << 20  # configs are a few kB; refuse anything huge
 MAX_YAML_NODES = 100_000  # values in a config with its aliases expanded; real ones have hundreds
+MAX_LR = 10.0  # learning rates in use are 1e-4 ... 1; far above, every step diverges
 MAX_SEED = 2**32 - 1  # numpy and torch both accept seeds in [0, 2**32)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -444,7 +445,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for section in ("teacher_train", "student_train"):
         t: TrainConfig = getattr(cfg, section)
         _check(t.epochs >= 1, f"{section}.epochs must be >= 1, got {t.epochs}")
-        _check(t.lr > 0 and math.isfinite(t.lr), f"{section}.lr must be > 0, got {t.lr}")
+        _check(
+            0 < t.lr <= MAX_LR,  # False for nan; inf and 1e308 overflow the optimiser's update
+            f"{section}.lr must be in (0, {MAX_LR:g}], got {t.lr}",
+        )
         _check(0 <= t.momentum < 1, f"{section}.momentum must be in [0, 1), got {t.momentum}")
         _check(t.checkpoint_every_steps >= 0, f"{section}.checkpoint_every_steps must be >= 0")
         _check(

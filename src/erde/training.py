@@ -916,6 +916,7 @@ class _Run:
             forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.forward = torch.compile(forward) if self.tcfg.compile else forward
         self.position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        self.checkpointed = False  # whether out_dir holds a checkpoint of this run to resume
         self.sums = EpochSums(env.device)
         self.watch = NonFiniteWatch(env.device)
         self.history: list[dict[str, Any]] = []  # one metrics record per finished epoch
@@ -928,6 +929,7 @@ class _Run:
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Continue exactly where ``ckpt`` stopped: weights, optimizer, schedule, RNG, position."""
         self.model.load_state_dict(ckpt["model"])
+        self.checkpointed = True
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -946,6 +948,7 @@ class _Run:
     def save(self, finished: bool = False) -> None:
         """Write the checkpoint (rank 0; mid-epoch, the running sums are reduced on every rank first)."""
         running = self.sums.reduced(self.ctx) if self.position["step_in_epoch"] else None
+        self.checkpointed = True
         if not self.ctx.is_main:
             return
         splits = self.env.splits
@@ -1031,11 +1034,15 @@ class _Run:
         bad = self.watch.first_bad_step(self.ctx)
         if bad is not None:
             epoch = (bad - 1) // self.env.steps_per_epoch + 1
+            kept = (
+                f"the last good checkpoint is kept in {self.out_dir}"
+                if self.checkpointed
+                else "no checkpoint was written yet (nothing to resume)"
+            )
             raise TrainingError(
                 f"{self.job.name}: the loss became nan or inf at step {bad} (epoch {epoch}); "
-                f"stopped, and the last good checkpoint is kept in {self.out_dir}. "
-                "Try a lower learning rate, or turn mixed precision off (teacher_train/"
-                "student_train.amp=false)."
+                f"stopped, and {kept}. Try a lower learning rate, or turn mixed precision off "
+                "(teacher_train/student_train.amp=false)."
             )
 
     def end_epoch(self) -> None:
