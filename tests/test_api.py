@@ -54,8 +54,9 @@ def _tensors(n: int, k: int = 3, size: int = 8, seed: int = 0):
         (lambda x, y: (x, y[:-1]), "one class index per image"),
         (lambda x, y: (x, y.float()), "integer class indices"),
         (lambda x, y: (x, y - 1), "negative class index"),
+        (lambda x, y: (x, torch.where(y == 0, 10**12, y)), "at most 100,000 classes"),
     ],
-    ids=["float", "grey", "3d", "short-labels", "float-labels", "negative"],
+    ids=["float", "grey", "3d", "short-labels", "float-labels", "negative", "huge-label"],
 )
 def test_splits_from_tensors_refuses_bad_input_in_one_line(change, message) -> None:
     x, y = _tensors(30)
@@ -69,6 +70,8 @@ def test_splits_from_tensors_holds_out_validation_and_names_classes() -> None:
     x, y = _tensors(60)
     with pytest.raises(DataError, match="3 class names"):
         erde.splits_from_tensors(x, y + 1, x, y, class_names=["a", "b", "c"])
+    with pytest.raises(DataError, match="a list of names, got one string 'abc'"):
+        erde.splits_from_tensors(x, y, x, y, class_names="abc")  # not three classes a, b, c
     splits = erde.splits_from_tensors(
         x.numpy(), y.numpy(), x[:9], y[:9], class_names=["a", "b", "c"], val_fraction=0.2, seed=1
     )
