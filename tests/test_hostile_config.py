@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_OVERRIDES
 from hostile import one_error_line, snapshot
 
@@ -189,6 +190,44 @@ def test_resume_with_fewer_methods_does_not_silently_shrink_the_report(
     assert main(argv) == 2
     assert "reports teacher, student_ce, student_kd, student_erde" in _error(capsys)
     assert snapshot(finished_run) == before
+
+
+def _retrain_teacher(run: Path) -> None:
+    """The teacher replaced by another one (as ``train-teacher --force`` does), its students kept."""
+    from hostile import crafted_checkpoint
+
+    teacher = run / "teacher" / "checkpoint.pt"
+    ckpt = torch.load(teacher, weights_only=True)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    weights = {**ckpt["model"], name: ckpt["model"][name] + 0.5}
+    crafted_checkpoint(teacher, teacher, model=weights)
+
+
+def test_resume_refuses_students_distilled_from_a_teacher_since_retrained(
+    finished_run: Path, capsys
+) -> None:
+    _retrain_teacher(finished_run)
+    before = snapshot(finished_run)
+    same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
+    assert main(["run", "--out", str(finished_run), "--resume", *same]) == 2
+    line = _error(capsys)
+    assert "student_kd" in line and "was distilled from another teacher" in line
+    assert "--force" in line
+    assert snapshot(finished_run) == before
+
+
+def test_students_without_a_recorded_teacher_are_reused_unchecked(
+    finished_run: Path, capsys
+) -> None:
+    for method in ("kd", "erde"):
+        student = finished_run / f"student_{method}" / "checkpoint.pt"
+        ckpt = torch.load(student, weights_only=True)
+        assert len(ckpt.pop("teacher_sha256")) == 64  # recorded by this erde
+        torch.save(ckpt, student)  # as written before the field existed
+    _retrain_teacher(finished_run)
+    same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
+    assert main(["run", "--out", str(finished_run), "--resume", *same]) == 0
+    assert "student_kd: already finished" in capsys.readouterr().out
 
 
 def test_allow_config_change_reuses_the_model_explicitly(finished_run: Path, capsys) -> None:

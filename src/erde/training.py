@@ -26,6 +26,7 @@ The loop is plain PyTorch, written for speed and for crashes:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -627,6 +628,7 @@ def train_together(
             raise ConfigError(f"method {method!r} needs a teacher checkpoint (--teacher)")
         with trusted_modules(config_modules(cfg)):  # the user's config names them
             teacher = _load_teacher(teacher_checkpoint, splits, device)
+    teacher_sha = teacher_sha256(teacher_checkpoint) if teacher is not None else None
     n_train = len(splits.train) // ctx.world_size
     batch_size = splits_batch(cfg, n_train)
     steps_per_epoch = n_train // batch_size
@@ -640,6 +642,8 @@ def train_together(
     for prev, job in zip(previous, jobs, strict=True):
         if prev is not None:
             _check_resumable(prev, job, mcfg, splits, steps_per_epoch)
+            if job.method in ("kd", "erde"):
+                _check_same_teacher(prev, teacher_checkpoint, teacher_sha)
             if not allow_config_change:
                 check_same_settings(prev, cfg, job)
 
@@ -662,7 +666,8 @@ def train_together(
             env=env, job=job, out_dir=out_dir, model=model,
             loss_fn=make_loss(job, weights, mapping, cfg.distill, tcfg.label_smoothing),
             extra={"exit_weights": weights, "exit_mapping": mapping,
-                   "teacher_checkpoint": str(teacher_checkpoint) if job.method in ("kd", "erde") else None},
+                   "teacher_checkpoint": str(teacher_checkpoint) if run_needs(job) else None,
+                   "teacher_sha256": teacher_sha if run_needs(job) else None},
         )  # fmt: skip
         if prev is not None:
             _restore(run, prev)
@@ -680,6 +685,39 @@ def train_together(
         _drive(env, runs, progress)
     D.barrier(ctx)
     return [d / "checkpoint.pt" for d in out_dirs]
+
+
+def run_needs(job: Job) -> bool:
+    """Whether ``job`` learns from a teacher (kd, erde) rather than from labels alone."""
+    return job.method in ("kd", "erde")
+
+
+def teacher_sha256(teacher_checkpoint: str | Path) -> str:
+    """The sha256 of the teacher's checkpoint file: which teacher a student learnt from."""
+    path = Path(teacher_checkpoint)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_same_teacher(
+    previous: dict[str, Any], teacher_checkpoint: str | Path | None, sha: str | None
+) -> None:
+    """Refuse to reuse or continue a student distilled from a teacher that has since changed.
+
+    Students written before the field existed carry no ``teacher_sha256``: accepted unchecked.
+    """
+    saved = previous.get("teacher_sha256")
+    if saved is None or sha is None or saved == sha:
+        return
+    raise CheckpointError(
+        f"{previous['path']} was distilled from another teacher: {teacher_checkpoint} has "
+        f"changed since (sha256 {str(saved)[:12]}... then, {sha[:12]}... now); pass --force "
+        f"to train it again from this teacher, or remove {Path(previous['path']).parent}"
+    )
 
 
 def _restore(run: _Run, previous: dict[str, Any]) -> None:
