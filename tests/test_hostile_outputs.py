@@ -131,6 +131,29 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
         assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
 
 
+def test_a_second_calibrate_into_the_same_folder_is_refused_naming_the_first(
+    tiny_run, tmp_path: Path
+) -> None:
+    folder = tmp_path / "thresholds"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from erde.outputs import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
+         str(folder)],
+        env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = folder / "t.json"
+        done = erde("calibrate", str(tiny_run["teacher"]), "--budget", "0.5", "--out", str(out))
+        line = one_error_line(done.stderr)
+        assert done.returncode == 2 and f"is in use by pid {holder.pid}" in line
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_process_may_nest_locks_on_its_own_folder(tmp_path: Path) -> None:
     with output_lock(tmp_path), output_lock(tmp_path):
         assert (tmp_path / LOCK_NAME).exists()

@@ -386,6 +386,17 @@ def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """One writer per thresholds folder: a second calibrate into it stops at once, naming the
+    first (two writing one file would each report success while one result is lost)."""
+    from erde.calibration import check_thresholds_output
+    from erde.outputs import output_lock
+
+    target = check_thresholds_output(args.checkpoint, args.out)
+    with output_lock(target.parent, enabled=_writes_files()):
+        return _calibrate(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     import warnings
 
     from erde.calibration import CalibrationWarning, calibrate_checkpoint, resolution_note
