@@ -107,3 +107,7 @@ def test_a_model_trained_on_tensors_loads_predicts_and_calibrates(tmp_path, one_
         predictor.predict(m.normalize(x[:2]))
     with pytest.raises(ImageInputError, match="3x4x4"):
         predictor.predict(x[:2, :, :4, :4])
+    # a numpy uint8 batch is uint8 pixels too (it was refused as "takes uint8, got uint8")
+    assert torch.equal(predictor.predict(x[:16].numpy()).classes, routed.classes)
+    with pytest.raises(ImageInputError, match="got list"):
+        predictor.predict(x[:2].tolist())

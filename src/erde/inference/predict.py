@@ -102,6 +102,13 @@ class Predictor:
         Images must already have the model's shape (``image_shape``);
         :func:`load_image` reads and resizes files to it.
         """
+        if isinstance(images, np.ndarray):  # numpy's uint8 is not torch's: compare as tensors
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if not isinstance(images, Tensor):
+            raise ImageInputError(
+                f"predict takes a uint8 tensor or numpy array (B, C, H, W), got "
+                f"{type(images).__name__}"
+            )
         if images.dtype != torch.uint8:
             raise ImageInputError(
                 f"predict takes uint8 pixels (B, C, H, W), got {images.dtype}; call "
