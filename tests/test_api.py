@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,17 @@ def test_a_model_trained_on_tensors_loads_predicts_and_calibrates(tmp_path, one_
     assert torch.equal(predictor.predict(x[:16].numpy()).classes, routed.classes)
     with pytest.raises(ImageInputError, match="got list"):
         predictor.predict(x[:2].tolist())
+
+
+def test_one_string_where_a_list_is_expected_is_refused_not_read_letter_by_letter(
+    tmp_path: Path,
+) -> None:
+    from erde.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoints must be a list, got one string 'runs/t'"):
+        erde.evaluate("runs/t", tmp_path / "report")
+    with pytest.raises(ConfigError, match="methods must be a list"):
+        erde.run(erde.make_config(), tmp_path / "run", methods="kd")
+    with pytest.raises(ConfigError, match="names must be a list"):
+        erde.evaluate(["runs/t"], tmp_path / "report", names="t")
+    assert not (tmp_path / "report").exists() and not (tmp_path / "run").exists()

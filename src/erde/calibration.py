@@ -556,7 +556,10 @@ def evaluate_budgeted(
     ``names`` labels the models (default: each checkpoint's own).
     """
     from erde import io
+    from erde.errors import require_list
 
+    for value, what in ((checkpoints, "checkpoints"), (names, "names"), (budgets, "budgets")):
+        require_list(value, what)
     if not budgets or any(not (math.isfinite(b) and b > 0) for b in budgets):
         raise ConfigError(f"budgets must be fractions of the full MACs > 0, got {list(budgets)}")
     if names is not None and (len(names) != len(checkpoints) or not all(names)):

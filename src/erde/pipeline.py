@@ -19,7 +19,7 @@ from erde.config import ExperimentConfig, config_from_dict, save_config
 from erde.curves import folder_curves, render_curves_png
 from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
-from erde.errors import ConfigError, ReportError
+from erde.errors import ConfigError, ReportError, require_list
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
@@ -49,6 +49,8 @@ def evaluate_checkpoints(
     labels the models in the report (default: each checkpoint's own, e.g.
     ``student_erde``), for comparing several students trained with one method.
     """
+    for value, what in ((checkpoints, "checkpoints"), (names, "names"), (thresholds, "thresholds")):
+        require_list(value, what)
     loaded = [load_checkpoint(p) for p in checkpoints]
     if not loaded:
         raise ConfigError("no checkpoint to evaluate")
@@ -146,6 +148,7 @@ def run_pipeline(
     ``on_epoch(out_dir, record)`` is called after every epoch of every model.
     """
     out_dir = Path(out_dir)
+    require_list(methods, "methods")
     unknown = [m for m in methods if m not in STUDENT_METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(STUDENT_METHODS)}")
