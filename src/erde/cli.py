@@ -1023,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "threads" in vars(args):
             from erde.threads import set_threads
 
-            set_threads(args.threads)
+            set_threads(args.threads, "--threads")
         return _run(args)
     except ErdeError as exc:
         print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
