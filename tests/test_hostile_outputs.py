@@ -114,14 +114,20 @@ def test_two_runs_into_one_out_the_second_is_refused_and_the_first_is_whole(
     assert not (out / LOCK_NAME).exists()
 
 
-def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s output lock (for 10 minutes, or until killed)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from erde.outputs import output_lock\n"
          "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
-         str(tmp_path)],
+         str(folder)],
         env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    holder = _lock_holder(tmp_path)
     with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"), output_lock(tmp_path):
         pass
     holder.send_signal(signal.SIGKILL)
@@ -136,14 +142,8 @@ def test_a_second_calibrate_into_the_same_folder_is_refused_naming_the_first(
 ) -> None:
     folder = tmp_path / "thresholds"
     folder.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from erde.outputs import output_lock\n"
-         "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
-         str(folder)],
-        env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = _lock_holder(folder)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         out = folder / "t.json"
         done = erde("calibrate", str(tiny_run["teacher"]), "--budget", "0.5", "--out", str(out))
         line = one_error_line(done.stderr)
