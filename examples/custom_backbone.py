@@ -20,8 +20,10 @@ half width, trained with ERDE from the teacher. Everything else (training,
 evaluation, report, checkpoints) is erde's ordinary pipeline.
 
 The checkpoints record the import path, so other erde commands rebuild the
-network as long as this module is importable, e.g.
-``PYTHONPATH=examples erde calibrate runs/custom_backbone/student_erde --budget 0.5``.
+network as long as this module is importable and trusted (a checkpoint alone
+may not make erde import code), e.g.
+``PYTHONPATH=examples erde calibrate runs/custom_backbone/student_erde --budget 0.5
+--trust-module custom_backbone``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,8 +55,9 @@ def _tensors(n: int, k: int = 3, size: int = 8, seed: int = 0):
         (lambda x, y: (x, y[:-1]), "one class index per image"),
         (lambda x, y: (x, y.float()), "integer class indices"),
         (lambda x, y: (x, y - 1), "negative class index"),
+        (lambda x, y: (x, torch.where(y == 0, 10**12, y)), "at most 100,000 classes"),
     ],
-    ids=["float", "grey", "3d", "short-labels", "float-labels", "negative"],
+    ids=["float", "grey", "3d", "short-labels", "float-labels", "negative", "huge-label"],
 )
 def test_splits_from_tensors_refuses_bad_input_in_one_line(change, message) -> None:
     x, y = _tensors(30)
@@ -69,6 +71,8 @@ def test_splits_from_tensors_holds_out_validation_and_names_classes() -> None:
     x, y = _tensors(60)
     with pytest.raises(DataError, match="3 class names"):
         erde.splits_from_tensors(x, y + 1, x, y, class_names=["a", "b", "c"])
+    with pytest.raises(DataError, match="a list of names, got one string 'abc'"):
+        erde.splits_from_tensors(x, y, x, y, class_names="abc")  # not three classes a, b, c
     splits = erde.splits_from_tensors(
         x.numpy(), y.numpy(), x[:9], y[:9], class_names=["a", "b", "c"], val_fraction=0.2, seed=1
     )
@@ -104,3 +108,21 @@ def test_a_model_trained_on_tensors_loads_predicts_and_calibrates(tmp_path, one_
         predictor.predict(m.normalize(x[:2]))
     with pytest.raises(ImageInputError, match="3x4x4"):
         predictor.predict(x[:2, :, :4, :4])
+    # a numpy uint8 batch is uint8 pixels too (it was refused as "takes uint8, got uint8")
+    assert torch.equal(predictor.predict(x[:16].numpy()).classes, routed.classes)
+    with pytest.raises(ImageInputError, match="got list"):
+        predictor.predict(x[:2].tolist())
+
+
+def test_one_string_where_a_list_is_expected_is_refused_not_read_letter_by_letter(
+    tmp_path: Path,
+) -> None:
+    from erde.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoints must be a list, got one string 'runs/t'"):
+        erde.evaluate("runs/t", tmp_path / "report")
+    with pytest.raises(ConfigError, match="methods must be a list"):
+        erde.run(erde.make_config(), tmp_path / "run", methods="kd")
+    with pytest.raises(ConfigError, match="names must be a list"):
+        erde.evaluate(["runs/t"], tmp_path / "report", names="t")
+    assert not (tmp_path / "report").exists() and not (tmp_path / "run").exists()

@@ -253,7 +253,8 @@ def test_user_teacher_and_mobilenetv2_student_train_and_evaluate(cross_family_ru
     assert set(report["models"]) == {"teacher", "student_kd", "student_erde"}
     assert report["models"]["teacher"]["arch"] == f"{MODULE}:mixed"
     student = load_checkpoint(out / "student_erde")
-    s_model, t_model = model_from_checkpoint(student), model_from_checkpoint(teacher)
+    s_model = model_from_checkpoint(student)  # a MobileNetV2: no module to trust
+    t_model = model_from_checkpoint(teacher, trust_modules=[MODULE])
     assert s_model.num_exits == 3 and t_model.num_exits == 2
     shape = tuple(student["image_shape"])
     expected = exit_mapping_by_cost(
@@ -271,15 +272,17 @@ def test_user_model_calibrates_and_exports_with_onnx_runtime_parity(
     from erde.export import OnnxEarlyExitRuntime
 
     ckpt = cross_family_run / "teacher" / "checkpoint.pt"
-    assert main(["calibrate", str(ckpt), "--budget", "0.8", "--no-progress"]) == 0
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "onnx")]) == 0  # checks each graph
+    assert main(["calibrate", str(ckpt), "--budget", "0.8", "--no-progress"]) == 2  # untrusted
+    trust = ["--trust-module", MODULE]
+    assert main(["calibrate", str(ckpt), "--budget", "0.8", "--no-progress", *trust]) == 0
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "onnx"), *trust]) == 0  # each graph
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert len(manifest["stages"]) == 2 and (tmp_path / "onnx" / "thresholds.json").is_file()
 
     loaded = load_checkpoint(ckpt)
     splits = load_splits(config_from_dict(loaded["config"]))
     x = prepare_batch(splits.test.images, splits, train=False)
-    model = model_from_checkpoint(loaded).eval()
+    model = model_from_checkpoint(loaded, trust_modules=[MODULE]).eval()
     with torch.no_grad():
         scores = exits.rule_score(model(x)[0], "entropy")
     policy = ExitPolicy.create(scores.median().item(), "entropy", 10, 2)
@@ -306,7 +309,7 @@ def test_checkpoint_of_a_user_model_without_its_module_is_one_line_and_writes_no
     }  # the module's folder left out
     result = subprocess.run(
         [sys.executable, "-m", "erde.cli", "evaluate", str(cross_family_run / "teacher"),
-         "--out", str(out), "--no-progress"],
+         "--out", str(out), "--no-progress", "--trust-module", MODULE],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert result.returncode == 2

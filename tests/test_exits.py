@@ -86,6 +86,8 @@ def test_check_thresholds_accepts_range_ends_and_expands_one_value() -> None:
 
 def test_check_thresholds_per_exit_values() -> None:
     assert check_thresholds([0.1, 0.2], "entropy", 10, 3) == [0.1, 0.2]
+    # one value in a list is shared, as the message "expected 1 or 2" promises
+    assert check_thresholds([0.1], "entropy", 10, 3) == [0.1, 0.1]
     # a value for the last exit is accepted and dropped (the last exit always answers)
     assert check_thresholds([0.1, 0.2, 0.3], "entropy", 10, 3) == [0.1, 0.2]
     with pytest.raises(ThresholdError, match="expected 1 or 2 thresholds"):

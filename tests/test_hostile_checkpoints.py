@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hostile import crafted_checkpoint, erde, one_error_line, png
+from hostile import SRC, crafted_checkpoint, erde, one_error_line, png
 
 from erde.checkpoints import load_checkpoint
 from erde.cli import main
@@ -231,3 +231,126 @@ def test_predict_does_not_block_on_a_fifo(tiny_run, tmp_path: Path, capsys) -> N
     assert main(["predict", str(tiny_run["teacher"]), str(fifo), "--threshold", "0.5"]) == 1
     record = json.loads(capsys.readouterr().out)
     assert "not a regular file" in record["error"]
+
+
+# --------------------------------------------------------------------------- code by import path
+
+
+@pytest.fixture
+def planted_module(tmp_path: Path) -> tuple[Path, Path]:
+    """A module that leaves a mark file when imported, and the folder that makes it importable."""
+    folder, mark = tmp_path / "planted", tmp_path / "imported"
+    folder.mkdir()
+    (folder / "erde_planted.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    return folder, mark
+
+
+@pytest.mark.parametrize("arch", ["erde_planted:x", "erde_planted.sub:x", "PIL.__main__:x"])
+def test_a_checkpoint_naming_a_module_imports_nothing_unless_trusted(
+    tiny_run, tmp_path: Path, image: Path, planted_module: tuple[Path, Path], arch: str
+) -> None:
+    folder, mark = planted_module
+    bad = crafted_checkpoint(
+        tiny_run["teacher"], tmp_path / "bad" / "checkpoint.pt", model_config={"arch": arch}
+    )
+    module = arch.partition(":")[0]
+    done = erde(
+        "predict", str(bad), str(image), "--threshold", "0.5", env={"PYTHONPATH": f"{SRC}:{folder}"}
+    )
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"names the module {module!r}" in line and f"--trust-module {module}" in line
+    assert not mark.exists()
+
+
+def test_trust_module_lets_the_user_opt_in_and_the_factory_mark_still_applies(
+    tiny_run, tmp_path: Path, image: Path, planted_module: tuple[Path, Path]
+) -> None:
+    folder, mark = planted_module
+    bad = crafted_checkpoint(
+        tiny_run["teacher"], tmp_path / "bad" / "checkpoint.pt",
+        model_config={"arch": "erde_planted:x"},
+    )  # fmt: skip
+    done = erde(
+        "predict", str(bad), str(image), "--threshold", "0.5", "--trust-module", "erde_planted",
+        env={"PYTHONPATH": f"{SRC}:{folder}"},
+    )  # fmt: skip
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and mark.exists()  # imported: the user asked for it
+    assert "has no 'x'" in line
+
+
+def test_model_from_checkpoint_refuses_an_untrusted_module_in_python(tiny_run, tmp_path) -> None:
+    from erde.checkpoints import model_from_checkpoint
+
+    bad = crafted_checkpoint(
+        tiny_run["teacher"], tmp_path / "checkpoint.pt", model_config={"arch": "erde_nowhere:x"}
+    )
+    with pytest.raises(CheckpointError, match="trust_modules=\\['erde_nowhere'\\]"):
+        model_from_checkpoint(load_checkpoint(bad))
+    with pytest.raises(CheckpointError, match="cannot import 'erde_nowhere'"):
+        model_from_checkpoint(load_checkpoint(bad), trust_modules=["erde_nowhere"])
+
+
+# --------------------------------------------------------------------------- oversized records
+
+
+def _bomb(source: Path, target: Path, unpacked: int) -> Path:
+    """``source`` with an extra field whose record is ``unpacked`` deflated zero bytes."""
+    import zipfile
+
+    marker = 12_345  # a record size no real field has, to find the field's record
+    plain = crafted_checkpoint(
+        source, target.with_suffix(".plain"), junk=torch.zeros(marker, dtype=torch.uint8)
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            if info.file_size != marker:
+                dst.writestr(info, src.read(info))
+                continue
+            record = zipfile.ZipInfo(info.filename)
+            record.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(record, "w", force_zip64=True) as out:
+                chunk = bytes(1 << 20)
+                for _ in range(unpacked >> 20):
+                    out.write(chunk)
+    return target
+
+
+def test_a_compression_bomb_in_a_checkpoint_is_refused_before_it_is_inflated(
+    tiny_run, tmp_path: Path, image: Path
+) -> None:
+    import zipfile
+
+    bomb = _bomb(tiny_run["teacher"], tmp_path / "bomb" / "checkpoint.pt", 256 << 20)
+    with zipfile.ZipFile(bomb) as archive:  # the deflated record really is there
+        archive.getinfo(
+            next(n for n in archive.namelist() if archive.getinfo(n).file_size == 256 << 20)
+        )
+    for argv in (
+        ["predict", str(bomb), str(image), "--threshold", "0.5"],
+        ["status", str(bomb.parent)],
+    ):
+        done = erde(*argv, memory_limit=MEMORY_LIMIT)
+        text = done.stderr if argv[0] == "predict" else done.stdout
+        assert "compression bomb" in text and "268,435,456 bytes" in text, done
+        if argv[0] == "predict":
+            assert done.returncode == 2 and one_error_line(done.stderr)
+        else:
+            assert "unreadable" in text
+
+
+def test_a_field_erde_never_writes_is_refused(tiny_run, tmp_path: Path) -> None:
+    bad = crafted_checkpoint(
+        tiny_run["teacher"], tmp_path / "extra.pt", junk=torch.zeros(3), **{"x" * 500: 1}
+    )
+    with pytest.raises(
+        CheckpointError, match="field\\(s\\) erde never writes \\('junk', 'xxx"
+    ) as info:
+        load_checkpoint(bad)
+    assert len(str(info.value)) < 400  # the long name is cut
+    for key in ("lookahead", "teacher_sha256"):  # written by newer training code: accepted
+        load_checkpoint(
+            crafted_checkpoint(tiny_run["teacher"], tmp_path / f"{key}.pt", **{key: None})
+        )

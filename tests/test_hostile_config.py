@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_OVERRIDES
 from hostile import one_error_line, snapshot
 
@@ -39,6 +40,42 @@ def test_deeply_nested_config_file_is_one_line(tmp_path: Path, capsys) -> None:
     config.write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
     assert main(["train-teacher", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "nested too deeply" in _error(capsys)
+
+
+def _alias_bomb(levels: int = 9) -> list[str]:
+    """List items, each nine aliases of the one before: a few hundred bytes, 9**levels values."""
+    items = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return items
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("teacher", "exit_after"), ("teacher", "arch"), ("data", "name")],
+)
+def test_alias_bomb_under_a_valid_key_is_refused_at_once_in_one_short_line(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    from hostile import erde
+
+    config = tmp_path / "bomb.yaml"
+    items = "".join(f"    - {item}\n" for item in _alias_bomb())
+    config.write_text(f"{section}:\n  {key}:\n{items}")
+    assert len(config.read_bytes()) < 800
+    done = erde("train-teacher", "--config", str(config), "--out", str(tmp_path / "o"), timeout=60,
+                memory_limit=3 << 30)  # fmt: skip
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "aliases expand to more than 100,000 values" in line
+    assert len(done.stderr) < 1000 and not (tmp_path / "o").exists()
+
+
+def test_an_error_quotes_a_long_value_cut_short(capsys, tmp_path: Path) -> None:
+    argv = ["train-teacher", "--set", f"teacher_train.optimizer={'x' * 100_000}",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    line = _error(capsys)
+    assert "teacher_train.optimizer must be sgd or adamw" in line and len(line) < 300
+    assert "100,002 characters" in line
 
 
 def test_all_zero_exit_weights_are_refused() -> None:
@@ -155,6 +192,44 @@ def test_resume_with_fewer_methods_does_not_silently_shrink_the_report(
     assert snapshot(finished_run) == before
 
 
+def _retrain_teacher(run: Path) -> None:
+    """The teacher replaced by another one (as ``train-teacher --force`` does), its students kept."""
+    from hostile import crafted_checkpoint
+
+    teacher = run / "teacher" / "checkpoint.pt"
+    ckpt = torch.load(teacher, weights_only=True)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    weights = {**ckpt["model"], name: ckpt["model"][name] + 0.5}
+    crafted_checkpoint(teacher, teacher, model=weights)
+
+
+def test_resume_refuses_students_distilled_from_a_teacher_since_retrained(
+    finished_run: Path, capsys
+) -> None:
+    _retrain_teacher(finished_run)
+    before = snapshot(finished_run)
+    same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
+    assert main(["run", "--out", str(finished_run), "--resume", *same]) == 2
+    line = _error(capsys)
+    assert "student_kd" in line and "was distilled from another teacher" in line
+    assert "--force" in line
+    assert snapshot(finished_run) == before
+
+
+def test_students_without_a_recorded_teacher_are_reused_unchecked(
+    finished_run: Path, capsys
+) -> None:
+    for method in ("kd", "erde"):
+        student = finished_run / f"student_{method}" / "checkpoint.pt"
+        ckpt = torch.load(student, weights_only=True)
+        assert len(ckpt.pop("teacher_sha256")) == 64  # recorded by this erde
+        torch.save(ckpt, student)  # as written before the field existed
+    _retrain_teacher(finished_run)
+    same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
+    assert main(["run", "--out", str(finished_run), "--resume", *same]) == 0
+    assert "student_kd: already finished" in capsys.readouterr().out
+
+
 def test_allow_config_change_reuses_the_model_explicitly(finished_run: Path, capsys) -> None:
     same = ["--config", str(finished_run / "config.yaml"), "--no-progress"]
     argv = ["train-teacher", "--out", str(finished_run / "teacher"), "--resume", *same]
@@ -171,6 +246,9 @@ def test_allow_config_change_reuses_the_model_explicitly(finished_run: Path, cap
         ("teacher_train.warmup_epochs=.inf", "teacher_train.warmup_epochs must be >= 0 and finite"),
         ("teacher.width=1e6", "teacher.width must be in (0, 16]"),
         ("data.image_size=100000", "data.image_size must be <= 1024"),
+        ("teacher_train.lr=1e308", "teacher_train.lr must be in (0, 10], got 1e+308"),
+        ("student_train.lr=1e30", "student_train.lr must be in (0, 10]"),
+        ("student_train.lr=.nan", "student_train.lr must be in (0, 10]"),
     ],
 )
 def test_unbounded_or_infinite_settings_are_refused(override: str, named: str) -> None:

@@ -96,6 +96,27 @@ def test_decompression_bomb_in_an_image_folder_is_one_line(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_image_over_the_input_bound_is_refused_from_its_header_at_native_size(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from PIL import ImageFile
+
+    root = tmp_path / "data"
+    write_imagefolder(root)
+    big = png(root / "train" / "cat" / "big.png", np.zeros((1500, 1100, 3), np.uint8))
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
+    code = main(["train-teacher", "--dataset", "imagefolder", "--data-dir", str(root),
+                 "--out", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{big} is 1100x1500 pixels" in line and "data.image_size" in line
+    assert (1100, 1500) not in decoded  # judged from the header: never decoded
+    assert not list(root.glob(".erde-cache-*")) and not (tmp_path / "out").exists()
+    assert decode_image(big, 8).shape == (8, 8, 3)  # resized on the way in: accepted
+
+
 def test_empty_class_folder_is_warned_about(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_imagefolder(root)

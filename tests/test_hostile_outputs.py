@@ -20,6 +20,7 @@ import yaml
 from hostile import SRC, erde, one_error_line, png, snapshot, tmpfs
 
 from erde.cli import main
+from erde.errors import OutputError
 from erde.outputs import LOCK_NAME, OutputLockedError, output_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,14 +114,20 @@ def test_two_runs_into_one_out_the_second_is_refused_and_the_first_is_whole(
     assert not (out / LOCK_NAME).exists()
 
 
-def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s output lock (for 10 minutes, or until killed)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from erde.outputs import output_lock\n"
          "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
-         str(tmp_path)],
+         str(folder)],
         env={**os.environ, "PYTHONPATH": SRC}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    holder = _lock_holder(tmp_path)
     with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"), output_lock(tmp_path):
         pass
     holder.send_signal(signal.SIGKILL)
@@ -130,10 +137,56 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
         assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_NAME).read_text()
 
 
+def test_a_second_calibrate_into_the_same_folder_is_refused_naming_the_first(
+    tiny_run, tmp_path: Path
+) -> None:
+    folder = tmp_path / "thresholds"
+    folder.mkdir()
+    holder = _lock_holder(folder)
+    try:
+        out = folder / "t.json"
+        done = erde("calibrate", str(tiny_run["teacher"]), "--budget", "0.5", "--out", str(out))
+        line = one_error_line(done.stderr)
+        assert done.returncode == 2 and f"is in use by pid {holder.pid}" in line
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_process_may_nest_locks_on_its_own_folder(tmp_path: Path) -> None:
     with output_lock(tmp_path), output_lock(tmp_path):
         assert (tmp_path / LOCK_NAME).exists()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link_to_a_file", "dangling_link"])
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(
+    tmp_path: Path, dangling: bool
+) -> None:
+    out, outside = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    if not dangling:
+        outside.write_text("keep me")
+    (out / LOCK_NAME).symlink_to(outside)
+    done = erde("train-teacher", "--out", str(out), *TINY)
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "is a symbolic link" in line and LOCK_NAME in line
+    if dangling:
+        assert not outside.exists()  # not created through the link
+    else:
+        assert outside.read_text() == "keep me"
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_lock_file_hard_linked_to_another_file_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    os.link(outside, tmp_path / "out" / LOCK_NAME)
+    with pytest.raises(OutputError, match="hard link"), output_lock(tmp_path / "out"):
+        pass
+    assert outside.read_text() == "keep me"
 
 
 # --------------------------------------------------------------------------- bad output folders
@@ -175,3 +228,64 @@ def test_full_disk_during_training_says_so_and_keeps_the_last_checkpoint(
         assert code == 2 and "disk full" in line and str(disk / "checkpoint.pt") in line
         assert (disk / "checkpoint.pt").read_bytes() == good
         assert not list(disk.glob(".checkpoint.pt.*"))  # no half-written temporary file
+
+
+# --------------------------------------------------------------------------- outputs over inputs
+
+
+@pytest.fixture
+def model_copy(tiny_run, tmp_path: Path) -> Path:
+    """A copy of the tiny teacher's folder, calibrated: checkpoint, thresholds, config."""
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_run["teacher"].parent, folder)
+    assert main(["calibrate", str(folder), "--budget", "0.7", "--no-progress"]) == 0
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "{ck}", "{img}", "--output", "{ck}/checkpoint.pt"],
+        ["predict", "{ck}", "{img}", "--output", "{ck}/checkpoint.thresholds.json"],
+        ["calibrate", "{ck}", "--budget", "0.5", "--out", "{ck}/checkpoint.pt"],
+        [
+            "calibrate",
+            "{ck}",
+            "--max-drop",
+            "0.5",
+            "--confidence",
+            "0.9",
+            "--out",
+            "{ck}/checkpoint.pt",
+        ],
+        ["release", "{ck}", "--out", "{ck}/checkpoint.pt"],
+        ["bench", "{ck}", "--no-onnx", "--json", "{ck}/checkpoint.pt"],
+        ["evaluate", "{ck}", "--out", "{ck}"],
+        ["export", "{ck}", "--out", "{ck}"],
+        ["train-student", "--teacher", "{ck}", "--out", "{ck}", "--force", "--method", "kd"],
+    ],
+    ids=lambda argv: f"{argv[0]}-{argv[-1].rsplit('/', 1)[-1]}",
+)
+def test_no_output_option_writes_over_the_model_it_reads(
+    model_copy: Path, images: Path, argv: list[str], capsys
+) -> None:
+    before = snapshot(model_copy)
+    argv = [a.format(ck=model_copy, img=images / "0.png") for a in argv]
+    extra = TINY if argv[0] == "train-student" else []
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("erde: error:") == 1 and "Traceback" not in err
+    named = ("is also an input", "holds the input model", "is the checkpoint itself")
+    assert any(words in err for words in named), err
+    assert snapshot(model_copy) == before
+
+
+def test_an_output_that_is_a_hard_link_to_the_checkpoint_is_refused(
+    model_copy: Path, images: Path, capsys
+) -> None:
+    link = model_copy.parent / "looks-new.jsonl"
+    os.link(model_copy / "checkpoint.pt", link)
+    before = snapshot(model_copy)
+    assert main(["predict", str(model_copy), str(images / "0.png"), "--output", str(link)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert snapshot(model_copy) == before

@@ -372,3 +372,23 @@ def test_budgeted_plot_puts_models_on_one_mac_axis() -> None:
     teacher, student = ax.get_lines()[:2]
     assert min(teacher.get_xdata()) > max(student.get_xdata())  # the teacher costs more
     assert "MACs per image (MMACs)" in ax.get_xlabel() and ax.get_xscale() == "log"
+
+
+def test_user_model_names_cannot_break_the_markdown_or_run_in_a_spreadsheet(
+    tmp_path: Path,
+) -> None:
+    import csv
+
+    names = ["a|b\nc", '=HYPERLINK("x")', "-1+2", "@SUM(A1)", "+x"]
+    models = {name: _model(name, i, [1000, 2500, 4000]) for i, name in enumerate(names)}
+    dataset = dataset_summary("evil|set\n# heading", 5, (3, 8, 8), 120, 30, 270)
+    paths = write_report(tmp_path, build_report(models, dataset=dataset))
+    text = paths["markdown"].read_text()
+    assert "| a\\|b c (`a\\|b c`) |" in text  # one cell, on its row
+    assert "### a|b c (`a|b c`)" in text and "\n# heading" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| Model | Params"))
+    row = next(line for line in text.splitlines() if line.startswith("| a\\|b c"))
+    assert row.replace("\\|", "").count("|") == header.count("|")  # as many cells as the header
+    with open(paths["csv"], newline="") as f:
+        cells = [row["model"] for row in csv.DictReader(f)]
+    assert set(cells) == {"a|b\nc", '\'=HYPERLINK("x")', "'-1+2", "'@SUM(A1)", "'+x"}

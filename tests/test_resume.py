@@ -190,6 +190,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_nan_loss_before_the_first_checkpoint_does_not_claim_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    _loss_that_turns_nan_at(2, monkeypatch)
+    with pytest.raises(TrainingError) as info:
+        train(_config(0), Job("teacher"), tmp_path, progress=False)
+    assert "no checkpoint was written yet" in str(info.value)
+    assert "last good checkpoint" not in str(info.value)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path: Path, monkeypatch) -> None:
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -218,6 +218,15 @@ def test_a_damaged_checkpoint_is_one_line_and_the_others_are_still_read(tiny_run
         status_lines(tmp_path / "broken" / "checkpoint.pt")
 
 
+def test_a_corrupt_metrics_file_is_named_in_its_model_s_line(tiny_run, tmp_path, capsys) -> None:
+    run = shutil.copytree(tiny_run["out"], tmp_path / "run")
+    (run / "student_kd" / "metrics.jsonl").write_text('{"epoch": 1, broken\n')
+    assert main(["status", str(run)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("student_kd:"))
+    assert line.startswith("student_kd: finished (")
+    assert f"metrics unreadable ({run / 'student_kd' / 'metrics.jsonl'}: line 1" in line
+
+
 def test_a_reader_that_goes_away_stops_the_command_quietly(tiny_run) -> None:
     """`erde status DIR | head -1`: no "Broken pipe" error line when head has read enough."""
     child = subprocess.Popen(

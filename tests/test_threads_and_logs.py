@@ -63,6 +63,19 @@ def test_default_threads_follow_the_environment_then_the_load(monkeypatch) -> No
         parse_threads(0, "--threads")
 
 
+def test_a_thread_count_far_beyond_the_cores_is_refused(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr("erde.threads.available_cores", lambda: 2)
+    with pytest.raises(ConfigError, match="--threads must be at most 8 .*got 256"):
+        parse_threads(256, "--threads")
+    assert parse_threads(8, "--threads") == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # set for other programs: held to the cap
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert default_threads() == 8
+    assert main(["train-teacher", "--threads", "256", "--out", str(tmp_path / "t")]) == 2
+    assert "--threads must be at most 8" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_train_prints_what_it_trains_where_and_one_line_per_epoch(
     tmp_path: Path, capsys, keep_threads
 ) -> None:

@@ -32,6 +32,7 @@ _API = {
     # models
     "build_model": "erde.models",
     "measure_exit_costs": "erde.models",
+    "trusted_modules": "erde.models",
     # training, evaluation, calibration
     "train_teacher": "erde.api",
     "train_student": "erde.api",
@@ -65,6 +66,7 @@ __all__ = [  # the keys of _API (a test keeps them equal)
     "AugmentSpec",
     "build_model",
     "measure_exit_costs",
+    "trusted_modules",
     "train_teacher",
     "train_student",
     "run",
@@ -122,6 +124,6 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         load_image,
         load_predictor,
     )
-    from erde.models import build_model, measure_exit_costs
+    from erde.models import build_model, measure_exit_costs, trusted_modules
     from erde.monitor import TensorBoardLogger
     from erde.threads import set_threads

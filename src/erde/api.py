@@ -220,13 +220,18 @@ class LoadedModel:
         return self.model(self.normalize(images))
 
 
-def load_model(checkpoint: str | Path, device: str = "cpu") -> LoadedModel:
+def load_model(
+    checkpoint: str | Path, device: str = "cpu", *, trust_modules: Sequence[str] = ()
+) -> LoadedModel:
     """A checkpoint (file, or folder holding checkpoint.pt) as a ready-to-use model.
 
     Loaded with ``torch.load(..., weights_only=True)``: a checkpoint never runs code.
+    A checkpoint of your own network (``arch`` ``module:factory``) imports its
+    module only when ``trust_modules`` names it (or a package above it).
     """
     ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt).to(resolve_device(device)).eval()
+    model = model_from_checkpoint(ckpt, trust_modules=trust_modules)
+    model = model.to(resolve_device(device)).eval()
     shape = tuple(int(s) for s in ckpt["image_shape"])
     c = shape[0]
     names = ckpt.get("class_names") or [str(k) for k in range(int(ckpt["num_classes"]))]

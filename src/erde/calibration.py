@@ -480,11 +480,8 @@ def calibrate_checkpoint(
     stem>.thresholds.json`` beside the checkpoint (or ``out``) and returns the
     result and the path.
     """
-    from erde.inference import thresholds_path
-    from erde.outputs import check_output_file
-
     Target.create(budget, max_drop)  # fail before loading anything
-    check_output_file(Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint])
+    check_thresholds_output(checkpoint, out)
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
     val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
         model, splits, dev, cfg.data.eval_batch_size, progress
@@ -494,6 +491,20 @@ def calibrate_checkpoint(
         per_exit=per_exit, temperature=temperature, test_logits=test_logits, test_labels=test_labels,
     )  # fmt: skip
     return result, _save_checkpoint_thresholds(ckpt, model, splits, costs, result, per_exit, out)
+
+
+def check_thresholds_output(checkpoint: str | Path, out: str | Path | None) -> Path:
+    """Where calibration writes (``out``, else beside the checkpoint), checked before any work.
+
+    Never the checkpoint itself (nor a link to it): a thresholds file written over
+    the model would destroy it.
+    """
+    from erde.inference import thresholds_path
+    from erde.outputs import check_output_file
+
+    return check_output_file(
+        Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint]
+    )
 
 
 def _val_and_test_logits(
@@ -545,13 +556,19 @@ def evaluate_budgeted(
     ``names`` labels the models (default: each checkpoint's own).
     """
     from erde import io
+    from erde.errors import require_list
 
+    for value, what in ((checkpoints, "checkpoints"), (names, "names"), (budgets, "budgets")):
+        require_list(value, what)
     if not budgets or any(not (math.isfinite(b) and b > 0) for b in budgets):
         raise ConfigError(f"budgets must be fractions of the full MACs > 0, got {list(budgets)}")
     if names is not None and (len(names) != len(checkpoints) or not all(names)):
         raise ConfigError(
             f"names: one non-empty name per checkpoint ({len(checkpoints)}), got {names}"
         )
+    from erde.outputs import check_out_folder
+
+    check_out_folder(out_dir, checkpoints)
     models: dict[str, Any] = {}
     splits = None
     for index, checkpoint in enumerate(checkpoints):

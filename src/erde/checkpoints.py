@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from erde.limits import (
     check_model_fields,
     check_stats,
 )
+from erde.outputs import check_not_input
 
 FORMAT = "erde-checkpoint"
 VERSION = 1
@@ -41,6 +43,25 @@ REQUIRED_KEYS = (
     "model",
     "config",
 )
+
+
+# Every top-level field erde writes (training, release); a file with others was not written by
+# erde, and an unknown field is also where an oversized payload would hide.
+KNOWN_KEYS = frozenset(
+    {
+        *REQUIRED_KEYS,
+        "path",  # replaced on every load; kept by files re-saved from a loaded dict
+        "role", "method", "dataset", "class_names", "mean", "std",
+        "optimizer", "scheduler", "scaler", "rng", "running", "lookahead",
+        "epoch", "step_in_epoch", "global_step", "finished", "history",
+        "steps_per_epoch", "steady_seconds_per_step", "batch_size", "world_size",
+        "exit_weights", "exit_mapping", "teacher_checkpoint", "teacher_sha256",
+    }
+)  # fmt: skip
+# torch writes checkpoint records uncompressed: what they unpack to is bounded by the file's
+# own size, plus slack for an archive re-packed with compression; more is a compression bomb.
+UNPACK_RATIO, UNPACK_SLACK = 2, 64 << 20
+MAX_RECORDS = 200_000
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -70,6 +91,7 @@ def release_checkpoint(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.resolve() == Path(ckpt["path"]).resolve():
         raise CheckpointError(f"{out} is the checkpoint itself; write the release elsewhere")
+    check_not_input(out, [ckpt["path"]], "--out")  # also a hard link to it
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(released, out)
     return out
@@ -82,6 +104,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_archive(path)
     try:
         # torch warns about foreign pickle protocols; the file is judged below instead
         with warnings.catch_warnings():
@@ -104,9 +127,51 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    unknown = [k for k in ckpt if k not in KNOWN_KEYS]
+    if unknown:
+        shown = ", ".join(_short(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise CheckpointError(
+            f"{path} holds field(s) erde never writes ({shown}); not an erde checkpoint, or "
+            "one altered by hand"
+        )
     _check_fields(ckpt, path)
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _check_archive(path: Path) -> None:
+    """Bound what the checkpoint's records unpack to, from the zip directory, before reading any.
+
+    A small file can hold a deflated record of gigabytes that ``torch.load`` would
+    inflate into memory whole; the sizes are declared in the zip directory, and
+    the reader refuses a record that inflates to more than it declares.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: uncompressed, judged by torch.load below
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable erde checkpoint (truncated or corrupted? {_brief(exc)})"
+        ) from None
+    if len(records) > MAX_RECORDS:
+        raise CheckpointError(f"{path} holds {len(records)} records; at most {MAX_RECORDS}")
+    size = path.stat().st_size
+    unpacked = sum(r.file_size for r in records)
+    if unpacked > UNPACK_RATIO * size + UNPACK_SLACK:
+        largest = max(records, key=lambda r: r.file_size)
+        raise CheckpointError(
+            f"{path}: its records unpack to {unpacked:,} bytes from a {size:,}-byte file "
+            f"({_short(largest.filename)}: {largest.file_size:,} bytes); refused as a "
+            "compression bomb (erde writes checkpoints uncompressed)"
+        )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters: a crafted file's names may be of any length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
@@ -135,11 +200,32 @@ def _check_fields(ckpt: dict[str, Any], path: Path) -> None:
     check_finite_tensors(model, where, CheckpointError)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the early-exit model a checkpoint describes and load its weights."""
+def model_from_checkpoint(
+    ckpt: dict[str, Any], *, trust_modules: Sequence[str] = ()
+) -> torch.nn.Module:
+    """Rebuild the early-exit model a checkpoint describes and load its weights.
+
+    A checkpoint of a user's own network names a ``module:factory``; that module
+    is imported only if the user trusts it (``trust_modules``, or an enclosing
+    :func:`erde.models.custom.trusted_modules` block): a file must not decide on
+    its own to run code.
+    """
+    from erde.models.custom import check_trusted
+
     where = ckpt.get("path", "checkpoint")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = {k: v for k, v in ckpt["model_config"].items() if k in fields}
+    arch = mcfg.get("arch")
+    if not isinstance(arch, str):
+        raise CheckpointError(
+            f"{where}: model_config.arch must be a string, got {type(arch).__name__}"
+        )
+    if isinstance(trust_modules, str):
+        raise TypeError("trust_modules takes a list of module names, not one string")
+    try:
+        check_trusted(arch, str(where), trust_modules)
+    except ErdeError as exc:
+        raise CheckpointError(str(exc)) from None
     # Built on the meta device first (no memory): sizes the file claims are compared with the
     # weights it really holds before a single parameter is allocated.
     shell = _build(ckpt, mcfg, where, torch.device("meta"))

@@ -67,6 +67,49 @@ def _add_threads_arg(g: argparse._ActionsContainer) -> None:
     )  # fmt: skip
 
 
+def _module_name(text: str) -> str:
+    """argparse type of --trust-module: a dotted Python module name."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", text):
+        raise argparse.ArgumentTypeError(
+            f"must be a module name like mypackage.models, got {text!r}"
+        )
+    return text
+
+
+def _add_trust_arg(p: argparse._ActionsContainer) -> None:
+    p.add_argument(
+        "--trust-module", dest="trust_modules", action="append", default=[], type=_module_name,
+        metavar="MODULE",
+        help="let checkpoints of your own network import MODULE (and its submodules) to rebuild "
+        "it (repeatable); modules named by the arch of --config or --set are trusted already. "
+        "Without it a checkpoint naming a module:factory is refused: importing runs code",
+    )  # fmt: skip
+
+
+def _user_modules(args: argparse.Namespace) -> list[str]:
+    """Modules the user named on this command line: --trust-module, and the arch of --config/--set.
+
+    A checkpoint's own config (the fallback of evaluate and calibrate) does not count:
+    a file must not decide on its own what is imported.
+    """
+    from erde.models.custom import module_of
+
+    names = list(getattr(args, "trust_modules", None) or [])
+    archs = []
+    for override in getattr(args, "overrides", None) or []:
+        key, _, value = override.partition("=")
+        if key.strip().endswith(".arch"):
+            archs.append(value.strip())
+    if getattr(args, "config", None):
+        data = load_yaml(args.config)
+        for role in ("teacher", "student"):
+            section = data.get(role) if isinstance(data, dict) else None
+            archs.append(section.get("arch") if isinstance(section, dict) else None)
+    return names + [m for a in archs if isinstance(a, str) and (m := module_of(a))]
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
@@ -364,6 +407,17 @@ def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """One writer per thresholds folder: a second calibrate into it stops at once, naming the
+    first (two writing one file would each report success while one result is lost)."""
+    from erde.calibration import check_thresholds_output
+    from erde.outputs import output_lock
+
+    target = check_thresholds_output(args.checkpoint, args.out)
+    with output_lock(target.parent, enabled=_writes_files()):
+        return _calibrate(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     import warnings
 
     from erde.calibration import CalibrationWarning, calibrate_checkpoint, resolution_note
@@ -549,6 +603,24 @@ def _export_int8(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds_read(args: argparse.Namespace) -> list[Path]:
+    """The thresholds files predict or bench may read: given, beside the checkpoint, exported."""
+    from erde.inference import thresholds_path
+
+    source = Path(getattr(args, "source", None) or args.checkpoint)
+    found = [thresholds_path(source), source / "thresholds.json"] if source.is_dir() else []
+    found += [thresholds_path(source)] if source.is_file() else []
+    return [*found, *([Path(args.thresholds_file)] if args.thresholds_file else [])]
+
+
+def _check_json_output(args: argparse.Namespace, models: list[str | None]) -> None:
+    """bench's --json: checked before any timing, and never one of the files it reads."""
+    from erde.outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json, [*models, *_thresholds_read(args), args.onnx])
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
@@ -561,7 +633,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise ErdeError(f"no image files found in {', '.join(args.inputs)}")
     if args.output:
-        check_output_file(args.output, [args.source, *files])
+        check_output_file(args.output, [args.source, *files, *_thresholds_read(args)])
     predictor = load_predictor(args.source, device=args.device or "cpu", **_policy_kwargs(args))
     failed = 0
     with (
@@ -584,6 +656,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from erde.inference import bench_checkpoint, load_predictor
 
+    _check_json_output(args, [args.checkpoint, args.teacher])
     if args.deploy or args.teacher:
         return _bench_deploy(args)
     policy = load_predictor(args.checkpoint, **_policy_kwargs(args)).policy
@@ -643,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
         "erde.losses.register_method (default: distill.method, erde)",
     )
     p.add_argument("--teacher", help="teacher checkpoint (required for kd and erde)")
+    _add_trust_arg(p)
     p.add_argument("--out", default="runs/student", help="output folder (default: runs/student)")
     p.set_defaults(func=cmd_train_student)
 
@@ -677,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", help="comma-separated fractions of the full MACs (default: 0.2,0.3,...,1.0)"
     )
     _add_fit_args(g)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -783,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="thresholds file to write (default: beside the checkpoint)")
     _add_config_args(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -872,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn when any exit loses more test accuracy than this to int8 (default 0.005)",
     )  # fmt: skip
     _add_threads_arg(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -894,6 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default) or cuda[:N], for checkpoints")
     p.add_argument("--output", help="write the JSON lines here instead of stdout")
     _add_threads_arg(p)
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -941,6 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile each stage")
     _add_threads_arg(p)
     p.add_argument("--json", help="write the records to this JSON file")
+    _add_trust_arg(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -971,10 +1050,13 @@ def _interrupted_message(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from erde.models.custom import trusted_modules
+
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command in LOCKED_COMMANDS and getattr(args, "out", None) is not None:
-        return _locked(args, func)
-    return func(args)
+    with trusted_modules(_user_modules(args)):
+        if args.command in LOCKED_COMMANDS and getattr(args, "out", None) is not None:
+            return _locked(args, func)
+        return func(args)
 
 
 def _stderr_is_terminal() -> bool:
@@ -982,6 +1064,17 @@ def _stderr_is_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # no stderr, or a closed one
         return False
+
+
+MAX_MESSAGE = 2000  # characters of an error printed; a message quoting user input stays readable
+
+
+def _bounded(exc: BaseException) -> str:
+    """An error's message, cut: it may quote a value from a file of any size."""
+    text = str(exc)
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -996,13 +1089,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "threads" in vars(args):
             from erde.threads import set_threads
 
-            set_threads(args.threads)
+            set_threads(args.threads, "--threads")
         return _run(args)
     except ErdeError as exc:
-        print(f"erde: error: {exc}", file=sys.stderr)
+        print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
         return 2
     except ValueError as exc:  # thresholds out of range and similar argument errors
-        print(f"erde: error: {exc}", file=sys.stderr)
+        print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`erde status DIR | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush

@@ -23,6 +23,8 @@ from erde.errors import ConfigError
 from erde.limits import MAX_HEAD_HIDDEN, MAX_HEAD_POOL, MAX_IMAGE_SIDE, MAX_WIDTH
 
 MAX_YAML_BYTES = 1 << 20  # configs are a few kB; refuse anything huge
+MAX_YAML_NODES = 100_000  # values in a config with its aliases expanded; real ones have hundreds
+MAX_LR = 10.0  # learning rates in use are 1e-4 ... 1; far above, every step diverges
 MAX_SEED = 2**32 - 1  # numpy and torch both accept seeds in [0, 2**32)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -257,6 +259,12 @@ class ExperimentConfig:
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: an error names a value, it does not print it all."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -276,10 +284,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
@@ -300,19 +308,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     else:
         raise ConfigError(f"{where}: unsupported type {tp}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"{where}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})"
+    )
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
+            f"unknown config key(s) {', '.join(prefix + (k if isinstance(k, str) and len(k) <= 60 else _show(k)) for k in unknown[:10])}"
+            f"{', ...' if len(unknown) > 10 else ''}; "
             f"valid keys{' of ' + where if where else ''}: {', '.join(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
@@ -358,7 +369,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {_show(text)} must look like section.key=value")
     raw = raw.strip()
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
     if _is_text_field(_field_type(parts)) and not quoted and raw not in ("", "null", "~"):
@@ -367,7 +378,7 @@ def parse_override(text: str) -> dict[str, Any]:
         try:
             value = _safe_load(raw) if raw else None
         except (yaml.YAMLError, ConfigError) as exc:
-            raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+            raise ConfigError(f"override {_show(text)}: cannot parse value: {exc}") from None
     out: Any = value
     for part in reversed(parts):
         out = {part: out}
@@ -396,7 +407,17 @@ def explicit_split_seed(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML lets the last win)."""
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML lets the last win)
+    and a document whose aliases expand to more than :data:`MAX_YAML_NODES` nodes.
+
+    Aliases share one Python object, so loading such a document is cheap, but anything
+    that walks the value (type checks, an error message printing it) pays for every
+    expanded copy: a few hundred bytes of nested aliases stand for billions of nodes.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expanded_size(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, Any] = {}
@@ -405,11 +426,43 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise ConfigError(
-                    f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                    f"duplicate key {_show(key)} at line {line} (first at line {seen[key]}); "
                     "give each key once"
                 )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes ``root`` stands for with every alias expanded, stopping at the budget."""
+    sizes: dict[int, int] = {}  # node id -> expanded size; each distinct node is counted once
+
+    def size(node: yaml.Node, open_: set[int]) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise ConfigError(f"line {node.start_mark.line + 1}: an alias refers to itself")
+        open_.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child, open_)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"aliases expand to more than {MAX_YAML_NODES:,} values (from line "
+                    f"{node.start_mark.line + 1}); a config needs a few hundred"
+                )
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, set())
 
 
 def _safe_load(text: str) -> Any:
@@ -486,13 +539,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         d.method in registered_methods(),
         f"distill.method must be a registered method ({', '.join(registered_methods())}), "
-        f"got {str(d.method)[:40]!r}",
+        f"got {_show(d.method)}",
     )
     if d.students is not None:
         check_students(d.students)
     _check(
         d.exit_mapping_by in ("depth", "cost"),
-        f"distill.exit_mapping_by must be depth or cost, got {d.exit_mapping_by!r}",
+        f"distill.exit_mapping_by must be depth or cost, got {_show(d.exit_mapping_by)}",
     )
     _check(
         d.uncertain_above is None or 0 < d.uncertain_above < 1,
@@ -517,7 +570,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 <= cfg.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     _check(
         _DEVICE.fullmatch(cfg.device) is not None,
-        f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}",
+        f"device must be auto, cpu, mps, cuda or cuda:N, got {_show(cfg.device)}",
     )
     _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
     _check(
@@ -528,7 +581,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for section in ("teacher_train", "student_train"):
         t: TrainConfig = getattr(cfg, section)
         _check(t.epochs >= 1, f"{section}.epochs must be >= 1, got {t.epochs}")
-        _check(t.lr > 0 and math.isfinite(t.lr), f"{section}.lr must be > 0, got {t.lr}")
+        _check(
+            0 < t.lr <= MAX_LR,  # False for nan; inf and 1e308 overflow the optimiser's update
+            f"{section}.lr must be in (0, {MAX_LR:g}], got {t.lr}",
+        )
         _check(0 <= t.momentum < 1, f"{section}.momentum must be in [0, 1), got {t.momentum}")
         _check(t.checkpoint_every_steps >= 0, f"{section}.checkpoint_every_steps must be >= 0")
         _check(
@@ -545,11 +601,11 @@ def validate(cfg: ExperimentConfig) -> None:
         )
         _check(
             t.optimizer in ("sgd", "adamw"),
-            f"{section}.optimizer must be sgd or adamw, got {t.optimizer!r}",
+            f"{section}.optimizer must be sgd or adamw, got {_show(t.optimizer)}",
         )
         _check(
             t.schedule in ("cosine", "linear", "constant"),
-            f"{section}.schedule must be cosine, linear or constant, got {t.schedule!r}",
+            f"{section}.schedule must be cosine, linear or constant, got {_show(t.schedule)}",
         )
         _check(
             0 <= t.label_smoothing < 1,
@@ -599,7 +655,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for rule in e.rules:
         _check(
             rule in registered_rules(),
-            f"evaluation.rules: unknown rule {str(rule)[:40]!r} ({', '.join(registered_rules())})",
+            f"evaluation.rules: unknown rule {_show(rule)} ({', '.join(registered_rules())})",
         )
 
 

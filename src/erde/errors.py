@@ -31,3 +31,11 @@ class CalibrationError(ErdeError):
 
 class ReportError(ErdeError):
     """A report file is unreadable, too large, or of a schema this erde does not render."""
+
+
+def require_list(value: object, name: str) -> None:
+    """Refuse one string where a list is expected: it would be read letter by letter
+    ("checkpoint not found: r" for ``evaluate("runs/t", ...)``)."""
+    if isinstance(value, (str, bytes)):
+        shown = repr(value if len(value) <= 60 else value[:57] + "...")
+        raise ConfigError(f"{name} must be a list, got one string {shown}; write [{shown}]")

@@ -182,7 +182,7 @@ def check_thresholds(
             raise ThresholdError(
                 f"threshold {t} is outside the {rule} rule's range [{low:.4g}, {high:.4g}]{hint}"
             )
-    if scalar:
+    if scalar or len(values) == 1:  # one value, bare or in a list: shared by every early exit
         return values * (num_exits - 1)
     if len(values) == num_exits and num_exits > 1:
         values = values[:-1]  # a value for the last exit is accepted and ignored

@@ -242,7 +242,9 @@ def export_checkpoint(
     """Export a checkpoint; its thresholds file (given, or the one beside it) is validated and copied in."""
     from erde.checkpoints import load_checkpoint, model_from_checkpoint
     from erde.inference.policy import model_fingerprint, thresholds_path
+    from erde.outputs import check_out_folder
 
+    check_out_folder(out_dir, [checkpoint])  # the export would mix into the model's own folder
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     identity = ModelIdentity(

@@ -10,6 +10,7 @@ truncated mix, and no stray temporary file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -181,3 +182,12 @@ def environment_info() -> dict[str, Any]:
         "cuda_version": torch.version.cuda,
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
     }
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (checkpoints, records files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

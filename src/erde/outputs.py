@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -57,6 +58,57 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
+# What erde reads from a folder given as a model: a checkpoint folder or an export folder.
+MODEL_FILES = ("checkpoint.pt", "manifest.json", "stage_*.onnx")
+
+
+def files_read_from(item: str | os.PathLike) -> list[Path]:
+    """The files an input names: itself, or for a model folder the model files inside it."""
+    path = Path(item)
+    if not path.is_dir():
+        return [path]
+    return [f for pattern in MODEL_FILES for f in sorted(path.glob(pattern)) if f.is_file()]
+
+
+def check_not_input(
+    path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str = "output"
+) -> None:
+    """Refuse an output that is one of ``inputs`` (a model folder counts as its model files).
+
+    Compared by identity on disk (``samefile``), so another spelling, a symbolic
+    or a hard link to an input is caught as well as the same path.
+    """
+    target = Path(path)
+    if not target.exists():
+        return
+    for item in inputs:
+        if item is None:
+            continue
+        for read in files_read_from(item):
+            with contextlib.suppress(OSError):
+                if os.path.samefile(read, target):
+                    shown = item if Path(item) == read else f"{item}: {read}"
+                    raise OutputError(
+                        f"{option} {target} is also an input ({shown}); it would be overwritten"
+                    )
+
+
+def check_out_folder(folder: str | os.PathLike, checkpoints: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output folder that holds one of the input models: its files would be replaced."""
+    target = Path(folder)
+    if not target.is_dir():
+        return
+    for item in checkpoints:
+        path = Path(item)
+        home = path if path.is_dir() else path.parent
+        with contextlib.suppress(OSError):
+            if os.path.samefile(home, target):
+                raise OutputError(
+                    f"output folder {target} holds the input model {item}; its files would be "
+                    "replaced: choose another --out"
+                )
+
+
 def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """A file erde may (re)write: its folder exists, it is not a folder and not one of ``inputs``."""
     target = Path(path)
@@ -64,13 +116,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
         raise OutputError(f"output {target} is a folder; give a file name")
     if not target.parent.is_dir():
         raise OutputError(f"the folder of output {target} does not exist: {target.parent}")
-    if target.exists():
-        for item in inputs:
-            with contextlib.suppress(OSError):
-                if os.path.samefile(item, target):
-                    raise OutputError(
-                        f"output {target} is also an input ({item}); it would be overwritten"
-                    )
+    check_not_input(target, inputs)
     if not os.access(target.parent, os.W_OK):
         raise OutputError(f"cannot write {target}: its folder {target.parent} is not writable")
     return target
@@ -206,12 +252,7 @@ def _acquire(lock: Path) -> int:
     import fcntl
 
     for _ in range(10):
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write to output folder {lock.parent}: {_describe_os_error(exc)}"
-            ) from None
+        fd = _open_lock_file(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -224,7 +265,7 @@ def _acquire(lock: Path) -> int:
                 ) from None
             raise OutputError(f"cannot lock {lock}: {_describe_os_error(exc)}") from None
         try:  # the file we locked must still be the one at the path (not unlinked by a releaser)
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(lock).st_ino
         except FileNotFoundError:
             same = False
         if not same:
@@ -242,6 +283,37 @@ def _acquire(lock: Path) -> int:
     raise OutputLockedError(f"{lock.parent}: could not take its lock (contended); try again")
 
 
+def _open_lock_file(lock: Path) -> int:
+    """Open (or create) the lock file itself, never what a link in its place points to.
+
+    The lock file is truncated and stamped, so a symbolic link (even a dangling
+    one) or a hard link planted at ``.erde.lock`` would make erde overwrite or
+    create a file outside the folder: anything but a plain file of our own is refused.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(
+                f"{lock} is a symbolic link; erde writes its lock only as a plain file in the "
+                "output folder: remove the link"
+            ) from None
+        raise OutputError(
+            f"cannot write to output folder {lock.parent}: {_describe_os_error(exc)}"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = (
+            "not a plain file" if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+        )
+        raise OutputError(
+            f"{lock} is {what}; erde writes its lock only as a plain file of its own: remove it"
+        )
+    return fd
+
+
 def _release(lock: Path, fd: int) -> None:
     """Remove the lock file while still holding it, then let go."""
     with contextlib.suppress(OSError):
@@ -254,7 +326,10 @@ __all__ = [
     "OutputError",
     "OutputLockedError",
     "atomic_text_output",
+    "check_not_input",
+    "check_out_folder",
     "check_output_dir",
     "check_output_file",
+    "files_read_from",
     "output_lock",
 ]

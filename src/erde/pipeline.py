@@ -28,10 +28,12 @@ from erde.config import (
 from erde.curves import folder_curves, render_curves_png
 from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
-from erde.errors import ConfigError, ReportError
+from erde.errors import ConfigError, ReportError, require_list
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
 from erde.exits import ThresholdError, check_thresholds
 from erde.models import measure_exit_costs
+from erde.models.custom import config_modules, trusted_modules
+from erde.outputs import check_out_folder
 from erde.records import ExitRecords, exit_records, save_records
 from erde.report import build_report, dataset_summary, write_report
 from erde.report_html import MAX_REPORT_BYTES, write_report_html
@@ -61,9 +63,12 @@ def evaluate_checkpoints(
     labels the models in the report (default: each checkpoint's own, e.g.
     ``student_erde``), for comparing several students trained with one method.
     """
+    for value, what in ((checkpoints, "checkpoints"), (names, "names"), (thresholds, "thresholds")):
+        require_list(value, what)
     loaded = [load_checkpoint(p) for p in checkpoints]
     if not loaded:
         raise ConfigError("no checkpoint to evaluate")
+    check_out_folder(out_dir, [c["path"] for c in loaded])  # its config.yaml would be replaced
     if names is not None:
         if len(names) != len(loaded) or not all(isinstance(n, str) and n for n in names):
             raise ConfigError(
@@ -220,9 +225,10 @@ def run_pipeline(
     ctx, _ = D.setup(cfg.device)  # already joined by train(); rank 0 alone evaluates and writes
     paths: dict[str, Path] = {}
     if ctx.is_main:
-        paths = evaluate_checkpoints(
-            checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress
-        )
+        with trusted_modules(config_modules(cfg)):  # the models this config itself names
+            paths = evaluate_checkpoints(
+                checkpoints, out_dir, cfg=cfg, splits=splits, progress=progress
+            )
     D.barrier(ctx)
     return paths
 

@@ -198,6 +198,9 @@ def quantize_checkpoint(
     from erde.data import prepare_batch
 
     _require_quantization()  # before any work
+    from erde.outputs import check_out_folder
+
+    check_out_folder(out_dir, [checkpoint])
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, None, "cpu")
     n_cal = min(calibration_images, len(splits.val))
     calib = prepare_batch(splits.val.images[:n_cal], splits, train=False)

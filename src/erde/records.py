@@ -125,14 +125,6 @@ def _check_key(key: str) -> None:
         )
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_records(path: str | Path) -> tuple[np.ndarray, dict[str, ExitRecords]]:
     """(labels (N,), ``{key: records}``) from a file :func:`save_records` wrote.
 

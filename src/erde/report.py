@@ -179,6 +179,14 @@ SWEEP_CSV_COLUMNS = (
 )  # fmt: skip
 
 
+def csv_text(value: Any) -> Any:
+    """A text cell a spreadsheet will not run: one starting with = + - @ (or a tab or carriage
+    return) is a formula there, so it gets a leading ``'``; other values are written as they are."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
 def render_sweep_csv(report: Mapping[str, Any]) -> str:
     """Every sweep point of every model as one CSV row (for spreadsheets and pandas).
 
@@ -196,7 +204,7 @@ def render_sweep_csv(report: Mapping[str, Any]) -> str:
             fractions = list(p["exit_fractions"]) + [""] * (exits - len(p["exit_fractions"]))
             share = p["mean_macs"] / ref_macs if ref_macs else ""
             writer.writerow(
-                [name, model.get("arch", ""), p["rule"], repr(float(p["threshold"])),
+                [csv_text(name), csv_text(model.get("arch", "")), p["rule"], repr(float(p["threshold"])),
                  p["accuracy"], p["mean_macs"], share, *fractions]
             )  # fmt: skip
     return buffer.getvalue()
@@ -256,10 +264,24 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def md_inline(text: Any) -> str:
+    """Text from a user (a model or data set name) on one Markdown line: no line breaks, and no
+    backtick that would end the code span around it."""
+    return " ".join(str(text).splitlines()).replace("`", "'")
+
+
+def _md_cell(text: Any) -> str:
+    """One table cell: on one line, its pipes escaped so they do not start a new cell."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    """A GitHub-flavoured Markdown table (cells kept on one line, pipes escaped)."""
+    lines = [
+        "| " + " | ".join(_md_cell(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    return lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
 
 
 def model_label(name: str) -> str:
@@ -279,7 +301,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
         red = model.get("mac_reduction")
         rows.append(
             [
-                f"{model_label(name)} (`{name}`)",
+                f"{md_inline(model_label(name))} (`{md_inline(name)}`)",
                 fmt_count(model["params_per_exit"][-1]) if model.get("params_per_exit") else "—",
                 _pct(model["exit_accuracy"][-1]),
                 fmt_count(model["macs_per_exit"][-1]),
@@ -294,7 +316,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     lines = [
         "## MAC reduction at equal accuracy",
         "",
-        f"Cheapest {ref.get('rule', 'entropy')} threshold whose accuracy is at least the reference ({ref['model']}, last exit: "
+        f"Cheapest {ref.get('rule', 'entropy')} threshold whose accuracy is at least the reference ({md_inline(ref['model'])}, last exit: "
         f"{_pct(ref['accuracy'])} at {fmt_count(ref['macs'])} MACs) minus "
         f"{100 * ref['tolerance']:.2g} points. Reduction = reference MACs / mean MACs.",
         "",
@@ -346,7 +368,8 @@ def _ladder_section(report: Mapping[str, Any]) -> list[str]:
         "## MAC reduction for accuracy given up",
         "",
         f"Each model's cheapest {ref.get('rule', 'entropy')} threshold within "
-        f"{level_words(levels)} points of the reference ({model_label(ref['model'])}, last exit "
+        f"{level_words(levels)} points of the reference ({md_inline(model_label(ref['model']))}, "
+        "last exit "
         f"{_pct(ref['accuracy'])}): reduction against its full {fmt_count(ref['macs'])} MACs "
         "(from the smaller network × from early exits), and the accuracy kept. "
         "—: no threshold stays that close.",
@@ -366,7 +389,7 @@ def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: s
             zip(params, model["macs_per_exit"], model["exit_accuracy"], strict=True)
         )
     ]
-    lines = [f"### {model_label(name)} (`{name}`)", ""]
+    lines = [f"### {md_inline(model_label(name))} (`{md_inline(name)}`)", ""]
     header = ["Exit", "Params", "MACs", "Accuracy"] + (["ECE"] if ece else [])
     lines += markdown_table(header, exit_rows) + [""]
     rules = dict.fromkeys([rule, *(p["rule"] for p in model["sweep"])])  # ordered, unique
@@ -404,7 +427,7 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
     if dataset:
         shape = "x".join(str(s) for s in dataset.get("image_shape", []))
         lines.append(
-            f"Dataset: {dataset.get('name', '?')} ({dataset.get('num_classes', '?')} classes, "
+            f"Dataset: {md_inline(dataset.get('name', '?'))} ({dataset.get('num_classes', '?')} classes, "
             f"{dataset.get('test_images', '?')} test images{', ' + shape if shape else ''})."
         )
     lines += ["", *_summary_section(report), *_ladder_section(report), "## Models", ""]

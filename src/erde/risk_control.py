@@ -441,9 +441,15 @@ def calibrate_checkpoint_guaranteed(
     Raises :class:`CalibrationError` (nothing written) when no setting that
     lets images leave early passes, naming about how many images would be needed.
     """
-    from erde.calibration import _open, _save_checkpoint_thresholds, _val_and_test_logits
+    from erde.calibration import (
+        _open,
+        _save_checkpoint_thresholds,
+        _val_and_test_logits,
+        check_thresholds_output,
+    )
 
     RiskTarget.create(risk, max_risk, confidence)  # fail before loading anything
+    check_thresholds_output(checkpoint, out)
     ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device)
     val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
         model, splits, dev, cfg.data.eval_batch_size, progress

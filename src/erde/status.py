@@ -45,13 +45,15 @@ class ModelStatus:
     val_exit_accuracy: list[float]
     updated: float  # checkpoint mtime (seconds since the epoch)
     eta_seconds: float | None  # None when finished or when no steps have been timed yet
+    metrics_error: str | None = None  # why metrics.jsonl could not be read, named in the line
 
 
-def _records(folder: Path) -> list[dict[str, Any]]:
+def _records(folder: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The metrics records, or none and why: a broken file is said, not silently skipped."""
     try:
-        return read_metrics(folder)
-    except ErdeError:
-        return []
+        return read_metrics(folder), None
+    except ErdeError as exc:
+        return [], str(exc)
 
 
 def _time_per_step(records: list[dict[str, Any]], steps_per_epoch: int) -> float | None:
@@ -86,7 +88,7 @@ def model_status(folder: str | Path) -> ModelStatus:
     role = "teacher_train" if ckpt.get("role") == "teacher" else "student_train"
     epochs = int(((ckpt.get("config") or {}).get(role) or {}).get("epochs") or 0)
     steps = int(ckpt.get("steps_per_epoch") or 0)
-    records = _records(folder)
+    records, metrics_error = _records(folder)
     record = records[-1] if records else None
     finished = bool(ckpt.get("finished"))
     per_step = None
@@ -103,6 +105,7 @@ def model_status(folder: str | Path) -> ModelStatus:
         val_exit_accuracy=list((record or {}).get("val_exit_accuracy") or []),
         updated=(folder / "checkpoint.pt").stat().st_mtime,
         eta_seconds=per_step * left if per_step is not None else None,
+        metrics_error=metrics_error,
     )
 
 
@@ -171,8 +174,9 @@ def lock_holder(folder: str | Path) -> str | None:
         line.split()[1:2] == ["FLOCK"] and device in line.split() for line in table.splitlines()
     ):
         return None
-    try:
-        with lock.open("rb") as f:
+    try:  # not through a link, and a FIFO planted there must not block the read
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
             info = json.loads(f.read(MAX_LOCK_BYTES))  # a lock file is a line of JSON
         return f"pid {info['pid']} ({info.get('command', 'erde')})"
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
@@ -200,6 +204,8 @@ def _line(s: ModelStatus, root: Path, now: float) -> str:
     parts.append(f"checkpoint {duration(max(now - s.updated, 0))} ago")
     if s.eta_seconds is not None:
         parts.append(f"about {duration(s.eta_seconds)} left")
+    if s.metrics_error:
+        parts.append(f"metrics unreadable ({s.metrics_error})")
     return ", ".join(parts)
 
 

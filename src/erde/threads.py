@@ -39,15 +39,30 @@ def idle_cores(cores: int | None = None, load: float | None = None) -> int:
     return max(1, min(cores, int(cores - load + 0.5)))
 
 
-def parse_threads(value: str | int, source: str) -> int:
-    """A positive thread count, or one ``ConfigError`` naming where the bad value came from."""
+def parse_threads(value: str | int, source: str, capped: bool = True) -> int:
+    """A positive thread count, or one ``ConfigError`` naming where the bad value came from.
+
+    ``capped``: also at most :func:`max_threads` (``--threads 256`` on two cores is a typo).
+    """
     try:
         threads = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source} must be a positive whole number, got {value!r}") from None
+        shown = repr(value)[:40]
+        raise ConfigError(f"{source} must be a positive whole number, got {shown}") from None
     if threads < 1:
         raise ConfigError(f"{source} must be at least 1, got {threads}")
+    cap = max_threads()
+    if capped and threads > cap:
+        raise ConfigError(
+            f"{source} must be at most {cap} (4 per core this process may use), got {threads}; "
+            "threads beyond the cores only wait on each other"
+        )
     return threads
+
+
+def max_threads() -> int:
+    """The most threads erde accepts: 4 per usable core (hyper-threads and a little slack)."""
+    return 4 * available_cores()
 
 
 def default_threads() -> int:
@@ -58,12 +73,12 @@ def default_threads() -> int:
     """
     for name in (ENV_VAR, "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
-        if value:
-            return parse_threads(value, name)
+        if value:  # OMP_NUM_THREADS is set for other programs too: held to the cap, not refused
+            return min(parse_threads(value, name, capped=name == ENV_VAR), max_threads())
     return min(DEFAULT_MAX_THREADS, idle_cores())
 
 
-def set_threads(threads: int | None = None) -> int:
+def set_threads(threads: int | None = None, source: str = "threads") -> int:
     """Set PyTorch's CPU threads (``None``: :func:`default_threads`) and return the count used.
 
     >>> import erde
@@ -72,6 +87,6 @@ def set_threads(threads: int | None = None) -> int:
     """
     import torch
 
-    count = default_threads() if threads is None else parse_threads(threads, "threads")
+    count = default_threads() if threads is None else parse_threads(threads, source)
     torch.set_num_threads(count)
     return count

@@ -63,10 +63,12 @@ from erde.data import DataSplits, ImageSet, iterate_batches, load_data, prepare_
 from erde.data.augment import AugmentDraws, draw_augment
 from erde.errors import CheckpointError, ConfigError, ErdeError
 from erde.hardware import NHWC_MIN_STRIDED_1X1_INPUTS, cpu_has_bf16, nhwc_unsafe_convs
-from erde.io import atomic_write_text
+from erde.io import atomic_write_text, file_sha256
 from erde.losses import METHODS, exit_mapping, exit_mapping_by_cost, student_loss, teacher_loss
 from erde.models import build_model, measure_exit_costs
+from erde.models.custom import config_modules, trusted_modules
 from erde.monitor import recent_seconds_per_step
+from erde.outputs import check_out_folder
 from erde.recipe import (
     WHITEN_IMAGES,
     Lookahead,
@@ -654,6 +656,9 @@ def train_together(
     """
     out_dirs = [Path(d) for d in out_dirs]
     _check_jobs(jobs, out_dirs)
+    if teacher_checkpoint is not None:
+        for out_dir in out_dirs:  # a student written over its own teacher would destroy it
+            check_out_folder(out_dir, [teacher_checkpoint])
     ctx, device = D.setup(cfg.device)
     is_teacher = jobs[0].role == "teacher"
     mcfg = cfg.teacher if is_teacher else cfg.student
@@ -666,7 +671,9 @@ def train_together(
         if teacher_checkpoint is None:
             method = next(j.method for j in jobs if needs_teacher(j))
             raise ConfigError(f"method {method!r} needs a teacher checkpoint (--teacher)")
-        teacher = _load_teacher(teacher_checkpoint, splits, device)
+        with trusted_modules(config_modules(cfg)):  # the user's config names them
+            teacher = _load_teacher(teacher_checkpoint, splits, device)
+    teacher_sha = teacher_sha256(teacher_checkpoint) if teacher is not None else None
     n_train = len(splits.train) // ctx.world_size
     batch_size = splits_batch(cfg, n_train)
     steps_per_epoch = n_train // batch_size
@@ -680,6 +687,8 @@ def train_together(
     for prev, job in zip(previous, jobs, strict=True):
         if prev is not None:
             _check_resumable(prev, job, mcfg, splits, steps_per_epoch)
+            if needs_teacher(job):
+                _check_same_teacher(prev, teacher_checkpoint, teacher_sha)
             if not allow_config_change:
                 check_same_settings(prev, job.config(cfg), job)
 
@@ -705,7 +714,8 @@ def train_together(
             env=env, job=job, out_dir=out_dir, model=model,
             loss_fn=make_loss(job, weights, mapping, job.config(cfg).distill, tcfg.label_smoothing),
             extra={"exit_weights": weights, "exit_mapping": mapping,
-                   "teacher_checkpoint": str(teacher_checkpoint) if needs_teacher(job) else None},
+                   "teacher_checkpoint": str(teacher_checkpoint) if needs_teacher(job) else None,
+                   "teacher_sha256": teacher_sha if needs_teacher(job) else None},
         )  # fmt: skip
         if prev is not None:
             _restore(run, prev)
@@ -723,6 +733,29 @@ def train_together(
         _drive(env, runs, progress)
     D.barrier(ctx)
     return [d / "checkpoint.pt" for d in out_dirs]
+
+
+def teacher_sha256(teacher_checkpoint: str | Path) -> str:
+    """The sha256 of the teacher's checkpoint file: which teacher a student learnt from."""
+    path = Path(teacher_checkpoint)
+    return file_sha256(path / "checkpoint.pt" if path.is_dir() else path)
+
+
+def _check_same_teacher(
+    previous: dict[str, Any], teacher_checkpoint: str | Path | None, sha: str | None
+) -> None:
+    """Refuse to reuse or continue a student distilled from a teacher that has since changed.
+
+    Students written before the field existed carry no ``teacher_sha256``: accepted unchecked.
+    """
+    saved = previous.get("teacher_sha256")
+    if saved is None or sha is None or saved == sha:
+        return
+    raise CheckpointError(
+        f"{previous['path']} was distilled from another teacher: {teacher_checkpoint} has "
+        f"changed since (sha256 {str(saved)[:12]}... then, {sha[:12]}... now); pass --force "
+        f"to train it again from this teacher, or remove {Path(previous['path']).parent}"
+    )
 
 
 def _restore(run: _Run, previous: dict[str, Any]) -> None:
@@ -977,6 +1010,7 @@ class _Run:
             forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.forward = torch.compile(forward) if self.tcfg.compile else forward
         self.position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        self.checkpointed = False  # whether out_dir holds a checkpoint of this run to resume
         self.sums = EpochSums(env.device)
         self.watch = NonFiniteWatch(env.device)
         self.history: list[dict[str, Any]] = []  # one metrics record per finished epoch
@@ -989,6 +1023,7 @@ class _Run:
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Continue exactly where ``ckpt`` stopped: weights, optimizer, schedule, RNG, position."""
         self.model.load_state_dict(ckpt["model"])
+        self.checkpointed = True
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -1009,6 +1044,7 @@ class _Run:
     def save(self, finished: bool = False) -> None:
         """Write the checkpoint (rank 0; mid-epoch, the running sums are reduced on every rank first)."""
         running = self.sums.reduced(self.ctx) if self.position["step_in_epoch"] else None
+        self.checkpointed = True
         if not self.ctx.is_main:
             return
         splits = self.env.splits
@@ -1097,11 +1133,15 @@ class _Run:
         bad = self.watch.first_bad_step(self.ctx)
         if bad is not None:
             epoch = (bad - 1) // self.env.steps_per_epoch + 1
+            kept = (
+                f"the last good checkpoint is kept in {self.out_dir}"
+                if self.checkpointed
+                else "no checkpoint was written yet (nothing to resume)"
+            )
             raise TrainingError(
                 f"{self.job.name}: the loss became nan or inf at step {bad} (epoch {epoch}); "
-                f"stopped, and the last good checkpoint is kept in {self.out_dir}. "
-                "Try a lower learning rate, or turn mixed precision off (teacher_train/"
-                "student_train.amp=false)."
+                f"stopped, and {kept}. Try a lower learning rate, or turn mixed precision off "
+                "(teacher_train/student_train.amp=false)."
             )
 
     def end_epoch(self) -> None:

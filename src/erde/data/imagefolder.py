@@ -23,11 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from erde.data.formats import DATASETS, make_image_set, require_data_dir
-from erde.data.pixels import read_errors, read_image
+from erde.data.pixels import ImageTooLargeError, read_errors, read_image
 from erde.data.safety import cache_dir, safe_extract_folders
 from erde.data.types import AugmentSpec, ImageSet, RawData
 from erde.errors import DataError
 from erde.io import atomic_write_bytes
+from erde.limits import MAX_IMAGE_SIDE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 SPLITS = ("train", "test")
@@ -77,14 +78,21 @@ def _check_class_name(split_dir: Path, name: str) -> None:
 
 
 def decode_image(path: Path, size: int | None) -> np.ndarray:
-    """One image file -> uint8 (H, W, 3) RGB, resized to ``size`` when given."""
+    """One image file -> uint8 (H, W, 3) RGB, resized to ``size`` when given.
+
+    At native size (no ``size``) the images become the model's input, at most
+    ``MAX_IMAGE_SIDE`` per side: a larger one is refused from its header, before
+    it is decoded and cached at full size.
+    """
     from PIL import Image
 
     try:
-        img = read_image(path, "RGB")
+        img = read_image(path, "RGB", max_side=MAX_IMAGE_SIDE if size is None else None)
         if size is not None and img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
+    except ImageTooLargeError as exc:
+        raise DataError(f"{exc}; set data.image_size to resize the images") from None
     except read_errors() as exc:
         raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 

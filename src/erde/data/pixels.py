@@ -40,12 +40,18 @@ def _eight_bit(img, path: Path):
     return img
 
 
-def read_image(path: str | Path, mode: str):
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels per side than the caller accepts."""
+
+
+def read_image(path: str | Path, mode: str, max_side: int | None = None):
     """Open ``path`` fully decoded as an 8-bit Pillow image in ``mode`` ('RGB' or 'L').
 
     Raises Pillow's own errors for unreadable files, ``PixelFormatError`` for
     pixels without a known range, and ``Image.DecompressionBombError`` for
     images over Pillow's pixel limit or over half of it (its warning).
+    ``max_side``: refuse (``ImageTooLargeError``) an image with a longer side,
+    judged from its header before any pixel is decoded (``Image.open`` is lazy).
     """
     from PIL import Image
 
@@ -54,6 +60,12 @@ def read_image(path: str | Path, mode: str):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as img:
+                if max_side is not None and max(img.size) > max_side:
+                    w, h = img.size
+                    raise ImageTooLargeError(
+                        f"{path} is {w}x{h} pixels, over the {max_side} per side a model input "
+                        "may have"
+                    )
                 img.load()
                 return _eight_bit(img, path).convert(mode)
         except Image.DecompressionBombWarning as exc:

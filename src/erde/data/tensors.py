@@ -16,6 +16,7 @@ import torch
 from erde.data.splits import split_raw
 from erde.data.types import AugmentSpec, DataSplits, ImageSet, RawData
 from erde.errors import DataError
+from erde.limits import MAX_CLASSES
 
 
 def _images(value: Any, what: str) -> torch.Tensor:
@@ -91,8 +92,17 @@ def splits_from_tensors(
     train_y = _labels(train_labels, len(train_x), "train_labels")
     test_y = _labels(test_labels, len(test_x), "test_labels")
     largest = int(max(train_y.max(), test_y.max()))
+    if largest >= MAX_CLASSES:  # before a name is made per class: a stray 10**12 would hang
+        raise DataError(
+            f"labels go up to {largest}; at most {MAX_CLASSES:,} classes (labels 0 ... "
+            f"{MAX_CLASSES - 1})"
+        )
+    if isinstance(class_names, (str, bytes)):
+        raise DataError(f"class_names must be a list of names, got one string {class_names[:40]!r}")
     if class_names is None:
         class_names = [str(k) for k in range(largest + 1)]
+    elif len(class_names) > MAX_CLASSES:
+        raise DataError(f"{len(class_names):,} class names; at most {MAX_CLASSES:,} classes")
     class_names = [str(c) for c in class_names]
     if largest >= len(class_names):
         raise DataError(f"labels go up to {largest} but there are {len(class_names)} class names")

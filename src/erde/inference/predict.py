@@ -102,6 +102,13 @@ class Predictor:
         Images must already have the model's shape (``image_shape``);
         :func:`load_image` reads and resizes files to it.
         """
+        if isinstance(images, np.ndarray):  # numpy's uint8 is not torch's: compare as tensors
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if not isinstance(images, Tensor):
+            raise ImageInputError(
+                f"predict takes a uint8 tensor or numpy array (B, C, H, W), got "
+                f"{type(images).__name__}"
+            )
         if images.dtype != torch.uint8:
             raise ImageInputError(
                 f"predict takes uint8 pixels (B, C, H, W), got {images.dtype}; call "
@@ -120,6 +127,7 @@ def load_predictor(
     device: str | torch.device = "cpu",
     compile: bool = False,
     optimize: bool = True,
+    trust_modules: Sequence[str] = (),
 ) -> Predictor:
     """A checkpoint (file, or folder with checkpoint.pt) -> PyTorch router; else an ONNX export folder.
 
@@ -129,6 +137,8 @@ def load_predictor(
 
     Thresholds: given values, else ``thresholds_file``, else the file ``erde
     calibrate`` wrote (beside the checkpoint, or thresholds.json in the export).
+    ``trust_modules``: modules a checkpoint of your own network may import (see
+    :func:`erde.trusted_modules`).
     """
     source = Path(source)
     if source.is_dir() and not (source / "checkpoint.pt").is_file():
@@ -149,7 +159,7 @@ def load_predictor(
 
     ckpt = load_checkpoint(source)
     dev = resolve_device(str(device))  # a clear error when CUDA is asked for but absent
-    model = model_from_checkpoint(ckpt).to(dev)
+    model = model_from_checkpoint(ckpt, trust_modules=trust_modules).to(dev)
     identity = ModelIdentity(
         ckpt["name"], model_fingerprint(ckpt["model"]), int(ckpt["num_classes"]), model.num_exits
     )

@@ -2,7 +2,7 @@
 
 from erde.models.backbone import Backbone, ModelConfigError, UnknownModelError
 from erde.models.costs import ExitCosts, block_boundary_macs, count_macs, measure_exit_costs
-from erde.models.custom import backbone_factory, staged_backbone
+from erde.models.custom import backbone_factory, staged_backbone, trusted_modules
 from erde.models.early_exit import EarlyExitNet, build_model
 from erde.models.mobilenetv2 import MobileNetV2
 from erde.models.resnet import CifarResNet
@@ -30,4 +30,5 @@ __all__ = [
     "measure_exit_costs",
     "resolve",
     "staged_backbone",
+    "trusted_modules",
 ]

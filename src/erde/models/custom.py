@@ -5,21 +5,26 @@ stages: a stem, blocks (an exit may follow any of them) and a classifier (the
 last exit). :func:`staged_backbone` wraps such parts; :func:`build_custom_backbone`
 builds them from a factory named in a config as ``package.module:factory``.
 
-Checkpoints record that import path and are rebuilt from it, so a checkpoint
-can make erde import a module and call a function. Two rules keep that from
-running anything the user did not write for erde: standard-library modules are
-refused, and only callables marked with :func:`backbone_factory` are called.
-The module itself must already be importable (installed, or on ``PYTHONPATH``);
-erde adds nothing to ``sys.path``.
+Checkpoints record that import path and are rebuilt from it. Importing a
+module runs its top-level code, so a checkpoint (a file anyone can hand over)
+never decides on its own what is imported: a module named by a checkpoint is
+imported only when the user trusts it, by naming it themselves (the ``arch`` of
+the config they train with, ``--trust-module``, ``trust_modules=``; see
+:func:`trusted_modules`). On top of that, standard-library modules are refused
+and only callables marked with :func:`backbone_factory` are called. The module
+itself must already be importable (installed, or on ``PYTHONPATH``); erde adds
+nothing to ``sys.path``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -37,6 +42,59 @@ RETURN_HINT = (
     "return an nn.Module with stem, blocks and classifier attributes (blocks: an ordered "
     "list of modules, e.g. nn.ModuleList) or a (stem, blocks, classifier) tuple"
 )
+
+
+# Modules the user trusts in this call (and its submodules): checkpoints may name only these.
+_TRUSTED: ContextVar[frozenset[str]] = ContextVar("erde_trusted_modules", default=frozenset())
+
+
+@contextlib.contextmanager
+def trusted_modules(names: Iterable[str]) -> Iterator[frozenset[str]]:
+    """Within the block, checkpoints may name factories in the modules ``names`` (and below).
+
+    A name covers its submodules: ``mypackage`` trusts ``mypackage.models``.
+    Nested blocks add to the names trusted outside them.
+    """
+    if isinstance(names, str):
+        raise TypeError("trusted_modules takes a list of module names, not one string")
+    added = _TRUSTED.get() | {str(n) for n in names if n}
+    token = _TRUSTED.set(added)
+    try:
+        yield added
+    finally:
+        _TRUSTED.reset(token)
+
+
+def module_of(arch: str) -> str | None:
+    """The module an import-path ``arch`` names (``a.b`` of ``a.b:f``); None for registry names."""
+    return arch.partition(":")[0] if is_import_path(arch) else None
+
+
+def config_modules(cfg: Any) -> list[str]:
+    """Modules the ``arch`` of a config's teacher and student name: the user's own choice."""
+    archs = [getattr(getattr(cfg, role, None), "arch", None) for role in ("teacher", "student")]
+    return [m for a in archs if isinstance(a, str) and (m := module_of(a))]
+
+
+def is_trusted(module_name: str, extra: Iterable[str] = ()) -> bool:
+    """Whether ``module_name`` is, or lies below, a module the user trusts."""
+    for name in _TRUSTED.get().union(extra):
+        if module_name == name or module_name.startswith(name + "."):
+            return True
+    return False
+
+
+def check_trusted(arch: str, where: str, extra: Iterable[str] = ()) -> None:
+    """Refuse, before any import, an ``arch`` from a file whose module the user did not trust."""
+    module_name = module_of(arch)
+    if module_name is None or is_trusted(module_name, extra):
+        return
+    shown = module_name if len(module_name) <= 100 else module_name[:100] + "..."
+    raise ModelConfigError(
+        f"{where} names the module {shown!r} to build its network; erde imports a module named "
+        f"by a checkpoint only when you trust it (importing runs its code): pass --trust-module "
+        f"{shown} (Python: trust_modules=[{shown!r}]) if it is your own code"
+    )
 
 
 def backbone_factory(fn: F) -> F:

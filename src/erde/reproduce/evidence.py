@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from erde.io import file_sha256
 from erde.records import (
     ExitRecords,
     RecordsError,
-    file_sha256,
     load_records,
     save_records,
     sweep_records,
