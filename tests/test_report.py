@@ -372,3 +372,51 @@ def test_budgeted_plot_puts_models_on_one_mac_axis() -> None:
     teacher, student = ax.get_lines()[:2]
     assert min(teacher.get_xdata()) > max(student.get_xdata())  # the teacher costs more
     assert "MACs per image (MMACs)" in ax.get_xlabel() and ax.get_xscale() == "log"
+
+
+def _at_chance(model: dict, classes: int) -> dict:
+    """``model`` with its last exit at chance for ``classes`` classes."""
+    accuracy = list(model["exit_accuracy"])
+    accuracy[-1] = 1.0 / classes
+    return model | {"exit_accuracy": accuracy}
+
+
+def test_no_reduction_is_claimed_against_a_reference_at_chance(tmp_path: Path) -> None:
+    models = _models()
+    models["teacher"] = _at_chance(models["teacher"], 3)
+    dataset = dataset_summary("folder", 3, (3, 32, 32), 36)
+
+    report = build_report(models, dataset=dataset)
+    write_report(tmp_path, report)
+
+    ref = json.loads((tmp_path / "report.json").read_text())["reference"]
+    assert ref["untrained"] is True and ref["chance_accuracy"] == pytest.approx(1 / 3)
+    assert all(m["mac_reduction"] is None for m in report["models"].values())
+    assert all(m["mac_reduction_by_tolerance"] == [] for m in report["models"].values())
+    markdown = (tmp_path / "report.md").read_text()
+    assert "is not trained" in markdown and "no MAC reduction is claimed" in markdown
+    assert "x |" not in markdown.split("## Models")[0]  # no "2.80x" in the summary tables
+
+
+def test_a_trained_reference_is_marked_trained_and_keeps_its_reductions() -> None:
+    report = build_report(_models(), dataset=dataset_summary("synthetic", 5, (3, 8, 8), 120))
+    assert report["reference"]["untrained"] is False
+    assert report["models"]["student_erde"]["mac_reduction_by_tolerance"]
+
+
+def test_the_run_summary_says_the_reference_is_not_trained_instead_of_a_reduction(
+    tmp_path: Path, capsys
+) -> None:
+    from erde.cli import _print_summary
+
+    models = _models()
+    models["teacher"] = _at_chance(models["teacher"], 3)
+    paths = write_report(
+        tmp_path, build_report(models, dataset=dataset_summary("f", 3, (3, 8, 8), 9))
+    )
+
+    _print_summary(paths["json"])
+
+    out = capsys.readouterr().out
+    assert "none: the reference is not trained" in out and "x (acc" not in out
+    assert "warning: the reference (Teacher, last exit 33.33%) is not trained" in out

@@ -222,21 +222,27 @@ def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
 
 def _print_summary(report_json: Path) -> None:
+    from erde.report import untrained_text
     from erde.report_html import load_report
 
     report = load_report(report_json)
     print(
         "\nmodel           exit accuracy (%)               MACs at last exit   MAC reduction at equal acc."
     )
+    untrained = report["reference"].get("untrained")
     for name, m in report["models"].items():
         accs = " ".join(f"{100 * a:5.1f}" for a in m["exit_accuracy"])
         red = m.get("mac_reduction")
         red_text = (
             f"{red['reduction']:.2f}x (acc {100 * red['accuracy']:.1f}%)"
             if red
+            else "none: the reference is not trained"
+            if untrained
             else "none within tolerance"
         )
         print(f"{name:15s} {accs:31s} {m['macs_per_exit'][-1]:>17,d}   {red_text}")
+    if untrained:
+        print(f"warning: {untrained_text(report['reference'])}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

@@ -82,6 +82,35 @@ def _reference(models: Mapping[str, Mapping[str, Any]], wanted: str, tolerance: 
     return ref
 
 
+# A reference within this many points of chance (1 / classes) counts as not trained: its
+# "equal accuracy" is what guessing reaches, and any model beats it with no computation.
+UNTRAINED_MARGIN = 0.05
+
+
+def chance_accuracy(
+    models: Mapping[str, Mapping[str, Any]], name: str, dataset: Mapping[str, Any] | None
+) -> float | None:
+    """1 / classes of the data set (or of the model ``name``), None when neither says."""
+    classes = (dataset or {}).get("num_classes") or models[name].get("num_classes")
+    return 1.0 / classes if classes and classes > 1 else None
+
+
+def reference_untrained(ref: Mapping[str, Any]) -> bool:
+    """Whether the reference is at or near chance, so no reduction may be claimed against it."""
+    chance = ref.get("chance_accuracy")
+    return chance is not None and ref["accuracy"] <= chance + UNTRAINED_MARGIN
+
+
+def untrained_text(ref: Mapping[str, Any]) -> str:
+    """One sentence: the reference is not trained, so no MAC reduction is claimed."""
+    return (
+        f"the reference ({model_label(ref['model'])}, last exit {_pct(ref['accuracy'])}) is "
+        f"not trained: within {100 * UNTRAINED_MARGIN:g} points of chance "
+        f"({_pct(ref['chance_accuracy'])}), so no MAC reduction is claimed against it; "
+        "train it longer or with more optimiser steps per epoch (a smaller data.batch_size)"
+    )
+
+
 def _report_rule(models: Mapping[str, Mapping[str, Any]], wanted: str) -> str:
     """``wanted`` if any model was swept with it, else the first rule that was (e.g. max_softmax only)."""
     present = [p["rule"] for model in models.values() for p in model["sweep"]]
@@ -110,7 +139,10 @@ def build_report(
     ``mac_reduction_by_tolerance``: the same for 0.5, 1, 2 and 5 points, split
     into network x exits (:func:`erde.evaluation.reduction_ladder`). When no model was
     swept with ``rule``, the first rule found in the sweeps is used instead;
-    the rule used is recorded as ``reference.rule``. Inputs are not mutated.
+    the rule used is recorded as ``reference.rule``. A reference within
+    ``UNTRAINED_MARGIN`` of chance is recorded as ``reference.untrained`` (with
+    ``reference.chance_accuracy``) and no model gets a reduction against it.
+    Inputs are not mutated.
     """
     if not models:
         raise ValueError("no models to report")
@@ -119,9 +151,15 @@ def build_report(
     rule = _report_rule(models, rule)
     ref = _reference(models, reference, tolerance)
     ref["rule"] = rule
+    ref["chance_accuracy"] = chance_accuracy(models, ref["model"], dataset)
+    ref["untrained"] = reference_untrained(ref)
     entries = {}
     for name, model in models.items():
         entry = copy.deepcopy(dict(model))
+        if ref["untrained"]:  # a reduction "at equal accuracy" with chance means nothing
+            entry["mac_reduction"], entry["mac_reduction_by_tolerance"] = None, []
+            entries[name] = entry
+            continue
         points = _sweep_points(model, rule)
         entry["mac_reduction"] = mac_reduction_at_equal_accuracy(
             points, ref["accuracy"], ref["macs"], tolerance
@@ -301,6 +339,8 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     ]
     if ref.get("note"):
         lines += [f"Note: {ref['note']}.", ""]
+    if ref.get("untrained"):
+        lines += [f"**No MAC reduction: {untrained_text(ref)}.**", ""]
     return lines + markdown_table([*header, "Reduction", "Saved"], rows) + [""]
 
 
