@@ -1160,7 +1160,7 @@ def start_line(
         )
     return (
         f"{job.name}: training {mcfg.arch} x{mcfg.width:g} ({num_exits} exits) for {tcfg.epochs} "
-        f"epochs on {images} images, on {device}{threads}{f' ({setting})' if setting else ''}, "
+        f"epoch{'s' * (tcfg.epochs != 1)} on {images} images, on {device}{threads}{f' ({setting})' if setting else ''}, "
         f"into {out_dir}{resumed}"
     )
 
