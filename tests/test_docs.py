@@ -49,5 +49,8 @@ def test_every_python_block_of_the_page_runs(page: Path, workspace: Path) -> Non
         assert (workspace / "runs/folder/report.json").is_file()
         assert (workspace / "runs/own/student_erde/checkpoint.thresholds.json").is_file()
         assert (workspace / "runs/own/student_erde_onnx/manifest.json").is_file()
+        onnx_out, torch_out = namespace["onnx_out"], namespace["torch_out"]  # same thresholds
+        assert onnx_out.classes.tolist() == torch_out.classes.tolist()  # prints True, as said
+        assert onnx_out.exit_index.tolist() == torch_out.exit_index.tolist()
         assert [s[1] for s in namespace["seen"]] == [1, 2]
         assert namespace["line"].startswith("not running")  # the status block's last line
