@@ -54,3 +54,10 @@ def test_every_python_block_of_the_page_runs(page: Path, workspace: Path) -> Non
         assert onnx_out.exit_index.tolist() == torch_out.exit_index.tolist()
         assert [s[1] for s in namespace["seen"]] == [1, 2]
         assert namespace["line"].startswith("not running")  # the status block's last line
+
+
+def test_the_readme_says_how_to_get_the_cpu_build_and_what_the_browser_tests_need() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in readme
+    development = readme.split("## Development")[1]
+    assert "chromium" in development and "chromedriver" in development
