@@ -704,12 +704,12 @@ def train_together(
                              run.out_dir, run.position, steps_per_epoch,
                              env.setting(run.needs_teacher, run.memory_format)),
                   flush=True)  # fmt: skip
-            capped = (
-                bool(tcfg.max_steps_per_epoch) and tcfg.max_steps_per_epoch < n_train // batch_size
-            )
-            warning = few_steps_warning(run.job.name, n_train, batch_size, steps_per_epoch, capped)
-            if warning:
-                print(warning, flush=True)
+    if ctx.is_main and runs:  # one warning for models trained side by side on the same batches
+        capped = bool(tcfg.max_steps_per_epoch) and tcfg.max_steps_per_epoch < n_train // batch_size
+        names = ", ".join(run.job.name for run in runs)
+        warning = few_steps_warning(names, n_train, batch_size, steps_per_epoch, capped)
+        if warning:
+            print(warning, flush=True)
     if runs:
         _drive(env, runs, progress)
     D.barrier(ctx)
