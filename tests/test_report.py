@@ -423,6 +423,8 @@ def test_no_reduction_is_claimed_against_a_reference_at_chance(tmp_path: Path) -
     markdown = (tmp_path / "report.md").read_text()
     assert "is not trained" in markdown and "no MAC reduction is claimed" in markdown
     assert "x |" not in markdown.split("## Models")[0]  # no "2.80x" in the summary tables
+    assert "| not claimed |" in markdown and "not reached" not in markdown
+    assert "No recommendation: the reference (Teacher) is not trained" in markdown
 
 
 def test_a_trained_reference_is_marked_trained_and_keeps_its_reductions() -> None:

@@ -325,6 +325,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     chosen = [r["threshold"] for r in reductions if r]
     texts = iter(fmt_thresholds(chosen, rule_ends(ref.get("rule", "entropy"), num_classes)))
     rows = []
+    missing = "not claimed" if ref.get("untrained") else "not reached"
     for name, model in report["models"].items():
         red = model.get("mac_reduction")
         rows.append(
@@ -334,7 +335,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
                 _pct(model["exit_accuracy"][-1]),
                 fmt_count(model["macs_per_exit"][-1]),
                 next(texts) if red else "—",
-                _pct(red["accuracy"]) if red else "not reached",
+                _pct(red["accuracy"]) if red else missing,
                 fmt_count(red["mean_macs"]) if red else "—",
                 f"{red['reduction']:.2f}x" if red and red["reduction"] else "—",
                 _pct(red["saved_fraction"], 1) if red else "—",
@@ -467,7 +468,12 @@ def _budget_section(report: Mapping[str, Any]) -> list[str]:
     ref = report["reference"]
     lines = ["## Which model for which budget", ""]
     if ref.get("untrained"):
-        return [*lines, f"No recommendation: {untrained_text(ref)}.", ""]
+        return [
+            *lines,
+            f"No recommendation: the reference ({model_label(ref['model'])}) is not trained "
+            "(next section).",
+            "",
+        ]
     choices = budget_choices(report)
     if not choices:
         return []  # reports written before the ladder was recorded, or nothing reached
