@@ -471,3 +471,18 @@ def test_report_md_starts_with_which_model_for_which_budget_and_ends_with_the_sw
         cheapest = min(reached, key=reached.get)
         assert f"(`{cheapest}`)" in row and "x fewer (" in row, row
     assert rows
+
+
+def test_budget_levels_that_chose_the_same_model_and_threshold_share_one_row() -> None:
+    from erde.report import level_range, merge_same_choices
+
+    same = {"threshold": 0.5}
+    choices = [("a", same | {"tolerance": 0.005}), ("a", same | {"tolerance": 0.01}),
+               ("b", same | {"tolerance": 0.02}), ("b", {"threshold": 0.9, "tolerance": 0.05})]  # fmt: skip
+    merged = merge_same_choices(choices)
+    assert [(n, levels) for n, _, levels in merged] == [
+        ("a", [0.005, 0.01]), ("b", [0.02]), ("b", [0.05])
+    ]  # fmt: skip
+    assert [level_range(levels) for _, _, levels in merged] == [
+        "0.5 to 1 point", "2 points", "5 points"
+    ]  # fmt: skip

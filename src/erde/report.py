@@ -463,6 +463,27 @@ def budget_choices(report: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]
     return choices
 
 
+def merge_same_choices(
+    choices: Sequence[tuple[str, dict[str, Any]]],
+) -> list[tuple[str, dict[str, Any], list[float]]]:
+    """Consecutive levels that chose the same model and threshold, as one row with all its
+    levels: a table of four identical rows says less than one row "0.5 to 5 points"."""
+    merged: list[tuple[str, dict[str, Any], list[float]]] = []
+    for name, c in choices:
+        if merged and merged[-1][0] == name and merged[-1][1]["threshold"] == c["threshold"]:
+            merged[-1][2].append(c["tolerance"])
+        else:
+            merged.append((name, c, [c["tolerance"]]))
+    return merged
+
+
+def level_range(levels: Sequence[float]) -> str:
+    """``[0.005]`` -> "0.5 points", ``[0.01]`` -> "1 point", ``[0.005, 0.02]`` -> "0.5 to 2 points"."""
+    low, high = f"{100 * levels[0]:g}", f"{100 * levels[-1]:g}"
+    plural = "s" * (levels[-1] != 0.01)
+    return f"{low} point{plural}" if len(levels) == 1 else f"{low} to {high} point{plural}"
+
+
 def _budget_section(report: Mapping[str, Any]) -> list[str]:
     """Which model and threshold to deploy for a few accuracy drops: the report in one table."""
     ref = report["reference"]
@@ -481,14 +502,14 @@ def _budget_section(report: Mapping[str, Any]) -> list[str]:
     ends = rule_ends(ref.get("rule", "entropy"), num_classes)
     rows = [
         [
-            f"{100 * c['tolerance']:g} point{'s' * (c['tolerance'] != 0.01)}",
+            level_range(levels),
             f"{model_label(name)} (`{name}`)",
             fmt_threshold(c["threshold"], ends),
             _pct(c["accuracy"]),
             fmt_count(c["mean_macs"]),
             f"{c['reduction']:.2f}x fewer ({_pct(c['saved_fraction'], 1)} saved)",
         ]
-        for name, c in choices
+        for name, c, levels in merge_same_choices(choices)
     ]
     header = [
         "Accuracy given up",
