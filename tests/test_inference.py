@@ -367,17 +367,17 @@ def test_bench_cli_writes_one_record_per_backend_and_batch_size(tmp_path, tiny_r
     assert len({r["ideal_speedup"] for r in records}) == 1  # one policy, one MAC budget
 
 
-def _record(backend: str, speedup: float, batch: int = 256) -> dict:
+def _bench_record(backend: str, speedup: float, batch: int = 256) -> dict:
     return {"backend": backend, "batch_size": batch, "device": "cpu", "full_ips": 1000.0,
             "early_exit_ips": 1000.0 * speedup, "measured_speedup": speedup}  # fmt: skip
 
 
 def test_early_exit_slower_than_the_full_network_is_said_plainly_with_what_to_serve() -> None:
-    slower = [_record("torch", 0.6), _record("torch-batch-routing", 0.8)]
+    slower = [_bench_record("torch", 0.6), _bench_record("torch-batch-routing", 0.8)]
     advice = serving_advice(slower)
     assert advice.startswith("at batch 256 on cpu the full network without exits is faster")
     assert "torch-batch-routing, 0.80x" in advice and "serve it without routing" in advice
-    assert serving_advice([_record("torch", 0.6), _record("onnxruntime", 1.3)]) is None
+    assert serving_advice([_bench_record("torch", 0.6), _bench_record("onnxruntime", 1.3)]) is None
 
 
 def test_bench_says_first_what_it_times_and_how_long_it_should_take(teacher) -> None:
