@@ -32,7 +32,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from erde.models import backbone_factory
@@ -81,8 +80,7 @@ def small_cnn(num_classes: int, in_channels: int = 3, width: float = 1.0) -> Sma
 
 
 def main(argv: list[str] | None = None) -> None:
-    from erde.config import load_config, load_yaml, preset_path
-    from erde.pipeline import run_pipeline
+    import erde  # the public API (docs/API.md), as a user's own script would use it
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/custom_backbone", help="output folder")
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace an earlier run in --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    erde.set_threads(args.threads)
 
     overrides = [
         f"teacher.arch={MODULE}:small_cnn",
@@ -106,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides += [f"{section}.epochs={args.epochs}", f"{section}.warmup_epochs=0"]
         if args.max_steps:
             overrides.append(f"{section}.max_steps_per_epoch={args.max_steps}")
-    cfg = load_config(None, overrides, base=load_yaml(preset_path("digits")))
-    paths = run_pipeline(cfg, args.out, methods=["erde"], force=args.force, progress=False)
+    cfg = erde.make_config("digits", overrides)
+    paths = erde.run(cfg, args.out, methods=["erde"], force=args.force, progress=False)
 
     report = json.loads(Path(paths["json"]).read_text())
     for name, model in report["models"].items():

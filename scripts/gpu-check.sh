@@ -42,7 +42,8 @@ step "environment"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
     python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
-    nproc
+    # GNU nproc honours OMP_NUM_THREADS and OMP_THREAD_LIMIT; the CPUs are what is asked here
+    echo "cpus $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 } | tee "$OUT/env.txt"
 
 step "CUDA-relevant tests (training loop, losses, models, distributed, inference, export)"

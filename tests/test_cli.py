@@ -305,3 +305,54 @@ def test_run_rejects_unknown_and_repeated_methods(
     assert main(["run", "--out", str(out), *TINY_SET, "--methods", "ce,ce"]) == 2
     assert "once" in _error_line(capsys)
     assert not out.exists()
+
+
+MODEL_SET = [
+    arg
+    for override in TINY_OVERRIDES
+    if not override.startswith("data.")
+    for arg in ("--set", override)
+]
+
+
+def test_a_student_takes_its_data_settings_from_its_teacher_s_checkpoint(
+    tmp_path: Path, capsys
+) -> None:
+    from data_fixtures import write_imagefolder
+
+    from erde.checkpoints import load_checkpoint
+
+    folder = tmp_path / "folder"
+    write_imagefolder(folder, per_class=(20, 4))  # 3 classes: digits would have 10
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    common = ["--no-progress", "--threads", "1", *MODEL_SET]
+    data = ["--set", "data.image_size=8", "--set", "data.batch_size=16"]
+    assert cli.main(["train-teacher", "--dataset", "imagefolder", "--data-dir", str(folder),
+                     "--out", str(teacher), *common, *data]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    assert cli.main(["train-student", "--teacher", str(teacher), "--method", "erde",
+                     "--out", str(student), *common]) == 0  # fmt: skip
+
+    out = capsys.readouterr().out
+    assert f"data: imagefolder {folder} from the teacher's checkpoint\n" in out, out
+    data_cfg = load_checkpoint(student)["config"]["data"]
+    assert (data_cfg["name"], data_cfg["data_dir"]) == ("imagefolder", str(folder))
+    assert (data_cfg["image_size"], data_cfg["batch_size"]) == (8, 16)
+
+
+def test_a_student_s_command_line_data_settings_win_over_its_teacher_s(
+    tmp_path: Path, tiny_run
+) -> None:
+    args = cli.build_parser().parse_args(
+        ["train-student", "--teacher", str(tiny_run["out"] / "teacher"),
+         "--set", "data.batch_size=32"]
+    )  # fmt: skip
+    inherited = cli.teacher_data(args)
+    cfg = cli.build_config(args, data=inherited)
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.batch_size) == ("digits", 8, 32)
+    assert "(batch_size from the command line)" in cli.data_origin_line(cfg, args, inherited)
+    named = cli.build_parser().parse_args(
+        ["train-student", "--teacher", str(tiny_run["out"] / "teacher"), "--dataset", "cifar10"]
+    )
+    assert cli.teacher_data(named) is None

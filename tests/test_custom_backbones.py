@@ -344,3 +344,38 @@ def test_same_boundary_exits_fail_before_the_teacher_trains(
 def test_config_error_type_for_bad_exit_at_macs() -> None:
     with pytest.raises(ConfigError):
         load_config(None, ["student.exit_at_macs=[1.5]"])
+
+
+def _own_network_page() -> tuple[str, list[list[str]]]:
+    """docs/BACKBONES.md's "Your own network": the factory's Python block and the commands."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "BACKBONES.md").read_text()
+    section = page.split("## Your own network")[1]
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shell = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for line in shell.splitlines() if line.strip()]
+    return python, commands  # [1:]: without PYTHONPATH=.
+
+
+def test_backbones_page_trains_a_student_of_your_own_network_too(
+    tmp_path: Path, monkeypatch
+) -> None:
+    python, commands = _own_network_page()
+    assert [c[1] for c in commands] == ["train-teacher", "train-student", "evaluate"]
+    (tmp_path / "mypackage").mkdir()
+    (tmp_path / "mypackage" / "__init__.py").write_text("")
+    (tmp_path / "mypackage" / "models.py").write_text(python)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as PYTHONPATH=.
+    monkeypatch.chdir(tmp_path)
+    tiny = ["data.image_size=16", "teacher_train.epochs=1", "teacher_train.max_steps_per_epoch=2",
+            "student_train.epochs=1", "student_train.max_steps_per_epoch=2", "device=cpu"]  # fmt: skip
+    sets = [arg for o in tiny for arg in ("--set", o)]
+    for command in commands:
+        extra = ["--no-progress", *(sets if command[1].startswith("train") else [])]
+        assert main([*command[1:], *extra]) == 0, command
+
+    student = load_checkpoint(tmp_path / "runs" / "mine_student")
+    assert student["model_config"]["arch"] == "mypackage.models:my_factory"
+    assert (tmp_path / "runs" / "mine_report" / "report.json").is_file()

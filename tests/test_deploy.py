@@ -77,3 +77,21 @@ def test_a_missed_ratio_is_split_into_the_smaller_network_and_early_exit() -> No
         "  bound: the smaller network turns 0.25 of its MAC ratio into time (3.00x for 12.00x "
         "fewer MACs), early exit 0.75 of its own (1.50x for 2.00x fewer MACs)"
     )
+
+
+def test_the_deployment_table_says_when_the_full_network_serves_faster() -> None:
+    from erde.deploy import render_table, serving_advice
+
+    rows = [
+        {"row": ROWS[0], "accuracy": 0.9, "mean_macs": 4e6, "ips_1": 100.0, "ips_256": 900.0},
+        {"row": ROWS[1], "accuracy": 0.9, "mean_macs": 1e6, "ips_1": 300.0, "ips_256": 4000.0},
+        {"row": ROWS[2], "accuracy": 0.9, "mean_macs": 5e5, "ips_1": 450.0, "ips_256": 2500.0},
+    ]
+    for r in rows:
+        r.update(speedup_1=1.0, speedup_256=1.0, mac_ideal_speedup=1.0)
+    assert serving_advice(rows, 1) is None
+    advice = serving_advice(rows, 256)
+    assert advice.startswith("at batch 256 the student's full network without exits is faster")
+    assert "(4000 img/s)" in advice and "serve it without routing" in advice
+    table = render_table({"rows": rows, "setup": {"batch_sizes": [1, 256]}, "advice": [advice]})
+    assert table[-1] == f"Note: {advice}."

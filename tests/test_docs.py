@@ -49,6 +49,9 @@ def test_every_python_block_of_the_page_runs(page: Path, workspace: Path) -> Non
         assert (workspace / "runs/folder/report.json").is_file()
         assert (workspace / "runs/own/student_erde/checkpoint.thresholds.json").is_file()
         assert (workspace / "runs/own/student_erde_onnx/manifest.json").is_file()
+        onnx_out, torch_out = namespace["onnx_out"], namespace["torch_out"]  # same thresholds
+        assert onnx_out.classes.tolist() == torch_out.classes.tolist()  # prints True, as said
+        assert onnx_out.exit_index.tolist() == torch_out.exit_index.tolist()
         assert [s[1] for s in namespace["seen"]] == [1, 2]
         assert namespace["line"].startswith("not running")  # the status block's last line
 
@@ -130,3 +133,10 @@ def test_the_readme_results_table_is_read_from_the_result_files() -> None:
         wins, losses = comparison["wins"], comparison["losses"]
         assert ("ERDE did not beat KD" in verdict) == (wins < losses), (name, verdict)
         assert f"{max(wins, losses)} of {wins + losses} thresholds" in verdict, (name, verdict)
+
+
+def test_the_readme_says_how_to_get_the_cpu_build_and_what_the_browser_tests_need() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in readme
+    development = readme.split("## Development")[1]
+    assert "chromium" in development and "chromedriver" in development

@@ -19,14 +19,39 @@ from test_reproduce import TINY
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
 
 
+def python3_shim(bin_dir: Path, interpreter: str = sys.executable) -> Path:
+    """``bin_dir/python3``: a script that runs ``interpreter``, put first on the script's PATH.
+
+    A wrapper, not a symlink: a virtual environment's interpreter reached through a link
+    outside the environment finds no ``pyvenv.cfg`` beside it and starts as the base
+    interpreter, without the environment's packages (``import torch`` then fails).
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "python3"
+    shim.write_text(f'#!/bin/sh\nexec "{interpreter}" "$@"\n')
+    shim.chmod(0o755)
+    return shim
+
+
+def test_the_python3_shim_keeps_a_virtual_environment(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    shim = python3_shim(tmp_path / "bin", str(venv / "bin" / "python"))
+
+    prefix = subprocess.run(
+        [str(shim), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True
+    ).stdout.strip()
+
+    assert Path(prefix) == venv
+
+
 def test_every_step_runs_and_writes_its_files(tmp_path: Path) -> None:
     folder = tmp_path / "jpeg"
     write_imagefolder(folder, classes=tuple(CIFAR10_NAMES), per_class=(5, 2), size=32)
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     make_tar_gz(archive, {"train": folder / "train", "test": folder / "test"})
     bin_dir = tmp_path / "bin"  # `python3` in the script is this interpreter
-    bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
+    python3_shim(bin_dir)
     out = tmp_path / "out"
     env = {
         **os.environ,
@@ -46,7 +71,9 @@ def test_every_step_runs_and_writes_its_files(tmp_path: Path) -> None:
     log = (out / "gpu-check.log").read_text()
     assert run.returncode == 0, log[-3000:]
     assert "=== " in log and log.rstrip().endswith("done"), log[-3000:]
-    assert "python" in (out / "env.txt").read_text()
+    env_txt = (out / "env.txt").read_text()
+    assert "python" in env_txt and "torch" in env_txt, env_txt
+    assert f"cpus {len(os.sched_getaffinity(0))}" in env_txt, env_txt  # not OMP_NUM_THREADS=1
     assert json.loads((out / "training-bench.json").read_text())
     assert json.loads((out / "training-bench-fp32.json").read_text())["settings"]["amp"] is False
     assert "torchrun teacher:" in log and "reproduce exit status: 0" in log

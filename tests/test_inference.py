@@ -28,12 +28,15 @@ from erde.inference import (
     apply_temperatures,
     benchmark_routing,
     compact_rows,
+    estimate_seconds,
+    fmt_duration,
     full_network_macs,
     load_image,
     load_thresholds,
     model_fingerprint,
     route_whole_batch,
     save_thresholds,
+    serving_advice,
     speedup_spread,
     thresholds_path,
     timing_warning,
@@ -362,3 +365,47 @@ def test_bench_cli_writes_one_record_per_backend_and_batch_size(tmp_path, tiny_r
         assert r["ratio"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
         assert r["full_ips"] > 0 and r["early_exit_ips"] > 0
     assert len({r["ideal_speedup"] for r in records}) == 1  # one policy, one MAC budget
+
+
+def _bench_record(backend: str, speedup: float, batch: int = 256) -> dict:
+    return {"backend": backend, "batch_size": batch, "device": "cpu", "full_ips": 1000.0,
+            "early_exit_ips": 1000.0 * speedup, "measured_speedup": speedup}  # fmt: skip
+
+
+def test_early_exit_slower_than_the_full_network_is_said_plainly_with_what_to_serve() -> None:
+    slower = [_bench_record("torch", 0.6), _bench_record("torch-batch-routing", 0.8)]
+    advice = serving_advice(slower)
+    assert advice.startswith("at batch 256 on cpu the full network without exits is faster")
+    assert "torch-batch-routing, 0.80x" in advice and "serve it without routing" in advice
+    assert serving_advice([_bench_record("torch", 0.6), _bench_record("onnxruntime", 1.3)]) is None
+
+
+def test_bench_says_first_what_it_times_and_how_long_it_should_take(teacher) -> None:
+    t = teacher
+    policy = ExitPolicy.create(_spread_thresholds(t["logits"], "entropy")[2], "entropy", 10, 3)
+    lines: list[str] = []
+    records = benchmark_routing(
+        t["model"], t["x"][:8], policy, (1, 4), repeats=2, min_time=0.0, log=lines.append
+    )
+    plan = lines[0]
+    assert plan.startswith("cpu: timing 3 ways to serve (full, torch, torch-batch-routing)")
+    assert "6 candidates of 8 images per pass" in plan and "estimate about " in plan, plan
+    assert all("full_network_faster" in r for r in records)
+    slower = [r for r in records if r["full_network_faster"]]
+    assert all(r["measured_speedup"] < 1 for r in slower)
+    assert any("serve it without routing" in line for line in lines) == bool(slower)
+
+
+def test_the_bench_estimate_counts_every_candidate_s_passes() -> None:
+    assert estimate_seconds(2.0, candidates=5, repeats=5, min_time=1.0) == 5 * (1 + 5) * 2.0
+    assert estimate_seconds(0.01, candidates=3, repeats=5, min_time=1.0) == pytest.approx(
+        3 * (1 + 100) * 0.01
+    )  # min_time, not repeats, sets the count of short passes
+    assert [fmt_duration(s) for s in (45, 485, 9000)] == ["45 s", "8 min", "2.5 h"]
+
+
+def test_bench_help_says_how_long_it_takes(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "It takes minutes" in text and "prints its own estimate first" in text

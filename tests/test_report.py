@@ -212,9 +212,12 @@ def test_reliability_png_draws_each_exit_of_each_model_from_its_bins(tmp_path: P
         lines = ax.get_lines()[1:]  # after the diagonal
         assert [line.get_label() for line in lines] == ["exit 0", "exit 1", "exit 2"]
         bins = model["exit_reliability"][1]
-        kept = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"], strict=True) if c]
+        kept = [(c, a) for c, a, k in zip(bins["confidence"], bins["accuracy"], bins["count"],
+                                          strict=True) if c and k >= 10]  # fmt: skip
         assert list(lines[1].get_xdata()) == pytest.approx([100 * c for c, _ in kept])
         assert list(lines[1].get_ydata()) == pytest.approx([100 * a for _, a in kept])
+        last = model["exit_reliability"][-1]["count"]
+        assert sorted(t.get_text() for t in ax.texts) == sorted(str(k) for k in last if k)
         assert ax.get_title().startswith(f"{model_label(name)}: ECE ")
     raw = write_report(tmp_path, report)["reliability"].read_bytes()
     assert raw.startswith(PNG_SIGNATURE)
@@ -226,6 +229,18 @@ def test_reliability_png_draws_each_exit_of_each_model_from_its_bins(tmp_path: P
     (tmp_path / "old").mkdir()
     assert set(write_report(tmp_path / "old", older)) == {"json", "markdown", "plot", "csv"}
     assert not (tmp_path / "old" / "reliability.png").exists()
+
+
+def test_reliability_bins_of_under_ten_images_are_faded_and_off_the_line() -> None:
+    report = build_report(_models())
+    ax = reliability_figure(report).axes[0]
+    for e, (line, r) in enumerate(
+        zip(ax.get_lines()[1:], report["models"]["teacher"]["exit_reliability"], strict=True)
+    ):
+        sparse = [c for c, k in zip(r["confidence"], r["count"], strict=True) if c and k < 10]
+        assert not set(line.get_xdata()) & {100 * c for c in sparse}, e
+    faded = [p for p in ax.collections if p.get_alpha() == 0.25]
+    assert faded and all(len(p.get_offsets()) for p in faded)
 
 
 def test_tradeoff_png_is_a_readable_image(tmp_path: Path) -> None:
@@ -280,19 +295,31 @@ def test_build_report_rejects_empty_and_malformed_models() -> None:
 def test_thresholds_are_never_rounded_onto_the_end_of_their_range() -> None:
     assert fmt_thresholds([0.5, 0.99999, 1.0]) == ["0.5", "0.99999", "1"]
     assert fmt_thresholds([0.999999]) == ["0.999999"]  # "1" would read as "nobody leaves early"
-    assert fmt_thresholds([0.1, 0.10000001]) == ["0.1", "0.10000001"]  # distinct stay distinct
+    assert fmt_thresholds([0.1, 0.10000001]) == ["0.1", "0.1"]  # exact values: sweep.csv
     # just below log 10 = 2.302585...: not "2.303", which reads as beyond the range
     assert fmt_thresholds([2.3025], rule_ends("entropy", 10)) == ["2.3025"]
 
 
-def test_max_softmax_rows_read_as_distinct_thresholds_below_one() -> None:
+def test_markdown_thresholds_have_four_significant_digits() -> None:
+    assert fmt_thresholds([0.0001007491358374871, 1.2345678, 0.5]) == ["0.0001007", "1.235", "0.5"]
+    report = build_report(_models(), dataset={"name": "synthetic", "num_classes": 5})
+    for rule in ("entropy", "max_softmax"):
+        table = render_markdown(report, rule=rule).split(f"{rule} sweep")[1].split("\n\n")[1]
+        thetas = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+        numbers = [t for t in thetas if t != "ln 5"]  # entropy's top end, log K, reads as such
+        digits = [len(t.split("e")[0].replace(".", "").lstrip("0")) for t in numbers]
+        assert len(thetas) > 5, thetas
+        for text, n in zip(numbers, digits, strict=True):  # more only where 4 would read "1"
+            assert n <= 4 or f"{float(text):.4g}" == "1", text
+
+
+def test_max_softmax_rows_below_one_never_read_as_one() -> None:
     report = build_report(_models(), dataset={"name": "synthetic", "num_classes": 5})
     table = render_markdown(report, rule="max_softmax").split("max_softmax sweep")[1]
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
     rows = [r for r in rows if r[0] != "| θ"]
     sweep = [p for p in report["models"]["teacher"]["sweep"] if p["rule"] == "max_softmax"]
     texts = [r[0].lstrip("| ") for r in rows[: len(sweep)]]
-    assert len(set(texts)) == len(sweep)
     for text, point in zip(texts, sweep, strict=True):
         assert (float(text) == 1.0) == (point["threshold"] == 1.0), (text, point["threshold"])
 
@@ -392,3 +419,90 @@ def test_user_model_names_cannot_break_the_markdown_or_run_in_a_spreadsheet(
     with open(paths["csv"], newline="") as f:
         cells = [row["model"] for row in csv.DictReader(f)]
     assert set(cells) == {"a|b\nc", '\'=HYPERLINK("x")', "'-1+2", "'@SUM(A1)", "'+x"}
+
+
+def _at_chance(model: dict, classes: int) -> dict:
+    """``model`` with its last exit at chance for ``classes`` classes."""
+    accuracy = list(model["exit_accuracy"])
+    accuracy[-1] = 1.0 / classes
+    return model | {"exit_accuracy": accuracy}
+
+
+def test_no_reduction_is_claimed_against_a_reference_at_chance(tmp_path: Path) -> None:
+    models = _models()
+    models["teacher"] = _at_chance(models["teacher"], 3)
+    dataset = dataset_summary("folder", 3, (3, 32, 32), 36)
+
+    report = build_report(models, dataset=dataset)
+    write_report(tmp_path, report)
+
+    ref = json.loads((tmp_path / "report.json").read_text())["reference"]
+    assert ref["untrained"] is True and ref["chance_accuracy"] == pytest.approx(1 / 3)
+    assert all(m["mac_reduction"] is None for m in report["models"].values())
+    assert all(m["mac_reduction_by_tolerance"] == [] for m in report["models"].values())
+    markdown = (tmp_path / "report.md").read_text()
+    assert "is not trained" in markdown and "no MAC reduction is claimed" in markdown
+    assert "x |" not in markdown.split("## Models")[0]  # no "2.80x" in the summary tables
+    assert "| not claimed |" in markdown and "not reached" not in markdown
+    assert "No recommendation: the reference (Teacher) is not trained" in markdown
+
+
+def test_a_trained_reference_is_marked_trained_and_keeps_its_reductions() -> None:
+    report = build_report(_models(), dataset=dataset_summary("synthetic", 5, (3, 8, 8), 120))
+    assert report["reference"]["untrained"] is False
+    assert report["models"]["student_erde"]["mac_reduction_by_tolerance"]
+
+
+def test_the_run_summary_says_the_reference_is_not_trained_instead_of_a_reduction(
+    tmp_path: Path, capsys
+) -> None:
+    from erde.cli import _print_summary
+
+    models = _models()
+    models["teacher"] = _at_chance(models["teacher"], 3)
+    paths = write_report(
+        tmp_path, build_report(models, dataset=dataset_summary("f", 3, (3, 8, 8), 9))
+    )
+
+    _print_summary(paths["json"])
+
+    out = capsys.readouterr().out
+    assert "none: the reference is not trained" in out and "x (acc" not in out
+    assert "warning: the reference (Teacher, last exit 33.33%) is not trained" in out
+
+
+def test_report_md_starts_with_which_model_for_which_budget_and_ends_with_the_sweeps(
+    tmp_path: Path,
+) -> None:
+    report = build_report(_models(), dataset=dataset_summary("synthetic", 5, (3, 8, 8), 120))
+    write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+
+    order = ["## Which model for which budget", "## MAC reduction at equal accuracy",
+             "## Models", "## Config", "## Threshold sweeps"]  # fmt: skip
+    assert [text.index(h) for h in order] == sorted(text.index(h) for h in order)
+    budget = text.split("## Which model for which budget")[1].split("\n## ")[0]
+    rows = [line for line in budget.splitlines() if line.startswith("| ") and "point" in line]
+    ladders = {n: m["mac_reduction_by_tolerance"] for n, m in report["models"].items()}
+    for row in rows:  # each level's cheapest model among those that reach it
+        level = float(row.split(" | ")[0].lstrip("| ").split()[0]) / 100
+        reached = {n: r["mean_macs"] for n, lad in ladders.items() for r in lad
+                   if r["tolerance"] == pytest.approx(level) and r["reduction"]}  # fmt: skip
+        cheapest = min(reached, key=reached.get)
+        assert f"(`{cheapest}`)" in row and "x fewer (" in row, row
+    assert rows
+
+
+def test_budget_levels_that_chose_the_same_model_and_threshold_share_one_row() -> None:
+    from erde.report import level_range, merge_same_choices
+
+    same = {"threshold": 0.5}
+    choices = [("a", same | {"tolerance": 0.005}), ("a", same | {"tolerance": 0.01}),
+               ("b", same | {"tolerance": 0.02}), ("b", {"threshold": 0.9, "tolerance": 0.05})]  # fmt: skip
+    merged = merge_same_choices(choices)
+    assert [(n, levels) for n, _, levels in merged] == [
+        ("a", [0.005, 0.01]), ("b", [0.02]), ("b", [0.05])
+    ]  # fmt: skip
+    assert [level_range(levels) for _, _, levels in merged] == [
+        "0.5 to 1 point", "2 points", "5 points"
+    ]  # fmt: skip

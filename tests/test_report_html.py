@@ -49,6 +49,15 @@ def test_run_writes_report_html_beside_report_json(tiny_run):
         assert f'"name": "{name}"' in page
 
 
+def test_the_page_warns_when_the_reference_is_not_trained():
+    report = synthetic_report(2, 5)
+    assert "No MAC reduction" not in render_report_html(report)
+    report["reference"] |= {"untrained": True, "chance_accuracy": 0.1}
+    page = render_report_html(report)
+    assert "No MAC reduction: the reference (model_0, last exit" in page
+    assert "D.reference.warning" in page  # shown under the title
+
+
 def test_page_is_self_contained():
     page = render_report_html(synthetic_report(2, 5))
     assert not re.search(r"<(link|img|iframe|object|embed)\b", page, re.I)

@@ -237,3 +237,17 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tiny_run) -> None:
     _, err = child.communicate(timeout=120)
     assert err.decode() == ""
     assert child.returncode == 141
+
+
+def test_a_report_folder_beside_the_models_is_not_listed_as_a_model(tiny_run, tmp_path) -> None:
+    """erde.evaluate writes report.json and config.yaml into its folder, no checkpoint."""
+    shutil.copytree(tiny_run["out"] / "teacher", tmp_path / "teacher")
+    report = tmp_path / "report"
+    report.mkdir()
+    shutil.copy(tiny_run["report"], report / "report.json")
+    shutil.copy(tiny_run["out"] / "teacher" / "config.yaml", report / "config.yaml")
+
+    lines = status_lines(tmp_path)
+
+    assert [line.split(":")[0] for line in lines[:-1]] == ["teacher"], lines
+    assert not any("no checkpoint yet" in line for line in lines)

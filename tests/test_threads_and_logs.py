@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,15 @@ from erde.cli import main
 from erde.errors import ConfigError, ErdeError
 from erde.hardware import cpu_has_bf16
 from erde.monitor import TensorBoardLogger, epoch_line, scalars
-from erde.threads import DEFAULT_MAX_THREADS, ENV_VAR, default_threads, idle_cores, parse_threads
+from erde.threads import (
+    DEFAULT_MAX_THREADS,
+    ENV_VAR,
+    busy_cores,
+    cpu_ticks,
+    default_threads,
+    idle_cores,
+    parse_threads,
+)
 
 TINY_SET = [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
 
@@ -36,11 +45,41 @@ def test_version_flag_prints_the_version_without_importing_torch() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cores", "load", "expected"),
+    ("cores", "busy", "expected"),
     [(2, 0.1, 2), (2, 6.2, 1), (2, 0.6, 1), (16, 3.4, 13), (4, 1.5, 3)],
 )
-def test_idle_cores_leave_room_for_the_load(cores: int, load: float, expected: int) -> None:
-    assert idle_cores(cores, load) == expected
+def test_idle_cores_leave_room_for_the_busy_ones(cores: int, busy: float, expected: int) -> None:
+    assert idle_cores(cores, busy) == expected
+
+
+def test_cpu_ticks_count_idle_and_iowait_as_idle_and_only_the_cpus_asked_for(tmp_path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  30 0 10 60 0 0 0 0 0 0\n"
+        "cpu0 10 0 5 30 5 0 0 0 0 0\n"  # user nice system idle iowait irq softirq steal ...
+        "cpu1 20 0 5 30 0 0 0 0 0 0\n"
+        "intr 1 2 3\n"
+    )
+    assert cpu_ticks(path=str(stat)) == (40, 105)
+    assert cpu_ticks([1], path=str(stat)) == (25, 55)
+    assert cpu_ticks(path=str(tmp_path / "absent")) is None
+
+
+def test_busy_cores_are_sampled_now_between_none_and_every_core() -> None:
+    busy = busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= len(os.sched_getaffinity(0)) + 1e-9
+
+
+def test_a_high_load_average_left_by_a_finished_install_does_not_cost_threads(
+    monkeypatch,
+) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("erde.threads.available_cores", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (2.3, 1.0, 0.4))  # pip just finished
+    idle_now = [(100, 1000), (102, 1200)]  # 2 of 200 ticks busy: both cores idle now
+    monkeypatch.setattr("erde.threads.cpu_ticks", lambda *a, **k: idle_now.pop(0))
+    assert default_threads() == 2
 
 
 def test_default_threads_follow_the_environment_then_the_load(monkeypatch) -> None:
@@ -55,9 +94,9 @@ def test_default_threads_follow_the_environment_then_the_load(monkeypatch) -> No
     assert default_threads() == 2
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr("erde.threads.available_cores", lambda: 64)
-    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr("erde.threads.busy_cores", lambda: 0.0)
     assert default_threads() == DEFAULT_MAX_THREADS  # idle big machine: capped
-    monkeypatch.setattr("os.getloadavg", lambda: (63.5, 0.0, 0.0))
+    monkeypatch.setattr("erde.threads.busy_cores", lambda: 63.5)
     assert default_threads() == 1  # every core taken
     with pytest.raises(ConfigError, match="at least 1"):
         parse_threads(0, "--threads")

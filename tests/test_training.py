@@ -43,6 +43,25 @@ def test_teacher_and_erde_student_train_without_any_warning(tmp_path: Path) -> N
     assert [str(w.message) for w in caught] == []
 
 
+def test_an_epoch_of_a_few_steps_warns_and_suggests_a_batch_size(tmp_path: Path, capsys) -> None:
+    cfg = tiny_config(
+        "teacher_train.epochs=1", "teacher_train.max_steps_per_epoch=null", "data.batch_size=512"
+    )
+    train(cfg, Job("teacher"), tmp_path / "t", progress=False)
+    out = capsys.readouterr().out
+    assert "warning: teacher: 2 optimiser steps per epoch" in out, out
+    assert "try --set data.batch_size=128 (10 steps per epoch)" in out, out
+
+
+def test_few_steps_asked_for_with_max_steps_per_epoch_give_no_warning() -> None:
+    assert training.few_steps_warning("teacher", 1000, 128, 4, capped=True) is None
+    assert training.few_steps_warning("teacher", 1000, 64, 15) is None
+    line = training.few_steps_warning("teacher", 162, 128, 1)
+    assert "1 optimiser step per epoch (162 training images" in line
+    assert "data.batch_size=16 (10 steps per epoch)" in line
+    assert "add training images" in training.few_steps_warning("teacher", 12, 4, 3)
+
+
 def test_teacher_runs_once_per_batch_for_all_exits_under_inference_mode(
     tmp_path: Path, teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -144,22 +144,33 @@ def _epoch_callback(args: argparse.Namespace) -> EpochCallback | None:
     )
 
 
-def build_config(args: argparse.Namespace, fallback: dict | None = None) -> ExperimentConfig:
+def _named_dataset(args: argparse.Namespace) -> str | None:
+    """The data set the command line names: --dataset, else the data.name of --config."""
+    if args.dataset is None and args.config:
+        return (load_yaml(args.config).get("data") or {}).get("name")
+    return args.dataset
+
+
+def build_config(
+    args: argparse.Namespace, fallback: dict | None = None, data: dict | None = None
+) -> ExperimentConfig:
     """Preset for the data set, then --config, then explicit flags and --set overrides.
 
     ``fallback`` (e.g. a checkpoint's own config) replaces the preset when
-    neither --dataset nor --config names a data set.
+    neither --dataset nor --config names a data set. ``data`` (e.g. a teacher's data
+    settings, :func:`teacher_data`) is laid over its data set's preset in that case.
     """
-    dataset = args.dataset
-    if dataset is None and args.config:
-        dataset = (load_yaml(args.config).get("data") or {}).get("name")
+    dataset = _named_dataset(args)
     overrides = []
     if dataset is None and fallback is not None:
         base = fallback
     else:
-        dataset = dataset or "digits"
+        inherit = dataset is None and data is not None
+        dataset = dataset or (data["name"] if inherit else "digits")
         preset = preset_path(dataset)
         base = load_yaml(preset) if preset.is_file() else {}
+        if inherit:
+            base["data"] = {**(base.get("data") or {}), **data}
         overrides.append(f"data.name={dataset}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -188,10 +199,45 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+# A student learns from its teacher's answers on the same images: these data settings are
+# taken from the teacher's checkpoint unless the command line gives them.
+DATA_FROM_TEACHER = (
+    "name", "data_dir", "image_size", "batch_size", "val_fraction", "split_seed", "max_train",
+)  # fmt: skip
+
+
+def teacher_data(args: argparse.Namespace) -> dict | None:
+    """The teacher's ``DATA_FROM_TEACHER`` settings, or None when there is no --teacher or the
+    command line names a data set (--dataset, --config with data.name, --set data.name=)."""
+    if not args.teacher or _named_dataset(args) is not None:
+        return None
+    if any(o.split("=", 1)[0].strip() == "data.name" for o in args.overrides):
+        return None
+    from erde.checkpoints import load_checkpoint
+
+    data = (load_checkpoint(args.teacher).get("config") or {}).get("data") or {}
+    inherited = {k: data[k] for k in DATA_FROM_TEACHER if k in data}
+    return inherited if inherited.get("name") else None
+
+
+def data_origin_line(cfg: ExperimentConfig, args: argparse.Namespace, inherited: dict) -> str:
+    """``data: imagefolder DIR from the teacher's checkpoint``, naming what the command line set."""
+    own = {o.split("=", 1)[0].strip()[5:] for o in args.overrides if o.startswith("data.")}
+    if args.data_dir:
+        own.add("data_dir")
+    own &= set(inherited)
+    where = f" {cfg.data.data_dir}" if cfg.data.data_dir else ""
+    extra = f" ({', '.join(sorted(own))} from the command line)" if own else ""
+    return f"data: {cfg.data.name}{where} from the teacher's checkpoint{extra}"
+
+
 def cmd_train_student(args: argparse.Namespace) -> int:
     from erde.training import Job, train
 
-    cfg = build_config(args)
+    inherited = teacher_data(args)
+    cfg = build_config(args, data=inherited)
+    if inherited:
+        print(data_origin_line(cfg, args, inherited), flush=True)
     method = args.method or cfg.distill.method
     path = train(
         cfg, Job("student", method), args.out, teacher_checkpoint=args.teacher,
@@ -285,21 +331,27 @@ def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
 
 def _print_summary(report_json: Path) -> None:
+    from erde.report import untrained_text
     from erde.report_html import load_report
 
     report = load_report(report_json)
     print(
         "\nmodel           exit accuracy (%)               MACs at last exit   MAC reduction at equal acc."
     )
+    untrained = report["reference"].get("untrained")
     for name, m in report["models"].items():
         accs = " ".join(f"{100 * a:5.1f}" for a in m["exit_accuracy"])
         red = m.get("mac_reduction")
         red_text = (
             f"{red['reduction']:.2f}x (acc {100 * red['accuracy']:.1f}%)"
             if red
+            else "none: the reference is not trained"
+            if untrained
             else "none within tolerance"
         )
         print(f"{name:15s} {accs:31s} {m['macs_per_exit'][-1]:>17,d}   {red_text}")
+    if untrained:
+        print(f"warning: {untrained_text(report['reference'])}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -715,7 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a registered student method: ce, kd, erde or one registered with "
         "erde.losses.register_method (default: distill.method, erde)",
     )
-    p.add_argument("--teacher", help="teacher checkpoint (required for kd and erde)")
+    p.add_argument(
+        "--teacher",
+        help="teacher checkpoint (required for kd and erde); the student trains on the teacher's "
+        "data (data.name, data_dir, image_size, batch_size, val_fraction, split_seed, max_train "
+        "from its checkpoint) unless --dataset, --data-dir, --config or --set data.* say otherwise",
+    )
     _add_trust_arg(p)
     p.add_argument("--out", default="runs/student", help="output folder (default: runs/student)")
     p.set_defaults(func=cmd_train_student)
@@ -978,7 +1035,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="measure full-network vs early-exit throughput on the checkpoint's test images",
         description="For each batch size: full-network and early-exit images/s (PyTorch per-sample routing, "
         "batch-level routing, ONNX Runtime), the measured speedup, the ideal speedup (full MACs / mean MACs "
-        "spent) and their ratio. See benchmarks/inference.py for the full benchmark.",
+        "spent) and their ratio. See benchmarks/inference.py for the full benchmark. It takes minutes: "
+        "at the defaults it times 15 candidates (5 ways to serve x 3 batch sizes) of 512 images, each "
+        "at least 5 times and 1 s; the digits student took 8 minutes on a 2-core CPU. It prints its "
+        "own estimate first; fewer --batch-sizes, --images or --repeats make it shorter. Where early "
+        "exit is slower than the full network at a batch size, it says so and which to serve.",
     )  # fmt: skip
     p.add_argument("checkpoint", help="checkpoint file (or folder holding checkpoint.pt)")
     _add_policy_args(p)

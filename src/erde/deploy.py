@@ -143,6 +143,9 @@ def deployment_table(
                                     test_x, labels))  # fmt: skip
             rows[-1]["int8_warning"] = q.warning
             engines[rows[-1]["row"]] = ort_int8
+        log(f"timing {len(engines)} rows at {len(batch_sizes)} batch sizes: "
+            f"{len(engines) * len(batch_sizes)} candidates of {images} images per pass, each for "
+            f"at least {repeats} timed passes and {min_time:g} s")  # fmt: skip
         for bs in batch_sizes:
             chunks = _batches(pool, bs)
             log(f"timing batch size {bs}: {len(engines)} rows, {images} images per pass")
@@ -156,8 +159,12 @@ def deployment_table(
                 row[f"speedup_{bs}"] = base / seconds[row["row"]]
     for row in rows:
         row["mac_ideal_speedup"] = teacher_macs / row["mean_macs"]
+    advice = [a for bs in batch_sizes if (a := serving_advice(rows, bs))]
+    for line in advice:
+        log(line)
     return {
         "rows": rows,
+        "advice": advice,
         "setup": {
             "teacher": t_ckpt["path"], "student": s_ckpt["path"], "dataset": splits.name,
             "test_images": int(labels.numel()), "timed_images": images,
@@ -168,8 +175,25 @@ def deployment_table(
     }  # fmt: skip
 
 
+def serving_advice(rows: Sequence[dict[str, Any]], batch_size: int) -> str | None:
+    """When the student's full network serves more images per second than every early-exit
+    row at ``batch_size``, a line that says so and recommends serving it without routing."""
+    full = next(r for r in rows if r["row"].startswith("student, full network"))
+    early = [r for r in rows if "early exit" in r["row"]]
+    key = f"ips_{batch_size}"
+    best = max(early, key=lambda r: r[key], default=None)
+    if best is None or best[key] >= full[key]:
+        return None
+    return (
+        f"at batch {batch_size} the student's full network without exits is faster "
+        f"({full[key]:.0f} img/s) than its early exit (at best {best[key]:.0f} img/s, "
+        f"{best['row']}): serve it without routing at this batch size"
+    )
+
+
 def render_table(result: dict[str, Any]) -> list[str]:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table, then a note for each batch size at which the student's
+    full network is faster than its early exit."""
     from erde.report import fmt_count, markdown_table
 
     sizes = result["setup"]["batch_sizes"]
@@ -184,7 +208,8 @@ def render_table(result: dict[str, Any]) -> list[str]:
             cells += [f"{r[f'ips_{bs}']:.0f}", f"{r[f'speedup_{bs}']:.2f}x"]
         cells.append(f"{r['mac_ideal_speedup']:.2f}x")
         body.append(cells)
-    return markdown_table(header, body)
+    notes = [f"Note: {a}." for a in result.get("advice", [])]  # older results have none
+    return markdown_table(header, body) + ([""] + notes if notes else [])
 
 
-__all__ = ["deployment_table", "render_table"]
+__all__ = ["deployment_table", "render_table", "serving_advice"]

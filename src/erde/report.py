@@ -82,6 +82,35 @@ def _reference(models: Mapping[str, Mapping[str, Any]], wanted: str, tolerance: 
     return ref
 
 
+# A reference within this many points of chance (1 / classes) counts as not trained: its
+# "equal accuracy" is what guessing reaches, and any model beats it with no computation.
+UNTRAINED_MARGIN = 0.05
+
+
+def chance_accuracy(
+    models: Mapping[str, Mapping[str, Any]], name: str, dataset: Mapping[str, Any] | None
+) -> float | None:
+    """1 / classes of the data set (or of the model ``name``), None when neither says."""
+    classes = (dataset or {}).get("num_classes") or models[name].get("num_classes")
+    return 1.0 / classes if classes and classes > 1 else None
+
+
+def reference_untrained(ref: Mapping[str, Any]) -> bool:
+    """Whether the reference is at or near chance, so no reduction may be claimed against it."""
+    chance = ref.get("chance_accuracy")
+    return chance is not None and ref["accuracy"] <= chance + UNTRAINED_MARGIN
+
+
+def untrained_text(ref: Mapping[str, Any]) -> str:
+    """One sentence: the reference is not trained, so no MAC reduction is claimed."""
+    return (
+        f"the reference ({model_label(ref['model'])}, last exit {_pct(ref['accuracy'])}) is "
+        f"not trained: within {100 * UNTRAINED_MARGIN:g} points of chance "
+        f"({_pct(ref['chance_accuracy'])}), so no MAC reduction is claimed against it; "
+        "train it longer or with more optimiser steps per epoch (a smaller data.batch_size)"
+    )
+
+
 def _report_rule(models: Mapping[str, Mapping[str, Any]], wanted: str) -> str:
     """``wanted`` if any model was swept with it, else the first rule that was (e.g. max_softmax only)."""
     present = [p["rule"] for model in models.values() for p in model["sweep"]]
@@ -110,7 +139,10 @@ def build_report(
     ``mac_reduction_by_tolerance``: the same for 0.5, 1, 2 and 5 points, split
     into network x exits (:func:`erde.evaluation.reduction_ladder`). When no model was
     swept with ``rule``, the first rule found in the sweeps is used instead;
-    the rule used is recorded as ``reference.rule``. Inputs are not mutated.
+    the rule used is recorded as ``reference.rule``. A reference within
+    ``UNTRAINED_MARGIN`` of chance is recorded as ``reference.untrained`` (with
+    ``reference.chance_accuracy``) and no model gets a reduction against it.
+    Inputs are not mutated.
     """
     if not models:
         raise ValueError("no models to report")
@@ -119,9 +151,15 @@ def build_report(
     rule = _report_rule(models, rule)
     ref = _reference(models, reference, tolerance)
     ref["rule"] = rule
+    ref["chance_accuracy"] = chance_accuracy(models, ref["model"], dataset)
+    ref["untrained"] = reference_untrained(ref)
     entries = {}
     for name, model in models.items():
         entry = copy.deepcopy(dict(model))
+        if ref["untrained"]:  # a reduction "at equal accuracy" with chance means nothing
+            entry["mac_reduction"], entry["mac_reduction_by_tolerance"] = None, []
+            entries[name] = entry
+            continue
         points = _sweep_points(model, rule)
         entry["mac_reduction"] = mac_reduction_at_equal_accuracy(
             points, ref["accuracy"], ref["macs"], tolerance
@@ -223,28 +261,40 @@ def fmt_count(value: float | None) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def fmt_thresholds(values: Sequence[float], ends: Sequence[float] = (0.0, 1.0)) -> list[str]:
-    """Thresholds of one column, with as few digits (4 or more) as keep them honest.
+THRESHOLD_DIGITS = 4  # significant digits of a threshold in Markdown; sweep.csv has them all
 
-    Every distinct value gets a distinct text, and no text falls on the other
-    side of (or onto) a range end than its value (``ends``: 0 and 1 for
-    max-softmax, 0 and log K for entropy): ``0.99999`` must not read "1", since
-    at 1 no image leaves early and at 0.99999 many do.
+
+def fmt_threshold(value: float, ends: Sequence[float] = (0.0, 1.0)) -> str:
+    """A threshold to ``THRESHOLD_DIGITS`` significant digits, more only where fewer would
+    put it onto or across an end of its range (``ends``: 0 and 1 for max-softmax, 0 and
+    log K for entropy): ``0.99999`` must not read "1", since at 1 no image leaves early
+    and at 0.99999 many do.
+
+    A threshold on an end reads as that end: "ln 10" for the entropy rule's top (log K).
+
+    >>> fmt_threshold(0.0001007491358374871), fmt_threshold(0.99999), fmt_threshold(1.0)
+    ('0.0001007', '0.99999', '1')
+    >>> fmt_threshold(math.log(10), (0.0, math.log(10)))
+    'ln 10'
+    """
+    for end in ends:
+        if end not in (0.0, 1.0) and math.isclose(value, end, rel_tol=1e-12):
+            return f"ln {round(math.exp(end))}"  # entropy's log K
+    for digits in range(THRESHOLD_DIGITS, 18):
+        text = f"{value:.{digits}g}"
+        if all(_side(float(text), end) == _side(value, end) for end in ends):
+            return text
+    return repr(float(value))
+
+
+def fmt_thresholds(values: Sequence[float], ends: Sequence[float] = (0.0, 1.0)) -> list[str]:
+    """:func:`fmt_threshold` of each value (thresholds closer than 4 digits tell apart read
+    alike; their exact values are in sweep.csv).
 
     >>> fmt_thresholds([0.5, 0.99999, 1.0])
     ['0.5', '0.99999', '1']
     """
-    for digits in range(4, 18):
-        texts = [f"{v:.{digits}g}" for v in values]
-        distinct = len(set(texts)) == len(set(values))
-        honest = all(
-            _side(float(t), end) == _side(v, end)
-            for t, v in zip(texts, values, strict=True)
-            for end in ends
-        )
-        if distinct and honest:
-            return texts
-    return [repr(float(v)) for v in values]
+    return [fmt_threshold(v, ends) for v in values]
 
 
 def _side(value: float, end: float) -> int:
@@ -297,6 +347,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     chosen = [r["threshold"] for r in reductions if r]
     texts = iter(fmt_thresholds(chosen, rule_ends(ref.get("rule", "entropy"), num_classes)))
     rows = []
+    missing = "not claimed" if ref.get("untrained") else "not reached"
     for name, model in report["models"].items():
         red = model.get("mac_reduction")
         rows.append(
@@ -306,7 +357,7 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
                 _pct(model["exit_accuracy"][-1]),
                 fmt_count(model["macs_per_exit"][-1]),
                 next(texts) if red else "—",
-                _pct(red["accuracy"]) if red else "not reached",
+                _pct(red["accuracy"]) if red else missing,
                 fmt_count(red["mean_macs"]) if red else "—",
                 f"{red['reduction']:.2f}x" if red and red["reduction"] else "—",
                 _pct(red["saved_fraction"], 1) if red else "—",
@@ -323,6 +374,8 @@ def _summary_section(report: Mapping[str, Any]) -> list[str]:
     ]
     if ref.get("note"):
         lines += [f"Note: {ref['note']}.", ""]
+    if ref.get("untrained"):
+        lines += [f"**No MAC reduction: {untrained_text(ref)}.**", ""]
     return lines + markdown_table([*header, "Reduction", "Saved"], rows) + [""]
 
 
@@ -379,8 +432,8 @@ def _ladder_section(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
-    """Per-exit table, then one sweep table per rule (``rule`` first) for one model."""
+def _exit_section(name: str, model: Mapping[str, Any]) -> list[str]:
+    """One model's per-exit table: parameters, MACs, accuracy (and ECE) of each exit."""
     params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
     ece = model.get("exit_ece")  # reports written before it was measured have none
     exit_rows = [
@@ -389,9 +442,16 @@ def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: s
             zip(params, model["macs_per_exit"], model["exit_accuracy"], strict=True)
         )
     ]
-    lines = [f"### {md_inline(model_label(name))} (`{md_inline(name)}`)", ""]
     header = ["Exit", "Params", "MACs", "Accuracy"] + (["ECE"] if ece else [])
-    lines += markdown_table(header, exit_rows) + [""]
+    return [
+        f"### {md_inline(model_label(name))} (`{md_inline(name)}`)", "",
+        *markdown_table(header, exit_rows), "",
+    ]  # fmt: skip
+
+
+def _sweep_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: str) -> list[str]:
+    """One sweep table per rule (``rule`` first) for one model."""
+    lines = [f"### {md_inline(model_label(name))} (`{md_inline(name)}`): threshold sweeps", ""]
     rules = dict.fromkeys([rule, *(p["rule"] for p in model["sweep"])])  # ordered, unique
     for sweep_rule in rules:
         points = [p for p in model["sweep"] if p["rule"] == sweep_rule]
@@ -414,13 +474,98 @@ def _model_section(name: str, model: Mapping[str, Any], ref_macs: float, rule: s
     return lines
 
 
+def budget_choices(report: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """For each level of accuracy given up, the model (name, ladder entry) with the fewest
+    mean MACs that stays that close to the reference; levels no model reaches are left out."""
+    ladders = {n: m.get("mac_reduction_by_tolerance") or [] for n, m in report["models"].items()}
+    levels = max(ladders.values(), key=len)
+    choices = []
+    for i in range(len(levels)):
+        reached = [
+            (n, lad[i]) for n, lad in ladders.items() if i < len(lad) and lad[i].get("reduction")
+        ]
+        if reached:
+            choices.append(min(reached, key=lambda c: (c[1]["mean_macs"], -c[1]["accuracy"])))
+    return choices
+
+
+def merge_same_choices(
+    choices: Sequence[tuple[str, dict[str, Any]]],
+) -> list[tuple[str, dict[str, Any], list[float]]]:
+    """Consecutive levels that chose the same model and threshold, as one row with all its
+    levels: a table of four identical rows says less than one row "0.5 to 5 points"."""
+    merged: list[tuple[str, dict[str, Any], list[float]]] = []
+    for name, c in choices:
+        if merged and merged[-1][0] == name and merged[-1][1]["threshold"] == c["threshold"]:
+            merged[-1][2].append(c["tolerance"])
+        else:
+            merged.append((name, c, [c["tolerance"]]))
+    return merged
+
+
+def level_range(levels: Sequence[float]) -> str:
+    """``[0.005]`` -> "0.5 points", ``[0.01]`` -> "1 point", ``[0.005, 0.02]`` -> "0.5 to 2 points"."""
+    low, high = f"{100 * levels[0]:g}", f"{100 * levels[-1]:g}"
+    plural = "s" * (levels[-1] != 0.01)
+    return f"{low} point{plural}" if len(levels) == 1 else f"{low} to {high} point{plural}"
+
+
+def _budget_section(report: Mapping[str, Any]) -> list[str]:
+    """Which model and threshold to deploy for a few accuracy drops: the report in one table."""
+    ref = report["reference"]
+    lines = ["## Which model for which budget", ""]
+    if ref.get("untrained"):
+        return [
+            *lines,
+            f"No recommendation: the reference ({md_inline(model_label(ref['model']))}) is not trained "
+            "(next section).",
+            "",
+        ]
+    choices = budget_choices(report)
+    if not choices:
+        return []  # reports written before the ladder was recorded, or nothing reached
+    num_classes = (report.get("dataset") or {}).get("num_classes")
+    ends = rule_ends(ref.get("rule", "entropy"), num_classes)
+    rows = [
+        [
+            level_range(levels),
+            f"{md_inline(model_label(name))} (`{md_inline(name)}`)",
+            fmt_threshold(c["threshold"], ends),
+            _pct(c["accuracy"]),
+            fmt_count(c["mean_macs"]),
+            f"{c['reduction']:.2f}x fewer ({_pct(c['saved_fraction'], 1)} saved)",
+        ]
+        for name, c, levels in merge_same_choices(choices)
+    ]
+    header = [
+        "Accuracy given up",
+        "Model",
+        "θ",
+        "Accuracy",
+        "Mean MACs",
+        f"vs {model_label(ref['model'])}",
+    ]
+    return [
+        *lines,
+        f"The cheapest model and {ref.get('rule', 'entropy')} threshold θ that stay within each "
+        f"accuracy drop of the reference ({md_inline(model_label(ref['model']))}, last exit "
+        f"{_pct(ref['accuracy'])} at {fmt_count(ref['macs'])} MACs per image) on this report's "
+        "test images, with its mean MACs per image and the saving. For deployment, "
+        "`erde calibrate` fits thresholds on validation images instead.",
+        "",
+        *markdown_table(header, rows),
+        "",
+    ]
+
+
 def _rule_of(report: Mapping[str, Any], rule: str | None) -> str:
     """The rule to show: the one asked for, else the one the report's summary used."""
     return rule or (report.get("reference") or {}).get("rule") or "entropy"
 
 
 def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
-    """Human-readable report: summary, per-model tables, then environment and config."""
+    """Human-readable report: which model for which budget, the reductions, per-exit tables,
+    environment and config, and last the long threshold sweeps (also in sweep.csv)."""
     rule = _rule_of(report, rule)
     dataset = report.get("dataset") or {}
     lines = ["# ERDE evaluation report", "", f"Created {report.get('created', '?')}."]
@@ -430,9 +575,10 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
             f"Dataset: {md_inline(dataset.get('name', '?'))} ({dataset.get('num_classes', '?')} classes, "
             f"{dataset.get('test_images', '?')} test images{', ' + shape if shape else ''})."
         )
-    lines += ["", *_summary_section(report), *_ladder_section(report), "## Models", ""]
+    lines += ["", *_budget_section(report), *_summary_section(report), *_ladder_section(report)]
+    lines += ["## Models", ""]
     for name, model in report["models"].items():
-        lines += _model_section(name, model, report["reference"]["macs"], rule)
+        lines += _exit_section(name, model)
     env_rows = [[str(k), str(v)] for k, v in (report.get("environment") or {}).items()]
     lines += [
         "## Environment",
@@ -444,6 +590,15 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
     ]
     config = json.dumps(report.get("config"), indent=2, default=io.json_default)
     lines += ["```json", config, "```", ""]
+    lines += [
+        "## Threshold sweeps",
+        "",
+        "Every threshold tried, per model (thresholds to 4 significant digits; exact values in "
+        "sweep.csv).",
+        "",
+    ]
+    for name, model in report["models"].items():
+        lines += _sweep_section(name, model, report["reference"]["macs"], rule)
     return "\n".join(lines)
 
 
@@ -549,12 +704,8 @@ def reliability_figure(report: Mapping[str, Any], dpi: int = 110) -> Any:
         exits = model["exit_reliability"]
         ax.plot([0, 100], [0, 100], color="gray", linestyle="--", linewidth=1)
         for e, r in enumerate(exits):
-            kept = [
-                (c, a) for c, a in zip(r["confidence"], r["accuracy"], strict=True) if c is not None
-            ]
-            ax.plot([100 * c for c, _ in kept], [100 * a for _, a in kept], marker="o",
-                    markersize=3, color=colours(0.85 * e / max(len(exits) - 1, 1)),
-                    linewidth=2.0 if e == len(exits) - 1 else 1.2, label=f"exit {e}")  # fmt: skip
+            colour = colours(0.85 * e / max(len(exits) - 1, 1))
+            _draw_reliability_exit(ax, r, e, colour, last=e == len(exits) - 1)
         ece = model.get("exit_ece")
         extra = f": ECE {' / '.join(f'{100 * v:.1f}' for v in ece)} %" if ece else ""
         ax.set_title(f"{model_label(name)}{extra}", fontsize=9, color=curve_style(name, 0)[1])
@@ -564,9 +715,43 @@ def reliability_figure(report: Mapping[str, Any], dpi: int = 110) -> Any:
         ax.legend(fontsize=7, loc="upper left")
     for ax in list(axes.flat)[len(models) :]:
         ax.set_visible(False)
-    fig.suptitle("Reliability per exit (below the diagonal: over-confident)", fontsize=10)
+    fig.suptitle(
+        "Reliability per exit (below the diagonal: over-confident). Faded: bins of under "
+        f"{MIN_BIN_IMAGES} images, too few to judge; numbers: images per bin of the last exit",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
+
+
+MIN_BIN_IMAGES = 10  # a reliability bin of fewer images says little: drawn faded, off the line
+
+
+def reliability_bins(r: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(well filled, sparse) bins of one exit as (confidence, accuracy, count), empty bins left out."""
+    filled = [
+        (c, a, k)
+        for c, a, k in zip(r["confidence"], r["accuracy"], r["count"], strict=True)
+        if c is not None and k
+    ]
+    return [b for b in filled if b[2] >= MIN_BIN_IMAGES], [
+        b for b in filled if b[2] < MIN_BIN_IMAGES
+    ]
+
+
+def _draw_reliability_exit(ax: Any, r: Mapping[str, Any], e: int, colour: Any, last: bool) -> None:
+    """One exit's curve through its well-filled bins, its sparse bins as faded markers, and
+    (last exit) each bin's image count beside its marker."""
+    kept, sparse = reliability_bins(r)
+    ax.plot([100 * c for c, _, _ in kept], [100 * a for _, a, _ in kept], marker="o",
+            markersize=3, color=colour, linewidth=2.0 if last else 1.2, label=f"exit {e}")  # fmt: skip
+    if sparse:
+        ax.scatter([100 * c for c, _, _ in sparse], [100 * a for _, a, _ in sparse], s=12,
+                   color=colour, alpha=0.25)  # fmt: skip
+    if last:
+        for c, a, k in kept + sparse:
+            ax.annotate(str(k), (100 * c, 100 * a), textcoords="offset points", xytext=(3, -8),
+                        fontsize=6, color="0.2" if k >= MIN_BIN_IMAGES else "0.6")  # fmt: skip
 
 
 def plot_tradeoff(report: Mapping[str, Any], path: str | Path, rule: str | None = None) -> None:

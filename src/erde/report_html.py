@@ -25,7 +25,7 @@ from typing import Any
 
 from erde import io
 from erde.errors import ErdeError, ReportError
-from erde.report import SCHEMA_VERSION, curve_style, model_label
+from erde.report import SCHEMA_VERSION, curve_style, model_label, untrained_text
 
 MAX_REPORT_BYTES = 64 << 20  # a report with hundreds of models x thresholds is a few MB
 MAX_MARKS = 8  # thresholds files marked per model
@@ -212,6 +212,10 @@ def page_data(
             "label": model_label(ref["model"]),
             "accuracy": ref["accuracy"],
             "macs": ref["macs"],
+            # reports from before it was recorded have no "untrained"
+            "warning": f"No MAC reduction: {untrained_text(ref)}."
+            if ref.get("untrained")
+            else None,
         },
         "models": models,
     }
@@ -339,7 +343,8 @@ document.getElementById("subtitle").textContent =
   `${D.rule} rule; reference: ${D.reference.label}, last exit, ${pct(D.reference.accuracy)} at ` +
   `${count(D.reference.macs)} MACs. Drag a slider to move its model's marker; ◆ marks thresholds ` +
   `chosen by erde calibrate (filled: guaranteed), at their test accuracy and MACs.` +
-  (D.created ? ` Report created ${D.created}.` : "");
+  (D.created ? ` Report created ${D.created}.` : "") +
+  (D.reference.warning ? ` ${D.reference.warning}` : "");
 function show(i, k) {
   const m = D.models[i];
   const macs = m.mean_macs[k], acc = m.accuracy[k];

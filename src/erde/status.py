@@ -138,9 +138,12 @@ def _is_started(folder: Path) -> bool:
 
     Training writes the model's ``config.yaml`` first and ``checkpoint.pt`` after
     its first N steps or epoch; a folder of several models (a seed folder) also
-    holds a ``config.yaml`` but has model folders below it.
+    holds a ``config.yaml`` but has model folders below it, and a report folder
+    (``erde evaluate``) holds one beside its ``report.json``.
     """
     if not (folder / "config.yaml").is_file() or (folder / "checkpoint.pt").exists():
+        return False
+    if (folder / "report.json").exists():
         return False
     return not any(
         (sub / "config.yaml").exists() or (sub / "checkpoint.pt").exists()

@@ -7,12 +7,17 @@ threads wait on each other: the same two-epoch digits teacher took 116 s with
 2 threads and 22-24 s with 1 on a loaded 2-core VM (docs/LOG.md, measured with
 benchmarks/threads.py). So, unless told otherwise (``--threads``, ``ERDE_THREADS``,
 ``OMP_NUM_THREADS``), erde uses at most ``DEFAULT_MAX_THREADS`` threads, and
-fewer when the machine's load average says the cores are taken.
+fewer when the cores are busy right now. "Right now" is sampled from
+``/proc/stat`` over a tenth of a second, not read from the load average: the
+1-minute load average still counts a ``pip install`` that finished seconds ago,
+and chose 1 thread on an idle 2-core machine.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
 
 from erde.errors import ConfigError
 
@@ -28,15 +33,64 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def idle_cores(cores: int | None = None, load: float | None = None) -> int:
-    """Cores left over by other work: ``cores`` minus the 1-minute load average, rounded, >= 1."""
+PROC_STAT = "/proc/stat"
+SAMPLE_SECONDS = (
+    0.1  # 10 clock ticks per CPU at Linux's usual 100 Hz: enough to tell busy from idle
+)
+
+
+def cpu_ticks(cpus: Iterable[int] | None = None, path: str = PROC_STAT) -> tuple[int, int] | None:
+    """(busy, total) clock ticks so far of ``cpus`` (all when None), from ``/proc/stat``.
+
+    Idle and iowait ticks are idle; everything else (user, nice, system, irq,
+    softirq, steal) is busy. None where there is no such file (not Linux).
+    """
+    wanted = None if cpus is None else {f"cpu{c}" for c in cpus}
+    busy = total = 0
+    try:
+        with open(path) as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if not (name.startswith("cpu") and name != "cpu"):
+                    continue
+                if wanted is not None and name not in wanted:
+                    continue
+                ticks = [int(f) for f in fields[:8]]  # guest time is already in user
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cores(seconds: float = SAMPLE_SECONDS, cpus: Iterable[int] | None = None) -> float | None:
+    """How many of ``cpus`` (default: this process's) other work keeps busy now, e.g. 1.0 of 2.
+
+    Sampled over ``seconds`` while this process sleeps; None where ``/proc/stat``
+    cannot be read.
+    """
+    if cpus is None and hasattr(os, "sched_getaffinity"):
+        cpus = os.sched_getaffinity(0)
+    cpus = None if cpus is None else sorted(cpus)
+    before = cpu_ticks(cpus)
+    time.sleep(seconds)
+    after = cpu_ticks(cpus)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    share = (after[0] - before[0]) / (after[1] - before[1])
+    return share * (len(cpus) if cpus is not None else available_cores())
+
+
+def idle_cores(cores: int | None = None, busy: float | None = None) -> int:
+    """Cores left over by other work now: ``cores`` minus the busy ones, rounded, >= 1.
+
+    ``busy`` None: sampled by :func:`busy_cores` (all cores count as free where it
+    cannot be sampled).
+    """
     cores = available_cores() if cores is None else cores
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average on this platform
-            load = 0.0
-    return max(1, min(cores, int(cores - load + 0.5)))
+    if busy is None:
+        busy = busy_cores() or 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def parse_threads(value: str | int, source: str, capped: bool = True) -> int:
@@ -66,7 +120,7 @@ def max_threads() -> int:
 
 
 def default_threads() -> int:
-    """``ERDE_THREADS``, else ``OMP_NUM_THREADS``, else the idle cores up to ``DEFAULT_MAX_THREADS``.
+    """``ERDE_THREADS``, else ``OMP_NUM_THREADS``, else the cores idle now, up to ``DEFAULT_MAX_THREADS``.
 
     ``OMP_NUM_THREADS`` is honoured because it is how a user, or torchrun for
     each of its processes, has already said how many threads to use.

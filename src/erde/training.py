@@ -227,6 +227,40 @@ def splits_batch(cfg: ExperimentConfig, n_train: int) -> int:
     return max(1, min(cfg.data.batch_size, n_train))
 
 
+# An epoch of fewer optimiser steps than this rarely trains anything within the usual
+# epoch counts: 3 classes x 60 images at batch 128 took 1 step per epoch and the teacher
+# ended at chance.
+MIN_STEPS_PER_EPOCH = 10
+MIN_SUGGESTED_BATCH = 8
+
+
+def few_steps_warning(
+    name: str, n_train: int, batch_size: int, steps_per_epoch: int, capped: bool = False
+) -> str | None:
+    """A warning line when an epoch has under ``MIN_STEPS_PER_EPOCH`` steps, with a batch size
+    that gives enough (a power of two); None when there are enough, or when
+    ``max_steps_per_epoch`` (``capped``) asked for few on purpose.
+
+    ``n_train`` is the images one process trains on per epoch.
+    """
+    if capped or steps_per_epoch >= MIN_STEPS_PER_EPOCH:
+        return None
+    suggested = 2 ** int(math.log2(max(1, n_train // MIN_STEPS_PER_EPOCH)))
+    suggested = max(MIN_SUGGESTED_BATCH, suggested)  # batch norm needs a few images per batch
+    steps = n_train // suggested
+    plural = "s" if steps_per_epoch != 1 else ""
+    advice = (
+        f"try --set data.batch_size={suggested} ({steps} steps per epoch)"
+        if suggested < batch_size
+        else "add training images"
+    )
+    return (
+        f"warning: {name}: {steps_per_epoch} optimiser step{plural} per epoch ({n_train} "
+        f"training images at batch size {batch_size}): too few for the model to learn much; "
+        f"{advice}"
+    )
+
+
 def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
     """Autocast dtype, or None for full fp32.
 
@@ -729,6 +763,12 @@ def train_together(
                              run.out_dir, run.position, steps_per_epoch,
                              env.setting(run.needs_teacher, run.memory_format)),
                   flush=True)  # fmt: skip
+    if ctx.is_main and runs:  # one warning for models trained side by side on the same batches
+        capped = bool(tcfg.max_steps_per_epoch) and tcfg.max_steps_per_epoch < n_train // batch_size
+        names = ", ".join(run.job.name for run in runs)
+        warning = few_steps_warning(names, n_train, batch_size, steps_per_epoch, capped)
+        if warning:
+            print(warning, flush=True)
     if runs:
         _drive(env, runs, progress)
     D.barrier(ctx)
@@ -1232,7 +1272,7 @@ def start_line(
         )
     return (
         f"{job.name}: training {mcfg.arch} x{mcfg.width:g} ({num_exits} exits) for {tcfg.epochs} "
-        f"epochs on {images} images, on {device}{threads}{f' ({setting})' if setting else ''}, "
+        f"epoch{'s' * (tcfg.epochs != 1)} on {images} images, on {device}{threads}{f' ({setting})' if setting else ''}, "
         f"into {out_dir}{resumed}"
     )
 

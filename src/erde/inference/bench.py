@@ -102,8 +102,74 @@ def timing_warning(record: Mapping[str, Any]) -> str | None:
     )
 
 
+def estimate_seconds(
+    pass_seconds: float, candidates: int, repeats: int, min_time: float, warmup: int = 1
+) -> float:
+    """Rough wall time of :func:`time_turns` for one batch size, from one full-network pass.
+
+    Each candidate runs ``warmup`` passes, then turns until it has ``repeats`` passes and
+    ``min_time`` seconds; early-exit passes are taken to cost about a full pass (they are
+    rarely much cheaper on a CPU, and sometimes dearer).
+    """
+    timed = max(repeats, math.ceil(min_time / pass_seconds) if pass_seconds > 0 else repeats)
+    return candidates * (warmup + timed) * pass_seconds
+
+
+def fmt_duration(seconds: float) -> str:
+    """``45 s``, ``7 min``, ``1.5 h``: a duration as a person reads an estimate."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def plan_line(
+    device: str, candidates: Sequence[str], pass_seconds: Mapping[int, float], images: int,
+    repeats: int, min_time: float,
+) -> str:  # fmt: skip
+    """What the benchmark is about to time and about how long it will take, printed first: a
+    default run times 15 candidates and took 8 minutes for the digits student on 2 cores."""
+    total = sum(
+        estimate_seconds(t, len(candidates), repeats, min_time) for t in pass_seconds.values()
+    )
+    per_pass = ", ".join(f"{t:.2g} s at batch {bs}" for bs, t in pass_seconds.items())
+    return (
+        f"{device}: timing {len(candidates)} ways to serve ({', '.join(candidates)}) at "
+        f"{len(pass_seconds)} batch size{'s' * (len(pass_seconds) != 1)}: "
+        f"{len(candidates) * len(pass_seconds)} candidates of {images} images per pass, each for "
+        f"at least {repeats} timed passes and {min_time:g} s; estimate about "
+        f"{fmt_duration(total)} (one full-network pass: {per_pass})"
+    )
+
+
+def serving_advice(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """At one batch size: when early exit is slower than the full network with every backend,
+    a line that says so and to serve the full network without routing; else None."""
+    if not records or any(r["measured_speedup"] >= 1.0 for r in records):
+        return None
+    best = max(records, key=lambda r: r["measured_speedup"])
+    return (
+        f"at batch {best['batch_size']} on {best['device']} the full network without exits is "
+        f"faster than early exit ({best['full_ips']:.0f} img/s against at best "
+        f"{best['early_exit_ips']:.0f} img/s with {best['backend']}, {best['measured_speedup']:.2f}x): "
+        "serve it without routing at this batch size"
+    )
+
+
 def _batches(images: Tensor, batch_size: int) -> list[Tensor]:
     return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+
+
+def _full_pass_seconds(
+    model: nn.Module, images: Tensor, batch_sizes: Sequence[int], sync: Callable[[], None]
+) -> dict[int, float]:
+    """Seconds of one full-network pass over ``images`` at each batch size (for the estimate)."""
+    seconds = {}
+    for bs in batch_sizes:
+        chunks = _batches(images, bs)
+        seconds[bs] = _time_pass(lambda c=chunks: [plain_forward(model, x) for x in c], sync)
+    return seconds
 
 
 def full_network_macs(model: nn.Module, image_shape: Sequence[int]) -> int:
@@ -162,6 +228,11 @@ def benchmark_routing(
     ideal = full_macs / spent.double().mean().item()
     n = len(images)
     records = []
+    candidates = ["full", "torch", *(["torch-batch-routing"] * batch_routing),
+                  *(["onnx-full", "onnxruntime"] if onnx_runtime is not None else [])]  # fmt: skip
+    if log is not None:  # one full pass per batch size, for the estimate (and as a warm-up)
+        pass_seconds = _full_pass_seconds(model, images, batch_sizes, sync)
+        log(plan_line(device.type, candidates, pass_seconds, n, repeats, min_time))
     for bs in batch_sizes:
         chunks = _batches(images, bs)
         passes: dict[str, Callable[[], Any]] = {
@@ -177,6 +248,7 @@ def benchmark_routing(
             passes["onnx-full"] = lambda a=arrays: [onnx_runtime.run_all(x) for x in a]
             passes["onnxruntime"] = lambda a=arrays: [onnx_runtime(x) for x in a]
         turns = time_turns(passes, repeats=repeats, min_time=min_time, sync=sync)
+        first = len(records)
         seconds = {name: statistics.median(t) for name, t in turns.items()}
         for backend in ("torch", "torch-batch-routing", "onnxruntime"):
             if backend not in seconds:
@@ -202,6 +274,11 @@ def benchmark_routing(
                 log(format_record(record))
                 if record["warning"]:
                     log(record["warning"])
+        advice = serving_advice(records[first:])
+        for record in records[first:]:
+            record["full_network_faster"] = advice is not None
+        if advice and log is not None:
+            log(advice)
     return records
 
 
@@ -303,8 +380,12 @@ __all__ = [
     "SPREAD_WARNING",
     "bench_checkpoint",
     "benchmark_routing",
+    "estimate_seconds",
+    "fmt_duration",
     "format_record",
     "full_network_macs",
+    "plan_line",
+    "serving_advice",
     "speedup_spread",
     "time_interleaved",
     "time_turns",
