@@ -151,7 +151,8 @@ def never_threshold(rule: str, num_classes: int) -> float:
 
 
 def threshold_bounds(rule: str, num_classes: int) -> tuple[float, float]:
-    """Accepted thresholds: the rule's range, plus :func:`never_threshold` above its top."""
+    """The interval holding every accepted threshold: the rule's range and
+    :func:`never_threshold` (the only value accepted above the top)."""
     low, high = rule_range(rule, num_classes)
     return low, max(high, never_threshold(rule, num_classes))
 
@@ -173,12 +174,13 @@ def check_thresholds(
     a value for the last exit). Raises :class:`ThresholdError` (a ``ValueError``)
     naming the valid range when a value is outside it.
     """
-    low, high = threshold_bounds(rule, num_classes)
+    low, high = rule_range(rule, num_classes)
+    never = never_threshold(rule, num_classes)  # in range, or one float32 step above it
     scalar = isinstance(thresholds, (int, float))
     values = [float(thresholds)] if scalar else [float(t) for t in thresholds]
     hint = get_rule(rule).hint.format(k=num_classes)
     for t in values:
-        if not (low <= t <= high):  # also false for NaN
+        if not (low <= t <= high or t == never):  # also false for NaN
             raise ThresholdError(
                 f"threshold {t} is outside the {rule} rule's range [{low:.4g}, {high:.4g}]{hint}"
             )
