@@ -252,3 +252,13 @@ def test_fastnet_exports_to_onnx_with_parity_and_to_int8(
                                atol=1e-4, rtol=1e-3)  # fmt: skip
     assert main(["export", str(fast_teacher), "--out", str(tmp_path / "q"), "--int8"]) == 0
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["precision"] == "int8"
+
+
+def test_a_released_checkpoint_leaves_the_look_ahead_state_out(
+    fast_teacher: Path, tmp_path
+) -> None:
+    """The average is resume-only state as large as the weights: a release does not ship it."""
+    assert load_checkpoint(fast_teacher)["lookahead"] is not None
+    assert main(["release", str(fast_teacher), "--out", str(tmp_path / "r" / "checkpoint.pt")]) == 0
+    released = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert "lookahead" not in released and released["finished"]

@@ -69,7 +69,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 
-RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng", "running")
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng", "running", "lookahead")
 
 
 def release_checkpoint(path: str | Path, out: str | Path) -> Path:
