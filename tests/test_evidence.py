@@ -79,6 +79,9 @@ def test_verify_re_derives_every_published_number_from_the_records(block: Path, 
     assert diffs == [] and checked > 500
     assert main(["verify", str(published)]) == 0
     assert f"all {checked} numbers re-derived" in capsys.readouterr().out
+    import erde
+
+    assert erde.verify(published) == []
 
 
 def test_a_changed_number_is_found_and_named(block: Path, tmp_path: Path, capsys) -> None:

@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _API = {
     # configuration and machine
     "ExperimentConfig": "erde.config",
+    "StudentSpec": "erde.config",
     "make_config": "erde.api",
     "set_threads": "erde.threads",
     "ErdeError": "erde.errors",
@@ -33,12 +34,17 @@ _API = {
     "build_model": "erde.models",
     "measure_exit_costs": "erde.models",
     "trusted_modules": "erde.models",
+    # extension points: a student method, an exit rule
+    "register_method": "erde.losses",
+    "register_rule": "erde.exits",
     # training, evaluation, calibration
     "train_teacher": "erde.api",
     "train_student": "erde.api",
     "run": "erde.api",
     "evaluate": "erde.api",
     "calibrate": "erde.api",
+    "reproduce": "erde.reproduce",
+    "verify": "erde.api",
     "TensorBoardLogger": "erde.monitor",
     # using a trained model
     "load_model": "erde.api",
@@ -57,6 +63,7 @@ _API = {
 __all__ = [  # the keys of _API (a test keeps them equal)
     "__version__",
     "ExperimentConfig",
+    "StudentSpec",
     "make_config",
     "set_threads",
     "ErdeError",
@@ -67,11 +74,15 @@ __all__ = [  # the keys of _API (a test keeps them equal)
     "build_model",
     "measure_exit_costs",
     "trusted_modules",
+    "register_method",
+    "register_rule",
     "train_teacher",
     "train_student",
     "run",
     "evaluate",
     "calibrate",
+    "reproduce",
+    "verify",
     "TensorBoardLogger",
     "load_model",
     "LoadedModel",
@@ -110,11 +121,13 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         run,
         train_student,
         train_teacher,
+        verify,
     )
     from erde.checkpoints import release_checkpoint
-    from erde.config import ExperimentConfig
+    from erde.config import ExperimentConfig, StudentSpec
     from erde.data import AugmentSpec, DataSplits, load_data, splits_from_tensors
     from erde.errors import ErdeError
+    from erde.exits import register_rule
     from erde.export import OnnxEarlyExitRuntime, export_checkpoint
     from erde.inference import (
         EarlyExitRouter,
@@ -124,6 +137,8 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         load_image,
         load_predictor,
     )
+    from erde.losses import register_method
     from erde.models import build_model, measure_exit_costs, trusted_modules
     from erde.monitor import TensorBoardLogger
+    from erde.reproduce import reproduce
     from erde.threads import set_threads

@@ -7,6 +7,8 @@
     erde calibrate           erde.calibrate("runs/s", budget=0.5)
     erde predict             erde.load_predictor("runs/s").predict(uint8_images)
     erde export              erde.export_checkpoint("runs/s", "runs/s_onnx")
+    erde reproduce           erde.reproduce("cifar10", "runs/r", data_dir=..., schedule="speed")
+    erde verify              erde.verify("docs/results/cifar10-speed.json")
     --dataset/--config/--set erde.make_config("digits", ["student_train.epochs=5"])
     --threads                erde.set_threads(1)
 
@@ -241,3 +243,20 @@ def load_model(
         class_names=list(names), macs_per_exit=list(measure_exit_costs(model, shape).macs_per_exit),
         config=ckpt["config"], path=Path(ckpt["path"]),
     )  # fmt: skip
+
+
+def verify(results: str | Path) -> list[str]:
+    """``erde verify``: every number of a published results block that its per-image
+    records do not give back (an empty list: all of them re-derived).
+
+    ``results`` is a results JSON of ``erde reproduce``; its records file
+    (``<stem>-records.npz`` beside it, or ``records.npz`` in a run folder) must
+    be the one the JSON names (sha256, image count, classes), else a
+    :class:`~erde.records.RecordsError` says why.
+    """
+    from erde.reproduce.evidence import verify_block
+
+    if not isinstance(results, (str, Path)):
+        raise TypeError(f"results must be a path to a results JSON, got {type(results).__name__}")
+    _, differences = verify_block(Path(results))
+    return differences
