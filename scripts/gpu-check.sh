@@ -17,7 +17,7 @@
 # REPRODUCE_SECONDS; on an H200 the fast schedule's teacher alone takes about 440 s, so with
 # the default budget the reproduce step gives its epoch times, not results.
 #
-# For a rehearsal on a machine without a GPU (tests/test_gpu_check.py runs one with tiny models):
+# For a rehearsal on a machine without a GPU (tests/tools/test_gpu_check.py runs one with tiny models):
 # DEVICE=cpu, TESTS=none (skip the test step), BENCH_ARGS and BENCH_FP32_ARGS (the benchmark's
 # arguments, defaults "--preset cifar --rounds 3 --epoch-time" and "--preset cifar --rounds 3
 # --no-amp"), EXTRA (more arguments for the torchrun training and reproduce).

@@ -20,7 +20,7 @@
 # per block, results/<block>.json and <block>-records.npz (per-image records: `erde verify`
 # re-derives every table from them) and the released teacher (teacher/), at most 14 files.
 #
-# Rehearsal without a GPU (tests/test_gpu_speed.py, tiny models): DEVICE=cpu, BENCH_ARGS (the
+# Rehearsal without a GPU (tests/tools/test_gpu_speed.py, tiny models): DEVICE=cpu, BENCH_ARGS (the
 # benchmark's arguments), COMPILE=0 (skip the compiled benchmark), EXTRA (more arguments for
 # every reproduce, before each step's own), SEEDS / QUARTER_SEEDS / ABLATION_SEEDS (10 / 5 / 3).
 set -uo pipefail

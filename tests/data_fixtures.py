@@ -242,8 +242,8 @@ TINY_TEACHER_OVERRIDES = ("teacher_train.epochs=1", "teacher_train.max_steps_per
 
 
 def train_tiny_teacher(out_dir: Path) -> Path:
-    """A real teacher checkpoint in seconds: the tiny config (conftest), one optimizer step."""
-    from conftest import tiny_config
+    """A real teacher checkpoint in seconds: the tiny config (helpers), one optimizer step."""
+    from helpers import tiny_config
 
     from erde.training import Job, train
 

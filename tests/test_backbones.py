@@ -330,8 +330,8 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
     """`erde reproduce --set student.arch=mobilenetv2` on a tiny CIFAR-10 ImageFolder archive."""
     import json
 
-    from conftest import TINY_OVERRIDES
     from data_fixtures import CIFAR10_NAMES, make_tar_gz, write_imagefolder
+    from helpers import TINY_OVERRIDES
 
     from erde.cli import main
 

@@ -32,7 +32,7 @@ def test_the_unsafe_layers_are_the_narrow_strided_1x1_convolutions() -> None:
 CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import tiny_config
+from helpers import tiny_config
 from erde.training import Job, train
 cfg = tiny_config("student.width=0.25", "student_train.channels_last=true",
                   "teacher_train.channels_last=true", "student_train.max_steps_per_epoch=6")

@@ -434,7 +434,7 @@ def test_a_released_checkpoint_is_smaller_loads_the_same_and_counts_as_finished(
     tiny_run, tmp_path: Path, capsys
 ) -> None:
     """erde.checkpoints.release_checkpoint: the form a trained teacher is shared in."""
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from erde.checkpoints import RESUME_ONLY_KEYS
     from erde.training import Job, train

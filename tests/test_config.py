@@ -278,8 +278,8 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
 
 def test_config_saved_with_checkpoint_round_trips(tmp_path: Path) -> None:
     """The config.yaml next to a checkpoint and the config inside it rebuild the same run."""
-    from conftest import tiny_config
     from data_fixtures import TINY_TEACHER_OVERRIDES, train_tiny_teacher
+    from helpers import tiny_config
 
     checkpoint = train_tiny_teacher(tmp_path / "teacher")
     used = tiny_config(*TINY_TEACHER_OVERRIDES)

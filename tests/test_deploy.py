@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 from erde.cli import main
 

@@ -26,7 +26,7 @@ BATCH = 32  # per process
 
 
 def _config():
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(
         f"data.batch_size={BATCH}",
@@ -114,7 +114,7 @@ if __name__ == "__main__":
 
 
 def test_erde_run_under_torchrun_reports_once_from_rank_zero(tmp_path: Path) -> None:
-    from conftest import TINY_OVERRIDES
+    from helpers import TINY_OVERRIDES
 
     out = tmp_path / "run"
     sets = [arg for o in TINY_OVERRIDES for arg in ("--set", o)]

@@ -148,7 +148,7 @@ def test_alternating_flips_mirror_each_image_in_exactly_one_of_two_epochs() -> N
 
 
 def _fast_config(*extra: str):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(
         "data.image_size=16", "teacher.arch=fastnet", "teacher.width=0.125",
@@ -193,7 +193,7 @@ def test_a_run_with_every_switch_on_resumes_to_the_same_weights(
 
 
 def test_whiten_init_on_a_family_without_such_a_layer_is_refused(tmp_path: Path) -> None:
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config("teacher_train.whiten_init=true")
     with pytest.raises(ConfigError, match="resnet8 has no layer that is set from data"):

@@ -335,7 +335,7 @@ def test_a_method_registered_in_one_place_trains_and_is_reported_end_to_end(tmp_
     """One function and one registration, nothing else edited: config, loop, report find it."""
     import json
 
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from erde.losses import METHODS, kd_exit_loss, register_method
     from erde.pipeline import run_pipeline

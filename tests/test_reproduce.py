@@ -2,7 +2,7 @@
 
 End-to-end runs use small files generated in the official formats (CIFAR-100
 pickles, SVHN .mat, a CIFAR-10 ImageFolder archive) and the tiny models of
-``conftest.TINY_OVERRIDES``.
+``helpers.TINY_OVERRIDES``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY_OVERRIDES
 from data_fixtures import (
     CIFAR10_NAMES,
     make_tar_gz,
@@ -28,6 +25,7 @@ from data_fixtures import (
     write_imagefolder,
     write_svhn,
 )
+from helpers import TINY_OVERRIDES
 
 from erde.checkpoints import load_checkpoint
 from erde.cli import main
@@ -71,17 +69,6 @@ TINY = (
 @pytest.fixture(autouse=True)
 def _user_cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ERDE_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and lose a lot on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _sets(overrides=TINY) -> list[str]:

@@ -31,7 +31,7 @@ STEPS = 6  # per epoch
 
 
 def _config(checkpoint_every: int = 0):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(
         f"teacher_train.epochs={EPOCHS}",

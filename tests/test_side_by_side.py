@@ -31,7 +31,7 @@ STEPS = 5  # per epoch
 
 
 def _config(*extra: str, checkpoint_every: int = 0):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(
         "teacher_train.epochs=1",

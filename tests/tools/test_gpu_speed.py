@@ -16,7 +16,7 @@ from pathlib import Path
 from data_fixtures import CIFAR10_NAMES, make_tar_gz, write_imagefolder
 from test_reproduce import TINY
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-speed.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu-speed.sh"
 TINY_FAST = (
     *(o for o in TINY if o.split("=")[0] not in ("teacher.arch", "student.arch",
                                                   "teacher.width", "student.width")),

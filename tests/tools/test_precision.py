@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 from erde import training
 from erde.evaluation import precision_agreement
@@ -35,7 +35,7 @@ def test_agreement_counts_changed_classes_and_verdicts_per_exit() -> None:
 def test_teacher_amp_sets_the_teacher_forward_precision_only(
     tmp_path: Path, tiny_run: dict, monkeypatch: pytest.MonkeyPatch, one_thread
 ) -> None:
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     seen = []
     real = training.teacher_exit_logits

@@ -16,7 +16,7 @@ from pathlib import Path
 from data_fixtures import CIFAR10_NAMES, make_tar_gz, write_imagefolder
 from test_reproduce import TINY
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu-check.sh"
 
 
 def python3_shim(bin_dir: Path, interpreter: str = sys.executable) -> Path:

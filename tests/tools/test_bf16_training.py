@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES, load_benchmark
+from helpers import TINY_OVERRIDES, load_benchmark
 
 
 def _script():

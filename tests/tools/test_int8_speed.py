@@ -6,7 +6,7 @@ import json
 
 import onnx
 import pytest
-from conftest import load_benchmark
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")

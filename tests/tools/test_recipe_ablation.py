@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import TINY_OVERRIDES, load_benchmark
 from data_fixtures import write_svhn
+from helpers import TINY_OVERRIDES, load_benchmark
 
 TINY = [
     *(o for o in TINY_OVERRIDES if o.split("=")[0] not in ("data.name", "data.image_size")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from conftest import BENCHMARKS, load_benchmark
+from helpers import BENCHMARKS, load_benchmark
 
 NAMES = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
 

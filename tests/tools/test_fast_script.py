@@ -18,7 +18,7 @@ import pytest
 from data_fixtures import write_cifar10
 from test_reproduce import TINY
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar10-fast.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "cifar10-fast.sh"
 
 
 def _run(data: Path, runs: Path, docs: Path, lanes: str = "1") -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark, tiny_config
+from helpers import load_benchmark, tiny_config
 
 from erde.checkpoints import load_checkpoint
 from erde.training import Job, train
