@@ -190,3 +190,21 @@ def test_a_teacher_without_its_config_or_with_several_teacher_seeds_is_refused(
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "o" / "seed_0" / "student_ce").exists()
+
+
+COMMITTED = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "docs" / "results").glob("*.json")
+    if "records" in json.loads(p.read_text())
+)
+
+
+@pytest.mark.parametrize("published", COMMITTED, ids=lambda p: p.stem)
+def test_every_committed_block_with_records_is_re_derived_from_them(published: Path) -> None:
+    """The published tables of docs/results are what their committed per-image records give."""
+    checked, diffs = verify_block(published)
+    assert diffs == [] and checked > 1000
+
+
+def test_at_least_one_committed_block_carries_its_records() -> None:
+    assert any(p.stem.startswith("cifar10-speed") for p in COMMITTED), COMMITTED
