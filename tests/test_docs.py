@@ -93,6 +93,7 @@ README_ROWS = {  # the README's results table: row label -> the result file it i
     "`reduced` schedule: ResNet-56 → ResNet-20 |": "cifar10-reduced",
     "`fast` schedule: ResNet-56 → ResNet-20 x0.5 |": "cifar10-fast-resnet56-resnet20_x0.5",
     "`reduced` schedule: ResNet-56 → MobileNetV2 x0.5 |": "cifar10-reduced-resnet56-mobilenetv2_x0.5",
+    "`speed` schedule: FastNet → FastNet x0.5 |": "cifar10-speed",
     "`speed` schedule: FastNet → FastNet x0.25 |": "cifar10-speed-fastnet-fastnet_x0.25",
 }
 
