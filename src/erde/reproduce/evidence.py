@@ -27,7 +27,7 @@ from erde.records import (
     save_records,
     sweep_records,
 )
-from erde.reproduce.stats import _compare, comparison_pairs, mean_std
+from erde.reproduce.stats import compare_pair, comparison_pairs, mean_std
 
 RECORDS_SUFFIX = "-records.npz"  # docs/results/<block>-records.npz beside <block>.json
 
@@ -148,7 +148,7 @@ def rederive(results: Mapping[str, Any], labels: np.ndarray,
         name: _model_tables(model, [held[entries[s][name]] for s in seeds], labels)
         for name, model in results["models"].items()
     }
-    comparisons = [_compare(a, b, models) for a, b in comparison_pairs(list(models))]
+    comparisons = [compare_pair(a, b, models) for a, b in comparison_pairs(list(models))]
     return {"models": models, "comparisons": comparisons}
 
 

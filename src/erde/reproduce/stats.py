@@ -244,7 +244,7 @@ def _model_summary(
     }
 
 
-def _compare(name: str, other: str, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def compare_pair(name: str, other: str, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Paired (same seed) accuracy differences of ``name`` minus ``other`` at each table threshold."""
     rows = []
     for a, b in zip(models[name]["thresholds"], models[other]["thresholds"], strict=True):
@@ -462,7 +462,7 @@ def aggregate(
         model["mac_reduction_by_tolerance"] = reductions_at_tolerances(model, reference)
         for row in model["thresholds"]:
             row["macs_fraction_of_reference"] = row["macs_mean"] / reference["macs"]
-    comparisons = [_compare(a, b, models) for a, b in comparison_pairs(list(models))]
+    comparisons = [compare_pair(a, b, models) for a, b in comparison_pairs(list(models))]
     config = first.get("config") or {}
     data = first.get("dataset") or {}
     return {
