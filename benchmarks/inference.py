@@ -146,12 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     from erde.calibration import calibrate, threshold_near_macs
     from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
     from erde.config import config_from_dict
-    from erde.data import iterate_batches, prepare_batch
+    from erde.data import iterate_batches, load_splits, prepare_batch
     from erde.evaluation import collect_exit_logits, simulate
     from erde.inference import bench_checkpoint
     from erde.io import environment_info
     from erde.models import measure_exit_costs
-    from erde.training import load_splits
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,12 +31,15 @@ except ImportError:
 
 from erde.checkpoints import load_checkpoint, model_from_checkpoint  # noqa: E402
 from erde.config import config_from_dict  # noqa: E402
-from erde.data import iterate_batches, prepare_batch  # noqa: E402
+from erde.data import (  # noqa: E402
+    iterate_batches,
+    load_splits,  # noqa: E402
+    prepare_batch,
+)
 from erde.distributed import resolve_device  # noqa: E402
 from erde.evaluation import collect_exit_logits, precision_agreement  # noqa: E402
 from erde.hardware import cpu_precision_summary  # noqa: E402
 from erde.io import environment_info  # noqa: E402
-from erde.training import load_splits  # noqa: E402
 
 
 def timed_logits(model, data, splits, device, batch_size: int, dtype, rounds: int):

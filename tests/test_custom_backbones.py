@@ -23,13 +23,12 @@ from erde import exits
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
 from erde.cli import main
 from erde.config import config_from_dict, load_config
-from erde.data import prepare_batch
+from erde.data import load_splits, prepare_batch
 from erde.errors import ConfigError
 from erde.inference import EarlyExitRouter, ExitPolicy
 from erde.losses import exit_mapping_by_cost
 from erde.models import EarlyExitNet, ModelConfigError, build_model, measure_exit_costs
 from erde.models.custom import import_factory
-from erde.training import load_splits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -40,17 +40,17 @@ def _config():
 def _worker(out: Path, dumps: Path) -> None:
     """One rank: train as the CLI does, then save the weights this process holds."""
     from erde import training
-    from erde.training import Job
+    from erde.training import Job, jobs
 
     built = []
-    real_build_model = training.build_model
+    real_build_model = jobs.build_model
 
     def build_and_keep(**kwargs):  # the trained module itself, not rank 0's checkpoint
         model = real_build_model(**kwargs)
         built.append(model)
         return model
 
-    training.build_model = build_and_keep
+    jobs.build_model = build_and_keep
     rank = os.environ["RANK"]
     cfg = _config()
     teacher = training.train(cfg, Job("teacher"), out / "teacher", progress=False)

@@ -162,11 +162,11 @@ def test_a_rule_registered_in_one_place_routes_sweeps_and_reports_end_to_end(tin
 
     from erde.checkpoints import load_checkpoint, model_from_checkpoint
     from erde.config import config_from_dict
+    from erde.data import load_splits
     from erde.evaluation import collect_exit_logits, simulate
     from erde.inference import EarlyExitRouter, ExitPolicy
     from erde.models import measure_exit_costs
     from erde.pipeline import evaluate_checkpoints
-    from erde.training import load_splits
 
     @exits.register_rule("margin", leaves_below=False, top=lambda k: 1.0)
     def margin(logits: torch.Tensor) -> torch.Tensor:  # top-1 minus top-2 probability

@@ -13,9 +13,8 @@ from erde import exits
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
 from erde.cli import main
 from erde.config import config_from_dict
-from erde.data import prepare_batch
+from erde.data import load_splits, prepare_batch
 from erde.inference import EarlyExitRouter, ExitPolicy, Routed
-from erde.training import load_splits
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -8,9 +8,9 @@ from torch import nn
 
 from erde import exits
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
+from erde.data import load_splits
 from erde.fusion import PrecisionError, check_precision, count_batchnorms, inference_copy
 from erde.inference import EarlyExitRouter, ExitPolicy
-from erde.training import load_splits
 
 TOL = 1e-4  # fp32 logits of the folded graph vs the training graph (relative to their scale)
 

@@ -16,7 +16,7 @@ from erde import exits
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
 from erde.cli import main
 from erde.config import config_from_dict
-from erde.data import prepare_batch
+from erde.data import load_splits, prepare_batch
 from erde.evaluation import collect_exit_logits, simulate, sweep
 from erde.inference import (
     EarlyExitRouter,
@@ -42,7 +42,6 @@ from erde.inference import (
     timing_warning,
 )
 from erde.models import measure_exit_costs
-from erde.training import load_splits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

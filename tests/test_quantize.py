@@ -40,8 +40,7 @@ def test_every_stage_is_quantised_and_the_manifest_says_int8(int8) -> None:
 def test_int8_routing_equals_the_sweep_of_the_int8_graphs(int8, tiny_run) -> None:
     from erde.checkpoints import load_checkpoint
     from erde.config import config_from_dict
-    from erde.data import prepare_batch
-    from erde.training import load_splits
+    from erde.data import load_splits, prepare_batch
 
     ckpt = load_checkpoint(tiny_run["student_erde"])
     splits = load_splits(config_from_dict(ckpt["config"]))

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from erde import training
 from erde.checkpoints import load_checkpoint
-from erde.training import Job, TrainingError, train
+from erde.training import Job, TrainingError, jobs, train
 
 EPOCHS = 2
 STEPS = 6  # per epoch
@@ -163,7 +162,7 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(
 
 def _loss_that_turns_nan_at(bad_step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = training.teacher_loss
+    real = jobs.teacher_loss
 
     def loss(exit_logits, labels, weights, **kwargs):
         calls["n"] += 1
@@ -172,7 +171,7 @@ def _loss_that_turns_nan_at(bad_step: int, monkeypatch: pytest.MonkeyPatch) -> N
             terms["total"] = terms["total"] * float("nan")
         return terms
 
-    monkeypatch.setattr(training, "teacher_loss", loss)
+    monkeypatch.setattr(jobs, "teacher_loss", loss)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +204,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path: Path, monkeypatch) -> 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(training, "teacher_loss", no_memory)
+    monkeypatch.setattr(jobs, "teacher_loss", no_memory)
     with pytest.raises(TrainingError, match=r"out of memory .* batch size 64; try a smaller"):
         train(_config(), Job("teacher"), tmp_path, progress=False)
 

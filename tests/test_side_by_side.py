@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from erde import training
 from erde.checkpoints import load_checkpoint
 from erde.config import load_yaml, parse_student
 from erde.errors import ConfigError
-from erde.training import Job, train, train_students
+from erde.training import Job, context, train, train_students
 
 METHODS = ("ce", "kd", "erde")
 STEPS = 5  # per epoch
@@ -88,13 +87,13 @@ def test_one_teacher_forward_per_batch_for_kd_and_erde_together(
     tmp_path: Path, teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = training.teacher_exit_logits
+    real = context.teacher_exit_logits
 
     def counted(teacher, x):
         calls["n"] += 1
         return real(teacher, x)
 
-    monkeypatch.setattr(training, "teacher_exit_logits", counted)
+    monkeypatch.setattr(context, "teacher_exit_logits", counted)
     train_students(
         _config(), ("kd", "erde"), [tmp_path / "kd", tmp_path / "erde"],
         teacher_checkpoint=teacher_ckpt, progress=False,

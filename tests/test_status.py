@@ -12,11 +12,10 @@ import time
 import pytest
 import torch
 
-from erde import training
 from erde.cli import main
 from erde.errors import ErdeError
 from erde.status import lock_holder, model_status, status_lines
-from erde.training import Job, train
+from erde.training import Job, model_run, train
 
 
 def test_a_finished_run_lists_every_model_as_finished_and_not_running(tiny_run) -> None:
@@ -71,7 +70,7 @@ def test_the_time_left_is_estimated_before_the_first_epoch_ends(
     tiny_cfg, tmp_path, monkeypatch
 ) -> None:
     """A long first epoch (a CPU run of hours) says how long is left from its timed steps."""
-    monkeypatch.setattr(training, "SYNC_EVERY", 1)  # blocks of one step: timed before step 2
+    monkeypatch.setattr(model_run, "SYNC_EVERY", 1)  # blocks of one step: timed before step 2
     cfg = tiny_cfg
     cfg.teacher_train.epochs = 3
     cfg.teacher_train.checkpoint_every_steps = 2

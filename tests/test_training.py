@@ -13,12 +13,24 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from erde import training
 from erde.checkpoints import load_checkpoint
-from erde.data import AugmentSpec, prepare_batch
+from erde.data import AugmentSpec, load_splits, prepare_batch
 from erde.distributed import DistContext
 from erde.errors import CheckpointError
-from erde.training import EpochSums, Job, NonFiniteWatch, epoch_indices, train
+from erde.training import (
+    EpochSums,
+    Job,
+    NonFiniteWatch,
+    console,
+    context,
+    epoch_indices,
+    jobs,
+    meters,
+    model_run,
+    optim,
+    precision,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +66,19 @@ def test_an_epoch_of_a_few_steps_warns_and_suggests_a_batch_size(tmp_path: Path,
 
 
 def test_few_steps_asked_for_with_max_steps_per_epoch_give_no_warning() -> None:
-    assert training.few_steps_warning("teacher", 1000, 128, 4, capped=True) is None
-    assert training.few_steps_warning("teacher", 1000, 64, 15) is None
-    line = training.few_steps_warning("teacher", 162, 128, 1)
+    assert console.few_steps_warning("teacher", 1000, 128, 4, capped=True) is None
+    assert console.few_steps_warning("teacher", 1000, 64, 15) is None
+    line = console.few_steps_warning("teacher", 162, 128, 1)
     assert "1 optimiser step per epoch (162 training images" in line
     assert "data.batch_size=16 (10 steps per epoch)" in line
-    assert "add training images" in training.few_steps_warning("teacher", 12, 4, 3)
+    assert "add training images" in console.few_steps_warning("teacher", 12, 4, 3)
 
 
 def test_teacher_runs_once_per_batch_for_all_exits_under_inference_mode(
     tmp_path: Path, teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls, exits = [], []
-    real = training.model_from_checkpoint
+    real = jobs.model_from_checkpoint
 
     def spied(ckpt):
         teacher = real(ckpt)
@@ -76,7 +88,7 @@ def test_teacher_runs_once_per_batch_for_all_exits_under_inference_mode(
         )
         return teacher
 
-    monkeypatch.setattr(training, "model_from_checkpoint", spied)
+    monkeypatch.setattr(jobs, "model_from_checkpoint", spied)
     cfg = tiny_config("student_train.max_steps_per_epoch=3")
     train(cfg, Job("student", "erde"), tmp_path, teacher_checkpoint=teacher_ckpt, progress=False)
     assert len(calls) == 3  # one forward per batch, none for validation
@@ -103,7 +115,7 @@ def test_a_stall_inside_an_epoch_moves_its_wall_time_not_its_steady_time_per_ste
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run stopped for a while (SIGSTOP, a laptop asleep) must not skew its time estimates."""
-    monkeypatch.setattr(training, "SYNC_EVERY", 2)  # blocks of 2 steps in a 12-step epoch
+    monkeypatch.setattr(model_run, "SYNC_EVERY", 2)  # blocks of 2 steps in a 12-step epoch
 
     def stall(step: int) -> None:
         if step == 5:
@@ -121,7 +133,7 @@ def test_a_stall_inside_an_epoch_moves_its_wall_time_not_its_steady_time_per_ste
 
 def test_block_timer_is_the_median_seconds_per_step_of_its_blocks() -> None:
     clock = iter([0.0, 20.0, 140.0, 162.0, 180.0, 181.0])  # blocks of 20: 1, 6, 1.1, 0.9 s/step
-    timer = training.BlockTimer(0, clock=lambda: next(clock))
+    timer = meters.BlockTimer(0, clock=lambda: next(clock))
     assert timer.steady() is None
     for step in (20, 40, 60, 80):
         timer.mark(step)
@@ -141,13 +153,13 @@ def test_host_reads_metrics_every_few_steps_not_every_step(
         return real(self, ctx)
 
     monkeypatch.setattr(NonFiniteWatch, "first_bad_step", counted)
-    steps = 2 * training.SYNC_EVERY
+    steps = 2 * model_run.SYNC_EVERY
     cfg = tiny_config(
         "data.batch_size=16", "teacher_train.epochs=1", f"teacher_train.max_steps_per_epoch={steps}"
     )
     train(cfg, Job("teacher"), tmp_path, progress=False)
     # every SYNC_EVERY steps within the epoch, plus once at its end (step 40 is both)
-    assert reads["n"] == (steps - 1) // training.SYNC_EVERY + 1
+    assert reads["n"] == (steps - 1) // model_run.SYNC_EVERY + 1
 
 
 def test_epoch_sums_give_image_weighted_means() -> None:
@@ -218,7 +230,7 @@ def test_schedules_warm_up_then_follow_their_shape(schedule: str) -> None:
 
     t = TrainConfig(epochs=4, lr=0.4, schedule=schedule, warmup_epochs=1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
-    sched = training.build_scheduler(opt, t, steps_per_epoch=10)
+    sched = optim.build_scheduler(opt, t, steps_per_epoch=10)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
@@ -254,12 +266,12 @@ def test_amp_default_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> N
     from erde import hardware
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
-    assert training.amp_dtype(cpu, None) is None  # fp32 where bf16 would be emulated
-    assert training.amp_dtype(cpu, True) is torch.bfloat16  # asked for: obeyed
-    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
-    assert training.amp_dtype(cpu, None) is torch.bfloat16
-    assert training.amp_dtype(cpu, False) is None
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert precision.amp_dtype(cpu, None) is None  # fp32 where bf16 would be emulated
+    assert precision.amp_dtype(cpu, True) is torch.bfloat16  # asked for: obeyed
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.amp_dtype(cpu, None) is torch.bfloat16
+    assert precision.amp_dtype(cpu, False) is None
     amx = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n"
     zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
     assert "amx_bf16" in hardware.cpu_flags(amx)
@@ -293,9 +305,9 @@ def test_batches_from_an_epochs_draws_equal_batches_drawn_step_by_step(spec: Aug
     """The loop draws a whole epoch's crops and flips at once (one copy to a GPU per epoch);
     every batch must still be the one a generator seeded for its own step gives."""
     cfg = tiny_config()
-    splits = dataclasses.replace(training.load_splits(cfg), augment=spec)
+    splits = dataclasses.replace(load_splits(cfg), augment=spec)
     batch, steps = 16, 3
-    env = training._Shared(
+    env = context.TrainingContext(
         cfg=cfg, tcfg=cfg.teacher_train, ctx=DistContext(), device=torch.device("cpu"),
         splits=splits, teacher=None, batch_size=batch, steps_per_epoch=steps, on_step=None,
         on_epoch=None,
@@ -304,7 +316,7 @@ def test_batches_from_an_epochs_draws_equal_batches_drawn_step_by_step(spec: Aug
         epoch, k = divmod(step, steps)
         idx = epoch_indices(len(splits.train), cfg.seed, epoch, DistContext())
         idx = idx[k * batch : (k + 1) * batch]
-        g = torch.Generator().manual_seed(training.augment_seed(cfg.seed, 0, step))
+        g = torch.Generator().manual_seed(context.augment_seed(cfg.seed, 0, step))
         expected = prepare_batch(splits.train.images[idx], splits, train=True, generator=g)
         x, labels = env.batch(step)
         assert torch.equal(x, expected), step
@@ -315,8 +327,8 @@ def test_batches_from_an_epochs_draws_equal_batches_drawn_step_by_step(spec: Aug
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_batch_within_an_epoch_makes_the_host_wait_for_nothing_on_a_gpu() -> None:
     cfg = tiny_config()
-    splits = dataclasses.replace(training.load_splits(cfg), augment=AugmentSpec(4, True))
-    env = training._Shared(
+    splits = dataclasses.replace(load_splits(cfg), augment=AugmentSpec(4, True))
+    env = context.TrainingContext(
         cfg=cfg, tcfg=cfg.teacher_train, ctx=DistContext(), device=torch.device("cuda"),
         splits=splits, teacher=None, batch_size=16, steps_per_epoch=4, on_step=None,
         on_epoch=None,

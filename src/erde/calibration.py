@@ -439,9 +439,9 @@ def _open(
     """Checkpoint, config, data splits, model on device, costs and device, all checked."""
     from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
     from erde.config import config_from_dict
+    from erde.data import load_splits
     from erde.distributed import resolve_device
     from erde.models import measure_exit_costs
-    from erde.training import load_splits
 
     ckpt = load_checkpoint(checkpoint)
     cfg = cfg or config_from_dict(ckpt["config"])

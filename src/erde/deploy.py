@@ -30,7 +30,7 @@ from torch import Tensor
 from erde.calibration import _record, calibrate
 from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
 from erde.config import config_from_dict
-from erde.data import prepare_batch
+from erde.data import load_splits, prepare_batch
 from erde.errors import ConfigError
 from erde.fusion import inference_copy
 from erde.inference import (
@@ -43,7 +43,6 @@ from erde.inference import (
     time_interleaved,
 )
 from erde.models import measure_exit_costs
-from erde.training import load_splits
 
 Log = Callable[[str], None]
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from erde import __version__
 from erde.data.formats import CIFAR10, CIFAR100, SVHN_FILES, CifarLayout, find_cifar_folder
 from erde.errors import ConfigError, DataError
+from erde.version import __version__
 
 ENV_BASE_URL = "ERDE_DOWNLOAD_URL"
 CHUNK_BYTES = 1 << 20

@@ -39,3 +39,7 @@ def require_list(value: object, name: str) -> None:
     if isinstance(value, (str, bytes)):
         shown = repr(value if len(value) <= 60 else value[:57] + "...")
         raise ConfigError(f"{name} must be a list, got one string {shown}; write [{shown}]")
+
+
+class TrainingError(ErdeError):
+    """Training cannot go on (non-finite loss, out of memory)."""

@@ -23,9 +23,9 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from erde import __version__
 from erde.errors import DiskFullError, ErdeError, OutputError
 from erde.hardware import cpu_description
+from erde.version import __version__
 
 PathLike = str | os.PathLike
 

@@ -14,14 +14,15 @@ TensorBoard is optional (``pip install "erde[tb]"``) and imported only when aske
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from erde.errors import ErdeError
 
-if TYPE_CHECKING:  # erde.training imports torch; this module does not need it at run time
-    from erde.training import EpochCallback
+# what erde.training calls after each epoch of each model on rank 0:
+# (the model's output folder, its epoch metrics record)
+EpochCallback = Callable[[Path, dict[str, Any]], None]
 
 TENSORBOARD_DIR = "tensorboard"  # event files: <model folder>/tensorboard, beside metrics.jsonl
 
@@ -78,7 +79,7 @@ def recent_seconds_per_step(
 
     Each epoch counts with its steady time per step (the median over blocks of
     steps, which a stall in the epoch does not move; see
-    ``erde.training.BlockTimer``), else its wall time per step. An epoch that
+    ``erde.training.meters.BlockTimer``), else its wall time per step. An epoch that
     shared the CPU with other work, or was stopped for a while, would put an
     estimate made from its wall time alone hours off; the median of the recent
     epochs is not moved by one of them.

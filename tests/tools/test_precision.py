@@ -9,9 +9,8 @@ import pytest
 import torch
 from helpers import load_benchmark
 
-from erde import training
 from erde.evaluation import precision_agreement
-from erde.training import train_students
+from erde.training import context, train_students
 
 
 def test_agreement_counts_changed_classes_and_verdicts_per_exit() -> None:
@@ -38,13 +37,13 @@ def test_teacher_amp_sets_the_teacher_forward_precision_only(
     from helpers import tiny_config
 
     seen = []
-    real = training.teacher_exit_logits
+    real = context.teacher_exit_logits
 
     def spy(teacher, x):
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         return real(teacher, x)
 
-    monkeypatch.setattr(training, "teacher_exit_logits", spy)
+    monkeypatch.setattr(context, "teacher_exit_logits", spy)
     cfg = tiny_config("distill.teacher_amp=true", "student_train.amp=false")
     train_students(cfg, ["kd"], [tmp_path / "kd"], teacher_checkpoint=tiny_run["teacher"],
                    progress=False)  # fmt: skip

@@ -8,8 +8,10 @@ train-set channel statistics and the augmentation the data set calls for.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +23,9 @@ from erde.data.splits import split_raw
 from erde.data.tensors import splits_from_tensors
 from erde.data.types import AugmentSpec, DataSplits, ImageSet, RawData
 from erde.errors import DataError
+
+if TYPE_CHECKING:  # read for its data section only
+    from erde.config import ExperimentConfig
 
 
 def load_data(
@@ -47,6 +52,26 @@ def load_data(
         raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
     raw: RawData = DATASETS.build(name, data_dir, image_size)
     return split_raw(name, raw, val_fraction=val_fraction, seed=seed, max_train=max_train)
+
+
+def load_splits(cfg: ExperimentConfig) -> DataSplits:
+    """The data set of an experiment config (its ``data`` section), augmentation included.
+
+    ``data.crop_padding`` replaces the data set's own crop padding; the split
+    seed is ``data.split_seed`` or else the experiment's seed.
+    """
+    d = cfg.data
+    splits = load_data(
+        d.name,
+        d.data_dir,
+        val_fraction=d.val_fraction,
+        seed=cfg.seed if d.split_seed is None else d.split_seed,
+        image_size=d.image_size,
+        max_train=d.max_train,
+    )
+    if d.crop_padding is not None:
+        splits.augment = dataclasses.replace(splits.augment, crop_padding=d.crop_padding)
+    return splits
 
 
 def to_device(data: ImageSet, device: torch.device | str) -> ImageSet:
@@ -115,6 +140,7 @@ def prepare_batch(
 
 
 __all__ = [
+    "load_splits",
     "DATASETS",
     "AugmentSpec",
     "DataSplits",

@@ -306,8 +306,7 @@ def bench_checkpoint(
 
     from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
     from erde.config import config_from_dict
-    from erde.data import prepare_batch
-    from erde.training import load_splits
+    from erde.data import load_splits, prepare_batch
 
     if images < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("images and batch sizes must be >= 1")

@@ -13,15 +13,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:  # the wrapper measures its backbone with this module, so no runtime import
-    from erde.models.backbone import Backbone
-    from erde.models.early_exit import EarlyExitNet
+
+class StagedNet(Protocol):
+    """What :func:`measure_exit_costs` reads of an :class:`~erde.models.early_exit.EarlyExitNet`
+    (a protocol, so this module needs no import of the model it measures)."""
+
+    stages: nn.ModuleList
+    exits: nn.ModuleList
+
+
+class PlainNet(Protocol):
+    """What :func:`block_boundary_macs` reads of a :class:`~erde.models.backbone.Backbone`."""
+
+    stem: nn.Module
+    blocks: nn.ModuleList
+    classifier: nn.Module
 
 
 @dataclass
@@ -103,7 +115,7 @@ def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def measure_exit_costs(model: EarlyExitNet, input_shape: tuple[int, int, int]) -> ExitCosts:
+def measure_exit_costs(model: StagedNet, input_shape: tuple[int, int, int]) -> ExitCosts:
     """Measure per-image MACs and parameters of every stage, head and exit.
 
     ``input_shape`` is (C, H, W). Each stage is measured on the feature map the
@@ -129,7 +141,7 @@ def measure_exit_costs(model: EarlyExitNet, input_shape: tuple[int, int, int]) -
     )
 
 
-def block_boundary_macs(backbone: Backbone, input_shape: tuple[int, int, int]) -> list[int]:
+def block_boundary_macs(backbone: PlainNet, input_shape: tuple[int, int, int]) -> list[int]:
     """Per-image MACs of the plain backbone up to each block boundary, then of the whole.
 
     Entry ``b - 1`` (b = 1 .. len(blocks)) is stem + blocks[:b]; the last entry
