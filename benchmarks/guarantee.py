@@ -55,12 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def checkpoint_pool(path: str) -> tuple[str, torch.Tensor, torch.Tensor, list[float]]:
     """Name, pooled validation + test logits (E, N, K), labels (N,) and MACs per exit."""
-    from erde.calibration import _open, _record
+    from erde.calibration import open_checkpoint, record_logits
 
-    ckpt, cfg, splits, model, costs, device = _open(path, None, "cpu")
+    ckpt, cfg, splits, model, costs, device = open_checkpoint(path, None, "cpu")
     bs = cfg.data.eval_batch_size
-    val = _record(model, splits, "val", device, bs, False)
-    test = _record(model, splits, "test", device, bs, False)
+    val = record_logits(model, splits, "val", device, bs, False)
+    test = record_logits(model, splits, "test", device, bs, False)
     logits, labels = torch.cat([val[0], test[0]], dim=1), torch.cat([val[1], test[1]])
     return f"{splits.name} {ckpt['name']}", logits, labels, list(costs.macs_per_exit)
 

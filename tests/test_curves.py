@@ -10,10 +10,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import erde.curves
+import erde.report.curves
 from erde.cli import main
-from erde.curves import curve_of, curves_figure, mean_curve, read_metrics, render_curves_png
 from erde.errors import ErdeError
+from erde.report.curves import curve_of, curves_figure, mean_curve, read_metrics, render_curves_png
 from erde.status import write_status_plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +63,7 @@ def test_a_broken_metrics_file_is_one_error_naming_file_and_line(
 def test_a_metrics_file_beyond_the_size_bound_is_refused_without_reading_it_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(erde.curves, "MAX_METRICS_BYTES", 1024)
+    monkeypatch.setattr(erde.report.curves, "MAX_METRICS_BYTES", 1024)
     _write_metrics(tmp_path, [_record(e, [0.5]) for e in range(1, 40)])
     assert (tmp_path / "metrics.jsonl").stat().st_size > 1024
     with pytest.raises(ErdeError, match="larger than"):

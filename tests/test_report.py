@@ -357,7 +357,7 @@ def test_log_mac_axis_labels_every_model_s_cost() -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from erde.report import _draw
+    from erde.report.plots import _draw
 
     models = _models()  # teacher 40x the students' MACs: a log axis
     report = build_report(models)
@@ -378,7 +378,7 @@ def test_budgeted_plot_puts_models_on_one_mac_axis() -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from erde.calibration import draw_budgeted
+    from erde.report.budgeted import draw_budgeted
 
     def curve(mean_macs: list[float], full: float) -> dict:
         return {

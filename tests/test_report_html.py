@@ -17,7 +17,7 @@ from erde.cli import main
 from erde.errors import ReportError
 from erde.evaluation import model_report
 from erde.report import build_report
-from erde.report_html import check_report, render_report_html, write_report_html
+from erde.report.html import check_report, render_report_html, write_report_html
 
 BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -221,7 +221,7 @@ def test_page_has_no_script_errors(browser, tiny_run):
 
 def test_a_deeply_nested_report_json_is_one_error(tmp_path: Path) -> None:
     from erde.errors import ReportError
-    from erde.report_html import load_report
+    from erde.report.html import load_report
 
     path = tmp_path / "report.json"
     path.write_text("[" * 100_000 + "]" * 100_000)

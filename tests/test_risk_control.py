@@ -44,16 +44,16 @@ def data() -> dict:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A digits teacher trained long enough that its early exits are worth calibrating, and the
     pool of its validation + test logits."""
-    from erde.calibration import _open, _record
+    from erde.calibration import open_checkpoint, record_logits
     from erde.training import Job, train
 
     cfg = tiny_config(
         "teacher_train.epochs=6", "teacher_train.max_steps_per_epoch=20", "data.val_fraction=0.3"
     )
     checkpoint = train(cfg, Job("teacher"), tmp_path_factory.mktemp("teacher"), progress=False)
-    _, _, splits, model, costs, device = _open(checkpoint, None, "cpu")
-    val = _record(model, splits, "val", device, 256, False)
-    test = _record(model, splits, "test", device, 256, False)
+    _, _, splits, model, costs, device = open_checkpoint(checkpoint, None, "cpu")
+    val = record_logits(model, splits, "val", device, 256, False)
+    test = record_logits(model, splits, "test", device, 256, False)
     return {
         "checkpoint": checkpoint,
         "logits": torch.cat([val[0], test[0]], dim=1),

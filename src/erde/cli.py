@@ -332,7 +332,7 @@ def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
 def _print_summary(report_json: Path) -> None:
     from erde.report import untrained_text
-    from erde.report_html import load_report
+    from erde.report.html import load_report
 
     report = load_report(report_json)
     print(
@@ -371,7 +371,7 @@ def _locked(args: argparse.Namespace, func: Callable[[argparse.Namespace], int])
 def _reproduce(args: argparse.Namespace) -> int:
     from erde.errors import ReportError
     from erde.io import read_json
-    from erde.report_html import MAX_REPORT_BYTES
+    from erde.report.html import MAX_REPORT_BYTES
     from erde.reproduce import reproduce, summary_lines
 
     flags = [f"seed={args.seed}"] if args.seed is not None else []
@@ -444,7 +444,8 @@ def _fraction_list(text: str | None, what: str) -> list[float] | None:
 
 
 def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    from erde.calibration import DEFAULT_BUDGETS, evaluate_budgeted
+    from erde.calibration import DEFAULT_BUDGETS
+    from erde.report.budgeted import evaluate_budgeted
 
     budgets = _fraction_list(args.budgets, "--budgets") or list(DEFAULT_BUDGETS)
     paths = evaluate_budgeted(
@@ -541,7 +542,7 @@ def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> in
 
 
 def cmd_report_html(args: argparse.Namespace) -> int:
-    from erde.report_html import load_report, write_report_html
+    from erde.report.html import load_report, write_report_html
 
     report = load_report(args.report)
     out = Path(args.out) if args.out else Path(args.report).parent

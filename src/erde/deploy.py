@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from erde.calibration import _record, calibrate
+from erde.calibration import calibrate, record_logits
 from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
 from erde.config import config_from_dict
 from erde.data import load_splits, prepare_batch
@@ -89,7 +89,7 @@ def deployment_table(
     student_macs = full_network_macs(s_model, splits.image_shape)
 
     cpu = torch.device("cpu")
-    val_logits, val_labels = _record(s_model, splits, "val", cpu, 512, False)
+    val_logits, val_labels = record_logits(s_model, splits, "val", cpu, 512, False)
     fitted = calibrate(val_logits, val_labels, s_costs.macs_per_exit, max_drop=max_drop, warn=False)
     policy = fitted.policy
     log(f"student thresholds fitted on {len(val_labels)} validation images: "

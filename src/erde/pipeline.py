@@ -25,7 +25,6 @@ from erde.config import (
     save_config,
     student_specs,
 )
-from erde.curves import folder_curves, render_curves_png
 from erde.data import DataSplits, iterate_batches, prepare_batch
 from erde.distributed import resolve_device
 from erde.errors import ConfigError, ReportError, require_list
@@ -36,7 +35,8 @@ from erde.models.custom import config_modules, trusted_modules
 from erde.outputs import check_out_folder
 from erde.records import ExitRecords, exit_records, save_records
 from erde.report import build_report, dataset_summary, write_report
-from erde.report_html import MAX_REPORT_BYTES, write_report_html
+from erde.report.curves import folder_curves, render_curves_png
+from erde.report.html import MAX_REPORT_BYTES, write_report_html
 from erde.training import EpochCallback, Job, build_job_model, load_splits, train, train_students
 
 __all__ = ["STUDENT_METHODS", "as_specs", "evaluate_checkpoints", "run_pipeline"]

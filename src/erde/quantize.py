@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from erde.calibration import _open, calibrate
+from erde.calibration import calibrate, open_checkpoint
 from erde.errors import ConfigError
 from erde.export import ExportError, OnnxEarlyExitRuntime, _sha256, export_onnx
 from erde.inference import ModelIdentity, model_fingerprint, save_thresholds
@@ -201,7 +201,7 @@ def quantize_checkpoint(
     from erde.outputs import check_out_folder
 
     check_out_folder(out_dir, [checkpoint])
-    ckpt, cfg, splits, model, costs, dev = _open(checkpoint, None, "cpu")
+    ckpt, cfg, splits, model, costs, dev = open_checkpoint(checkpoint, None, "cpu")
     n_cal = min(calibration_images, len(splits.val))
     calib = prepare_batch(splits.val.images[:n_cal], splits, train=False)
     check_calibration_images(calib, tuple(splits.image_shape))

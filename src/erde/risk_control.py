@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from erde import exits
-from erde.calibration import Target, _outcome, _search, calibrate, evaluate_thresholds
+from erde.calibration import Target, calibrate, evaluate_thresholds, outcome, search_thresholds
 from erde.errors import CalibrationError, ConfigError
 from erde.inference import ExitPolicy, apply_temperatures, float32_within
 
@@ -181,7 +181,7 @@ def _per_exit_path(
     first = shared_grid(shape.rule, num_classes)[:1].expand(num_early)
     settings = [first]
     for level in torch.linspace(0, 2 * epsilon, PATH_LEVELS).tolist():
-        policy = _search(
+        policy = search_thresholds(
             scores[:, learn], free[:, learn], macs, Target("max_drop", level), shape,
             num_classes, True, 512,
         )  # fmt: skip
@@ -314,7 +314,7 @@ def _measure(
     logits: Tensor, labels: Tensor, macs: Sequence[float], policy: ExitPolicy, risk: str
 ) -> dict:
     """What ``policy`` gives on one split, plus its accuracy drop and observed risk rate."""
-    out = _outcome(logits, labels, macs, policy)
+    out = outcome(logits, labels, macs, policy)
     out["accuracy_drop"] = out["last_exit_accuracy"] - out["accuracy"]
     out["risk"] = _risk_rate(logits, labels, policy, risk)
     return out
@@ -442,16 +442,16 @@ def calibrate_checkpoint_guaranteed(
     lets images leave early passes, naming about how many images would be needed.
     """
     from erde.calibration import (
-        _open,
-        _save_checkpoint_thresholds,
-        _val_and_test_logits,
         check_thresholds_output,
+        open_checkpoint,
+        save_checkpoint_thresholds,
+        val_and_test_logits,
     )
 
     RiskTarget.create(risk, max_risk, confidence)  # fail before loading anything
     check_thresholds_output(checkpoint, out)
-    ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device)
-    val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
+    ckpt, cfg, splits, model, costs, dev = open_checkpoint(checkpoint, cfg, device)
+    val_logits, val_labels, test_logits, test_labels = val_and_test_logits(
         model, splits, dev, cfg.data.eval_batch_size, progress
     )
     result = calibrate_guaranteed(
@@ -460,7 +460,7 @@ def calibrate_checkpoint_guaranteed(
     )  # fmt: skip
     if not result.passed:
         raise CalibrationError(f"{result.message}; no thresholds file written")
-    path = _save_checkpoint_thresholds(ckpt, model, splits, costs, result, result.per_exit, out)
+    path = save_checkpoint_thresholds(ckpt, model, splits, costs, result, result.per_exit, out)
     return result, path
 
 

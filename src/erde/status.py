@@ -22,10 +22,10 @@ from typing import Any
 
 from erde import io
 from erde.checkpoints import load_checkpoint
-from erde.curves import curve_of, read_metrics, render_curves_png
 from erde.errors import ErdeError
 from erde.monitor import duration, recent_seconds_per_step
 from erde.outputs import LOCK_NAME
+from erde.report.curves import curve_of, read_metrics, render_curves_png
 
 MAX_DEPTH = 3  # run folder / seed_<n> / model folder
 MAX_MODELS = 200

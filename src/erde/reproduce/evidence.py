@@ -162,7 +162,7 @@ _CHECKED_COMPARISON = ("accuracy_diff_mean", "accuracy_diff_std", "p_value", "se
 def verify_block(results_json: Path) -> tuple[int, list[str]]:
     """(numbers checked, differences) of a results JSON against its records file."""
     from erde.io import read_json
-    from erde.report_html import MAX_REPORT_BYTES
+    from erde.report.html import MAX_REPORT_BYTES
 
     results = read_json(results_json, max_bytes=MAX_REPORT_BYTES, error=RecordsError,
                         what="a results file")  # fmt: skip

@@ -14,7 +14,6 @@ import numpy as np
 
 from erde import io
 from erde.config import load_yaml, preset_path
-from erde.curves import render_curves_png
 from erde.evaluation import split_reduction
 from erde.outputs import folder_update_lock
 from erde.report import (
@@ -28,6 +27,7 @@ from erde.report import (
     model_label,
     use_log_macs,
 )
+from erde.report.curves import render_curves_png
 from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
 
 # --------------------------------------------------------------------------- rendering

@@ -19,13 +19,13 @@ from erde.config import (
     preset_path,
     student_specs,
 )
-from erde.curves import folder_curves, mean_curve, read_metrics
 from erde.data.formats import CIFAR10
 from erde.errors import ConfigError, DataError, ErdeError, ReportError
 from erde.io import read_json
 from erde.pipeline import evaluate_checkpoints
 from erde.records import RecordsError, load_records
-from erde.report_html import MAX_REPORT_BYTES, load_report
+from erde.report.curves import folder_curves, mean_curve, read_metrics
+from erde.report.html import MAX_REPORT_BYTES, load_report
 from erde.reproduce.evidence import gather
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import RULE, aggregate, threshold_grid, training_time

@@ -422,7 +422,7 @@ def aggregate(
     ``teacher_seeds`` and ``design`` record how many teachers the student seeds
     learnt from (default: one per seed). ``training`` (``{seed: {model:
     training_time(...)}}``) records what training cost on this machine, and
-    ``curves`` (``{model: erde.curves.mean_curve(...)}``) how validation
+    ``curves`` (``{model: erde.report.curves.mean_curve(...)}``) how validation
     accuracy per exit went over the epochs. ``planned_seeds`` is how many seeds
     the command asked for (default: those given), so that results written
     while later seeds still train say they are partial.

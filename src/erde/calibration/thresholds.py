@@ -1,4 +1,4 @@
-"""Choose exit thresholds on validation data, report what they give on test data.
+"""Choose exit thresholds from recorded logits: pure tensors in, an :class:`ExitPolicy` out.
 
 MSDNet's budgeted protocol: thresholds are fitted on a held-out validation
 split, never on the test set, for either
@@ -24,7 +24,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,7 +154,7 @@ class Target:
         return cls("max_drop", float(max_drop))
 
 
-def _keys(accuracy: Tensor, mean_macs: Tensor, feasible: Tensor, kind: str) -> list[tuple]:
+def _sort_keys(accuracy: Tensor, mean_macs: Tensor, feasible: Tensor, kind: str) -> list[tuple]:
     """Sort keys, larger is better: feasible first; then best accuracy within a budget,
     or fewest MACs within an accuracy floor; infeasible ones by closeness to feasibility."""
     out = []
@@ -190,7 +189,7 @@ class Calibration:
         }
 
 
-def _outcome(
+def outcome(
     exit_logits: Tensor, labels: Tensor, macs_per_exit: Sequence[float], policy: ExitPolicy
 ) -> dict:
     """What ``policy`` gives on recorded logits, via the evaluation's reference ``simulate``."""
@@ -255,10 +254,10 @@ def calibrate(
         scaled = apply_temperatures(val_logits, shape)
         scores = exits.rule_score(scaled[:-1], rule)  # (E-1, N)
         correct = val_logits.argmax(-1) == val_labels  # (E, N)
-        policy = _search(
+        policy = search_thresholds(
             scores, correct, macs, target, shape, num_classes, per_exit, max_candidates
         )
-    validation = _outcome(val_logits, val_labels, macs_per_exit, policy)
+    validation = outcome(val_logits, val_labels, macs_per_exit, policy)
     if target.kind == "budget":
         feasible = validation["mean_macs"] <= target.value * full * (1 + 1e-9)
         problem = (
@@ -277,7 +276,7 @@ def calibrate(
         warnings.warn(warning, CalibrationWarning, stacklevel=2)
     test = None
     if test_logits is not None and test_labels is not None:
-        test = _outcome(
+        test = outcome(
             test_logits.detach().float().cpu(),
             test_labels.detach().long().cpu(),
             macs_per_exit,
@@ -304,7 +303,7 @@ def resolution_note(result: Calibration) -> str | None:
     )
 
 
-def _search(
+def search_thresholds(
     scores: Tensor, correct: Tensor, macs: Tensor, target: Target, shape: ExitPolicy,
     num_classes: int, per_exit: bool, max_candidates: int,
 ) -> ExitPolicy:  # fmt: skip
@@ -318,7 +317,7 @@ def _search(
     def best(settings: Tensor) -> tuple[tuple, Tensor]:
         accuracy, mean_macs = evaluate_thresholds(scores, correct, macs, settings, rule)
         feasible = mean_macs <= limit if target.kind == "budget" else accuracy >= limit
-        keys = _keys(accuracy, mean_macs, feasible, target.kind)
+        keys = _sort_keys(accuracy, mean_macs, feasible, target.kind)
         i = max(range(len(keys)), key=keys.__getitem__)
         return keys[i], settings[i]
 
@@ -408,302 +407,3 @@ def budgeted_curve(
             }
         )
     return points
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _record(
-    model: torch.nn.Module,
-    splits: Any,
-    split: str,
-    device: torch.device,
-    batch_size: int,
-    progress: bool,
-) -> tuple[Tensor, Tensor]:
-    """Every exit's logits on one split (one forward pass)."""
-    from erde.data import iterate_batches, prepare_batch
-    from erde.evaluation import collect_exit_logits
-
-    data = getattr(splits, split)
-    batches = (
-        (prepare_batch(x, splits, train=False), y)
-        for x, y in iterate_batches(data, batch_size, shuffle=False, device=device)
-    )
-    return collect_exit_logits(model, batches, device=device, progress=progress)
-
-
-def _open(
-    checkpoint: str | Path, cfg: Any, device: str | None, splits: Any = None
-) -> tuple[dict, Any, Any, torch.nn.Module, Any, torch.device]:
-    """Checkpoint, config, data splits, model on device, costs and device, all checked."""
-    from erde.checkpoints import check_compatible, load_checkpoint, model_from_checkpoint
-    from erde.config import config_from_dict
-    from erde.data import load_splits
-    from erde.distributed import resolve_device
-    from erde.models import measure_exit_costs
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = cfg or config_from_dict(ckpt["config"])
-    splits = splits or load_splits(cfg)
-    check_compatible(ckpt, splits.num_classes, splits.image_shape, "checkpoint")
-    if len(splits.val) == 0:
-        raise ConfigError(
-            "calibration needs a validation split (data.val_fraction > 0); thresholds are "
-            "never chosen on the test set"
-        )
-    dev = resolve_device(device or cfg.device)
-    model = model_from_checkpoint(ckpt).to(dev).eval()
-    costs = measure_exit_costs(model, splits.image_shape)
-    return ckpt, cfg, splits, model, costs, dev
-
-
-def calibrate_checkpoint(
-    checkpoint: str | Path,
-    *,
-    budget: float | None = None,
-    max_drop: float | None = None,
-    rule: str = "entropy",
-    per_exit: bool = False,
-    temperature: bool = False,
-    out: str | Path | None = None,
-    cfg: Any = None,
-    device: str | None = None,
-    progress: bool = False,
-    splits: Any = None,
-) -> tuple[Calibration, Path]:
-    """Calibrate a checkpoint on its validation split and write its thresholds file.
-
-    The data set is the checkpoint's own (its saved config) unless ``cfg`` is
-    given, or ``splits`` (:class:`erde.data.DataSplits`, e.g. from
-    :func:`erde.data.splits_from_tensors`) are. Writes ``<checkpoint
-    stem>.thresholds.json`` beside the checkpoint (or ``out``) and returns the
-    result and the path.
-    """
-    Target.create(budget, max_drop)  # fail before loading anything
-    check_thresholds_output(checkpoint, out)
-    ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
-    val_logits, val_labels, test_logits, test_labels = _val_and_test_logits(
-        model, splits, dev, cfg.data.eval_batch_size, progress
-    )
-    result = calibrate(
-        val_logits, val_labels, costs.macs_per_exit, budget=budget, max_drop=max_drop, rule=rule,
-        per_exit=per_exit, temperature=temperature, test_logits=test_logits, test_labels=test_labels,
-    )  # fmt: skip
-    return result, _save_checkpoint_thresholds(ckpt, model, splits, costs, result, per_exit, out)
-
-
-def check_thresholds_output(checkpoint: str | Path, out: str | Path | None) -> Path:
-    """Where calibration writes (``out``, else beside the checkpoint), checked before any work.
-
-    Never the checkpoint itself (nor a link to it): a thresholds file written over
-    the model would destroy it.
-    """
-    from erde.inference import thresholds_path
-    from erde.outputs import check_output_file
-
-    return check_output_file(
-        Path(out) if out is not None else thresholds_path(checkpoint), [checkpoint]
-    )
-
-
-def _val_and_test_logits(
-    model: torch.nn.Module, splits: Any, dev: torch.device, batch_size: int, progress: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every exit's logits (E, N, K) and the labels (N,) of the validation and the test split."""
-    val_logits, val_labels = _record(model, splits, "val", dev, batch_size, progress)
-    test_logits, test_labels = _record(model, splits, "test", dev, batch_size, progress)
-    return val_logits, val_labels, test_logits, test_labels
-
-
-def _save_checkpoint_thresholds(
-    ckpt: dict, model: Any, splits: Any, costs: Any, result: Any, per_exit: bool,
-    out: str | Path | None,
-) -> Path:  # fmt: skip
-    """Write ``result``'s thresholds for the checkpoint's model (beside it unless ``out``)."""
-    from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
-
-    identity = ModelIdentity(
-        ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
-    )
-    details = {
-        **result.to_dict(),
-        "checkpoint": ckpt["path"],
-        "dataset": splits.name,
-        "macs_per_exit": list(costs.macs_per_exit),
-        "per_exit": per_exit,
-    }
-    path = Path(out) if out is not None else thresholds_path(ckpt["path"])
-    save_thresholds(path, result.policy, identity, details)
-    return path
-
-
-def evaluate_budgeted(
-    checkpoints: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    budgets: Sequence[float] = DEFAULT_BUDGETS,
-    rule: str = "entropy",
-    per_exit: bool = False,
-    temperature: bool = False,
-    cfg: Any = None,
-    device: str | None = None,
-    progress: bool = False,
-    names: Sequence[str] | None = None,
-) -> dict[str, Path]:
-    """Budgeted evaluation of each checkpoint: write budgeted.json, budgeted.md and budgeted.png.
-
-    ``names`` labels the models (default: each checkpoint's own).
-    """
-    from erde import io
-    from erde.errors import require_list
-
-    for value, what in ((checkpoints, "checkpoints"), (names, "names"), (budgets, "budgets")):
-        require_list(value, what)
-    if not budgets or any(not (math.isfinite(b) and b > 0) for b in budgets):
-        raise ConfigError(f"budgets must be fractions of the full MACs > 0, got {list(budgets)}")
-    if names is not None and (len(names) != len(checkpoints) or not all(names)):
-        raise ConfigError(
-            f"names: one non-empty name per checkpoint ({len(checkpoints)}), got {names}"
-        )
-    from erde.outputs import check_out_folder
-
-    check_out_folder(out_dir, checkpoints)
-    models: dict[str, Any] = {}
-    splits = None
-    for index, checkpoint in enumerate(checkpoints):
-        ckpt, cfg, splits, model, costs, dev = _open(checkpoint, cfg, device, splits)
-        if names is not None:
-            ckpt["name"] = names[index]
-        if ckpt["name"] in models:
-            raise ConfigError(
-                f"two checkpoints hold the same model name {ckpt['name']!r}; give each a name of "
-                "its own (--names)"
-            )
-        bs = cfg.data.eval_batch_size
-        val = _record(model, splits, "val", dev, bs, progress)
-        test = _record(model, splits, "test", dev, bs, progress)
-        models[ckpt["name"]] = {
-            "checkpoint": ckpt["path"],
-            "macs_per_exit": list(costs.macs_per_exit),
-            "curve": budgeted_curve(
-                *val,
-                *test,
-                costs.macs_per_exit,
-                budgets,
-                rule=rule,
-                per_exit=per_exit,
-                temperature=temperature,
-            ),
-        }
-    assert splits is not None
-    report = {
-        "rule": rule,
-        "per_exit": per_exit,
-        "temperature": temperature,
-        "dataset": {
-            "name": splits.name,
-            "val_images": len(splits.val),
-            "test_images": len(splits.test),
-        },
-        "models": models,
-        "environment": io.environment_info(),
-    }
-    out = Path(out_dir)
-    paths = {
-        "json": out / "budgeted.json",
-        "markdown": out / "budgeted.md",
-        "plot": out / "budgeted.png",
-    }
-    io.atomic_write_json(paths["json"], report)
-    io.atomic_write_text(paths["markdown"], render_budgeted_markdown(report))
-    io.atomic_write_bytes(paths["plot"], render_budgeted_png(report))
-    return paths
-
-
-def render_budgeted_markdown(report: dict[str, Any]) -> str:
-    """One table per model: budget, what validation gave, what test gave."""
-    d = report["dataset"]
-    lines = [
-        "# Budgeted evaluation",
-        "",
-        f"Rule {report['rule']}; thresholds fitted on {d['val_images']} validation images of "
-        f"{d['name']}, reported on its {d['test_images']} test images. MACs are fractions of the "
-        "cost of going through every exit.",
-        "",
-    ]
-    for name, m in report["models"].items():
-        lines += [
-            f"## {name}",
-            "",
-            "| budget | val acc (%) | val MACs | test acc (%) | test MACs | thresholds |",
-            "|---|---|---|---|---|---|",
-        ]
-        for p in m["curve"]:
-            flag = "" if p["feasible"] else " (unreachable)"
-            thr = ", ".join(f"{t:.4g}" for t in p["thresholds"])
-            lines.append(
-                f"| {p['budget']:.2f}{flag} | {100 * p['val_accuracy']:.2f} | {p['val_macs_fraction']:.3f} "
-                f"| {100 * p['test_accuracy']:.2f} | {p['test_macs_fraction']:.3f} | {thr} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def draw_budgeted(ax: Any, report: dict[str, Any]) -> None:
-    """Test accuracy against mean test MACs per image, one curve per model.
-
-    The x axis is MACs, not each model's fraction of its own full cost: a
-    fraction puts a 10M-MAC teacher at 0.3 left of a 0.8M-MAC student at 0.5.
-    """
-    from erde.plotting import mac_unit, use_log_macs
-
-    models = report["models"]
-    scale, unit = mac_unit(models)
-    for name, m in models.items():
-        curve = sorted(m["curve"], key=lambda p: p["test_mean_macs"])
-        ax.plot(
-            [p["test_mean_macs"] / scale for p in curve],
-            [100 * p["test_accuracy"] for p in curve],
-            marker="o",
-            label=name,
-        )
-    use_log_macs(ax, [p["test_mean_macs"] for m in models.values() for p in m["curve"]])
-    ax.set_xlabel(f"Mean test MACs per image ({unit}MACs)" if unit else "Mean test MACs per image")
-    ax.set_ylabel("Test accuracy (%)")
-    ax.set_title(f"Budgeted evaluation ({report['rule']}, thresholds fitted on validation)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-
-
-def render_budgeted_png(report: dict[str, Any], dpi: int = 120) -> bytes:
-    """:func:`draw_budgeted` as PNG bytes (no pyplot, no global backend change)."""
-    from io import BytesIO
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    draw_budgeted(fig.add_subplot(), report)
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-__all__ = [
-    "DEFAULT_BUDGETS",
-    "Calibration",
-    "CalibrationWarning",
-    "Target",
-    "budgeted_curve",
-    "calibrate",
-    "calibrate_checkpoint",
-    "candidate_thresholds",
-    "evaluate_budgeted",
-    "evaluate_thresholds",
-    "fit_temperature",
-    "fit_temperatures",
-    "resolution_note",
-    "threshold_near_macs",
-]

@@ -25,7 +25,8 @@ from typing import Any
 
 from erde import io
 from erde.errors import ErdeError, ReportError
-from erde.report import SCHEMA_VERSION, curve_style, model_label, untrained_text
+from erde.report.build import SCHEMA_VERSION, untrained_text
+from erde.report.styles import curve_style, model_label
 
 MAX_REPORT_BYTES = 64 << 20  # a report with hundreds of models x thresholds is a few MB
 MAX_MARKS = 8  # thresholds files marked per model

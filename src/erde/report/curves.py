@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from erde.errors import ErdeError
-from erde.report import STYLES, model_label
+from erde.report.styles import STYLES, model_label
 
 METRICS = "metrics.jsonl"
 MAX_METRICS_BYTES = 32 * 2**20  # ~1 KB per epoch record: far beyond any real run
