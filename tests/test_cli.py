@@ -344,15 +344,17 @@ def test_a_student_takes_its_data_settings_from_its_teacher_s_checkpoint(
 def test_a_student_s_command_line_data_settings_win_over_its_teacher_s(
     tmp_path: Path, tiny_run
 ) -> None:
+    from erde.cli.train import data_origin_line, teacher_data
+
     args = cli.build_parser().parse_args(
         ["train-student", "--teacher", str(tiny_run["out"] / "teacher"),
          "--set", "data.batch_size=32"]
     )  # fmt: skip
-    inherited = cli.teacher_data(args)
+    inherited = teacher_data(args)
     cfg = cli.build_config(args, data=inherited)
     assert (cfg.data.name, cfg.data.image_size, cfg.data.batch_size) == ("digits", 8, 32)
-    assert "(batch_size from the command line)" in cli.data_origin_line(cfg, args, inherited)
+    assert "(batch_size from the command line)" in data_origin_line(cfg, args, inherited)
     named = cli.build_parser().parse_args(
         ["train-student", "--teacher", str(tiny_run["out"] / "teacher"), "--dataset", "cifar10"]
     )
-    assert cli.teacher_data(named) is None
+    assert teacher_data(named) is None

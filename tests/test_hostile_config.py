@@ -136,7 +136,7 @@ def _interrupt(*args, **kwargs):
 def test_interruption_before_the_first_checkpoint_does_not_promise_one(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    monkeypatch.setattr("erde.training.train", _interrupt)
+    monkeypatch.setattr("erde.api.train_teacher", _interrupt)
     assert main(["train-teacher", "--out", str(tmp_path / "o"), *TINY]) == 130
     err = capsys.readouterr().err
     assert "before the first checkpoint" in err and "is kept" not in err
@@ -146,7 +146,7 @@ def test_interruption_after_a_checkpoint_says_it_is_kept(
     tiny_run, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     out = shutil.copytree(tiny_run["teacher"].parent, tmp_path / "teacher")
-    monkeypatch.setattr("erde.training.train", _interrupt)
+    monkeypatch.setattr("erde.api.train_teacher", _interrupt)
     assert main(["train-teacher", "--out", str(out), "--resume", *TINY]) == 130
     assert f"the last checkpoint in {out} is kept" in capsys.readouterr().err
 

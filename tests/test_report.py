@@ -456,7 +456,7 @@ def test_a_trained_reference_is_marked_trained_and_keeps_its_reductions() -> Non
 def test_the_run_summary_says_the_reference_is_not_trained_instead_of_a_reduction(
     tmp_path: Path, capsys
 ) -> None:
-    from erde.cli import _print_summary
+    from erde.cli.train import _print_summary
 
     models = _models()
     models["teacher"] = _at_chance(models["teacher"], 3)

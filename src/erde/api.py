@@ -78,19 +78,24 @@ def train_teacher(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    allow_config_change: bool = False,
     on_epoch: EpochCallback | None = None,
 ) -> Path:
     """Train an early-exit teacher (``cfg.teacher``, ``cfg.teacher_train``); returns checkpoint.pt.
 
     Without ``splits`` the data set of ``cfg.data`` is loaded. ``out_dir``
     receives checkpoint.pt, config.yaml and metrics.jsonl; a folder that
-    already holds a checkpoint is refused unless ``resume`` or ``force``.
+    already holds a checkpoint is refused unless ``resume`` (continue it, or
+    reuse it if finished) or ``force`` (start over). With ``resume``, a
+    checkpoint trained with another config is refused, the differing keys
+    listed, unless ``allow_config_change``. ``progress`` shows bars.
     ``on_epoch(out_dir, record)`` sees each epoch's metrics record (e.g.
     :class:`erde.monitor.TensorBoardLogger`).
     """
     return train(
         _named_after(cfg, splits), Job("teacher"), out_dir, resume=resume, force=force,
-        progress=progress, splits=splits, on_epoch=on_epoch,
+        progress=progress, splits=splits, allow_config_change=allow_config_change,
+        on_epoch=on_epoch,
     )  # fmt: skip
 
 
@@ -104,24 +109,24 @@ def train_student(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    allow_config_change: bool = False,
     on_epoch: EpochCallback | None = None,
 ) -> Path:
     """Train an early-exit student (``cfg.student``, ``cfg.student_train``) with ``method``.
 
-    ``method``: ``ce`` (labels only), ``kd`` (exit-wise distillation) or
+    ``method``: ``ce`` (labels only), ``kd`` (exit-wise distillation),
     ``erde`` (KL where the teacher's exit is right, entropy where it is
-    wrong; weights in ``cfg.distill``). ``kd`` and ``erde`` need the
-    ``teacher`` checkpoint. Returns the student's checkpoint.pt.
+    wrong; weights in ``cfg.distill``) or one registered with
+    :func:`erde.losses.register_method`; another name raises
+    :class:`erde.errors.ConfigError` before anything is written. ``kd`` and
+    ``erde`` need the ``teacher`` checkpoint. ``resume``, ``force``,
+    ``progress``, ``allow_config_change`` and ``on_epoch`` as for
+    :func:`train_teacher`. Returns the student's checkpoint.pt.
     """
-    from erde.losses import METHODS
-
-    if method not in METHODS:
-        from erde.errors import ConfigError
-
-        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     return train(
         _named_after(cfg, splits), Job("student", method), out_dir, teacher_checkpoint=teacher,
-        resume=resume, force=force, progress=progress, splits=splits, on_epoch=on_epoch,
+        resume=resume, force=force, progress=progress, splits=splits,
+        allow_config_change=allow_config_change, on_epoch=on_epoch,
     )  # fmt: skip
 
 
