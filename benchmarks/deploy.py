@@ -27,8 +27,9 @@ try:  # run from a fresh clone without `pip install -e .` as well
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from erde.deploy import deployment_table, render_table  # noqa: E402
+from erde.inference.deployment import deployment_table
 from erde.io import environment_info  # noqa: E402
+from erde.report.deployment import render_table  # noqa: E402
 
 
 def bound(full: dict, early: dict, bs: int) -> str:

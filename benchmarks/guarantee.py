@@ -82,7 +82,7 @@ def synthetic_pool(n: int, seed: int = 0) -> tuple[str, torch.Tensor, torch.Tens
 
 def main(argv: list[str] | None = None) -> int:
     from erde import io
-    from erde.risk_control import simulate_guarantee
+    from erde.calibration.simulation import simulate_guarantee
 
     args = parse_args(argv)
     env = io.environment_info()

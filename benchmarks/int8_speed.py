@@ -3,9 +3,9 @@
 For each ``--arch``: builds the early-exit network (untrained, seed 0: speed does
 not need trained weights), exports its stages in fp32 (``erde export``'s
 exporter), quantises them exactly as ``erde export --int8`` does
-(:func:`erde.quantize.quantize_stages`, calibrated on ``--calibration`` random
+(:func:`erde.inference.quantize.quantize_stages`, calibrated on ``--calibration`` random
 images), and times both folders end to end (every stage and exit, no early
-exit) with :class:`erde.export.OnnxEarlyExitRuntime`, in turns so that both see
+exit) with :class:`erde.inference.export.OnnxEarlyExitRuntime`, in turns so that both see
 the same machine load. Prints img/s of each and the int8 / fp32 speed ratio (median
 and interquartile range of the per-turn ratios), per batch size.
 
@@ -31,12 +31,17 @@ try:  # run from a fresh clone without `pip install -e .` as well
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from erde.export import OnnxEarlyExitRuntime, export_onnx, read_manifest, require_onnx_extra  # noqa: E402
 from erde.inference import ExitPolicy, ModelIdentity  # noqa: E402
 from erde.inference.bench import speedup_spread, time_turns  # noqa: E402
+from erde.inference.export import (  # noqa: E402
+    OnnxEarlyExitRuntime,
+    export_onnx,
+    read_manifest,
+    require_onnx_extra,
+)
+from erde.inference.quantize import quantize_stages  # noqa: E402
 from erde.io import atomic_write_json, environment_info  # noqa: E402
 from erde.models import build_model  # noqa: E402
-from erde.quantize import quantize_stages  # noqa: E402
 from erde.threads import set_threads  # noqa: E402
 
 

@@ -268,7 +268,7 @@ def test_user_model_calibrates_and_exports_with_onnx_runtime_parity(
 ) -> None:
     """The teacher holds one block of each family, so every kind of op crosses the export."""
     pytest.importorskip("onnxruntime")
-    from erde.export import OnnxEarlyExitRuntime
+    from erde.inference.export import OnnxEarlyExitRuntime
 
     ckpt = cross_family_run / "teacher" / "checkpoint.pt"
     assert main(["calibrate", str(ckpt), "--budget", "0.8", "--no-progress"]) == 2  # untrusted

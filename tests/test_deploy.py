@@ -80,7 +80,8 @@ def test_a_missed_ratio_is_split_into_the_smaller_network_and_early_exit() -> No
 
 
 def test_the_deployment_table_says_when_the_full_network_serves_faster() -> None:
-    from erde.deploy import render_table, serving_advice
+    from erde.inference.deployment import serving_advice
+    from erde.report.deployment import render_table
 
     rows = [
         {"row": ROWS[0], "accuracy": 0.9, "mean_macs": 4e6, "ips_1": 100.0, "ips_256": 900.0},

@@ -18,7 +18,7 @@ from erde.inference import EarlyExitRouter, ExitPolicy, Routed
 
 ort = pytest.importorskip("onnxruntime")
 
-from erde.export import ExportError, OnnxEarlyExitRuntime, read_manifest  # noqa: E402
+from erde.inference.export import ExportError, OnnxEarlyExitRuntime, read_manifest  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

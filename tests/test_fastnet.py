@@ -232,7 +232,7 @@ def test_fastnet_exports_to_onnx_with_parity_and_to_int8(
     fast_teacher: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("onnxruntime")
-    from erde.export import OnnxEarlyExitRuntime
+    from erde.inference.export import OnnxEarlyExitRuntime
 
     assert main(["calibrate", str(fast_teacher), "--budget", "0.8", "--no-progress"]) == 0
     assert main(["export", str(fast_teacher), "--out", str(tmp_path / "onnx")]) == 0

@@ -9,8 +9,8 @@ from torch import nn
 from erde import exits
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
 from erde.data import load_splits
-from erde.fusion import PrecisionError, check_precision, count_batchnorms, inference_copy
 from erde.inference import EarlyExitRouter, ExitPolicy
+from erde.inference.fusion import PrecisionError, check_precision, count_batchnorms, inference_copy
 
 TOL = 1e-4  # fp32 logits of the folded graph vs the training graph (relative to their scale)
 
@@ -88,7 +88,7 @@ def test_a_stage_fx_cannot_trace_stays_unfolded_with_a_warning(trained) -> None:
 
 
 def test_reduced_precision_is_refused_where_it_would_be_emulated(monkeypatch) -> None:
-    from erde import fusion
+    from erde.inference import fusion
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(fusion, "cpu_has_bf16", lambda: False)
@@ -103,7 +103,7 @@ def test_reduced_precision_is_refused_where_it_would_be_emulated(monkeypatch) ->
 
 
 def test_bf16_router_returns_fp32_answers(trained, monkeypatch) -> None:
-    from erde import fusion
+    from erde.inference import fusion
 
     monkeypatch.setattr(fusion, "cpu_has_bf16", lambda: True)  # emulated here: correct, not fast
     model, x = trained

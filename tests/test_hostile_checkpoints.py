@@ -216,7 +216,7 @@ def test_resume_from_a_checkpoint_with_damaged_training_state_is_one_line(
 def test_manifest_cost_too_large_for_an_integer_is_refused(
     tiny_export, tmp_path: Path, capsys
 ) -> None:
-    from erde.export import ExportError, read_manifest
+    from erde.inference.export import ExportError, read_manifest
 
     manifest = json.loads((tiny_export["dir"] / "manifest.json").read_text())
     huge = [2**100] * len(manifest["macs_per_exit"])

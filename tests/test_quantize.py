@@ -13,9 +13,9 @@ import torch
 from erde.cli import main
 from erde.errors import ConfigError
 from erde.evaluation import simulate
-from erde.export import OnnxEarlyExitRuntime, export_checkpoint
 from erde.inference import ThresholdsFileError
-from erde.quantize import all_exit_logits, check_calibration_images, quantize_checkpoint
+from erde.inference.export import OnnxEarlyExitRuntime, export_checkpoint
+from erde.inference.quantize import all_exit_logits, check_calibration_images, quantize_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,7 @@ from helpers import tiny_config
 from test_calibration import MACS, synthetic
 
 from erde import exits
-from erde.cli import main
-from erde.errors import ConfigError
-from erde.evaluation import simulate
-from erde.risk_control import (
+from erde.calibration.guaranteed import (
     RiskTarget,
     binomial_p_values,
     calibrate_guaranteed,
@@ -25,8 +22,11 @@ from erde.risk_control import (
     images_needed,
     risk_free,
     shared_grid,
-    simulate_guarantee,
 )
+from erde.calibration.simulation import simulate_guarantee
+from erde.cli import main
+from erde.errors import ConfigError
+from erde.evaluation import simulate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

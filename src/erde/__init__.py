@@ -55,8 +55,8 @@ _API = {
     "ExitPolicy": "erde.inference",
     "EarlyExitRouter": "erde.inference",
     "Routed": "erde.inference",
-    "export_checkpoint": "erde.export",
-    "OnnxEarlyExitRuntime": "erde.export",
+    "export_checkpoint": "erde.inference.export",
+    "OnnxEarlyExitRuntime": "erde.inference.export",
     "release_checkpoint": "erde.checkpoints",
 }
 
@@ -128,7 +128,6 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
     from erde.data import AugmentSpec, DataSplits, load_data, splits_from_tensors
     from erde.errors import ErdeError
     from erde.exits import register_rule
-    from erde.export import OnnxEarlyExitRuntime, export_checkpoint
     from erde.inference import (
         EarlyExitRouter,
         ExitPolicy,
@@ -137,6 +136,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         load_image,
         load_predictor,
     )
+    from erde.inference.export import OnnxEarlyExitRuntime, export_checkpoint
     from erde.losses import register_method
     from erde.models import build_model, measure_exit_costs, trusted_modules
     from erde.monitor import TensorBoardLogger

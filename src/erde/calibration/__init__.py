@@ -6,7 +6,8 @@ drop (:mod:`erde.calibration.thresholds`: recorded logits in, an
 :class:`~erde.inference.ExitPolicy` out); :mod:`erde.calibration.checkpoint`
 opens a checkpoint with its data, records its logits and writes the
 thresholds file. Thresholds with a statistical guarantee are
-:mod:`erde.risk_control`; the budgeted evaluation's files are rendered by
+:mod:`erde.calibration.guaranteed` (and :mod:`erde.calibration.simulation`, which
+checks that they hold); the budgeted evaluation's files are rendered by
 :mod:`erde.report.budgeted`.
 """
 

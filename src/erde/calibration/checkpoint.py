@@ -127,7 +127,7 @@ def check_thresholds_output(checkpoint: str | Path, out: str | Path | None) -> P
     Never the checkpoint itself (nor a link to it): a thresholds file written over
     the model would destroy it.
     """
-    from erde.inference import thresholds_path
+    from erde.inference.policy import thresholds_path
     from erde.outputs import check_output_file
 
     return check_output_file(
@@ -149,7 +149,12 @@ def save_checkpoint_thresholds(
     out: str | Path | None,
 ) -> Path:  # fmt: skip
     """Write ``result``'s thresholds for the checkpoint's model (beside it unless ``out``)."""
-    from erde.inference import ModelIdentity, model_fingerprint, save_thresholds, thresholds_path
+    from erde.inference.policy import (
+        ModelIdentity,
+        model_fingerprint,
+        save_thresholds,
+        thresholds_path,
+    )
 
     identity = ModelIdentity(
         ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from erde import exits
 from erde.errors import ConfigError
 from erde.evaluation import simulate
-from erde.inference import ExitPolicy, apply_temperatures, float32_within, scale_logits
+from erde.inference.policy import ExitPolicy, apply_temperatures, float32_within, scale_logits
 
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # fractions of the full MACs
 

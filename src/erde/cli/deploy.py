@@ -29,7 +29,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from erde.export import export_checkpoint
+    from erde.inference.export import export_checkpoint
 
     if args.int8:
         return _export_int8(args)
@@ -43,7 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_int8(args: argparse.Namespace) -> int:
     import warnings
 
-    from erde.quantize import quantize_checkpoint
+    from erde.inference.quantize import quantize_checkpoint
 
     if args.thresholds_file:
         raise ErdeError(
@@ -163,7 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_deploy(args: argparse.Namespace) -> int:
-    from erde.deploy import deployment_table, render_table
+    from erde.inference.deployment import deployment_table
+    from erde.report.deployment import render_table
 
     if not (args.deploy and args.teacher):
         raise ErdeError(

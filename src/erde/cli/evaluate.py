@@ -136,7 +136,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    from erde.risk_control import calibrate_checkpoint_guaranteed
+    from erde.calibration.guaranteed import calibrate_checkpoint_guaranteed
 
     if args.max_drop is None:
         raise ErdeError("--confidence goes with --max-drop (the risk to bound), not --budget")

@@ -18,7 +18,7 @@ Everything is re-exported here, so ``from erde.inference import X`` works for al
 from erde.inference.bench import (
     RATIO_WARNING,
     SPREAD_WARNING,
-    _batches,
+    batches_of,
     bench_checkpoint,
     benchmark_routing,
     estimate_seconds,
@@ -85,7 +85,7 @@ __all__ = [
     "Routed",
     "StageWithExit",
     "ThresholdsFileError",
-    "_batches",
+    "batches_of",
     "apply_temperatures",
     "bench_checkpoint",
     "benchmark_routing",

@@ -157,7 +157,8 @@ def serving_advice(records: Sequence[Mapping[str, Any]]) -> str | None:
     )
 
 
-def _batches(images: Tensor, batch_size: int) -> list[Tensor]:
+def batches_of(images: Tensor, batch_size: int) -> list[Tensor]:
+    """``images`` cut into consecutive batches of ``batch_size`` (the last one may be smaller)."""
     return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
 
 
@@ -167,7 +168,7 @@ def _full_pass_seconds(
     """Seconds of one full-network pass over ``images`` at each batch size (for the estimate)."""
     seconds = {}
     for bs in batch_sizes:
-        chunks = _batches(images, bs)
+        chunks = batches_of(images, bs)
         seconds[bs] = _time_pass(lambda c=chunks: [plain_forward(model, x) for x in c], sync)
     return seconds
 
@@ -199,7 +200,7 @@ def benchmark_routing(
 
     ``channels_last`` runs both the full network and early exit in NHWC, which
     on CPU speeds up the wide-map, few-channel first stages the most.
-    ``fold_bn`` runs both on :func:`erde.fusion.inference_copy` (BatchNorm
+    ``fold_bn`` runs both on :func:`erde.inference.fusion.inference_copy` (BatchNorm
     folded into the convolutions), so the ratio compares like with like.
 
     ``images``: normalised float (N, C, H, W) on the device to measure. One
@@ -214,7 +215,7 @@ def benchmark_routing(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = model.eval()
     if fold_bn:
-        from erde.fusion import inference_copy
+        from erde.inference.fusion import inference_copy
 
         model = inference_copy(model, channels_last=channels_last)
     elif channels_last:  # on a copy: the caller's model keeps its layout
@@ -234,7 +235,7 @@ def benchmark_routing(
         pass_seconds = _full_pass_seconds(model, images, batch_sizes, sync)
         log(plan_line(device.type, candidates, pass_seconds, n, repeats, min_time))
     for bs in batch_sizes:
-        chunks = _batches(images, bs)
+        chunks = batches_of(images, bs)
         passes: dict[str, Callable[[], Any]] = {
             "full": lambda c=chunks: [plain_forward(model, x) for x in c],
             "torch": lambda c=chunks: [router(x) for x in c],
@@ -324,7 +325,7 @@ def bench_checkpoint(
         ckpt["name"], model_fingerprint(ckpt["model"]), splits.num_classes, model.num_exits
     )
     if onnx is not False:
-        from erde.export import missing_onnx_modules
+        from erde.inference.export import missing_onnx_modules
 
         if missing := missing_onnx_modules():
             if log is not None:
@@ -334,7 +335,7 @@ def bench_checkpoint(
     with tempfile.TemporaryDirectory(prefix="erde-onnx-") as tmp:
         runtime = None
         if onnx is not False:
-            from erde.export import ExportError, OnnxEarlyExitRuntime, export_onnx
+            from erde.inference.export import ExportError, OnnxEarlyExitRuntime, export_onnx
 
             folder = Path(tmp) if onnx is True else Path(onnx)
             if onnx is True:

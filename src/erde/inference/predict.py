@@ -132,7 +132,7 @@ def load_predictor(
     """A checkpoint (file, or folder with checkpoint.pt) -> PyTorch router; else an ONNX export folder.
 
     A checkpoint routes through its inference copy (``optimize``: BatchNorm
-    folded, NHWC; see :mod:`erde.fusion`), whose answers equal the training
+    folded, NHWC; see :mod:`erde.inference.fusion`), whose answers equal the training
     graph's up to float round-off.
 
     Thresholds: given values, else ``thresholds_file``, else the file ``erde
@@ -142,7 +142,7 @@ def load_predictor(
     """
     source = Path(source)
     if source.is_dir() and not (source / "checkpoint.pt").is_file():
-        from erde.export import OnnxEarlyExitRuntime, read_manifest
+        from erde.inference.export import OnnxEarlyExitRuntime, read_manifest
 
         identity = ModelIdentity.from_dict(read_manifest(source)["model"])
         policy = resolve_policy(

@@ -145,7 +145,7 @@ class EarlyExitRouter:
 
     ``image_shape`` (C, H, W), when given, is checked on every batch (a clear
     :class:`ImageInputError` instead of a shape error deep in a conv).
-    ``optimize=True`` routes through :func:`erde.fusion.inference_copy` of the
+    ``optimize=True`` routes through :func:`erde.inference.fusion.inference_copy` of the
     model (BatchNorm folded into the convolutions, NHWC, ``dtype`` weights)
     instead of the training graph. ``compile=True`` wraps each stage (with its
     exit head) in ``torch.compile`` with dynamic batch sizes. The model is put
@@ -175,7 +175,7 @@ class EarlyExitRouter:
         self.channels_last = optimize
         graph = model
         if optimize or self.dtype is not None:
-            from erde.fusion import check_precision, inference_copy
+            from erde.inference.fusion import check_precision, inference_copy
 
             device = next(model.parameters()).device
             check_precision(self.dtype, device)

@@ -145,7 +145,7 @@ def threshold_marks(report: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]
     Files that are unreadable, foreign, older than the checkpoint (stale) or
     without a test outcome are skipped; at most ``MAX_MARKS`` per model.
     """
-    from erde.inference import THRESHOLDS_FORMAT, THRESHOLDS_VERSION, read_marked_json
+    from erde.inference.policy import THRESHOLDS_FORMAT, THRESHOLDS_VERSION, read_marked_json
 
     marks: dict[str, list[dict[str, Any]]] = {}
     for name, model in report["models"].items():

@@ -37,9 +37,9 @@ from torch import Tensor
 
 from erde.calibration import calibrate, open_checkpoint
 from erde.errors import ConfigError
-from erde.export import ExportError, OnnxEarlyExitRuntime, _sha256, export_onnx
-from erde.inference import ModelIdentity, model_fingerprint, save_thresholds
-from erde.io import atomic_write_json
+from erde.inference.export import ExportError, OnnxEarlyExitRuntime, export_onnx
+from erde.inference.policy import ModelIdentity, model_fingerprint, save_thresholds
+from erde.io import atomic_write_json, file_sha256
 
 INT8_SUFFIX = ":int8"  # appended to the fp32 weights' fingerprint: another model for thresholds
 MIN_CALIBRATION_IMAGES = 16
@@ -155,14 +155,14 @@ def quantize_stages(
             )  # fmt: skip
         session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
         h = session.run(["features"], {"input": h})[0]  # fp32 inputs of the next stage
-        stages.append({**stage, "sha256": _sha256(target)})
+        stages.append({**stage, "sha256": file_sha256(target)})
     return stages
 
 
 def _no_policy(directory: Path):
     """A placeholder policy (everything to the last exit) to open an export for its graphs."""
-    from erde.export import read_manifest
-    from erde.inference import ExitPolicy
+    from erde.inference.export import read_manifest
+    from erde.inference.policy import ExitPolicy
 
     model = read_manifest(directory)["model"]
     return ExitPolicy.create(0.0, "entropy", model["num_classes"], model["num_exits"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import os
 import warnings
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from erde.errors import ErdeError
 from erde.inference.policy import ExitPolicy, ModelIdentity, load_thresholds, read_marked_json
 from erde.inference.routing import Routed, StageWithExit, check_image_batch, route_stages
+from erde.io import file_sha256
 from erde.limits import (
     MAX_CLASSES,
     check_class_names,
@@ -88,14 +88,6 @@ def require_onnx_extra(what: str = "ONNX export") -> None:
             f"{what} needs {', '.join(missing)}: install the extra with "
             'pip install -e ".[onnx]" (or pip install "erde[onnx]")'
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -198,7 +190,7 @@ def export_onnx(
                 "file": path.name,
                 "input_shape": list(h.shape[1:]),
                 "feature_shape": list(features.shape[1:]),
-                "sha256": _sha256(path),
+                "sha256": file_sha256(path),
             }
         )
         h = features
@@ -316,7 +308,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             raise ExportError(
                 f"{directory} lacks {name} (the manifest lists {len(stages)} stages); export again"
             )
-        if stage.get("sha256") != _sha256(file):
+        if stage.get("sha256") != file_sha256(file):
             raise ExportError(
                 f"{file} does not match the manifest (altered, or from another export)"
             )

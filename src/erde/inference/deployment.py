@@ -32,16 +32,10 @@ from erde.checkpoints import check_compatible, load_checkpoint, model_from_check
 from erde.config import config_from_dict
 from erde.data import load_splits, prepare_batch
 from erde.errors import ConfigError
-from erde.fusion import inference_copy
-from erde.inference import (
-    EarlyExitRouter,
-    ModelIdentity,
-    _batches,
-    full_network_macs,
-    model_fingerprint,
-    plain_forward,
-    time_interleaved,
-)
+from erde.inference.bench import batches_of, full_network_macs, time_interleaved
+from erde.inference.fusion import inference_copy
+from erde.inference.policy import ModelIdentity, model_fingerprint
+from erde.inference.routing import EarlyExitRouter, plain_forward
 from erde.models import measure_exit_costs
 
 Log = Callable[[str], None]
@@ -118,7 +112,7 @@ def deployment_table(
     }
     with tempfile.TemporaryDirectory(prefix="erde-deploy-") as tmp:
         if onnx or int8:
-            from erde.export import OnnxEarlyExitRuntime, export_onnx, require_onnx_extra
+            from erde.inference.export import OnnxEarlyExitRuntime, export_onnx, require_onnx_extra
 
             require_onnx_extra("the ONNX Runtime rows of the deployment table")
         if onnx:
@@ -133,7 +127,7 @@ def deployment_table(
                                     test_x, labels))  # fmt: skip
             engines[rows[-1]["row"]] = ort_fp32
         if int8:
-            from erde.quantize import quantize_checkpoint
+            from erde.inference.quantize import quantize_checkpoint
 
             log("quantising the student to int8 (calibrated on validation images)")
             q = quantize_checkpoint(student, Path(tmp) / "int8", max_drop=max_drop, warn=False)
@@ -146,7 +140,7 @@ def deployment_table(
             f"{len(engines) * len(batch_sizes)} candidates of {images} images per pass, each for "
             f"at least {repeats} timed passes and {min_time:g} s")  # fmt: skip
         for bs in batch_sizes:
-            chunks = _batches(pool, bs)
+            chunks = batches_of(pool, bs)
             log(f"timing batch size {bs}: {len(engines)} rows, {images} images per pass")
             seconds = time_interleaved(
                 {name: (lambda e=e, c=chunks: [e(x) for x in c]) for name, e in engines.items()},
@@ -190,25 +184,4 @@ def serving_advice(rows: Sequence[dict[str, Any]], batch_size: int) -> str | Non
     )
 
 
-def render_table(result: dict[str, Any]) -> list[str]:
-    """The rows as a Markdown table, then a note for each batch size at which the student's
-    full network is faster than its early exit."""
-    from erde.report import fmt_count, markdown_table
-
-    sizes = result["setup"]["batch_sizes"]
-    header = ["Row", "Test acc. (%)", "Mean MACs"]
-    for bs in sizes:
-        header += [f"img/s @{bs}", f"speedup @{bs}"]
-    header.append("MAC-ideal speedup")
-    body = []
-    for r in result["rows"]:
-        cells = [r["row"], f"{100 * r['accuracy']:.2f}", fmt_count(r["mean_macs"])]
-        for bs in sizes:
-            cells += [f"{r[f'ips_{bs}']:.0f}", f"{r[f'speedup_{bs}']:.2f}x"]
-        cells.append(f"{r['mac_ideal_speedup']:.2f}x")
-        body.append(cells)
-    notes = [f"Note: {a}." for a in result.get("advice", [])]  # older results have none
-    return markdown_table(header, body) + ([""] + notes if notes else [])
-
-
-__all__ = ["deployment_table", "render_table", "serving_advice"]
+__all__ = ["deployment_table", "serving_advice"]

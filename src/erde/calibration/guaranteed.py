@@ -49,9 +49,14 @@ import torch
 from torch import Tensor
 
 from erde import exits
-from erde.calibration import Target, calibrate, evaluate_thresholds, outcome, search_thresholds
+from erde.calibration.thresholds import (
+    Target,
+    evaluate_thresholds,
+    outcome,
+    search_thresholds,
+)
 from erde.errors import CalibrationError, ConfigError
-from erde.inference import ExitPolicy, apply_temperatures, float32_within
+from erde.inference.policy import ExitPolicy, apply_temperatures, float32_within
 
 RISKS = ("drop", "consistency")
 RISK_WORDS = {
@@ -310,7 +315,7 @@ def _risk_rate(logits: Tensor, labels: Tensor, policy: ExitPolicy, risk: str) ->
     return 1.0 - free[chosen, torch.arange(len(chosen))].double().mean().item()
 
 
-def _measure(
+def measure_risk(
     logits: Tensor, labels: Tensor, macs: Sequence[float], policy: ExitPolicy, risk: str
 ) -> dict:
     """What ``policy`` gives on one split, plus its accuracy drop and observed risk rate."""
@@ -389,14 +394,14 @@ def calibrate_guaranteed(
     )
     test = None
     if test_logits is not None and test_labels is not None:
-        test = _measure(test_logits.detach().float().cpu(), test_labels.detach().long().cpu(),
+        test = measure_risk(test_logits.detach().float().cpu(), test_labels.detach().long().cpu(),
                         macs_per_exit, policy, risk)  # fmt: skip
     return GuaranteedCalibration(
         policy=policy, target=target, per_exit=bool(per_exit and num_exits > 2),
         calibration_images=n, tested_images=m, candidates=len(path),
         candidates_passed=passed_count, passed=early, p_value=float(p_values[chosen]),
         calibration_risk=float(events[chosen]) / m, images_needed=needed, message=message,
-        validation=_measure(val_logits, val_labels, macs_per_exit, policy, risk), test=test,
+        validation=measure_risk(val_logits, val_labels, macs_per_exit, policy, risk), test=test,
     )  # fmt: skip
 
 
@@ -441,7 +446,7 @@ def calibrate_checkpoint_guaranteed(
     Raises :class:`CalibrationError` (nothing written) when no setting that
     lets images leave early passes, naming about how many images would be needed.
     """
-    from erde.calibration import (
+    from erde.calibration.checkpoint import (
         check_thresholds_output,
         open_checkpoint,
         save_checkpoint_thresholds,
@@ -464,77 +469,6 @@ def calibrate_checkpoint_guaranteed(
     return result, path
 
 
-# --------------------------------------------------------------------------- simulation
-
-
-def simulate_guarantee(
-    pool_logits: Tensor,
-    pool_labels: Tensor,
-    macs_per_exit: Sequence[float],
-    *,
-    max_risk: float,
-    confidence: float,
-    calibration_images: int,
-    draws: int = 200,
-    risk: str = "drop",
-    rule: str = "entropy",
-    per_exit: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Draw random calibration/test splits of a pool of recorded logits (E, N, K) and count
-    how often the test risk exceeds ε, for guaranteed and for plain calibration.
-
-    Plain calibration is :func:`erde.calibration.calibrate` with ``max_drop=ε``
-    (it controls the validation accuracy drop; with ``risk="consistency"`` its
-    violations are still counted on the consistency rate). Returns violation
-    rates, the binomial noise of the guaranteed one (its standard error at δ),
-    and mean test MACs as a fraction of the full network's.
-    """
-    pool_logits, pool_labels = pool_logits.detach().float().cpu(), pool_labels.detach().long().cpu()
-    n = pool_labels.numel()
-    if not 0 < calibration_images < n:
-        raise ConfigError(f"calibration_images must be in (0, {n}), got {calibration_images}")
-    target = RiskTarget.create(risk, max_risk, confidence)
-    full = float(macs_per_exit[-1])
-    g = torch.Generator().manual_seed(seed)
-    rows: dict[str, list[tuple[bool, float]]] = {"guaranteed": [], "plain": []}
-    passed = 0
-    for _ in range(draws):
-        order = torch.randperm(n, generator=g)
-        cal, test = order[:calibration_images], order[calibration_images:]
-        val = (pool_logits[:, cal], pool_labels[cal])
-        held = (pool_logits[:, test], pool_labels[test])
-        guaranteed = calibrate_guaranteed(
-            *val, macs_per_exit, max_risk=max_risk, confidence=confidence, risk=risk, rule=rule,
-            per_exit=per_exit, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)),
-        )  # fmt: skip
-        passed += guaranteed.passed
-        plain = calibrate(
-            *val, macs_per_exit, max_drop=max_risk, rule=rule, per_exit=per_exit, warn=False
-        ).policy
-        for name, policy in (("guaranteed", guaranteed.policy), ("plain", plain)):
-            outcome = _measure(*held, macs_per_exit, policy, risk)
-            value = outcome["accuracy_drop"] if risk == "drop" else outcome["risk"]
-            rows[name].append((value > target.epsilon, outcome["mean_macs"] / full))
-    out: dict[str, Any] = {
-        "epsilon": target.epsilon,
-        "delta": target.delta,
-        "risk": risk,
-        "rule": rule,
-        "per_exit": per_exit,
-        "pool_images": n,
-        "calibration_images": calibration_images,
-        "test_images": n - calibration_images,
-        "draws": draws,
-        "guaranteed_passed": passed / draws,
-        "noise": math.sqrt(target.delta * (1 - target.delta) / draws),
-    }
-    for name, values in rows.items():
-        out[f"{name}_violation_rate"] = sum(v for v, _ in values) / draws
-        out[f"{name}_macs_fraction"] = sum(f for _, f in values) / draws
-    return out
-
-
 __all__ = [
     "RISKS",
     "GuaranteedCalibration",
@@ -546,5 +480,4 @@ __all__ = [
     "images_needed",
     "risk_free",
     "shared_grid",
-    "simulate_guarantee",
 ]
