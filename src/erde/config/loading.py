@@ -17,7 +17,7 @@ from typing import Any, Union
 import yaml
 
 from erde.config.schema import ExperimentConfig
-from erde.config.validation import _show, validate
+from erde.config.validation import show_value, validate
 from erde.errors import ConfigError
 
 MAX_YAML_BYTES = 1 << 20  # configs are a few kB; refuse anything huge
@@ -49,10 +49,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {show_value(value)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+            raise ConfigError(f"{where}: expected a list, got {show_value(value)}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
@@ -74,20 +74,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     else:
         raise ConfigError(f"{where}: unsupported type {tp}")
     raise ConfigError(
-        f"{where}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})"
+        f"{where}: expected {_type_name(tp)}, got {show_value(value)} ({type(value).__name__})"
     )
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_show(data)}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {show_value(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + (k if isinstance(k, str) and len(k) <= 60 else _show(k)) for k in unknown[:10])}"
+            f"unknown config key(s) {', '.join(prefix + (k if isinstance(k, str) and len(k) <= 60 else show_value(k)) for k in unknown[:10])}"
             f"{', ...' if len(unknown) > 10 else ''}; "
             f"valid keys{' of ' + where if where else ''}: {', '.join(names)}"
         )
@@ -134,7 +134,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        raise ConfigError(f"override {_show(text)} must look like section.key=value")
+        raise ConfigError(f"override {show_value(text)} must look like section.key=value")
     raw = raw.strip()
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
     if _is_text_field(_field_type(parts)) and not quoted and raw not in ("", "null", "~"):
@@ -143,7 +143,7 @@ def parse_override(text: str) -> dict[str, Any]:
         try:
             value = _safe_load(raw) if raw else None
         except (yaml.YAMLError, ConfigError) as exc:
-            raise ConfigError(f"override {_show(text)}: cannot parse value: {exc}") from None
+            raise ConfigError(f"override {show_value(text)}: cannot parse value: {exc}") from None
     out: Any = value
     for part in reversed(parts):
         out = {part: out}
@@ -191,7 +191,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise ConfigError(
-                    f"duplicate key {_show(key)} at line {line} (first at line {seen[key]}); "
+                    f"duplicate key {show_value(key)} at line {line} (first at line {seen[key]}); "
                     "give each key once"
                 )
             seen[key] = key_node.start_mark.line + 1

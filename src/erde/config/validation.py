@@ -16,7 +16,7 @@ MAX_SEED = 2**32 - 1  # numpy and torch both accept seeds in [0, 2**32)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def _show(value: Any, limit: int = 80) -> str:
+def show_value(value: Any, limit: int = 80) -> str:
     """``repr`` cut to ``limit`` characters: an error names a value, it does not print it all."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
@@ -92,13 +92,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         d.method in registered_methods(),
         f"distill.method must be a registered method ({', '.join(registered_methods())}), "
-        f"got {_show(d.method)}",
+        f"got {show_value(d.method)}",
     )
     if d.students is not None:
         check_students(d.students)
     _check(
         d.exit_mapping_by in ("depth", "cost"),
-        f"distill.exit_mapping_by must be depth or cost, got {_show(d.exit_mapping_by)}",
+        f"distill.exit_mapping_by must be depth or cost, got {show_value(d.exit_mapping_by)}",
     )
     _check(
         d.uncertain_above is None or 0 < d.uncertain_above < 1,
@@ -123,7 +123,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 <= cfg.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     _check(
         _DEVICE.fullmatch(cfg.device) is not None,
-        f"device must be auto, cpu, mps, cuda or cuda:N, got {_show(cfg.device)}",
+        f"device must be auto, cpu, mps, cuda or cuda:N, got {show_value(cfg.device)}",
     )
     _check(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
     _check(
@@ -154,11 +154,11 @@ def validate(cfg: ExperimentConfig) -> None:
         )
         _check(
             t.optimizer in ("sgd", "adamw"),
-            f"{section}.optimizer must be sgd or adamw, got {_show(t.optimizer)}",
+            f"{section}.optimizer must be sgd or adamw, got {show_value(t.optimizer)}",
         )
         _check(
             t.schedule in ("cosine", "linear", "constant"),
-            f"{section}.schedule must be cosine, linear or constant, got {_show(t.schedule)}",
+            f"{section}.schedule must be cosine, linear or constant, got {show_value(t.schedule)}",
         )
         _check(
             0 <= t.label_smoothing < 1,
@@ -208,7 +208,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for rule in e.rules:
         _check(
             rule in registered_rules(),
-            f"evaluation.rules: unknown rule {_show(rule)} ({', '.join(registered_rules())})",
+            f"evaluation.rules: unknown rule {show_value(rule)} ({', '.join(registered_rules())})",
         )
 
 
