@@ -136,3 +136,17 @@ def test_imports_run_one_way_data_models_losses_training(lower: str) -> None:
         if (_layer(t) or -1) > rank
     )
     assert upward == []
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    """A leading underscore says "not for other modules": a name others need gets a public one."""
+    private = []
+    for module, (path, _) in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("erde"):
+                private += [
+                    f"{module} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    assert private == []
