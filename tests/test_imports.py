@@ -22,6 +22,9 @@ LAYERS = [
     ("erde.models",),
     ("erde.losses",),
     ("erde.training",),
+    ("erde.evaluation", "erde.calibration", "erde.inference"),
+    ("erde.report",),
+    ("erde.cli",),
 ]
 
 
@@ -125,7 +128,7 @@ def _layer(module: str) -> int | None:
 
 
 @pytest.mark.parametrize("lower", [p for layer in LAYERS[:-1] for p in layer])
-def test_imports_run_one_way_data_models_losses_training(lower: str) -> None:
+def test_imports_run_one_way_from_data_to_the_command_line(lower: str) -> None:
     graph = _graph()
     rank = _layer(lower)
     upward = sorted(
