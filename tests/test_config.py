@@ -129,6 +129,7 @@ def test_bad_method(method: str) -> None:
         ("data.val_fraction=1.0", "data.val_fraction"),
         ("data.val_fraction=-0.1", "data.val_fraction"),
         ("data.batch_size=0", "data.batch_size"),
+        ("data.crop_padding_mode=wrap", "data.crop_padding_mode must be one of zeros, reflect"),
         ("data.max_train=0", "data.max_train"),
         ("data.max_train=-5", "data.max_train"),
         ("data.image_size=0", "data.image_size"),

@@ -41,10 +41,18 @@ from erde.data import (
     AugmentSpec,
     iterate_batches,
     load_data,
+    load_splits,
     prepare_batch,
     stratified_split,
 )
-from erde.data.augment import augment, channel_stats, normalize, random_crop, random_flip
+from erde.data.augment import (
+    augment,
+    channel_stats,
+    crop_at,
+    normalize,
+    random_crop,
+    random_flip,
+)
 from erde.errors import DataError
 
 
@@ -769,6 +777,32 @@ def test_random_crop_reaches_every_shift() -> None:
     for original, cropped in zip(images, out, strict=True):
         seen |= {(r, c) for r, c, win in _windows(original, 1) if torch.equal(win, cropped)}
     assert seen == {(r, c) for r in range(3) for c in range(3)}
+
+
+def test_reflect_padding_fills_the_border_with_the_mirrored_image() -> None:
+    images = _random_images(32, size=6)
+    offsets = torch.randint(0, 5, (2, 32), generator=torch.Generator().manual_seed(3))
+    out = crop_at(images, 2, offsets, "reflect")
+    for image, cropped, (r, c) in zip(images, out, offsets.T.tolist(), strict=True):
+        padded = torch.nn.functional.pad(image[None].float(), (2,) * 4, mode="reflect")[0]
+        assert torch.equal(cropped, padded[:, r : r + 6, c : c + 6].to(torch.uint8))
+    assert (out > 0).all()  # no black band: every pixel comes from the image (pixels >= 1)
+    assert not torch.equal(out, crop_at(images, 2, offsets))  # the zero-padded crop differs
+
+
+def test_the_config_sets_the_padding_mode_and_refuses_reflect_wider_than_the_image() -> None:
+    from helpers import tiny_config
+
+    splits = load_splits(tiny_config("data.crop_padding=2", "data.crop_padding_mode=reflect"))
+    assert splits.augment.crop_padding_mode == "reflect"
+    assert load_splits(tiny_config()).augment.crop_padding_mode == "zeros"
+    with pytest.raises(DataError, match="reflect needs crop_padding < the image side"):
+        load_splits(tiny_config("data.crop_padding=16", "data.crop_padding_mode=reflect"))
+
+
+def test_an_unknown_padding_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="zeros, reflect"):
+        crop_at(_random_images(2), 1, torch.zeros(2, 2, dtype=torch.long), "wrap")
 
 
 def test_random_crop_padding_zero_is_identity() -> None:

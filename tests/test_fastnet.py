@@ -121,6 +121,27 @@ def test_the_optimizer_leaves_frozen_weights_out_and_scales_bn_bias_learning_rat
     assert len(parameter_groups(model, 0.5, 1e-3)) == 2  # scale 1: no group of its own
 
 
+def test_decay_biases_decays_bn_biases_by_as_much_per_step_as_the_weights() -> None:
+    model = build_model("fastnet", 10, width=0.25)
+    cfg = load_config(None, ["teacher_train.norm_bias_lr_scale=64", "teacher_train.lr=0.5",
+                             "teacher_train.weight_decay=0.002", "teacher_train.decay_biases=true",
+                             "teacher_train.momentum=0"])  # fmt: skip
+    optimizer = build_optimizer(model, cfg.teacher_train)
+    weights, flat, biases = optimizer.param_groups
+    assert biases["lr"] == 32.0 and flat["params"]  # the stem's bias, say
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.data.fill_(1.0)
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # no gradient: the step is the decay alone
+    for p in params:  # every trained parameter, BN biases at 64x the lr included
+        torch.testing.assert_close(p.data, torch.full_like(p, 0.999))  # 1 - lr x wd
+    cfg = load_config(None, ["teacher_train.norm_bias_lr_scale=64", "teacher_train.lr=0.5"])
+    assert [g["weight_decay"] for g in build_optimizer(model, cfg.teacher_train).param_groups][
+        1:
+    ] == [0, 0]
+
+
 def test_lookahead_pulls_every_fifth_step_and_ends_on_the_average() -> None:
     model = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -154,8 +175,8 @@ def _fast_config(*extra: str):
         "data.image_size=16", "teacher.arch=fastnet", "teacher.width=0.125",
         "teacher_train.whiten_init=true", "teacher_train.lookahead=true",
         "teacher_train.norm_bias_lr_scale=8", "data.alternating_flip=true",
-        "data.crop_padding=2", "teacher_train.epochs=2", "teacher_train.max_steps_per_epoch=4",
-        *extra,
+        "data.crop_padding=2", "data.crop_padding_mode=reflect", "teacher_train.decay_biases=true",
+        "teacher_train.epochs=2", "teacher_train.max_steps_per_epoch=4", *extra,
     )  # fmt: skip
 
 

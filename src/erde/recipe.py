@@ -6,7 +6,10 @@ From the airbench recipe (Jordan 2024, arXiv 2404.00498), as config switches of
 - ``whiten_init``: layers that can be set from the training images
   (:class:`~erde.models.fastnet.WhiteningStem`) are, before the first step;
 - ``norm_bias_lr_scale``: BatchNorm biases learn at this multiple of the learning
-  rate (the paper's 64), their weight decay scaled down to match;
+  rate (the paper's 64);
+- ``decay_biases``: biases and BatchNorm biases are weight-decayed too, by as much
+  per step as the weights (the paper's rule; erde's default leaves 1-d parameters
+  undecayed, the usual choice for ResNets);
 - ``lookahead``: every ``LOOKAHEAD_EVERY`` steps the weights are pulled towards an
   exponential moving average of themselves, and replaced by it at the end
   (:class:`Lookahead`);
@@ -59,26 +62,37 @@ def norm_bias_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float, norm_bias_lr_scale: float = 1.0
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    norm_bias_lr_scale: float = 1.0,
+    decay_biases: bool = False,
 ) -> list[dict]:
-    """Optimizer groups: decayed weights, undecayed 1-d parameters, and BN biases.
+    """Optimizer groups: decayed weights, 1-d parameters, and BN biases.
 
-    No weight decay on BN and bias parameters (as before). With a
+    No weight decay on BN and bias parameters unless ``decay_biases``. With a
     ``norm_bias_lr_scale`` other than 1 the BN biases get their own group at that
-    multiple of the learning rate; the paper keeps their decay per step equal to
-    the others', which with no decay on them means none either.
+    multiple of the learning rate, and their decay coefficient is divided by it so
+    that the decay per step (lr x coefficient) equals the weights', as in the paper.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     biases = {id(p) for p in norm_bias_params(model)} if norm_bias_lr_scale != 1.0 else set()
     decay = [p for p in params if p.ndim > 1]
     flat = [p for p in params if p.ndim <= 1 and id(p) not in biases]
+    flat_decay = weight_decay if decay_biases else 0.0
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
-        {"params": flat, "weight_decay": 0.0, "lr": lr},
+        {"params": flat, "weight_decay": flat_decay, "lr": lr},
     ]
     if biases:
         scaled = [p for p in params if id(p) in biases]
-        groups.append({"params": scaled, "weight_decay": 0.0, "lr": lr * norm_bias_lr_scale})
+        groups.append(
+            {
+                "params": scaled,
+                "weight_decay": flat_decay / norm_bias_lr_scale,
+                "lr": lr * norm_bias_lr_scale,
+            }
+        )
     return groups
 
 

@@ -19,6 +19,7 @@ class DataConfig:
     split_seed: int | None = None  # seeds the validation split and max_train subset; None = seed
     batch_size: int = 128  # training batch size (per process)
     crop_padding: int | None = None  # random-translation padding in pixels; None = the data set's
+    crop_padding_mode: str = "zeros"  # what fills the translation's border: zeros | reflect
     alternating_flip: bool = False  # mirror each image every other epoch instead of at random
     eval_batch_size: int = 512  # batch size for validation/test passes
 
@@ -62,6 +63,9 @@ class TrainConfig:
     whiten_init: bool = False  # set data-initialised layers (fastnet's stem) from training patches
     lookahead: bool = False  # pull the weights to their moving average every 5 steps (erde.recipe)
     norm_bias_lr_scale: float = 1.0  # BatchNorm biases learn at this multiple of lr (airbench: 64)
+    decay_biases: bool = (
+        False  # weight-decay biases and BN biases too, at the weights' rate per step
+    )
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = once per epoch
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
 

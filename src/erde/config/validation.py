@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from erde.config.schema import ExperimentConfig, ModelConfig, StudentSpec, TrainConfig
+from erde.data.augment import PADDING_MODES
 from erde.errors import ConfigError
 from erde.limits import MAX_HEAD_HIDDEN, MAX_HEAD_POOL, MAX_IMAGE_SIDE, MAX_WIDTH
 
@@ -129,6 +130,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(
         cfg.data.crop_padding is None or 0 <= cfg.data.crop_padding <= 64,
         f"data.crop_padding must be in [0, 64] pixels (or null), got {cfg.data.crop_padding}",
+    )
+    _check(
+        cfg.data.crop_padding_mode in PADDING_MODES,
+        f"data.crop_padding_mode must be one of {', '.join(PADDING_MODES)}, "
+        f"got {show_value(cfg.data.crop_padding_mode)}",
     )
     _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
     for section in ("teacher_train", "student_train"):

@@ -57,8 +57,9 @@ def load_data(
 def load_splits(cfg: ExperimentConfig) -> DataSplits:
     """The data set of an experiment config (its ``data`` section), augmentation included.
 
-    ``data.crop_padding`` replaces the data set's own crop padding; the split
-    seed is ``data.split_seed`` or else the experiment's seed.
+    ``data.crop_padding`` replaces the data set's own crop padding and
+    ``data.crop_padding_mode`` says what fills it; the split seed is
+    ``data.split_seed`` or else the experiment's seed.
     """
     d = cfg.data
     splits = load_data(
@@ -71,6 +72,14 @@ def load_splits(cfg: ExperimentConfig) -> DataSplits:
     )
     if d.crop_padding is not None:
         splits.augment = dataclasses.replace(splits.augment, crop_padding=d.crop_padding)
+    if d.crop_padding_mode != splits.augment.crop_padding_mode:
+        side = min(splits.train.images.shape[-2:])
+        if d.crop_padding_mode == "reflect" and splits.augment.crop_padding >= side:
+            raise DataError(
+                f"data.crop_padding_mode reflect needs crop_padding < the image side ({side} "
+                f"pixels), got crop_padding {splits.augment.crop_padding}"
+            )
+        splits.augment = dataclasses.replace(splits.augment, crop_padding_mode=d.crop_padding_mode)
     return splits
 
 

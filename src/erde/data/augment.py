@@ -1,6 +1,6 @@
 """Batched augmentation and normalisation, run on whatever device the batch lives on.
 
-Images stay uint8 until the last moment; a random crop with zero padding and a
+Images stay uint8 until the last moment; a random crop (zero or mirrored padding) and a
 horizontal flip are done for the whole batch with one gather each, so there is
 no per-sample Python work and the same code runs on CPU and CUDA.
 """
@@ -46,13 +46,28 @@ def draw_augment(
     return AugmentDraws(offsets, flip)
 
 
-def crop_at(images: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Zero-pad by ``padding`` and cut the window at ``offsets`` (2, B) from each image.
+PADDING_MODES = ("zeros", "reflect")
 
-    (B, C, H, W) -> (B, C, H, W), any dtype; one advanced-indexing gather.
+
+def crop_at(
+    images: torch.Tensor, padding: int, offsets: torch.Tensor, mode: str = "zeros"
+) -> torch.Tensor:
+    """Pad by ``padding`` and cut the window at ``offsets`` (2, B) from each image.
+
+    (B, C, H, W) -> (B, C, H, W), any dtype; one advanced-indexing gather. ``mode``
+    ``zeros`` fills the border with black, ``reflect`` mirrors the image's edge into
+    it (no black band in a shifted image; needs ``padding`` < H and W).
     """
     b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    pad = (padding, padding, padding, padding)
+    if mode == "reflect":
+        padded = torch.nn.functional.pad(images, pad, mode="reflect")
+    elif mode == "zeros":
+        padded = torch.nn.functional.pad(images, pad)
+    else:
+        raise ValueError(
+            f"crop padding mode must be one of {', '.join(PADDING_MODES)}, got {mode!r}"
+        )
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (B, W)
     batch = torch.arange(b, device=images.device)[:, None, None]
@@ -68,7 +83,7 @@ def flip_where(images: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def apply_augment(images: torch.Tensor, spec: AugmentSpec, draws: AugmentDraws) -> torch.Tensor:
     """The augmentation of ``draws`` (on the images' device) applied to a uint8 batch."""
     if draws.offsets is not None:
-        images = crop_at(images, spec.crop_padding, draws.offsets)
+        images = crop_at(images, spec.crop_padding, draws.offsets, spec.crop_padding_mode)
     if draws.flip is not None:
         images = flip_where(images, draws.flip)
     return images

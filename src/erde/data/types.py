@@ -42,8 +42,9 @@ class ImageSet:
 class AugmentSpec:
     """Train-time augmentation; the defaults mean "none"."""
 
-    crop_padding: int = 0  # pixels of zero padding for random crop; 0 = no crop
+    crop_padding: int = 0  # pixels of padding for random crop; 0 = no crop
     flip: bool = False  # random horizontal flip
+    crop_padding_mode: str = "zeros"  # what fills the padding: zeros | reflect (mirrored edge)
 
 
 @dataclass

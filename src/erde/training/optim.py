@@ -18,7 +18,7 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     Frozen parameters (a whitened stem) are left out; BN biases get their own
     learning rate with ``norm_bias_lr_scale`` (:func:`erde.recipe.parameter_groups`).
     """
-    groups = parameter_groups(model, t.lr, t.weight_decay, t.norm_bias_lr_scale)
+    groups = parameter_groups(model, t.lr, t.weight_decay, t.norm_bias_lr_scale, t.decay_biases)
     if t.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov and t.momentum > 0
