@@ -31,6 +31,7 @@ from erde.training import (
     precision,
     train,
 )
+from erde.training.meters import collapsed_exits
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +341,79 @@ def test_a_batch_within_an_epoch_makes_the_host_wait_for_nothing_on_a_gpu() -> N
             env.batch(step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- exits that fall to chance ------------------------------------------------------------
+
+# Train accuracy per exit and epoch of the quarter-width KD and ERDE students distilled from
+# the unsmoothed speed teacher (docs/LOG.md, 2026-12-06): their last exit fell to chance
+# while the loss stayed finite, and nothing said so.
+KD_FROM_SHARP_TEACHER = [
+    [0.1378, 0.2096, 0.2549], [0.2393, 0.3957, 0.3291], [0.2599, 0.4789, 0.1515],
+    [0.2782, 0.5238, 0.1002], [0.1442, 0.5461, 0.1000], [0.0995, 0.5935, 0.0998],
+]  # fmt: skip
+ERDE_FROM_SHARP_TEACHER = [
+    [0.1373, 0.2070, 0.2571], [0.2477, 0.3770, 0.2912], [0.3483, 0.4915, 0.1015],
+    [0.3279, 0.5103, 0.1000],
+]  # fmt: skip
+
+
+def _records(rows: list[list[float]]) -> list[dict]:
+    return [{"epoch": i + 1, "train_exit_accuracy": row} for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (KD_FROM_SHARP_TEACHER, {4: [2], 5: [2], 6: [0, 2]}),  # 15.2 % in epoch 3 is not chance yet
+        (ERDE_FROM_SHARP_TEACHER, {3: [2], 4: [2]}),
+    ],
+)
+def test_an_exit_that_falls_to_chance_is_caught_in_that_epoch(
+    rows: list[list[float]], expected: dict[int, list[int]]
+) -> None:
+    records = _records(rows)
+    found = {
+        r["epoch"]: collapsed_exits(records[:i], r, num_classes=10) for i, r in enumerate(records)
+    }
+    assert {e: ks for e, ks in found.items() if ks} == expected
+
+
+def test_healthy_runs_are_never_flagged() -> None:
+    """The released speed teacher's epochs, and a run that starts at chance and climbs."""
+    released = Path(__file__).parents[1] / "docs/results/cifar10-speed-teacher/metrics.jsonl"
+    teacher = [json.loads(line) for line in released.read_text().splitlines()]
+    climbing = _records([[0.1, 0.1, 0.1], [0.11, 0.1, 0.12], [0.3, 0.4, 0.5]])
+    assert len(teacher) == 16
+    for records in (teacher, climbing):
+        assert all(not collapsed_exits(records[:i], r, 10) for i, r in enumerate(records))
+    assert collapsed_exits([], {"train_exit_accuracy": [0.1]}, 10) == []  # no history: nothing
+
+
+def test_a_collapse_in_a_real_run_is_warned_once_after_the_epoch_line_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The loop's own path; only the measured accuracy is replaced (a tiny run cannot be
+    made to collapse on purpose without changing the code under test)."""
+    import erde.training.model_run as model_run
+
+    real = model_run.epoch_record
+
+    def last_exit_collapses_after_epoch_1(*args, **kwargs) -> dict:
+        record = real(*args, **kwargs)
+        n = len(record["train_exit_accuracy"])
+        record["train_exit_accuracy"] = [0.6] * (n - 1) + [0.6 if record["epoch"] == 1 else 0.1]
+        return record
+
+    monkeypatch.setattr(model_run, "epoch_record", last_exit_collapses_after_epoch_1)
+    cfg = tiny_config("teacher_train.epochs=3")
+    train(cfg, Job("teacher"), tmp_path, progress=False,
+          on_epoch=lambda out, r: print(f"epoch line {r['epoch']}"))  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    warnings_ = [line for line in lines if line.startswith("warning: teacher: exit")]
+    assert len(warnings_) == 1  # epoch 3 is still at chance: said once
+    assert "exit 2 (10.0 %, 60.0 % at best before) fell to chance" in warnings_[0]
+    assert "in epoch 2" in warnings_[0]
+    assert lines.index(warnings_[0]) == lines.index("epoch line 2") + 1
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["collapsed_exits"] for m in metrics] == [[], [2], [2]]

@@ -89,6 +89,56 @@ class NonFiniteWatch:
         return None if step == self.NONE else step
 
 
+COLLAPSE_MARGIN = 0.03  # an exit within this of chance is "at chance"
+LEARNED_MARGIN = 0.1  # ... after having been at least this far above it
+
+
+def collapsed_exits(
+    history: list[dict[str, Any]], record: dict[str, Any], num_classes: int
+) -> list[int]:
+    """Exits whose training accuracy fell back to chance after having learned something.
+
+    An exit is collapsed in ``record`` (this epoch's metrics) when its train
+    accuracy is within ``COLLAPSE_MARGIN`` of chance (1 / ``num_classes``) while an
+    earlier epoch of ``history`` had it at least ``LEARNED_MARGIN`` above. The loss
+    stays finite when this happens (a distillation term can dominate at a high
+    learning rate and the last layer settles on one class), so nothing else stops
+    the run or says so.
+    """
+    chance = 1.0 / max(num_classes, 1)
+    now = record.get("train_exit_accuracy") or []
+    out = []
+    for k, acc in enumerate(now):
+        best = max(
+            (
+                r["train_exit_accuracy"][k]
+                for r in history
+                if len(r.get("train_exit_accuracy") or []) > k
+            ),
+            default=0.0,
+        )
+        if acc <= chance + COLLAPSE_MARGIN and best >= chance + LEARNED_MARGIN:
+            out.append(k)
+    return out
+
+
+def collapse_warning(
+    name: str, record: dict[str, Any], history: list[dict[str, Any]], exits: list[int]
+) -> str:
+    """One warning line for exits that have just collapsed (:func:`collapsed_exits`)."""
+    acc = record["train_exit_accuracy"]
+    best = [max(r["train_exit_accuracy"][k] for r in history) for k in exits]
+    which = ", ".join(
+        f"exit {k} ({100 * acc[k]:.1f} %, {100 * b:.1f} % at best before)"
+        for k, b in zip(exits, best, strict=True)
+    )
+    return (
+        f"warning: {name}: {which} fell to chance train accuracy in epoch {record['epoch']}; "
+        "the run goes on, but such an exit rarely recovers. A lower learning rate, or when "
+        "distilling a lower distill.beta or distill.temperature, usually keeps it learning"
+    )
+
+
 class BlockTimer:
     """Seconds per step of an epoch, measured over blocks of steps that end in a host sync.
 

@@ -31,6 +31,8 @@ from erde.training.meters import (
     BlockTimer,
     EpochSums,
     NonFiniteWatch,
+    collapse_warning,
+    collapsed_exits,
     epoch_record,
     evaluate_accuracy,
 )
@@ -261,6 +263,12 @@ class ModelRun:
             self.model, self.shared.val_set, self.shared.splits, self.device,
             self.cfg.data.eval_batch_size, self.ctx,
         )  # fmt: skip
+        record["collapsed_exits"] = collapsed_exits(
+            self.history, record, self.shared.splits.num_classes
+        )
+        before = (self.history[-1].get("collapsed_exits") or []) if self.history else []
+        fresh = [k for k in record["collapsed_exits"] if k not in before]
+        warning = collapse_warning(self.job.name, record, self.history, fresh) if fresh else None
         self.history.append(record)
         self.position["epoch"] += 1
         self.position["step_in_epoch"] = 0
@@ -269,6 +277,8 @@ class ModelRun:
         self.write_metrics()
         if self.shared.on_epoch is not None and self.ctx.is_main:
             self.shared.on_epoch(self.out_dir, record)
+        if warning and self.ctx.is_main:  # after the epoch's own line
+            print(warning, flush=True)
         self.epoch_start = time.perf_counter()
         self.epoch_start_step = self.position["global_step"]
         self.blocks = BlockTimer(self.position["global_step"])  # validation is not a step
