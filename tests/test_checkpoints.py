@@ -459,6 +459,36 @@ def test_a_released_checkpoint_is_smaller_loads_the_same_and_counts_as_finished(
     assert out.stat().st_mtime_ns == stamp
 
 
+def test_a_half_release_stores_float16_and_predicts_as_the_full_checkpoint(
+    tiny_run, tmp_path: Path, capsys
+) -> None:
+    """--half: the form a headline teacher is committed in; a student can be trained from it."""
+    from helpers import tiny_config
+
+    from erde.training import Job, train
+
+    full_out, half_out = tmp_path / "full.pt", tmp_path / "teacher" / "checkpoint.pt"
+    assert main(["release", str(tiny_run["teacher"]), "--out", str(full_out)]) == 0
+    assert main(["release", str(tiny_run["teacher"]), "--out", str(half_out), "--half"]) == 0
+    capsys.readouterr()
+    half, full = load_checkpoint(half_out), load_checkpoint(full_out)
+    floats = [k for k, v in full["model"].items() if v.is_floating_point()]
+    assert floats and all(half["model"][k].dtype == torch.float16 for k in floats)
+    assert half["model"].keys() == full["model"].keys()
+    assert half_out.stat().st_size < 0.7 * full_out.stat().st_size
+    model = model_from_checkpoint(half).eval()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x = torch.randn(64, *full["image_shape"])
+    with torch.no_grad():
+        pairs = list(zip(model(x), model_from_checkpoint(full).eval()(x), strict=True))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, atol=0.02, rtol=0.01)
+        assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    student = train(tiny_config(), Job("student", "kd"), tmp_path / "student",
+                    teacher_checkpoint=half_out, progress=False)  # fmt: skip
+    assert load_checkpoint(student)["finished"]
+
+
 def test_an_unfinished_checkpoint_is_not_released(tiny_run, tmp_path: Path) -> None:
     from erde.checkpoints import release_checkpoint
 

@@ -72,12 +72,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng", "running", "lookahead")
 
 
-def release_checkpoint(path: str | Path, out: str | Path) -> Path:
+def release_checkpoint(path: str | Path, out: str | Path, *, half: bool = False) -> Path:
     """A finished checkpoint without what only resuming needs, for sharing a trained model.
 
     The optimizer's momentum (as large as the weights), the schedulers' and RNG
     states go; weights, model description, config, class names, normalisation and
-    the training history stay. The result loads everywhere a checkpoint does (a
+    the training history stay. With ``half`` the float weights are stored as
+    float16 (half the size again); loading casts them back to float32, so every
+    user of the file sees the same rounded weights. The result loads everywhere a checkpoint does (a
     teacher for ``erde train-student --teacher``, evaluate, export) and a run folder
     holding it counts as finished, so ``erde run``/``reproduce`` reuse it instead of
     training that model again. Refused for an unfinished run: it could not resume.
@@ -88,6 +90,10 @@ def release_checkpoint(path: str | Path, out: str | Path) -> Path:
             f"{ckpt['path']} has not finished training; a released copy could not resume it"
         )
     released = {k: v for k, v in ckpt.items() if k not in (*RESUME_ONLY_KEYS, "path")}
+    if half:
+        released["model"] = {
+            k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()
+        }
     out = Path(out)
     if out.resolve() == Path(ckpt["path"]).resolve():
         raise CheckpointError(f"{out} is the checkpoint itself; write the release elsewhere")

@@ -23,7 +23,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     from erde.checkpoints import load_checkpoint, release_checkpoint
 
     before = Path(load_checkpoint(args.checkpoint)["path"]).stat().st_size
-    out = release_checkpoint(args.checkpoint, args.out)
+    out = release_checkpoint(args.checkpoint, args.out, half=args.half)
     print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB (was {before / 2**20:.1f} MiB)")
     return 0
 
@@ -229,10 +229,16 @@ def add_release(sub: argparse._SubParsersAction) -> None:
         "a checkpoint does (--teacher of train-student, evaluate, export, predict), and a run "
         "folder holding it counts as finished, so erde run / reproduce reuse it instead of "
         "training that model again. A checkpoint whose training has not finished is refused "
-        "(the copy could not resume).",
+        "(the copy could not resume). --half stores the weights as float16, half the size "
+        "again; they load back as float32.",
     )
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="file to write (e.g. DIR/checkpoint.pt)")
+    p.add_argument(
+        "--half",
+        action="store_true",
+        help="store float weights as float16 (a teacher to commit next to its results)",
+    )
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
