@@ -527,6 +527,40 @@ def test_aggregate_hand_computed_statistics_winner_reduction_and_anchor() -> Non
     assert teacher_anchor["gap"] == pytest.approx(0.91 - published)
 
 
+def test_equal_macs_differences_are_read_seed_by_seed_on_the_other_curve() -> None:
+    """The first model's (accuracy, MACs) at a threshold against the best accuracy the other
+    reaches with at most those MACs on its own seed's curve, linear between points."""
+    from erde.reproduce.stats import equal_macs_diffs
+
+    curve = [  # the other model: two seeds, two thresholds
+        {"macs_per_seed": [10.0, 10.0], "accuracy_per_seed": [0.5, 0.4]},
+        {"macs_per_seed": [20.0, 20.0], "accuracy_per_seed": [0.7, 0.8]},
+    ]
+    row = {"accuracy_per_seed": [0.65, 0.5], "macs_per_seed": [15.0, 20.0]}
+    assert equal_macs_diffs(row, curve) == pytest.approx([0.65 - 0.6, 0.5 - 0.8])
+    # a cheaper better point is reachable (seed 0), a better one that costs more is not (seed 1)
+    curve.append({"macs_per_seed": [12.0, 30.0], "accuracy_per_seed": [0.9, 0.99]})
+    assert equal_macs_diffs(row, curve) == pytest.approx([0.65 - 0.9, 0.5 - 0.8])
+    assert equal_macs_diffs({**row, "macs_per_seed": [5.0, 20.0]}, curve) is None  # below range
+    assert equal_macs_diffs({"accuracy_per_seed": [0.6]}, curve) is None  # an older file
+
+
+def test_aggregate_pairs_equal_macs_differences_with_an_interval() -> None:
+    macs = SIMPLE_MACS
+    reports = {
+        seed: _seed_report({"teacher": 0.90, "student_ce": 0.80, "student_kd": 0.85 + d,
+                            "student_erde": 0.90 + d}, macs)
+        for seed, d in ((0, 0.0), (1, 0.01), (2, 0.03))
+    }  # fmt: skip
+    row = aggregate(reports, dataset="cifar10", schedule="reduced")["comparisons"][0][
+        "per_threshold"
+    ][0]
+    # every seed: ERDE 0.05 above KD at the same (full) MACs, so the paired diff is 0.05 exactly
+    assert row["equal_macs_diff_mean"] == pytest.approx(0.05)
+    assert row["equal_macs_seeds_ahead"] == 3 and row["equal_macs_p_value"] is None
+    assert row["equal_macs_ci95_low"] == pytest.approx(0.05)
+
+
 def test_reduction_ladder_reaches_a_student_only_once_enough_accuracy_is_given_up() -> None:
     macs = SIMPLE_MACS
     acc = {"teacher": 0.91, "student_ce": 0.80, "student_kd": 0.89, "student_erde": 0.905}

@@ -112,7 +112,8 @@ def _model_tables(
         acc_mean, acc_std = mean_std([p.accuracy for p in at])
         macs_mean, macs_std = mean_std([p.mean_macs for p in at])
         rows.append({**row, "accuracy_mean": acc_mean, "accuracy_std": acc_std,
-                     "accuracy_per_seed": [p.accuracy for p in at], "macs_mean": macs_mean,
+                     "accuracy_per_seed": [p.accuracy for p in at],
+                     "macs_per_seed": [p.mean_macs for p in at], "macs_mean": macs_mean,
                      "macs_std": macs_std, "exit_fractions_mean": _fractions(at)})  # fmt: skip
     curve_points = points([c["threshold"] for c in model.get("curve", [])])
     curve = []
@@ -121,6 +122,8 @@ def _model_tables(
         acc_mean, acc_std = mean_std([p.accuracy for p in at])
         curve.append({**c, "accuracy_mean": acc_mean, "accuracy_std": acc_std,
                       "macs_mean": _fmean([p.mean_macs for p in at]),
+                      "accuracy_per_seed": [p.accuracy for p in at],
+                      "macs_per_seed": [p.mean_macs for p in at],
                       "exit_fractions_mean": _fractions(at)})  # fmt: skip
     exit_acc = [
         mean_std([float((r.pred[e].astype(np.int64) == labels).mean()) for r in per_seed])
@@ -154,9 +157,14 @@ def rederive(results: Mapping[str, Any], labels: np.ndarray,
 
 _CHECKED_ROW = ("accuracy_mean", "accuracy_std", "accuracy_per_seed", "macs_mean", "macs_std",
                 "exit_fractions_mean")  # fmt: skip
+_CHECKED_CURVE = ("accuracy_mean", "accuracy_std", "macs_mean")
+# written since 2026-12-06: checked where a file has them (older blocks were published without)
+_NEW_ROW, _NEW_CURVE = ("macs_per_seed",), ("accuracy_per_seed", "macs_per_seed")
 _CHECKED_COMPARISON = ("accuracy_diff_mean", "accuracy_diff_std", "p_value", "seeds_ahead",
                        "winner", "macs_ratio", "accuracy_diff_at_equal_macs", "ci95_low",
-                       "ci95_high")  # fmt: skip
+                       "ci95_high", "equal_macs_diff_mean", "equal_macs_diff_std",
+                       "equal_macs_p_value", "equal_macs_ci95_low", "equal_macs_ci95_high",
+                       "equal_macs_seeds_ahead")  # fmt: skip
 
 
 def verify_block(results_json: Path) -> tuple[int, list[str]]:
@@ -193,10 +201,10 @@ def differences(
         for key in ("exit_accuracy_mean", "exit_accuracy_std"):
             _diff(f"{name}.{key}", model[key], mine[key])
         for row, again in zip(model["thresholds"], mine["thresholds"], strict=True):
-            for key in _CHECKED_ROW:
+            for key in (*_CHECKED_ROW, *(k for k in _NEW_ROW if k in row)):
                 _diff(f"{name} at h={row['normalized_threshold']}: {key}", row[key], again[key])
         for c, again in zip(model.get("curve", []), mine["curve"], strict=True):
-            for key in ("accuracy_mean", "accuracy_std", "macs_mean"):
+            for key in (*_CHECKED_CURVE, *(k for k in _NEW_CURVE if k in c)):
                 _diff(f"{name} curve at {c['threshold']:.4g}: {key}", c[key], again[key])
     if len(results["comparisons"]) != len(derived["comparisons"]):
         out.append(f"comparisons: {len(results['comparisons'])} published, "

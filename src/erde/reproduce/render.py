@@ -101,6 +101,19 @@ def _points(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:+.2f}"
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    """A 95 % interval in points, "—" where there is none (one seed, or an older file)."""
+    return "—" if low is None or high is None else f"{100 * low:+.2f} to {100 * high:+.2f}"
+
+
+def _equal_macs(r: Mapping[str, Any]) -> str:
+    """The paired difference at equal MACs with its interval; the mean-curve one in older files."""
+    if r.get("equal_macs_diff_mean") is None:
+        return _points(r["accuracy_diff_at_equal_macs"])
+    interval = _interval(r.get("equal_macs_ci95_low"), r.get("equal_macs_ci95_high"))
+    return _points(r["equal_macs_diff_mean"]) + ("" if interval == "—" else f" ({interval})")
+
+
 def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
     return [
         [
@@ -108,10 +121,11 @@ def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
             f"{r['threshold']:.4g}",
             _points(r["accuracy_diff_mean"])
             + (f" ± {100 * r['accuracy_diff_std']:.2f}" if n_seeds > 1 else ""),
+            _interval(r.get("ci95_low"), r.get("ci95_high")),
             f"{r['seeds_ahead']}/{r['n_seeds']}",
             "—" if r["p_value"] is None else f"{r['p_value']:.2g}",
             "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.2f}",
-            _points(r["accuracy_diff_at_equal_macs"]),
+            _equal_macs(r),
             model_label(r["winner"]) if r["winner"] != "tie" else "tie",
         ]
         for r in comp["per_threshold"]
@@ -273,9 +287,8 @@ def render_markdown(
     lines += _tolerance_lines(models, ref, sub)
 
     compare_header = [
-        "h", "θ", f"Accuracy diff. (points{', mean ± std' if n > 1 else ''})", "Seeds ahead", "p",
-        "MACs ratio",
-        "Diff. at equal MACs", "Winner",
+        "h", "θ", f"Accuracy diff. (points{', mean ± std' if n > 1 else ''})", "95 % interval",
+        "Seeds ahead", "p", "MACs ratio", "Diff. at equal MACs (95 % interval)", "Winner",
     ]  # fmt: skip
     for comp in results["comparisons"]:
         if (comp["model"], comp["other"]) != PAIRS[0]:
@@ -286,9 +299,11 @@ def render_markdown(
             _comparison_sentence(comp),
             "Accuracy diff.: paired by seed. p: two-sided paired t-test of the per-seed "
             "differences (— with one seed or identical differences). "
+            "95 % interval: of the mean paired difference (Student's t). "
             "MACs ratio: mean MACs of the first over the second. "
-            "Diff. at equal MACs: against the best accuracy the second reaches with the same "
-            "mean MACs on its mean curve (— outside its range).",
+            "Diff. at equal MACs: the first's accuracy minus the best the second reaches with "
+            "the same MACs on its own curve, paired by seed (in blocks published before "
+            "2026-12-06: on the mean curves, without an interval; — outside the curve's range).",
             "",
         ]
         lines += markdown_table(compare_header, _comparison_rows(comp, n)) + [""]

@@ -157,17 +157,63 @@ def _at(points: Mapping[float, Mapping[str, Any]], threshold: float, where: str)
     raise ConfigError(f"{where} has no {RULE} point at threshold {threshold:.6g}; re-evaluate it")
 
 
-def _envelope_accuracy(curve: Sequence[Mapping[str, Any]], macs: float) -> float | None:
-    """Best mean accuracy reachable with at most ``macs`` on ``curve`` (linear between points).
+def _envelope(points: Sequence[tuple[float, float]], macs: float) -> float | None:
+    """Best accuracy reachable with at most ``macs`` on (MACs, accuracy) ``points``.
 
-    None outside the curve's MAC range.
+    Linear between points; None outside their MAC range.
     """
-    pts = sorted((p["macs_mean"], p["accuracy_mean"]) for p in curve)
+    pts = sorted(points)
     xs = np.array([x for x, _ in pts])
     ys = np.maximum.accumulate(np.array([y for _, y in pts]))
     if len(xs) == 0 or macs < xs[0] - 1e-9 or macs > xs[-1] + 1e-9:
         return None
     return float(np.interp(macs, xs, ys))
+
+
+def _envelope_accuracy(curve: Sequence[Mapping[str, Any]], macs: float) -> float | None:
+    """Best mean accuracy reachable with at most ``macs`` on a model's mean ``curve``."""
+    return _envelope([(p["macs_mean"], p["accuracy_mean"]) for p in curve], macs)
+
+
+def equal_macs_diffs(
+    row: Mapping[str, Any], curve: Sequence[Mapping[str, Any]]
+) -> list[float] | None:
+    """Per seed: a model's accuracy at a threshold minus the other's at the same MACs.
+
+    ``row`` is the first model's threshold row, ``curve`` the other model's curve;
+    seed ``s`` of the one is read against seed ``s`` of the other (the best accuracy
+    its own curve reaches with at most those MACs), so the differences are paired
+    like the accuracy differences at a threshold. None when the files predate the
+    per-seed fields or a seed's MACs fall outside the other's curve.
+    """
+    if "macs_per_seed" not in row or not curve or "macs_per_seed" not in curve[0]:
+        return None
+    diffs = []
+    for s, (acc, macs) in enumerate(
+        zip(row["accuracy_per_seed"], row["macs_per_seed"], strict=True)
+    ):
+        ref = _envelope([(c["macs_per_seed"][s], c["accuracy_per_seed"][s]) for c in curve], macs)
+        if ref is None:
+            return None
+        diffs.append(acc - ref)
+    return diffs
+
+
+def _paired(diffs: list[float] | None, prefix: str) -> dict[str, Any]:
+    """Mean, std, p and 95 % interval of paired differences, as ``<prefix>_...`` fields."""
+    if diffs is None:
+        return {f"{prefix}_{k}": None for k in
+                ("diff_mean", "diff_std", "p_value", "ci95_low", "ci95_high", "seeds_ahead")}  # fmt: skip
+    mean, std = mean_std(diffs)
+    low, high = paired_ci95(diffs)
+    return {
+        f"{prefix}_diff_mean": mean,
+        f"{prefix}_diff_std": std,
+        f"{prefix}_p_value": paired_p_value(diffs),
+        f"{prefix}_ci95_low": low,
+        f"{prefix}_ci95_high": high,
+        f"{prefix}_seeds_ahead": sum(d > 0 for d in diffs),
+    }
 
 
 def _model_summary(
@@ -198,6 +244,7 @@ def _model_summary(
                 "accuracy_mean": acc_mean,
                 "accuracy_std": acc_std,
                 "accuracy_per_seed": [p["accuracy"] for p in points],
+                "macs_per_seed": [p["mean_macs"] for p in points],
                 "macs_mean": macs_mean,
                 "macs_std": macs_std,
                 "exit_fractions_mean": _mean_fractions(points),
@@ -216,6 +263,8 @@ def _model_summary(
                 "accuracy_mean": acc_mean,
                 "accuracy_std": acc_std,
                 "macs_mean": statistics.fmean(p["mean_macs"] for p in points),
+                "accuracy_per_seed": [p["accuracy"] for p in points],
+                "macs_per_seed": [p["mean_macs"] for p in points],
                 "exit_fractions_mean": _mean_fractions(points),
             }
         )
@@ -267,6 +316,7 @@ def compare_pair(name: str, other: str, models: Mapping[str, Mapping[str, Any]])
                 "accuracy_diff_at_equal_macs": (
                     None if at_equal is None else a["accuracy_mean"] - at_equal
                 ),
+                **_paired(equal_macs_diffs(a, models[other]["curve"]), "equal_macs"),
             }
         )
     diffs = [r["accuracy_diff_mean"] for r in rows]
