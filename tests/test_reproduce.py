@@ -561,6 +561,30 @@ def test_aggregate_pairs_equal_macs_differences_with_an_interval() -> None:
     assert row["equal_macs_ci95_low"] == pytest.approx(0.05)
 
 
+def test_an_ablation_block_tabulates_every_further_student_against_kd_and_erde() -> None:
+    macs = {**SIMPLE_MACS, "student_erde_g2": SIMPLE_MACS["student_erde"]}
+    reports = {
+        seed: _seed_report({"teacher": 0.9, "student_ce": 0.8, "student_kd": 0.85,
+                            "student_erde": 0.86 + d, "student_erde_g2": 0.87 + 2 * d}, macs)
+        for seed, d in ((0, 0.0), (1, 0.01), (2, 0.02))
+    }  # fmt: skip
+    results = aggregate(reports, dataset="cifar10", schedule="reduced")
+    lines = render_markdown(results).splitlines()
+    head = lines.index(
+        "| Pair | Thresholds won | Mean diff. (points) | At the last exit (95 % interval) | At equal MACs |"
+    )
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[head + 2 : head + 6]}
+    # g2 - KD: +0.02, +0.04, +0.06 at every threshold (and at equal MACs: the same MACs)
+    g2_kd = rows["student_erde_g2 − KD student"]
+    assert "| 11 of 11 | +4.00 | +4.00 (" in g2_kd and g2_kd.endswith("| +4.00 |")
+    low, high = (
+        results["comparisons"][-2]["per_threshold"][0]["ci95_low"],
+        results["comparisons"][-2]["per_threshold"][0]["ci95_high"],
+    )
+    assert f"({100 * low:+.2f} to {100 * high:+.2f})" in g2_kd
+    assert "student_erde_g2 − ERDE student" in rows  # and against the ERDE it varies
+
+
 def test_reduction_ladder_reaches_a_student_only_once_enough_accuracy_is_given_up() -> None:
     macs = SIMPLE_MACS
     acc = {"teacher": 0.91, "student_ce": 0.80, "student_kd": 0.89, "student_erde": 0.905}

@@ -132,6 +132,25 @@ def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
     ]
 
 
+def _pair_row(comp: Mapping[str, Any]) -> list[str]:
+    """One row of the other pairs' table: wins, mean, last exit with its interval, equal MACs."""
+    last = comp["per_threshold"][0]
+    interval = _interval(last.get("ci95_low"), last.get("ci95_high"))
+    at_equal = [
+        r["equal_macs_diff_mean"] if r.get("equal_macs_diff_mean") is not None
+        else r["accuracy_diff_at_equal_macs"]
+        for r in comp["per_threshold"]
+    ]  # fmt: skip
+    at_equal = [d for d in at_equal if d is not None]
+    return [
+        f"{model_label(comp['model'])} − {model_label(comp['other'])}",
+        f"{comp['wins']} of {comp['thresholds']}",
+        _points(comp["accuracy_diff_mean"]),
+        _points(last["accuracy_diff_mean"]) + ("" if interval == "—" else f" ({interval})"),
+        _points(sum(at_equal) / len(at_equal)) if at_equal else "—",
+    ]
+
+
 def _comparison_sentence(comp: Mapping[str, Any]) -> str:
     a, b = model_label(comp["model"]), model_label(comp["other"])
     return (
@@ -309,8 +328,20 @@ def render_markdown(
         lines += markdown_table(compare_header, _comparison_rows(comp, n)) + [""]
     others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]
     if others:
-        lines += [f"{sub} Other pairs", ""]
-        lines += [f"- {_comparison_sentence(c)}" for c in others] + [""]
+        lines += [
+            f"{sub} Other pairs",
+            "",
+            "Paired by seed, as above. Thresholds won: of the table's thresholds. At the last "
+            "exit: h = 0, every image answered by the full network (95 % interval with two "
+            "seeds or more). At equal MACs: the mean over the thresholds of the difference at "
+            "equal MACs.",
+            "",
+        ]
+        lines += markdown_table(
+            ["Pair", "Thresholds won", "Mean diff. (points)", "At the last exit (95 % interval)",
+             "At equal MACs"],
+            [_pair_row(c) for c in others],
+        ) + [""]  # fmt: skip
 
     lines += [f"{sub} Anchors: last exit against published accuracies", ""]
     rows = [
