@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+CROP_PADDING_MODES = ("zeros", "reflect")  # what fills a random translation's border
+
 
 @dataclass
 class DataConfig:

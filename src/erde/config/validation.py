@@ -7,8 +7,13 @@ import math
 import re
 from typing import Any
 
-from erde.config.schema import ExperimentConfig, ModelConfig, StudentSpec, TrainConfig
-from erde.data.augment import PADDING_MODES
+from erde.config.schema import (
+    CROP_PADDING_MODES,
+    ExperimentConfig,
+    ModelConfig,
+    StudentSpec,
+    TrainConfig,
+)
 from erde.errors import ConfigError
 from erde.limits import MAX_HEAD_HIDDEN, MAX_HEAD_POOL, MAX_IMAGE_SIDE, MAX_WIDTH
 
@@ -132,8 +137,8 @@ def validate(cfg: ExperimentConfig) -> None:
         f"data.crop_padding must be in [0, 64] pixels (or null), got {cfg.data.crop_padding}",
     )
     _check(
-        cfg.data.crop_padding_mode in PADDING_MODES,
-        f"data.crop_padding_mode must be one of {', '.join(PADDING_MODES)}, "
+        cfg.data.crop_padding_mode in CROP_PADDING_MODES,
+        f"data.crop_padding_mode must be one of {', '.join(CROP_PADDING_MODES)}, "
         f"got {show_value(cfg.data.crop_padding_mode)}",
     )
     _check(cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")

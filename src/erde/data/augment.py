@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from erde.config.schema import CROP_PADDING_MODES
 from erde.data.types import AugmentSpec
 
 
@@ -46,9 +47,6 @@ def draw_augment(
     return AugmentDraws(offsets, flip)
 
 
-PADDING_MODES = ("zeros", "reflect")
-
-
 def crop_at(
     images: torch.Tensor, padding: int, offsets: torch.Tensor, mode: str = "zeros"
 ) -> torch.Tensor:
@@ -66,7 +64,7 @@ def crop_at(
         padded = torch.nn.functional.pad(images, pad)
     else:
         raise ValueError(
-            f"crop padding mode must be one of {', '.join(PADDING_MODES)}, got {mode!r}"
+            f"crop padding mode must be one of {', '.join(CROP_PADDING_MODES)}, got {mode!r}"
         )
     rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (B, H)
     cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (B, W)
