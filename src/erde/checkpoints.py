@@ -79,9 +79,9 @@ def release_checkpoint(path: str | Path, out: str | Path, *, half: bool = False)
     states go; weights, model description, config, class names, normalisation and
     the training history stay. With ``half`` the float weights are stored as
     float16 (half the size again); loading casts them back to float32, so every
-    user of the file sees the same rounded weights. The result loads everywhere a checkpoint does (a
-    teacher for ``erde train-student --teacher``, evaluate, export) and a run folder
-    holding it counts as finished, so ``erde run``/``reproduce`` reuse it instead of
+    user of the file sees the same rounded weights. The result loads everywhere a
+    checkpoint does (a teacher for ``erde train-student --teacher``, evaluate,
+    export) and a run folder holding it counts as finished, so ``erde run``/``reproduce`` reuse it instead of
     training that model again. Refused for an unfinished run: it could not resume.
     """
     ckpt = load_checkpoint(path)

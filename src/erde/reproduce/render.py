@@ -106,12 +106,19 @@ def _interval(low: float | None, high: float | None) -> str:
     return "—" if low is None or high is None else f"{100 * low:+.2f} to {100 * high:+.2f}"
 
 
+def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
+    """``+0.12 (-0.30 to +0.54)`` in points; the value alone where there is no interval."""
+    interval = _interval(low, high)
+    return _points(value) + ("" if interval == "—" else f" ({interval})")
+
+
 def _equal_macs(r: Mapping[str, Any]) -> str:
     """The paired difference at equal MACs with its interval; the mean-curve one in older files."""
     if r.get("equal_macs_diff_mean") is None:
         return _points(r["accuracy_diff_at_equal_macs"])
-    interval = _interval(r.get("equal_macs_ci95_low"), r.get("equal_macs_ci95_high"))
-    return _points(r["equal_macs_diff_mean"]) + ("" if interval == "—" else f" ({interval})")
+    return _with_interval(
+        r["equal_macs_diff_mean"], r.get("equal_macs_ci95_low"), r.get("equal_macs_ci95_high")
+    )
 
 
 def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
@@ -135,7 +142,6 @@ def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
 def _pair_row(comp: Mapping[str, Any]) -> list[str]:
     """One row of the other pairs' table: wins, mean, last exit with its interval, equal MACs."""
     last = comp["per_threshold"][0]
-    interval = _interval(last.get("ci95_low"), last.get("ci95_high"))
     at_equal = [
         r["equal_macs_diff_mean"] if r.get("equal_macs_diff_mean") is not None
         else r["accuracy_diff_at_equal_macs"]
@@ -146,7 +152,7 @@ def _pair_row(comp: Mapping[str, Any]) -> list[str]:
         f"{model_label(comp['model'])} − {model_label(comp['other'])}",
         f"{comp['wins']} of {comp['thresholds']}",
         _points(comp["accuracy_diff_mean"]),
-        _points(last["accuracy_diff_mean"]) + ("" if interval == "—" else f" ({interval})"),
+        _with_interval(last["accuracy_diff_mean"], last.get("ci95_low"), last.get("ci95_high")),
         _points(sum(at_equal) / len(at_equal)) if at_equal else "—",
     ]
 
