@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
+from erde.cli import guarded
 from erde.losses import exit_mapping, exit_mapping_by_cost
 from erde.models import build_model, measure_exit_costs
 
@@ -133,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

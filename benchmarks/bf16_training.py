@@ -35,6 +35,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from erde.checkpoints import load_checkpoint, model_from_checkpoint  # noqa: E402
+from erde.cli import guarded  # noqa: E402
 from erde.config import ExperimentConfig, load_config, preset_path  # noqa: E402
 from erde.distributed import resolve_device  # noqa: E402
 from erde.hardware import cpu_precision_summary  # noqa: E402
@@ -151,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

@@ -30,6 +30,7 @@ try:  # run from a fresh clone without `pip install -e .` as well
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from erde.cli import guarded  # noqa: E402
 from erde.hardware import cpu_has_bf16, cpu_precision_summary  # noqa: E402
 from erde.io import environment_info  # noqa: E402
 from erde.losses import exit_mapping, student_loss, teacher_loss  # noqa: E402
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

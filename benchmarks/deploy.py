@@ -27,6 +27,7 @@ try:  # run from a fresh clone without `pip install -e .` as well
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from erde.cli import guarded  # noqa: E402
 from erde.inference.deployment import deployment_table
 from erde.io import environment_info  # noqa: E402
 from erde.report.deployment import render_table  # noqa: E402
@@ -124,4 +125,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

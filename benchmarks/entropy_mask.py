@@ -37,6 +37,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from erde.checkpoints import load_checkpoint  # noqa: E402
+from erde.cli import guarded  # noqa: E402
 from erde.config import config_from_dict, load_config  # noqa: E402
 from erde.io import atomic_write_text  # noqa: E402
 from erde.pipeline import evaluate_checkpoints  # noqa: E402
@@ -210,4 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

@@ -31,6 +31,7 @@ try:  # run from a fresh clone without `pip install -e .` as well
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from erde.cli import guarded  # noqa: E402
 from erde.inference import ExitPolicy, ModelIdentity  # noqa: E402
 from erde.inference.bench import speedup_spread, time_turns  # noqa: E402
 from erde.inference.export import (  # noqa: E402
@@ -132,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(guarded(main, Path(__file__).name))

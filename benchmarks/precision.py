@@ -30,6 +30,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from erde.checkpoints import load_checkpoint, model_from_checkpoint  # noqa: E402
+from erde.cli import guarded  # noqa: E402
 from erde.config import config_from_dict  # noqa: E402
 from erde.data import (  # noqa: E402
     iterate_batches,
@@ -104,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

@@ -29,6 +29,7 @@ try:  # run from a fresh clone without `pip install -e .` as well
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from erde.cli import guarded  # noqa: E402
 from erde.io import atomic_write_text, environment_info  # noqa: E402
 from erde.report import markdown_table  # noqa: E402
 from erde.reproduce import detect_loader, reproduce_config  # noqa: E402
@@ -134,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main, Path(__file__).name))

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from erde.cli import guarded
 from erde.config import load_config, load_yaml, preset_path
 from erde.training import Job, load_splits, train
 
@@ -46,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(main, Path(__file__).name))

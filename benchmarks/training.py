@@ -48,6 +48,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from erde.checkpoints import load_checkpoint, model_from_checkpoint  # noqa: E402
+from erde.cli import guarded  # noqa: E402
 from erde.config import load_config  # noqa: E402
 from erde.data import AugmentSpec, DataSplits, ImageSet  # noqa: E402
 from erde.distributed import resolve_device  # noqa: E402
@@ -306,4 +307,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guarded(main, Path(__file__).name))

@@ -21,7 +21,7 @@ from erde.cli import deploy, evaluate, train
 from erde.cli.common import Command, build_config, locked, user_modules
 from erde.errors import ErdeError
 
-__all__ = ["build_config", "build_parser", "main"]
+__all__ = ["build_config", "build_parser", "guarded", "main"]
 
 # each command's parser, in the order `erde --help` lists them
 PARSERS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -106,35 +106,50 @@ def _bounded(exc: BaseException) -> str:
     return f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def guarded(
+    run: Callable[[], int | None],
+    prog: str = "erde",
+    interrupted: Callable[[], str] | None = None,
+) -> int | None:
+    """Call ``run`` and turn what it raises into one ``PROG: error:`` line and an exit status.
+
+    Shared by :func:`main` and the scripts under ``benchmarks/``, so that a missing
+    checkpoint or a bad file reads the same everywhere: one line, status 2, no traceback.
+    Warnings print as one line each while ``run`` runs. ``interrupted`` words Ctrl-C.
+    """
     import warnings
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if "no_progress" in vars(args) and not _stderr_is_terminal():
-        args.no_progress = True  # bars redrawn with \r are for a terminal; a log gets epoch lines
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
-        if "threads" in vars(args):
-            from erde.threads import set_threads
-
-            set_threads(args.threads, "--threads")
-        return _run(args)
-    except ErdeError as exc:
-        print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # thresholds out of range and similar argument errors
-        print(f"erde: error: {_bounded(exc)}", file=sys.stderr)
+        return run()
+    except (ErdeError, ValueError) as exc:  # ValueError: thresholds out of range and similar
+        print(f"{prog}: error: {_bounded(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`erde status DIR | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
         return 141  # 128 + SIGPIPE, as a shell reports a tool stopped by a closed pipe
     except OSError as exc:  # a file system refusal not anticipated above: still one line
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"erde: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(_interrupted_message(args), file=sys.stderr)
+        print(interrupted() if interrupted else f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = shown
+
+
+def main(argv: Sequence[str] | None = None) -> int | None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "no_progress" in vars(args) and not _stderr_is_terminal():
+        args.no_progress = True  # bars redrawn with \r are for a terminal; a log gets epoch lines
+
+    def run() -> int:
+        if "threads" in vars(args):
+            from erde.threads import set_threads
+
+            set_threads(args.threads, "--threads")
+        return _run(args)
+
+    return guarded(run, interrupted=lambda: _interrupted_message(args))
