@@ -96,6 +96,33 @@ def test_a_changed_number_is_found_and_named(block: Path, tmp_path: Path, capsys
     assert "student_erde at h=0.02: accuracy_per_seed[1]" in capsys.readouterr().out
 
 
+def test_the_block_says_what_the_entropy_term_changed_and_verify_checks_it(
+    block: Path, tmp_path: Path, capsys
+) -> None:
+    """Every student but KD, against KD, per exit; rendered in RESULTS.md; re-derived by verify."""
+    path = _published(block / "docs" / "results")
+    results = json.loads(path.read_text())
+    diag = results["entropy_diagnostics"]
+    assert diag["reference"] == "student_kd"
+    assert set(diag["models"]) == {"student_ce", "student_erde", "student_erde_g2"}
+    exits = results["models"]["student_kd"]["num_exits"]
+    assert [r["exit"] for r in diag["models"]["student_erde"]] == list(range(exits))
+    assert (
+        "What the entropy term changes, against the KD student"
+        in (block / "docs" / "RESULTS.md").read_text()
+    )
+
+    folder = tmp_path / "results"
+    shutil.copytree(block / "docs" / "results", folder)
+    path = _published(folder)
+    row = results["entropy_diagnostics"]["models"]["student_erde"][0]
+    row["entropy_shift_teacher_right_mean"] = 0.123
+    path.write_text(json.dumps(results))
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "entropy_diagnostics.models.student_erde[0].entropy_shift_teacher_right_mean" in out
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

@@ -27,6 +27,7 @@ from erde.records import (
     save_records,
     sweep_records,
 )
+from erde.reproduce.diagnostics import block_diagnostics
 from erde.reproduce.stats import compare_pair, comparison_pairs, mean_std
 
 RECORDS_SUFFIX = "-records.npz"  # docs/results/<block>-records.npz beside <block>.json
@@ -152,7 +153,8 @@ def rederive(results: Mapping[str, Any], labels: np.ndarray,
         for name, model in results["models"].items()
     }
     comparisons = [compare_pair(a, b, models) for a, b in comparison_pairs(list(models))]
-    return {"models": models, "comparisons": comparisons}
+    return {"models": models, "comparisons": comparisons,
+            "entropy_diagnostics": block_diagnostics(results, labels, held)}  # fmt: skip
 
 
 _CHECKED_ROW = ("accuracy_mean", "accuracy_std", "accuracy_per_seed", "macs_mean", "macs_std",
@@ -219,6 +221,8 @@ def differences(
                         row[key],
                         row2.get(key),
                     )
+    if "entropy_diagnostics" in results:  # blocks published since 2026-12-06
+        _diff("entropy_diagnostics", results["entropy_diagnostics"], derived["entropy_diagnostics"])
     return out
 
 
@@ -228,6 +232,14 @@ def _compare_values(
     if isinstance(published, list) and isinstance(again, list) and len(published) == len(again):
         for i, (a, b) in enumerate(zip(published, again, strict=True)):
             _compare_values(out, counter, f"{where}[{i}]", a, b)
+        return
+    if (
+        isinstance(published, Mapping)
+        and isinstance(again, Mapping)
+        and published.keys() == again.keys()
+    ):
+        for key in published:
+            _compare_values(out, counter, f"{where}.{key}", published[key], again[key])
         return
     counter[0] += 1
     if isinstance(published, (int, float)) and isinstance(again, (int, float)) \

@@ -157,6 +157,67 @@ def _pair_row(comp: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _signed(value: float | None, low: float | None, high: float | None, digits: int) -> str:
+    """``+0.028 (+0.010 to +0.046)``; the value alone without an interval, "—" without a value."""
+    if value is None:
+        return "—"
+    text = f"{value:+.{digits}f}"
+    return (
+        text if low is None or high is None else f"{text} ({low:+.{digits}f} to {high:+.{digits}f})"
+    )
+
+
+def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
+    """The table of :mod:`erde.reproduce.diagnostics`: entropy shifts and AUROC against KD."""
+    if not diag or not diag.get("models"):
+        return []
+    ref = model_label(diag["reference"])
+    rows = []
+    for name, per_exit in diag["models"].items():
+        for r in per_exit:
+            e = r["exit"]
+            ref_auroc = diag["reference_auroc_mean"][e]
+            rows.append([
+                model_label(name),
+                str(e),
+                _signed(r["entropy_shift_teacher_wrong_mean"], r["entropy_shift_teacher_wrong_ci95_low"],
+                        r["entropy_shift_teacher_wrong_ci95_high"], 3),
+                _signed(r["entropy_shift_teacher_right_mean"], r["entropy_shift_teacher_right_ci95_low"],
+                        r["entropy_shift_teacher_right_ci95_high"], 3),
+                _signed(r["selectivity_mean"], r["selectivity_ci95_low"], r["selectivity_ci95_high"], 3),
+                "—" if r["auroc_mean"] is None else f"{r['auroc_mean']:.4f}",
+                "—" if ref_auroc is None else f"{ref_auroc:.4f}",
+                _signed(r["auroc_diff_mean"], r["auroc_diff_ci95_low"], r["auroc_diff_ci95_high"], 4),
+            ])  # fmt: skip
+    return [
+        f"{sub} What the entropy term changes, against the {ref}",
+        "",
+        f"Per exit, paired by seed against the {ref} (95 % interval with two seeds or "
+        "more). Entropy shift: the student's mean entropy (nats) minus the "
+        f"{ref}'s, on the test images the teacher's same exit gets wrong, and on those it gets "
+        "right. Selectivity: the first minus the second, above 0 where the student became "
+        "more unsure where the teacher errs than elsewhere (ERDE's premise). AUROC: how well "
+        "the exit's entropy ranks the student's right answers before its wrong ones (0.5 chance, 1 perfect), the quality "
+        "of the exit decision at any threshold; a gain there can improve the accuracy-MACs "
+        "trade-off, a uniform shift in entropy only moves along it.",
+        "",
+        *markdown_table(
+            [
+                "Student",
+                "Exit",
+                "Entropy shift, teacher wrong",
+                "Entropy shift, teacher right",
+                "Selectivity",
+                "AUROC",
+                f"AUROC ({ref})",
+                "AUROC diff. (95 % interval)",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+    ]
+
+
 def _comparison_sentence(comp: Mapping[str, Any]) -> str:
     a, b = model_label(comp["model"]), model_label(comp["other"])
     return (
@@ -349,6 +410,7 @@ def render_markdown(
             [_pair_row(c) for c in others],
         ) + [""]  # fmt: skip
 
+    lines += _diagnostic_lines(results.get("entropy_diagnostics"), sub)
     lines += [f"{sub} Anchors: last exit against published accuracies", ""]
     rows = [
         [

@@ -26,6 +26,7 @@ from erde.pipeline import evaluate_checkpoints
 from erde.records import RecordsError, load_records
 from erde.report.curves import folder_curves, mean_curve, read_metrics
 from erde.report.html import MAX_REPORT_BYTES, load_report
+from erde.reproduce.diagnostics import block_diagnostics
 from erde.reproduce.evidence import gather
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import RULE, aggregate, threshold_grid, training_time
@@ -522,6 +523,9 @@ def reproduce(
         )  # fmt: skip
         done.append((plan.seed, plan.teacher_seed))
         results["records"] = gather(out, done, model_names(cfg), out / RECORDS_FILE)
+        results["entropy_diagnostics"] = block_diagnostics(
+            results, *load_records(out / RECORDS_FILE)
+        )
         paths = write_results(out, results)
         paths["records"] = out / RECORDS_FILE
         if docs_dir is not None:  # after every seed: a long run shows what it has so far

@@ -1,0 +1,102 @@
+"""What the entropy term does, read from per-image records: entropy shifts and AUROC against KD."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from erde.records import ExitRecords
+from erde.reproduce.diagnostics import auroc, entropy_diagnostics
+from erde.reproduce.render import _diagnostic_lines
+
+
+def _pairwise_auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """The definition itself: over every (positive, negative) pair, 1 if ranked right, 1/2 if tied."""
+    pos, neg = score[positive], score[~positive]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_is_the_share_of_right_ordered_pairs_with_ties_counted_half() -> None:
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 6, 80).astype(np.float64)  # many ties
+    positive = rng.random(80) < 0.4
+    assert auroc(score, positive) == pytest.approx(_pairwise_auroc(score, positive), abs=1e-12)
+    assert auroc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
+    assert auroc(np.arange(4.0), np.array([True, True, False, False])) == 0.0
+    assert auroc(np.arange(3.0), np.ones(3, dtype=bool)) is None  # no wrong answer to rank
+
+
+N, EXITS = 400, 2
+
+
+def _records(pred: np.ndarray, entropy: np.ndarray) -> ExitRecords:
+    return ExitRecords(
+        pred.astype(np.uint8), entropy.astype(np.float32), np.zeros_like(entropy, np.float16)
+    )
+
+
+@pytest.fixture()
+def block() -> tuple[list[str], dict, np.ndarray, dict[str, ExitRecords]]:
+    """Two seeds. The teacher is wrong on the first quarter of the images at both exits.
+    ERDE's entropy is KD's plus 0.5 nats exactly there (plus 0.1 in seed 1), and KD's entropy
+    is pure noise, so ERDE's entropy separates right from wrong answers better than KD's."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, N)
+    hard = np.arange(N) < N // 4
+    teacher_pred = np.where(hard, (labels + 1) % 10, labels)
+    student_pred = np.where(
+        hard, (labels + 2) % 10, labels
+    )  # the students err where the teacher does
+    held, entries = {}, {}
+    for s, extra in ((0, 0.0), (1, 0.1)):
+        kd_entropy = rng.random((EXITS, N))
+        erde_entropy = kd_entropy + np.where(hard, 0.5 + extra, 0.0)
+        held["seed_0/teacher"] = _records(np.stack([teacher_pred] * EXITS), rng.random((EXITS, N)))
+        held[f"seed_{s}/student_kd"] = _records(np.stack([student_pred] * EXITS), kd_entropy)
+        held[f"seed_{s}/student_erde"] = _records(np.stack([student_pred] * EXITS), erde_entropy)
+        entries[str(s)] = {"teacher": "seed_0/teacher", "student_kd": f"seed_{s}/student_kd",
+                           "student_erde": f"seed_{s}/student_erde"}  # fmt: skip
+    return ["0", "1"], entries, labels, held
+
+
+def test_a_shift_only_where_the_teacher_is_wrong_is_measured_there_with_an_interval(block) -> None:
+    seeds, entries, labels, held = block
+    diag = entropy_diagnostics(seeds, entries, labels, held)
+    assert diag is not None and diag["reference"] == "student_kd"
+    assert list(diag["models"]) == ["student_erde"]
+    for e, row in enumerate(diag["models"]["student_erde"]):
+        assert row["exit"] == e
+        assert row["entropy_shift_teacher_wrong_mean"] == pytest.approx(0.55, abs=1e-6)
+        assert row["entropy_shift_teacher_right_mean"] == pytest.approx(0.0, abs=1e-6)
+        assert row["selectivity_mean"] == pytest.approx(0.55, abs=1e-6)
+        assert row["selectivity_p_value"] < 0.1  # 0.5 and 0.6 nats: consistent, if only two seeds
+        low, high = (
+            row["entropy_shift_teacher_wrong_ci95_low"],
+            row["entropy_shift_teacher_wrong_ci95_high"],
+        )
+        assert low < 0.5 < 0.6 < high  # two seeds (0.5 and 0.6): a wide t interval around 0.55
+        assert row["auroc_diff_mean"] > 0.2  # the shift lands on the wrong answers
+        kd = diag["reference_auroc_mean"][e]
+        assert row["auroc_mean"] == pytest.approx(kd + row["auroc_diff_mean"])
+        assert abs(kd - 0.5) < 0.1  # KD's entropy is noise: chance
+
+
+def test_no_kd_student_or_mismatched_exits_give_no_diagnostics(block) -> None:
+    seeds, entries, labels, held = block
+    without_kd = {s: {k: v for k, v in e.items() if k != "student_kd"} for s, e in entries.items()}
+    assert entropy_diagnostics(seeds, without_kd, labels, held) is None
+    held = dict(held)
+    t = held["seed_0/teacher"]
+    held["seed_0/teacher"] = ExitRecords(t.pred[:1], t.entropy[:1], t.max_prob[:1])
+    assert entropy_diagnostics(seeds, entries, labels, held) is None
+
+
+def test_the_table_shows_each_students_exits_with_intervals(block) -> None:
+    diag = entropy_diagnostics(*block)
+    text = "\n".join(_diagnostic_lines(diag, "####"))
+    assert "#### What the entropy term changes, against the KD student" in text
+    assert "| ERDE student | 0 | +0.550 (" in text and "| ERDE student | 1 |" in text
+    assert _diagnostic_lines(None, "####") == []
