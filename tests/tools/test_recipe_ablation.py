@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_fixtures import write_svhn
+import pytest
+from data_fixtures import write_imagefolder, write_svhn
 from helpers import TINY_OVERRIDES, load_benchmark
 
 TINY = [
@@ -47,3 +48,33 @@ def test_two_variants_give_a_table_of_validation_accuracies_and_rerun_reuses_the
     mtime = (out / "fast" / "checkpoint.pt").stat().st_mtime_ns
     assert script.main(argv) == 0  # finished variants are reused, not retrained
     assert (out / "fast" / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_the_speed_schedule_has_its_own_switches_and_a_wrong_name_is_refused(
+    tmp_path: Path, capsys
+) -> None:
+    script = _script()
+    write_imagefolder(tmp_path / "images")  # a CIFAR-10 copy in ImageFolder form, as DATA
+    args = script.argparse.Namespace(schedule="speed", epochs=3, seed=1, overrides=[],
+                                     dataset="cifar10", data_dir=str(tmp_path / "images"))  # fmt: skip
+    shipped = script.variant_config(args, "speed")
+    assert shipped.teacher.arch == "fastnet" and shipped.teacher_train.whiten_init
+    changed = {
+        "no_whiten": lambda c: not c.teacher_train.whiten_init,
+        "no_lookahead": lambda c: not c.teacher_train.lookahead,
+        "random_flip": lambda c: not c.data.alternating_flip,
+        "bias_lr_1": lambda c: c.teacher_train.norm_bias_lr_scale == 1,
+        "exits_1": lambda c: list(c.teacher_train.exit_weights) == [1, 1, 1],
+    }
+    assert set(changed) | {"speed"} == set(script.SPEED_VARIANTS)
+    for name, check in changed.items():
+        cfg = script.variant_config(args, name)
+        assert check(cfg) and not check(shipped), name
+        assert cfg.teacher_train.epochs == 3 and cfg.seed == 1
+
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--schedule", "speed", "--data-dir", str(tmp_path), "--out",
+                     str(tmp_path / "o"), "--variants", "linear"])  # fmt: skip
+    assert exc.value.code == 2
+    assert "no variant linear in the speed schedule" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
