@@ -40,23 +40,22 @@ def _records(pred: np.ndarray, entropy: np.ndarray) -> ExitRecords:
 
 @pytest.fixture()
 def block() -> tuple[list[str], dict, np.ndarray, dict[str, ExitRecords]]:
-    """Two seeds. The teacher is wrong on the first quarter of the images at both exits.
-    ERDE's entropy is KD's plus 0.5 nats exactly there (plus 0.1 in seed 1), and KD's entropy
-    is pure noise, so ERDE's entropy separates right from wrong answers better than KD's."""
+    """Two seeds. The teacher is wrong on the first quarter of the images at both exits; KD
+    gives the teacher's wrong answers there, ERDE the right one on the first half of them
+    and a wrong answer of its own on the rest. ERDE's entropy is KD's plus 0.5 nats on
+    that quarter (plus 0.1 in seed 1); KD's entropy is pure noise."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 10, N)
     hard = np.arange(N) < N // 4
     teacher_pred = np.where(hard, (labels + 1) % 10, labels)
-    student_pred = np.where(
-        hard, (labels + 2) % 10, labels
-    )  # the students err where the teacher does
+    erde_pred = np.where(np.arange(N) < N // 8, labels, np.where(hard, (labels + 2) % 10, labels))
     held, entries = {}, {}
     for s, extra in ((0, 0.0), (1, 0.1)):
         kd_entropy = rng.random((EXITS, N))
         erde_entropy = kd_entropy + np.where(hard, 0.5 + extra, 0.0)
         held["seed_0/teacher"] = _records(np.stack([teacher_pred] * EXITS), rng.random((EXITS, N)))
-        held[f"seed_{s}/student_kd"] = _records(np.stack([student_pred] * EXITS), kd_entropy)
-        held[f"seed_{s}/student_erde"] = _records(np.stack([student_pred] * EXITS), erde_entropy)
+        held[f"seed_{s}/student_kd"] = _records(np.stack([teacher_pred] * EXITS), kd_entropy)
+        held[f"seed_{s}/student_erde"] = _records(np.stack([erde_pred] * EXITS), erde_entropy)
         entries[str(s)] = {"teacher": "seed_0/teacher", "student_kd": f"seed_{s}/student_kd",
                            "student_erde": f"seed_{s}/student_erde"}  # fmt: skip
     return ["0", "1"], entries, labels, held
@@ -78,7 +77,10 @@ def test_a_shift_only_where_the_teacher_is_wrong_is_measured_there_with_an_inter
             row["entropy_shift_teacher_wrong_ci95_high"],
         )
         assert low < 0.5 < 0.6 < high  # two seeds (0.5 and 0.6): a wide t interval around 0.55
-        assert row["auroc_diff_mean"] > 0.2  # the shift lands on the wrong answers
+        assert row["auroc_diff_mean"] > 0.2  # the shift lands on (mostly) the wrong answers
+        assert row["accuracy_teacher_wrong_diff_mean"] == pytest.approx(0.5)  # KD: 0, ERDE: half
+        assert row["teacher_error_share_mean"] == 0.0  # ERDE never gives the teacher's answer
+        assert row["teacher_error_share_diff_mean"] == pytest.approx(-1.0)  # KD always does
         kd = diag["reference_auroc_mean"][e]
         assert row["auroc_mean"] == pytest.approx(kd + row["auroc_diff_mean"])
         assert abs(kd - 0.5) < 0.1  # KD's entropy is noise: chance
@@ -100,3 +102,11 @@ def test_the_table_shows_each_students_exits_with_intervals(block) -> None:
     assert "#### What the entropy term changes, against the KD student" in text
     assert "| ERDE student | 0 | +0.550 (" in text and "| ERDE student | 1 |" in text
     assert _diagnostic_lines(None, "####") == []
+
+
+def test_the_teacher_errors_table_gives_accuracy_and_the_copied_share_in_points(block) -> None:
+    text = "\n".join(_diagnostic_lines(entropy_diagnostics(*block), "####"))
+    assert (
+        "| ERDE student | 0 | +50.00 (+50.00 to +50.00) | 0.0 | -100.00 (-100.00 to -100.00) |"
+        in text
+    )

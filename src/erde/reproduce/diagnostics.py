@@ -11,6 +11,13 @@ against the KD student of the same seed (paired by seed, like the block's compar
   entropy (nats) minus KD's, on the test images the teacher's same exit gets wrong /
   right. ``selectivity``: the first minus the second, the direct test of the premise
   (above 0: the student became more unsure where the teacher errs than elsewhere).
+- ``accuracy_teacher_wrong_diff``: the student's accuracy minus KD's on the images the
+  teacher's exit gets wrong, and ``teacher_error_share_diff``: the share of those images
+  on which the student gives the teacher's very wrong answer, minus KD's. KD learns the
+  teacher's answers everywhere; ERDE is meant not to learn them where they are wrong, which
+  shows as a higher accuracy and a lower share there. ``teacher_error_share``: the
+  student's own share (a CE student, which never sees the teacher, gives it too: such
+  images are hard for every model).
 - ``auroc``: how well the exit's entropy ranks the student's own right answers before
   its wrong ones (0.5: no better than chance; 1: every right answer less uncertain
   than every wrong one): the quality of the exit decision itself, independent of the
@@ -32,7 +39,14 @@ from erde.records import ExitRecords
 from erde.reproduce.stats import paired_ci95, paired_p_value
 
 REFERENCE = "student_kd"
-SHIFTS = ("entropy_shift_teacher_wrong", "entropy_shift_teacher_right", "selectivity", "auroc_diff")
+SHIFTS = (
+    "entropy_shift_teacher_wrong",
+    "entropy_shift_teacher_right",
+    "selectivity",
+    "accuracy_teacher_wrong_diff",
+    "teacher_error_share_diff",
+    "auroc_diff",
+)
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float | None:
@@ -62,29 +76,42 @@ def _mean_on(values: np.ndarray, where: np.ndarray) -> float | None:
     return float(values[where].astype(np.float64).mean()) if where.any() else None
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def _seed_exit(
     student: ExitRecords, kd: ExitRecords, teacher: ExitRecords, labels: np.ndarray, e: int
 ) -> dict[str, float | None]:
     """One seed's numbers at exit ``e`` (the teacher's exit ``e`` defines right and wrong)."""
-    wrong = teacher.pred[e].astype(np.int64) != labels
-    out: dict[str, float | None] = {}
-    for key, where in (
-        ("entropy_shift_teacher_wrong", wrong),
-        ("entropy_shift_teacher_right", ~wrong),
-    ):
-        mine, theirs = _mean_on(student.entropy[e], where), _mean_on(kd.entropy[e], where)
-        out[key] = None if mine is None or theirs is None else mine - theirs
-    wrong_shift, right_shift = (
-        out["entropy_shift_teacher_wrong"],
-        out["entropy_shift_teacher_right"],
-    )
-    out["selectivity"] = (
-        None if wrong_shift is None or right_shift is None else wrong_shift - right_shift
-    )
-    mine, theirs = _exit_auroc(student, labels, e), _exit_auroc(kd, labels, e)
-    out["auroc"] = mine
-    out["auroc_diff"] = None if mine is None or theirs is None else mine - theirs
-    return out
+    teacher_pred = teacher.pred[e].astype(np.int64)
+    wrong = teacher_pred != labels
+
+    def on(model: ExitRecords, where: np.ndarray) -> dict[str, float | None]:
+        pred = model.pred[e].astype(np.int64)
+        return {
+            "entropy": _mean_on(model.entropy[e], where),
+            "accuracy": _mean_on((pred == labels).astype(np.float64), where),
+            "teacher_answer": _mean_on((pred == teacher_pred).astype(np.float64), where),
+        }
+
+    mine_wrong, kd_wrong = on(student, wrong), on(kd, wrong)
+    mine_right, kd_right = on(student, ~wrong), on(kd, ~wrong)
+    shift_wrong = _minus(mine_wrong["entropy"], kd_wrong["entropy"])
+    shift_right = _minus(mine_right["entropy"], kd_right["entropy"])
+    mine_auroc = _exit_auroc(student, labels, e)
+    return {
+        "entropy_shift_teacher_wrong": shift_wrong,
+        "entropy_shift_teacher_right": shift_right,
+        "selectivity": _minus(shift_wrong, shift_right),
+        "accuracy_teacher_wrong_diff": _minus(mine_wrong["accuracy"], kd_wrong["accuracy"]),
+        "teacher_error_share": mine_wrong["teacher_answer"],
+        "teacher_error_share_diff": _minus(
+            mine_wrong["teacher_answer"], kd_wrong["teacher_answer"]
+        ),
+        "auroc": mine_auroc,
+        "auroc_diff": _minus(mine_auroc, _exit_auroc(kd, labels, e)),
+    }
 
 
 def _summary(values: Sequence[float | None], prefix: str) -> dict[str, Any]:
@@ -130,8 +157,9 @@ def entropy_diagnostics(
             row: dict[str, Any] = {"exit": e}
             for key in SHIFTS:
                 row.update(_summary([p[key] for p in per_seed], key))
-            aurocs = [p["auroc"] for p in per_seed]
-            row["auroc_mean"] = None if None in aurocs else statistics.fmean(aurocs)  # type: ignore[arg-type]
+            for key in ("auroc", "teacher_error_share"):
+                values = [p[key] for p in per_seed]
+                row[f"{key}_mean"] = None if None in values else statistics.fmean(values)  # type: ignore[arg-type]
             per_exit.append(row)
         models[name] = per_exit
     reference_auroc = []

@@ -168,28 +168,34 @@ def _signed(value: float | None, low: float | None, high: float | None, digits: 
 
 
 def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
-    """The table of :mod:`erde.reproduce.diagnostics`: entropy shifts and AUROC against KD."""
+    """The tables of :mod:`erde.reproduce.diagnostics`: entropy, AUROC and the teacher's errors."""
     if not diag or not diag.get("models"):
         return []
     ref = model_label(diag["reference"])
-    rows = []
+
+    def cell(r: Mapping[str, Any], key: str, digits: int, scale: float = 1.0) -> str:
+        values = [r.get(f"{key}_{part}") for part in ("mean", "ci95_low", "ci95_high")]
+        return _signed(*(None if v is None else scale * v for v in values), digits)  # type: ignore[misc]
+
+    entropy_rows, error_rows = [], []
     for name, per_exit in diag["models"].items():
         for r in per_exit:
-            e = r["exit"]
+            e, label = r["exit"], model_label(name)
             ref_auroc = diag["reference_auroc_mean"][e]
-            rows.append([
-                model_label(name),
-                str(e),
-                _signed(r["entropy_shift_teacher_wrong_mean"], r["entropy_shift_teacher_wrong_ci95_low"],
-                        r["entropy_shift_teacher_wrong_ci95_high"], 3),
-                _signed(r["entropy_shift_teacher_right_mean"], r["entropy_shift_teacher_right_ci95_low"],
-                        r["entropy_shift_teacher_right_ci95_high"], 3),
-                _signed(r["selectivity_mean"], r["selectivity_ci95_low"], r["selectivity_ci95_high"], 3),
+            entropy_rows.append([
+                label, str(e), cell(r, "entropy_shift_teacher_wrong", 3),
+                cell(r, "entropy_shift_teacher_right", 3), cell(r, "selectivity", 3),
                 "—" if r["auroc_mean"] is None else f"{r['auroc_mean']:.4f}",
-                "—" if ref_auroc is None else f"{ref_auroc:.4f}",
-                _signed(r["auroc_diff_mean"], r["auroc_diff_ci95_low"], r["auroc_diff_ci95_high"], 4),
+                "—" if ref_auroc is None else f"{ref_auroc:.4f}", cell(r, "auroc_diff", 4),
             ])  # fmt: skip
-    return [
+            if "teacher_error_share_mean" in r:  # blocks published since 2026-12-06, 12:00
+                share = r["teacher_error_share_mean"]
+                error_rows.append([
+                    label, str(e), cell(r, "accuracy_teacher_wrong_diff", 2, 100),
+                    "—" if share is None else f"{100 * share:.1f}",
+                    cell(r, "teacher_error_share_diff", 2, 100),
+                ])  # fmt: skip
+    lines = [
         f"{sub} What the entropy term changes, against the {ref}",
         "",
         f"Per exit, paired by seed against the {ref} (95 % interval with two seeds or "
@@ -197,25 +203,33 @@ def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
         f"{ref}'s, on the test images the teacher's same exit gets wrong, and on those it gets "
         "right. Selectivity: the first minus the second, above 0 where the student became "
         "more unsure where the teacher errs than elsewhere (ERDE's premise). AUROC: how well "
-        "the exit's entropy ranks the student's right answers before its wrong ones (0.5 chance, 1 perfect), the quality "
-        "of the exit decision at any threshold; a gain there can improve the accuracy-MACs "
-        "trade-off, a uniform shift in entropy only moves along it.",
+        "the exit's entropy ranks the student's right answers before its wrong ones (0.5 "
+        "chance, 1 perfect), the quality of the exit decision at any threshold; a gain there "
+        "can improve the accuracy-MACs trade-off, a uniform shift in entropy only moves along "
+        "it.",
         "",
         *markdown_table(
-            [
-                "Student",
-                "Exit",
-                "Entropy shift, teacher wrong",
-                "Entropy shift, teacher right",
-                "Selectivity",
-                "AUROC",
-                f"AUROC ({ref})",
-                "AUROC diff. (95 % interval)",
-            ],
-            rows,
-        ),  # fmt: skip
+            ["Student", "Exit", "Entropy shift, teacher wrong", "Entropy shift, teacher right",
+             "Selectivity", "AUROC", f"AUROC ({ref})", "AUROC diff. (95 % interval)"],
+            entropy_rows,
+        ),
         "",
-    ]
+    ]  # fmt: skip
+    if error_rows:
+        lines += [
+            f"On the test images the teacher's exit gets wrong: the student's accuracy minus the "
+            f"{ref}'s (points), how often the student gives the teacher's very wrong answer (%), "
+            f"and that share minus the {ref}'s (points). ERDE is meant not to learn the "
+            "teacher's answers where they are wrong: a higher accuracy and a lower share there.",
+            "",
+            *markdown_table(
+                ["Student", "Exit", "Accuracy diff. where the teacher errs",
+                 "Gives the teacher's wrong answer (%)", "Share diff."],
+                error_rows,
+            ),
+            "",
+        ]  # fmt: skip
+    return lines
 
 
 def _comparison_sentence(comp: Mapping[str, Any]) -> str:
