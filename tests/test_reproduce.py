@@ -325,6 +325,28 @@ def test_docs_show_each_finished_seed_marked_partial_until_the_last(
     assert (results["seeds"], results["planned_seeds"]) == ([0, 1], 2)
 
 
+def test_a_block_name_publishes_beside_the_derived_one_and_a_bad_name_is_refused(
+    tmp_path: Path, docs: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    """--block: another design of the same models gets files and a block of its own."""
+    argv = _svhn_argv(tmp_path, "--seeds", "1", "--out", str(tmp_path / "out"),
+                      "--docs", str(docs), "--block", "svhn-two-teachers")  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((docs / "results" / "svhn-two-teachers.json").read_text())
+    assert results["block"] == "svhn-two-teachers"
+    assert results["command"].endswith("--block svhn-two-teachers")
+    assert "<!-- erde-results:svhn-two-teachers:begin -->" in (docs / "RESULTS.md").read_text()
+    assert not list((docs / "results").glob("svhn-full*.json"))  # the derived name is left alone
+    capsys.readouterr()
+
+    bad = _svhn_argv(tmp_path, "--out", str(tmp_path / "bad"), "--docs", str(docs),
+                     "--block", "../escape")  # fmt: skip
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("erde: error: --block '../escape'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(("seeds", "teacher_seeds"), [("2", "3"), ("2", "0"), ("1", "-1")])
 def test_teacher_seeds_out_of_range_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture, seeds: str, teacher_seeds: str

@@ -210,6 +210,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         download=args.download,
         docs_dir=args.docs,
         teacher=args.teacher,
+        block=args.block,
         progress=not args.no_progress,
         log=print,
         on_epoch=_epoch_callback(args),
@@ -375,6 +376,14 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="also publish into DIR: results/<dataset>-<schedule>.json, .png and -training.png, "
         "and the block of that name in DIR/RESULTS.md; after every finished seed, marked "
         "partial until the last",
+    )
+    p.add_argument(
+        "--block",
+        metavar="NAME",
+        help="with --docs: publish as results/NAME.json and the block NAME of RESULTS.md "
+        "instead of the name made of data set, schedule and models; for another design of "
+        "the same models (e.g. --teacher-seeds 3 beside a one-teacher block), which would "
+        "otherwise replace the published one",
     )
     p.add_argument(
         "--teacher",

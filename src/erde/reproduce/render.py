@@ -585,8 +585,11 @@ def results_name(results: Mapping[str, Any]) -> str:
     ``-<teacher>-<student>`` (``_x<width>`` after an architecture whose width
     is not 1), so that its results get a block of their own instead of
     replacing the preset pair's; students other than ce, kd and erde
-    (``--students``, a gamma sweep) add ``-ablation``.
+    (``--students``, a gamma sweep) add ``-ablation``. A name given with
+    ``--block`` (``results["block"]``) is taken as it is.
     """
+    if results.get("block"):
+        return str(results["block"])
     dataset = results["dataset"]["name"]
     name = f"{dataset}-{results['schedule']}"
     config = results.get("config") or {}

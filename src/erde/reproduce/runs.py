@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import shlex
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
@@ -101,6 +102,7 @@ def reproduce_command(
     overrides: Sequence[str] = (),
     *,
     teacher_seeds: int | None = None,
+    block: str | None = None,
 ) -> str:
     """The ``erde reproduce`` command line that produces these results (for the record)."""
     parts = ["erde", "reproduce", "--dataset", dataset]
@@ -112,7 +114,21 @@ def reproduce_command(
     parts += ["--schedule", schedule]
     for text in overrides:
         parts += ["--set", text]
+    if block is not None:
+        parts += ["--block", block]
     return shlex.join(parts)
+
+
+BLOCK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_block_name(block: str | None) -> None:
+    """A block name becomes a file name under docs/results and a marker in RESULTS.md."""
+    if block is not None and (not BLOCK_NAME.fullmatch(block) or ".." in block):
+        raise ConfigError(
+            f"--block {block!r}: use 1-100 letters, digits, '_', '.' or '-', starting with a "
+            "letter or digit (it names files under docs/results)"
+        )
 
 
 def _archive_is_imagefolder(path: Path, members: int = 64) -> bool:
@@ -450,8 +466,14 @@ def reproduce(
     log: Log | None = None,
     on_epoch: EpochCallback | None = None,
     teacher: str | Path | None = None,
+    block: str | None = None,
 ) -> dict[str, Path]:
     """Train and evaluate every seed (reusing finished runs), then aggregate and write.
+
+    ``block`` names the results in the docs (file stem and RESULTS.md block) instead of
+    the name derived from the data set, schedule and models (:func:`results_name`), so
+    that another design of the same models (several teachers, say) does not replace a
+    published block.
 
     ``teacher``: a released teacher folder (``checkpoint.pt`` with its ``config.yaml``,
     e.g. ``docs/results/cifar10-speed-teacher``) that all seeds share instead of
@@ -467,6 +489,7 @@ def reproduce(
     statistics of the seeds it finished, marked partial.
     """
     log = log or (lambda _message: None)
+    check_block_name(block)
     cfg = reproduce_config(dataset, schedule, config=config, overrides=overrides)
     plans = seed_plans(cfg.seed, seeds, teacher_seeds)
     teacher_seeds = len({p.teacher_seed for p in plans})
@@ -485,8 +508,9 @@ def reproduce(
     out = Path(out_dir)
     design = teacher_design(seeds, teacher_seeds)
     command = reproduce_command(
-        dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds
-    )
+        dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds,
+        block=block,
+    )  # fmt: skip
     if teacher is not None:
         if teacher_seeds != 1:
             raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
@@ -521,6 +545,8 @@ def reproduce(
             seed_reports=relative, teacher_seeds=teacher_seeds, design=design, training=times,
             curves=training_curves(model_folders), planned_seeds=seeds,
         )  # fmt: skip
+        if block is not None:
+            results["block"] = block
         done.append((plan.seed, plan.teacher_seed))
         results["records"] = gather(out, done, model_names(cfg), out / RECORDS_FILE)
         results["entropy_diagnostics"] = block_diagnostics(
