@@ -7,8 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
+from erde.diagnostics import auroc
 from erde.records import ExitRecords
-from erde.reproduce.diagnostics import auroc, entropy_diagnostics
+from erde.reproduce.diagnostics import entropy_diagnostics
 from erde.reproduce.render import _diagnostic_lines
 
 
@@ -110,3 +111,45 @@ def test_the_teacher_errors_table_gives_accuracy_and_the_copied_share_in_points(
         "| ERDE student | 0 | +50.00 (+50.00 to +50.00) | 0.0 | -100.00 (-100.00 to -100.00) |"
         in text
     )
+
+
+def test_a_run_reports_what_the_entropy_term_changed_from_its_own_records(tiny_run) -> None:
+    """erde run: report.json carries the diagnostics of its students, report.md their table,
+    and they are what the run's test predictions give (recomputed here from the checkpoints)."""
+    import json
+
+    import torch
+
+    from erde.checkpoints import load_checkpoint, model_from_checkpoint
+    from erde.config import config_from_dict
+    from erde.data import iterate_batches, load_splits, prepare_batch
+    from erde.diagnostics import run_diagnostics
+    from erde.evaluation import collect_exit_logits
+    from erde.records import exit_records
+
+    report = json.loads(tiny_run["report"].read_text())
+    diag = report["entropy_diagnostics"]
+    assert diag["reference"] == "student_kd" and set(diag["models"]) == {
+        "student_ce",
+        "student_erde",
+    }
+
+    cfg = config_from_dict(load_checkpoint(tiny_run["teacher"])["config"])
+    splits = load_splits(cfg)
+    held, labels = {}, None
+    for name in ("teacher", "student_ce", "student_kd", "student_erde"):
+        model = model_from_checkpoint(load_checkpoint(tiny_run[name]))
+        batches = ((prepare_batch(x, splits, train=False), y)
+                   for x, y in iterate_batches(splits.test, 64, shuffle=False, device=torch.device("cpu")))  # fmt: skip
+        logits, labels = collect_exit_logits(
+            model, batches, device=torch.device("cpu"), progress=False
+        )
+        held[name] = exit_records(logits)
+    again = run_diagnostics(held, labels.numpy())
+    assert again is not None and again["reference_auroc"] == pytest.approx(diag["reference_auroc"])
+    for name, rows in diag["models"].items():
+        for published, recomputed in zip(rows, again["models"][name], strict=True):
+            assert published == pytest.approx(recomputed, abs=1e-6)
+    text = (tiny_run["out"] / "report.md").read_text()
+    assert "## What the entropy term changed, against the KD student" in text
+    assert "| ERDE student | 0 |" in text

@@ -26,6 +26,7 @@ from erde.config import (
     student_specs,
 )
 from erde.data import DataSplits, iterate_batches, prepare_batch
+from erde.diagnostics import run_diagnostics
 from erde.distributed import resolve_device
 from erde.errors import ConfigError, ReportError, require_list
 from erde.evaluation import collect_exit_logits, default_thresholds, model_report
@@ -109,8 +110,7 @@ def evaluate_checkpoints(
             )
         )
         exit_logits, labels = collect_exit_logits(model, batches, device=device, progress=progress)
-        if records is not None:
-            per_image[ckpt["name"]] = exit_records(exit_logits)
+        per_image[ckpt["name"]] = exit_records(exit_logits)  # small: (E, N) per field
         models[ckpt["name"]] = model_report(
             ckpt["name"], exit_logits, labels, costs.macs_per_exit, costs.params_per_exit,
             thresholds=grids, rules=cfg.evaluation.rules,
@@ -131,6 +131,9 @@ def evaluate_checkpoints(
     report = build_report(
         models, config=cfg.to_dict(), dataset=dataset, tolerance=cfg.evaluation.tolerance
     )
+    diagnostics = run_diagnostics(per_image, labels.cpu().numpy())
+    if diagnostics is not None:  # a teacher and a KD student: what the entropy term changed
+        report["entropy_diagnostics"] = diagnostics
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_report(out_dir, report)

@@ -183,6 +183,55 @@ def _ladder_section(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _signed(value: float | None, digits: int, scale: float = 1.0) -> str:
+    return "—" if value is None else f"{scale * value:+.{digits}f}"
+
+
+def _diagnostics_section(report: Mapping[str, Any]) -> list[str]:
+    """What the entropy term changed, against the KD student (:mod:`erde.diagnostics`)."""
+    diag = report.get("entropy_diagnostics")
+    if not diag or not diag.get("models"):
+        return []
+    ref = model_label(diag["reference"])
+    rows = []
+    for name, per_exit in diag["models"].items():
+        for r in per_exit:
+            e = r["exit"]
+            share = r["teacher_error_share"]
+            rows.append([
+                md_inline(model_label(name)), str(e),
+                _signed(r["entropy_shift_teacher_wrong"], 3),
+                _signed(r["entropy_shift_teacher_right"], 3), _signed(r["selectivity"], 3),
+                "—" if r["auroc"] is None else f"{r['auroc']:.4f}",
+                _signed(r["auroc_diff"], 4),
+                _signed(r["accuracy_teacher_wrong_diff"], 2, 100),
+                "—" if share is None else f"{100 * share:.1f}",
+                _signed(r["teacher_error_share_diff"], 2, 100),
+            ])  # fmt: skip
+    return [
+        f"## What the entropy term changed, against the {ref}",
+        "",
+        f"Per exit, against the {ref} of this run, on the test images. Entropy shift: the "
+        f"student's mean entropy (nats) minus the {ref}'s, where the teacher's same exit is "
+        "wrong and where it is right; selectivity: the first minus the second (above 0: more "
+        "unsure where the teacher errs, ERDE's premise). AUROC: how well the exit's entropy "
+        "ranks the student's right answers before its wrong ones (0.5 chance, 1 perfect); a "
+        "gain there can improve the accuracy-MACs trade-off, a uniform rise in entropy only "
+        "moves a threshold along it. Where the teacher errs: the student's accuracy minus "
+        f"the {ref}'s (points), how often it gives the teacher's very wrong answer (%) and that "
+        f"share minus the {ref}'s (points). One run: differences this small need seeds "
+        "(`erde reproduce`) before they mean anything.",
+        "",
+        *markdown_table(
+            ["Student", "Exit", "Entropy shift, teacher wrong", "Entropy shift, teacher right",
+             "Selectivity", "AUROC", "AUROC diff.", "Accuracy diff. where the teacher errs",
+             "Gives the teacher's wrong answer (%)", "Share diff."],
+            rows,
+        ),
+        "",
+    ]  # fmt: skip
+
+
 def _exit_section(name: str, model: Mapping[str, Any]) -> list[str]:
     """One model's per-exit table: parameters, MACs, accuracy (and ECE) of each exit."""
     params = model.get("params_per_exit") or [None] * len(model["macs_per_exit"])
@@ -322,6 +371,7 @@ def render_markdown(report: Mapping[str, Any], rule: str | None = None) -> str:
             f"{dataset.get('test_images', '?')} test images{', ' + shape if shape else ''})."
         )
     lines += ["", *_budget_section(report), *_summary_section(report), *_ladder_section(report)]
+    lines += _diagnostics_section(report)
     lines += ["## Models", ""]
     for name, model in report["models"].items():
         lines += _exit_section(name, model)
