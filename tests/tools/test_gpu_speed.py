@@ -1,8 +1,9 @@
 """scripts/gpu-speed.sh rehearsed on the CPU with tiny FastNets, run for real by bash.
 
 GPU time comes in minutes: every step of the script (environment, benchmark, the headline
-reproduce, the quarter-width and ablation blocks from the released teacher, erde verify on
-every block) must work before the device starts.
+reproduce, the quarter-width and ablation blocks from the released teacher, the block of
+several teachers, erde verify on every block, one archive of what comes back) must work
+before the device starts.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def test_every_step_of_the_speed_script_runs_and_every_block_verifies(tmp_path: 
         "OUT": str(out), "CIFAR10_JPEG": str(archive), "RUNS": str(tmp_path / "runs"),
         "DEVICE": "cpu", "OMP_NUM_THREADS": "1", "COMPILE": "0",
         "SEEDS": "2", "QUARTER_SEEDS": "1", "ABLATION_SEEDS": "1",
+        "TEACHERS_SECONDS": "600", "TEACHER_SEEDS": "2",
         "BENCH_ARGS": "--preset speed --batch-size 8 --steps 1 --warmup 1 --rounds 1",
         "EXTRA": " ".join(f"--set {o}" for o in TINY_FAST),
         "ERDE_CACHE_DIR": str(tmp_path / "cache"),
@@ -52,14 +54,24 @@ def test_every_step_of_the_speed_script_runs_and_every_block_verifies(tmp_path: 
     assert run.returncode == 0, log[-3000:]
     assert log.rstrip().endswith("done"), log[-3000:]
     assert json.loads((out / "bench.json").read_text())["settings"]["preset"] == "speed"
-    assert log.count("reproduce exit status: 0") == 3, log[-3000:]
-    blocks = sorted(p.stem for p in (out / "results").glob("*.json"))
-    assert len(blocks) == 3 and any(b.endswith("-ablation") for b in blocks), blocks
-    for block in blocks:
-        assert (out / "results" / f"{block}-records.npz").is_file()
-    assert log.count("numbers re-derived from the per-image records") == 3
-    ablation = json.loads(next((out / "results").glob("*-ablation.json")).read_text())
-    assert "student_erde_mask" in ablation["models"] and ablation["n_seeds"] == 1
-    assert (out / "teacher" / "checkpoint.pt").is_file()
+    assert log.count("reproduce exit status: 0") == 4, log[-3000:]
     files = [f for f in out.rglob("*") if f.is_file()]
-    assert len(files) <= 14, files
+    assert len(files) <= 8, files  # what the device returns at most
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xzf", str(out / "results.tar.gz"), "-C", str(unpacked)], check=True)
+    results = unpacked / "results"
+    blocks = sorted(p.stem for p in results.glob("*.json"))
+    assert len(blocks) == 4 and any(b.endswith("-ablation") for b in blocks), blocks
+    for block in blocks:
+        assert (results / f"{block}-records.npz").is_file()
+    assert log.count("numbers re-derived from the per-image records") == 4
+    ablation = json.loads(next(results.glob("*-ablation.json")).read_text())
+    assert "student_erde_mask" in ablation["models"] and ablation["n_seeds"] == 1
+    teachers = json.loads((results / "cifar10-speed-2teachers.json").read_text())
+    assert (teachers["n_seeds"], teachers["teacher_seeds"]) == (2, 2)
+    import torch
+
+    released = torch.load(unpacked / "teacher" / "checkpoint.pt", weights_only=True)
+    weights = [v for v in released["model"].values() if v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float16 for v in weights)  # --half: a quarter of fp32
