@@ -6,7 +6,9 @@ holds on test images, and whether it makes the student's entropy a better exit s
 decides if the loss can improve the accuracy-MACs trade-off or only moves along it (more
 entropy everywhere means fewer images leave early at a threshold, at more MACs).
 
-Per exit ``e``, from the per-image records (:mod:`erde.records`) of the student, the KD
+Per exit ``e`` (with ``teacher_wrong_images``, how many images the teacher's exit gets
+wrong: the figures below that concern them move in steps of 1 / that count), from the
+per-image records (:mod:`erde.records`) of the student, the KD
 student of the same run and the teacher (whose exit ``e`` says which images are "wrong"):
 
 - ``entropy_shift_teacher_wrong`` / ``entropy_shift_teacher_right``: the student's mean
@@ -91,6 +93,7 @@ def exit_contrast(
     shift_right = _minus(mine_right["entropy"], kd_right["entropy"])
     mine_auroc = exit_auroc(student, labels, e)
     return {
+        "teacher_wrong_images": int(wrong.sum()),
         "entropy_shift_teacher_wrong": shift_wrong,
         "entropy_shift_teacher_right": shift_right,
         "selectivity": _minus(shift_wrong, shift_right),

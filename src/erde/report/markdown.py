@@ -199,7 +199,7 @@ def _diagnostics_section(report: Mapping[str, Any]) -> list[str]:
             e = r["exit"]
             share = r["teacher_error_share"]
             rows.append([
-                md_inline(model_label(name)), str(e),
+                md_inline(model_label(name)), str(e), str(r.get("teacher_wrong_images", "?")),
                 _signed(r["entropy_shift_teacher_wrong"], 3),
                 _signed(r["entropy_shift_teacher_right"], 3), _signed(r["selectivity"], 3),
                 "—" if r["auroc"] is None else f"{r['auroc']:.4f}",
@@ -219,12 +219,14 @@ def _diagnostics_section(report: Mapping[str, Any]) -> list[str]:
         "gain there can improve the accuracy-MACs trade-off, a uniform rise in entropy only "
         "moves a threshold along it. Where the teacher errs: the student's accuracy minus "
         f"the {ref}'s (points), how often it gives the teacher's very wrong answer (%) and that "
-        f"share minus the {ref}'s (points). One run: differences this small need seeds "
-        "(`erde reproduce`) before they mean anything.",
+        f"share minus the {ref}'s (points); they move in steps of one image in the count of "
+        "images the teacher errs on. One run: these differences need seeds (`erde reproduce`) "
+        "before they mean anything.",
         "",
         *markdown_table(
-            ["Student", "Exit", "Entropy shift, teacher wrong", "Entropy shift, teacher right",
-             "Selectivity", "AUROC", "AUROC diff.", "Accuracy diff. where the teacher errs",
+            ["Student", "Exit", "Teacher wrong on", "Entropy shift, teacher wrong",
+             "Entropy shift, teacher right", "Selectivity", "AUROC", "AUROC diff.",
+             "Accuracy diff. where the teacher errs",
              "Gives the teacher's wrong answer (%)", "Share diff."],
             rows,
         ),
