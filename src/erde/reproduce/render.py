@@ -108,8 +108,7 @@ def _interval(low: float | None, high: float | None) -> str:
 
 def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
     """``+0.12 (-0.30 to +0.54)`` in points; the value alone where there is no interval."""
-    interval = _interval(low, high)
-    return _points(value) + ("" if interval == "—" else f" ({interval})")
+    return _signed(value, low, high, 2, scale=100)
 
 
 def _equal_macs(r: Mapping[str, Any]) -> str:
@@ -157,14 +156,17 @@ def _pair_row(comp: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _signed(value: float | None, low: float | None, high: float | None, digits: int) -> str:
-    """``+0.028 (+0.010 to +0.046)``; the value alone without an interval, "—" without a value."""
+def _signed(
+    value: float | None, low: float | None, high: float | None, digits: int, scale: float = 1.0
+) -> str:
+    """``+0.028 (+0.010 to +0.046)`` after scaling; the value alone without an interval, "—"
+    without a value."""
     if value is None:
         return "—"
-    text = f"{value:+.{digits}f}"
-    return (
-        text if low is None or high is None else f"{text} ({low:+.{digits}f} to {high:+.{digits}f})"
-    )
+    text = f"{scale * value:+.{digits}f}"
+    if low is None or high is None:
+        return text
+    return f"{text} ({scale * low:+.{digits}f} to {scale * high:+.{digits}f})"
 
 
 def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
@@ -174,8 +176,8 @@ def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
     ref = model_label(diag["reference"])
 
     def cell(r: Mapping[str, Any], key: str, digits: int, scale: float = 1.0) -> str:
-        values = [r.get(f"{key}_{part}") for part in ("mean", "ci95_low", "ci95_high")]
-        return _signed(*(None if v is None else scale * v for v in values), digits)  # type: ignore[misc]
+        low, high = r.get(f"{key}_ci95_low"), r.get(f"{key}_ci95_high")
+        return _signed(r.get(f"{key}_mean"), low, high, digits, scale)
 
     entropy_rows, error_rows = [], []
     for name, per_exit in diag["models"].items():
