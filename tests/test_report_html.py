@@ -73,6 +73,19 @@ def test_names_cannot_close_the_data_block():
     assert page.count("</script>") == 2
 
 
+def test_the_diagnostics_table_is_escaped_and_absent_without_kd(tiny_run):
+    report = json.loads(tiny_run["report"].read_text())
+    assert report["entropy_diagnostics"]["models"]  # the tiny run has a KD and an ERDE student
+    diag = report["entropy_diagnostics"]
+    diag["models"] = {"<b>x</b>`y`": next(iter(diag["models"].values()))}
+    page = render_report_html(report)
+    assert '<section id="diagnostics">' in page and "<b>x</b>" not in page
+    assert "&lt;b&gt;x&lt;/b&gt;`y`" in page  # a name's backticks are text, not <code>
+    assert "<code>erde reproduce</code>" in page  # the explanation's own are
+    report.pop("entropy_diagnostics")
+    assert "diagnostics" not in render_report_html(report).split("<body>")[1].split("<script")[0]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -190,6 +203,23 @@ def test_slider_shows_the_report_sweep_at_its_threshold(browser, tiny_run, tmp_p
     shot = tmp_path / "report.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_the_page_shows_report_md_diagnostics_cells(browser, tiny_run):
+    from selenium.webdriver.common.by import By
+
+    browser.get((tiny_run["out"] / "report.html").as_uri())
+    section = browser.find_element(By.ID, "diagnostics")
+    shown = [
+        [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        for tr in section.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
+    md = (tiny_run["out"] / "report.md").read_text()
+    table = md.split("## What the entropy term changed")[1].split("\n## ")[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
+    expected = [[c.strip() for c in row] for row in rows[1:]]  # [0] is the header
+    assert shown and shown == expected
+    assert section.is_displayed()
 
 
 def test_hundreds_of_models_and_thresholds_stay_responsive(browser, tmp_path):

@@ -7,7 +7,9 @@ its swept thresholds: the slider moves a marker along the curve and shows the
 accuracy, mean MACs, the reduction over the reference (the teacher's last
 exit) and the exit histogram at that threshold. Thresholds chosen by
 ``erde calibrate`` (plain or guaranteed) for a model are marked when their
-thresholds files sit beside its checkpoint.
+thresholds files sit beside its checkpoint. Where the run has a teacher and a KD student,
+a table under the panels says what the entropy term changed against KD (report.md's
+table, :mod:`erde.report.diagnostics`).
 
 The data (from report.json, nothing else) and a small plain script are inline:
 the file opens offline in any current browser and fetches nothing. Every
@@ -19,6 +21,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 from erde import io
 from erde.errors import ErdeError, ReportError
 from erde.report.build import SCHEMA_VERSION, untrained_text
+from erde.report.diagnostics import diagnostics_table
 from erde.report.styles import curve_style, model_label
 
 MAX_REPORT_BYTES = 64 << 20  # a report with hundreds of models x thresholds is a few MB
@@ -230,9 +234,32 @@ def render_report_html(
     content = page_data(report, marks)
     data = json.dumps(content, default=io.json_default, allow_nan=False)
     data = data.replace("<", "\\u003c")  # no "</script>" can end the data block early
-    title = html.escape(content["title"])
+    parts = {
+        "__TITLE__": html.escape(content["title"]),
+        "__DATA__": data,
+        "__SCRIPT__": _SCRIPT,
+        "__DIAGNOSTICS__": diagnostics_html(report),
+    }
+    # one pass, so that no part's text (a model's name, say) is taken for another placeholder
+    return re.sub("|".join(parts), lambda m: parts[m.group(0)], _PAGE)
+
+
+def diagnostics_html(report: Mapping[str, Any]) -> str:
+    """report.md's "what the entropy term changed" table as a static HTML section ("" where the
+    run has none); every cell escaped."""
+    table = diagnostics_table(report, model_label)
+    if table is None:
+        return ""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(table.explanation))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in table.rows
+    )
     return (
-        _PAGE.replace("__TITLE__", title).replace("__DATA__", data).replace("__SCRIPT__", _SCRIPT)
+        f'<section id="diagnostics"><h2>{html.escape(table.title)}</h2>'
+        f'<p class="note">{text}</p>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
     )
 
 
@@ -268,6 +295,9 @@ svg text { font-size: 11px; fill: #333; }
 .hist div { width: 32px; background: #999; position: relative; }
 .hist span { position: absolute; bottom: -1.3em; font-size: 10px; left: 0; }
 .marks { font-size: 12px; color: #444; }
+#diagnostics table { border-collapse: collapse; font-size: 12px; font-variant-numeric: tabular-nums; }
+#diagnostics th, #diagnostics td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
+#diagnostics th { background: #f6f6f6; font-weight: 600; } #diagnostics h2 { font-size: 1.1em; }
 .exits { font-size: 12px; color: #555; margin-bottom: .3em; font-variant-numeric: tabular-nums; }
 </style>
 </head>
@@ -276,6 +306,7 @@ svg text { font-size: 11px; fill: #333; }
 <p class="note" id="subtitle"></p>
 <svg id="plot" width="760" height="430" role="img" aria-label="accuracy versus mean MACs"></svg>
 <div id="panels"></div>
+__DIAGNOSTICS__
 <script type="application/json" id="report-data">__DATA__</script>
 <script>__SCRIPT__</script>
 </body>
@@ -405,6 +436,7 @@ D.models.forEach((m, i) => {
 
 __all__ = [
     "check_report",
+    "diagnostics_html",
     "load_report",
     "page_data",
     "render_report_html",

@@ -9,6 +9,7 @@ from typing import Any
 
 from erde import exits, io
 from erde.report.build import rule_of, untrained_text
+from erde.report.diagnostics import diagnostics_table
 from erde.report.styles import model_label, pct
 
 
@@ -183,54 +184,14 @@ def _ladder_section(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _signed(value: float | None, digits: int, scale: float = 1.0) -> str:
-    return "—" if value is None else f"{scale * value:+.{digits}f}"
-
-
 def _diagnostics_section(report: Mapping[str, Any]) -> list[str]:
-    """What the entropy term changed, against the KD student (:mod:`erde.diagnostics`)."""
-    diag = report.get("entropy_diagnostics")
-    if not diag or not diag.get("models"):
+    """What the entropy term changed, against the KD student (:mod:`erde.report.diagnostics`)."""
+    table = diagnostics_table(report, lambda name: md_inline(model_label(name)))
+    if table is None:
         return []
-    ref = model_label(diag["reference"])
-    rows = []
-    for name, per_exit in diag["models"].items():
-        for r in per_exit:
-            e = r["exit"]
-            share = r["teacher_error_share"]
-            rows.append([
-                md_inline(model_label(name)), str(e), str(r.get("teacher_wrong_images", "?")),
-                _signed(r["entropy_shift_teacher_wrong"], 3),
-                _signed(r["entropy_shift_teacher_right"], 3), _signed(r["selectivity"], 3),
-                "—" if r["auroc"] is None else f"{r['auroc']:.4f}",
-                _signed(r["auroc_diff"], 4),
-                _signed(r["accuracy_teacher_wrong_diff"], 2, 100),
-                "—" if share is None else f"{100 * share:.1f}",
-                _signed(r["teacher_error_share_diff"], 2, 100),
-            ])  # fmt: skip
     return [
-        f"## What the entropy term changed, against the {ref}",
-        "",
-        f"Per exit, against the {ref} of this run, on the test images. Entropy shift: the "
-        f"student's mean entropy (nats) minus the {ref}'s, where the teacher's same exit is "
-        "wrong and where it is right; selectivity: the first minus the second (above 0: more "
-        "unsure where the teacher errs, ERDE's premise). AUROC: how well the exit's entropy "
-        "ranks the student's right answers before its wrong ones (0.5 chance, 1 perfect); a "
-        "gain there can improve the accuracy-MACs trade-off, a uniform rise in entropy only "
-        "moves a threshold along it. Where the teacher errs: the student's accuracy minus "
-        f"the {ref}'s (points), how often it gives the teacher's very wrong answer (%) and that "
-        f"share minus the {ref}'s (points); they move in steps of one image in the count of "
-        "images the teacher errs on. One run: these differences need seeds (`erde reproduce`) "
-        "before they mean anything.",
-        "",
-        *markdown_table(
-            ["Student", "Exit", "Teacher wrong on", "Entropy shift, teacher wrong",
-             "Entropy shift, teacher right", "Selectivity", "AUROC", "AUROC diff.",
-             "Accuracy diff. where the teacher errs",
-             "Gives the teacher's wrong answer (%)", "Share diff."],
-            rows,
-        ),
-        "",
+        f"## {table.title}", "", table.explanation, "",
+        *markdown_table(list(table.header), table.rows), "",
     ]  # fmt: skip
 
 
