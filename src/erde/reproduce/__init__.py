@@ -11,7 +11,9 @@ with its own ``report.json``. The seeds are then aggregated into
   what paired-t p-value; anchors
   (last-exit accuracy against published numbers);
 - ``results.md``: the paper-style table and the same facts as tables;
-- ``tradeoff.png``: mean accuracy against mean MACs with a +-1 std band.
+- ``tradeoff.png``: mean accuracy against mean MACs with a +-1 std band;
+- ``difference.png``: each student's paired difference against KD per threshold, with
+  its 95 % interval, at the same threshold and at equal MACs.
 
 Schedules: ``full`` is the data set's preset (``configs/<dataset>.yaml``);
 ``reduced`` lays ``configs/schedules/reduced.yaml`` over it (a budget for a
@@ -22,7 +24,8 @@ near its trained accuracy).
 The package is split by concern: :mod:`~erde.reproduce.runs` runs the seeds
 (schedules, configs, training, evaluation), :mod:`~erde.reproduce.stats` turns
 per-seed reports into statistics (pure functions, testable without training)
-and :mod:`~erde.reproduce.render` writes them as Markdown, a plot and files.
+and :mod:`~erde.reproduce.render` writes them as Markdown, plots and files
+(:mod:`~erde.reproduce.differences` draws the paired differences).
 
 Thresholds are those of the entropy rule, written ``theta = h * log K`` so that
 one grid of ``h`` (``TABLE_LEVELS``) reads the same for 10 and 100 classes.

@@ -28,6 +28,7 @@ from erde.report import (
     use_log_macs,
 )
 from erde.report.curves import render_curves_png
+from erde.reproduce.differences import against_baseline, render_difference_png
 from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
 
 # --------------------------------------------------------------------------- rendering
@@ -294,11 +295,13 @@ def render_markdown(
     *,
     plot_link: str = "tradeoff.png",
     curves_link: str = "training.png",
+    difference_link: str = "difference.png",
     level: int = 1,
 ) -> str:
     """The results as Markdown; ``level`` is the heading level of the title.
 
-    The training curves (``curves_link``) are shown when the results hold any.
+    The training curves (``curves_link``) are shown when the results hold any, the
+    differences against KD (``difference_link``) when it is among the models.
     """
     h = "#" * level
     sub = "#" * (level + 1)
@@ -409,6 +412,16 @@ def render_markdown(
             "",
         ]
         lines += markdown_table(compare_header, _comparison_rows(comp, n)) + [""]
+    if against_baseline(results):
+        lines += [
+            f"![paired differences against the {model_label(PAIRS[0][1])}]({difference_link})",
+            "",
+            f"Every student against the {model_label(PAIRS[0][1])}, paired by seed, at each "
+            "threshold of the table: at the same threshold (left) and at equal MACs (right); "
+            "the bars are 95 % intervals (two seeds or more). A bar that crosses 0 is a "
+            "difference the seeds do not show.",
+            "",
+        ]
     others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]
     if others:
         lines += [
@@ -550,7 +563,8 @@ def render_training_png(results: Mapping[str, Any]) -> bytes | None:
 
 
 def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, Path]:
-    """results.json, results.md, tradeoff.png (and training.png) in ``out_dir``, atomically."""
+    """results.json, results.md, tradeoff.png (and training.png, difference.png) in
+    ``out_dir``, atomically."""
     out = Path(out_dir)
     files = {
         "results": (out / "results.json", _json_bytes(results)),
@@ -560,6 +574,9 @@ def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, 
     training = render_training_png(results)
     if training is not None:
         files["training"] = (out / "training.png", training)
+    difference = render_difference_png(results)
+    if difference is not None:
+        files["difference"] = (out / "difference.png", difference)
     return _write_rendered(files)
 
 
@@ -642,7 +659,8 @@ def publish(
     results: Mapping[str, Any], docs_dir: str | Path, records: str | Path | None = None
 ) -> dict[str, Path]:
     """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
-    ``-training.png`` (when the results hold training curves), ``-records.npz`` (the
+    ``-training.png`` (when the results hold training curves), ``-difference.png`` (when KD
+    is among the models), ``-records.npz`` (the
     per-image records, when given) and RESULTS.md's block of that name."""
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
@@ -661,6 +679,7 @@ def _publish(
         shown,
         plot_link=f"results/{name}.png",
         curves_link=f"results/{name}-training.png",
+        difference_link=f"results/{name}-difference.png",
         level=3,
     )
     files = {
@@ -671,6 +690,9 @@ def _publish(
     training = render_training_png(results)
     if training is not None:
         files["docs_training"] = (docs / "results" / f"{name}-training.png", training)
+    difference = render_difference_png(results)
+    if difference is not None:
+        files["docs_difference"] = (docs / "results" / f"{name}-difference.png", difference)
     if records is not None:
         files["docs_records"] = (
             docs / "results" / f"{name}-records.npz",

@@ -1,0 +1,99 @@
+"""The paired-difference figure of a results block: what it draws is the block's JSON, an
+interval where seeds give one, students too far off to share the axis named instead of drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from erde.reproduce.differences import (
+    OFF_SCALE,
+    against_baseline,
+    difference_figure,
+    render_difference_png,
+)
+from erde.reproduce.render import publish, render_markdown
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+BLOCK = RESULTS / "cifar10-speed.json"  # several seeds: intervals
+ABLATION = RESULTS / "cifar10-speed-fastnet-fastnet_x0.25-ablation.json"  # tau = 1 collapsed
+
+
+def _errorbars(ax) -> list:
+    """(x, y, lower, upper) arrays of every errorbar drawn on ``ax``, in drawing order
+    (lower = upper = y where no bar is drawn)."""
+    drawn = []
+    for container in ax.containers:
+        line, _, bars = container.lines  # data line, caps, bar collections
+        x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+        if not bars:
+            drawn.append((x, y, y, y))
+            continue
+        segments = np.asarray(bars[0].get_segments(), dtype=float)  # [point][end][x, y]
+        drawn.append((x, y, segments[:, 0, 1], segments[:, 1, 1]))
+    return drawn
+
+
+@pytest.fixture(scope="module")
+def block() -> dict:
+    return json.loads(BLOCK.read_text())
+
+
+def test_the_figure_draws_the_blocks_paired_differences_and_intervals(block) -> None:
+    fig = difference_figure(block)
+    (comp,) = against_baseline(block)  # the headline block: ERDE against KD only
+    keys = (("accuracy_diff_mean", "ci95"), ("equal_macs_diff_mean", "equal_macs_ci95"))
+    for ax, (mean, ci) in zip(fig.axes, keys, strict=True):
+        ((x, y, low, high),) = _errorbars(ax)
+        rows = comp["per_threshold"]
+        assert len(x) == len(rows)
+        np.testing.assert_allclose(y, [100 * r[mean] for r in rows])
+        np.testing.assert_allclose(low, [100 * r[f"{ci}_low"] for r in rows])
+        np.testing.assert_allclose(high, [100 * r[f"{ci}_high"] for r in rows])
+    assert f"over {block['n_seeds']} seeds" in fig._suptitle.get_text()
+    assert render_difference_png(block)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_students_too_far_off_are_named_not_drawn() -> None:
+    ablation = json.loads(ABLATION.read_text())
+    fig = difference_figure(ablation)
+    far = [
+        c["model"] for c in against_baseline(ablation)
+        if max(abs(p["accuracy_diff_mean"]) for p in c["per_threshold"]) > OFF_SCALE
+    ]  # fmt: skip
+    assert far  # the tau = 1 students of this block collapsed
+    (note,) = [t.get_text() for t in fig.texts if t.get_text().startswith("Not drawn")]
+    drawn = [h.get_label() for h in fig.axes[0].containers]
+    assert len(drawn) == len(against_baseline(ablation)) - len(far)
+    assert not any(name in label for name in far for label in drawn)
+    assert all(name in note for name in far)
+    for _, y, _, _ in _errorbars(fig.axes[0]):
+        assert np.all(np.abs(y) <= 100 * OFF_SCALE)
+
+
+def test_one_seed_draws_no_interval_and_no_kd_draws_nothing(block) -> None:
+    one = json.loads(json.dumps(block))
+    one["n_seeds"] = 1
+    for p in one["comparisons"][0]["per_threshold"]:
+        for key in ("ci95_low", "ci95_high", "equal_macs_ci95_low", "equal_macs_ci95_high"):
+            p[key] = None
+    fig = difference_figure(one)
+    for ax in fig.axes:
+        ((_, y, low, high),) = _errorbars(ax)
+        assert np.array_equal(low, y) and np.array_equal(high, y)
+    assert "one seed, no interval" in fig._suptitle.get_text()
+    one["comparisons"] = [c for c in one["comparisons"] if c["other"] != "student_kd"]
+    assert difference_figure(one) is None and render_difference_png(one) is None
+    assert "difference.png" not in render_markdown(one)
+
+
+def test_publish_writes_the_figure_and_links_it(tmp_path: Path, block) -> None:
+    docs = tmp_path / "docs"
+    paths = publish(block, docs)
+    assert paths["docs_difference"].name == "cifar10-speed-difference.png"
+    assert paths["docs_difference"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (docs / "RESULTS.md").read_text()
+    assert "](results/cifar10-speed-difference.png)" in text
