@@ -110,8 +110,13 @@ def difference_figure(results: Mapping[str, Any], dpi: int = 120) -> Any | None:
     axes[0].legend(fontsize=7, loc="best")
     n = results["n_seeds"]
     spread = f"mean and 95 % interval over {n} seeds" if n > 1 else "one seed, no interval"
+    student = (results.get("config") or {}).get("student") or {}
+    width = float(student.get("width") or 1.0)
+    arch = (
+        f", {student['arch']}{f' x{width:g}' if width != 1.0 else ''} students" if student else ""
+    )
     fig.suptitle(
-        f"{results['dataset']['name']}, {results['schedule']} schedule: paired difference "
+        f"{results['dataset']['name']}, {results['schedule']} schedule{arch}: paired difference "
         f"against the {model_label(PAIRS[0][1])} ({spread})",
         fontsize=10,
     )
