@@ -137,6 +137,27 @@ def test_the_readme_results_table_is_read_from_the_result_files() -> None:
         assert f"{max(wins, losses)} of {wins + losses} thresholds" in verdict, (name, verdict)
 
 
+def test_the_readme_figure_of_differences_says_what_its_block_holds() -> None:
+    """The README's sentence under the half-width difference figure stays true as seeds are
+    added: at equal MACs, every 95 % interval of ERDE - KD contains 0."""
+    import json
+
+    from erde.reproduce.stats import PAIRS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](docs/results/cifar10-speed-difference.png)" in readme
+    results = json.loads((ROOT / "docs" / "results" / "cifar10-speed.json").read_text())
+    (comparison,) = [
+        c for c in results["comparisons"] if (c["model"], c["other"]) == PAIRS[0]
+    ]  # fmt: skip
+    crosses = [
+        p["equal_macs_ci95_low"] <= 0 <= p["equal_macs_ci95_high"]
+        for p in comparison["per_threshold"]
+    ]
+    said = "At equal MACs every bar crosses 0." in " ".join(readme.split())
+    assert said == all(crosses), crosses
+
+
 def test_the_readme_says_how_to_get_the_cpu_build_and_what_the_browser_tests_need() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in readme
