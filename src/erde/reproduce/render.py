@@ -28,6 +28,7 @@ from erde.report import (
     use_log_macs,
 )
 from erde.report.curves import render_curves_png
+from erde.report.diagnostics import signed
 from erde.reproduce.differences import against_baseline, render_difference_png
 from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
 
@@ -162,12 +163,10 @@ def _signed(
 ) -> str:
     """``+0.028 (+0.010 to +0.046)`` after scaling; the value alone without an interval, "—"
     without a value."""
-    if value is None:
-        return "—"
-    text = f"{scale * value:+.{digits}f}"
-    if low is None or high is None:
+    text = signed(value, digits, scale)
+    if value is None or low is None or high is None:
         return text
-    return f"{text} ({scale * low:+.{digits}f} to {scale * high:+.{digits}f})"
+    return f"{text} ({signed(low, digits, scale)} to {signed(high, digits, scale)})"
 
 
 def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
