@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,92 @@ def test_one_string_where_a_list_is_expected_is_refused_not_read_letter_by_lette
     with pytest.raises(ConfigError, match="names must be a list"):
         erde.evaluate(["runs/t"], tmp_path / "report", names="t")
     assert not (tmp_path / "report").exists() and not (tmp_path / "run").exists()
+
+
+def _cli_defaults(argv: list[str]) -> dict:
+    from erde.cli import build_parser
+
+    return vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "function"),
+    [
+        (["calibrate", "c", "--budget", "0.5"], "calibrate"),
+        (["evaluate", "c", "--budgeted"], "evaluate_budgeted"),
+        (["export", "c", "--out", "o", "--int8"], "quantize_checkpoint"),
+        (["run"], "run"),
+    ],
+)
+def test_every_option_a_command_shares_with_its_python_call_has_the_same_default(
+    argv: list[str], function: str
+) -> None:
+    """The CLI calls these functions; a default changed on one side only would make
+    ``erde X`` and ``erde.X(...)`` do different things with the same words."""
+    import inspect
+
+    from erde.calibration import DEFAULT_BUDGETS
+
+    cli = _cli_defaults(argv)
+    given = {word.lstrip("-").replace("-", "_") for word in argv}
+    compared = []
+    for name, param in inspect.signature(getattr(erde, function)).parameters.items():
+        if param.default is inspect.Parameter.empty or name not in cli or name in given:
+            continue
+        # --budgets unset means the library's default budgets
+        expected = DEFAULT_BUDGETS if name == "budgets" and cli[name] is None else cli[name]
+        assert param.default == expected, (function, name, param.default, expected)
+        compared.append(name)
+    assert len(compared) >= 3, compared  # the comparison saw the options, not nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_drop": 0.05, "risk": "drop"}, "risk goes with confidence"),
+        ({"budget": 0.5, "confidence": 0.9}, "confidence goes with max_drop"),
+        ({"max_drop": 0.05, "confidence": 0.9, "temperature": True}, "void the guarantee"),
+    ],
+)
+def test_calibrate_refuses_a_guarantee_asked_for_wrongly_before_reading_anything(
+    tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    from erde.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        erde.calibrate(tmp_path / "no-such-checkpoint.pt", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_trains_the_configs_students_and_calibrates_with_a_guarantee(
+    tmp_path: Path, one_thread
+) -> None:
+    """``erde.run(cfg)`` trains ``distill.students`` as ``erde run`` does (it trained
+    ce/kd/erde whatever the config said), and ``erde.calibrate(..., confidence=)`` on
+    your own tensors gives thresholds with a guarantee, as ``erde calibrate --confidence``;
+    ``erde.evaluate_budgeted`` takes the same tensors."""
+    from erde.calibration.guaranteed import GuaranteedCalibration
+
+    x, y = _tensors(120)
+    cfg = erde.make_config(
+        "digits", [*TINY_OVERRIDES, 'distill.students=[{"method": "ce", "name": "only"}]']
+    )
+    paths = erde.run(cfg, tmp_path / "run", progress=False)
+    report = json.loads(Path(paths["json"]).read_text())
+    assert sorted(report["models"]) == ["student_only", "teacher"]
+    assert not (tmp_path / "run" / "student_kd").exists()
+
+    splits = erde.splits_from_tensors(x, y, x[:30], y[:30], val_fraction=0.5)
+    t = erde.train_teacher(cfg, tmp_path / "t", splits=splits, progress=False)
+    result, path = erde.calibrate(t, max_drop=0.5, confidence=0.6, splits=splits)
+    assert isinstance(result, GuaranteedCalibration) and path.is_file()
+    assert result.validation["num_images"] == len(splits.val)
+    assert "0.6" in result.guarantee() or "60" in result.guarantee()
+    budgeted = erde.evaluate_budgeted([t], tmp_path / "b", budgets=[0.5, 1.0], splits=splits)
+    table = json.loads(budgeted["json"].read_text())
+    assert table["dataset"] == {
+        "name": "tensors",
+        "val_images": len(splits.val),
+        "test_images": len(splits.test),
+    }
+    assert [p["budget"] for p in table["models"]["teacher"]["curve"]] == [0.5, 1.0]

@@ -42,6 +42,7 @@ _API = {
     "train_student": "erde.api",
     "run": "erde.api",
     "evaluate": "erde.api",
+    "evaluate_budgeted": "erde.api",
     "calibrate": "erde.api",
     "reproduce": "erde.reproduce",
     "verify": "erde.api",
@@ -56,6 +57,7 @@ _API = {
     "EarlyExitRouter": "erde.inference",
     "Routed": "erde.inference",
     "export_checkpoint": "erde.inference.export",
+    "quantize_checkpoint": "erde.inference.quantize",
     "OnnxEarlyExitRuntime": "erde.inference.export",
     "release_checkpoint": "erde.checkpoints",
 }
@@ -80,6 +82,7 @@ __all__ = [  # the keys of _API (a test keeps them equal)
     "train_student",
     "run",
     "evaluate",
+    "evaluate_budgeted",
     "calibrate",
     "reproduce",
     "verify",
@@ -93,6 +96,7 @@ __all__ = [  # the keys of _API (a test keeps them equal)
     "EarlyExitRouter",
     "Routed",
     "export_checkpoint",
+    "quantize_checkpoint",
     "OnnxEarlyExitRuntime",
     "release_checkpoint",
 ]
@@ -116,6 +120,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         LoadedModel,
         calibrate,
         evaluate,
+        evaluate_budgeted,
         load_model,
         make_config,
         run,
@@ -137,6 +142,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         load_predictor,
     )
     from erde.inference.export import OnnxEarlyExitRuntime, export_checkpoint
+    from erde.inference.quantize import quantize_checkpoint
     from erde.losses import register_method
     from erde.models import build_model, measure_exit_costs, trusted_modules
     from erde.monitor import TensorBoardLogger

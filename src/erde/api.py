@@ -5,8 +5,11 @@
     erde train-student       erde.train_student(cfg, "runs/s", method="erde", teacher="runs/t")
     erde evaluate            erde.evaluate(["runs/t", "runs/s"], "runs/report")
     erde calibrate           erde.calibrate("runs/s", budget=0.5)
+      --confidence 0.9       erde.calibrate("runs/s", max_drop=0.02, confidence=0.9)
+    erde evaluate --budgeted erde.evaluate_budgeted(["runs/s"], "runs/budgeted")
     erde predict             erde.load_predictor("runs/s").predict(uint8_images)
     erde export              erde.export_checkpoint("runs/s", "runs/s_onnx")
+      --int8                 erde.quantize_checkpoint("runs/s", "runs/s_int8")
     erde reproduce           erde.reproduce("cifar10", "runs/r", data_dir=..., schedule="speed")
     erde verify              erde.verify("docs/results/cifar10-speed.json")
     --dataset/--config/--set erde.make_config("digits", ["student_train.epochs=5"])
@@ -15,6 +18,7 @@
 Every call that reads data also takes ``splits=`` (from :func:`erde.load_data`
 or :func:`erde.splits_from_tensors`), so models can be trained and calibrated
 on images that are not in any built-in format. docs/API.md walks through it.
+The CLI's commands call these functions, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from typing import Any
 
 import torch
 
-from erde.calibration import Calibration, calibrate_checkpoint
+from erde.calibration import DEFAULT_BUDGETS, Calibration, calibrate_checkpoint
+from erde.calibration.guaranteed import GuaranteedCalibration, calibrate_checkpoint_guaranteed
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
-from erde.config import ExperimentConfig, load_config, load_yaml, preset_path
+from erde.config import ExperimentConfig, StudentSpec, load_config, load_yaml, preset_path
 from erde.data import DataSplits
 from erde.data.augment import normalize
 from erde.distributed import resolve_device
+from erde.errors import ConfigError
 from erde.models import EarlyExitNet, measure_exit_costs
-from erde.pipeline import STUDENT_METHODS, evaluate_checkpoints, run_pipeline
+from erde.pipeline import evaluate_checkpoints, run_pipeline
 from erde.training import EpochCallback, Job, train
 
 
@@ -134,19 +140,26 @@ def run(
     cfg: ExperimentConfig,
     out_dir: str | Path,
     *,
-    methods: Sequence[str] = STUDENT_METHODS,
+    methods: Sequence[str | StudentSpec] | None = None,
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    allow_config_change: bool = False,
     on_epoch: EpochCallback | None = None,
 ) -> dict[str, Path]:
-    """``erde run``: teacher, one student per method, evaluation and report.
+    """``erde run``: teacher, the students side by side, evaluation and report.
 
-    Returns the report's paths: ``json``, ``markdown``, ``plot``, ``csv``.
+    ``methods`` (``--students``): method names, ``NAME=METHOD:key=value``
+    texts or :class:`~erde.config.StudentSpec` objects; default the config's
+    ``distill.students`` (ce, kd, erde unless the config names others).
+    ``resume``, ``force``, ``progress``, ``allow_config_change`` and
+    ``on_epoch`` as for :func:`train_teacher`. Returns the report's paths:
+    ``json``, ``markdown``, ``html``, ``plot``, ``csv``, ... (empty on a
+    non-zero rank under torchrun, where rank 0 evaluates).
     """
     return run_pipeline(
         cfg, out_dir, methods=methods, resume=resume, force=force, progress=progress,
-        on_epoch=on_epoch,
+        allow_config_change=allow_config_change, on_epoch=on_epoch,
     )  # fmt: skip
 
 
@@ -176,6 +189,36 @@ def evaluate(
     )  # fmt: skip
 
 
+def evaluate_budgeted(
+    checkpoints: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
+    rule: str = "entropy",
+    per_exit: bool = False,
+    temperature: bool = False,
+    splits: DataSplits | None = None,
+    cfg: ExperimentConfig | None = None,
+    progress: bool = True,
+    names: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """``erde evaluate --budgeted``: each model at each MAC budget, thresholds fitted on validation.
+
+    For every checkpoint and every ``budgets`` entry (mean MACs as a fraction
+    of the full network), thresholds are calibrated on the validation split as
+    :func:`calibrate` would and the test accuracy at them is reported: the
+    deployable comparison, where :func:`evaluate`'s sweep picks nothing.
+    Writes budgeted.json, budgeted.md and budgeted.png to ``out_dir`` and
+    returns their paths (``json``, ``markdown``, ``plot``).
+    """
+    from erde.report.budgeted import evaluate_budgeted as _evaluate_budgeted
+
+    return _evaluate_budgeted(
+        checkpoints, out_dir, budgets=budgets, rule=rule, per_exit=per_exit,
+        temperature=temperature, cfg=cfg, progress=progress, names=names, splits=splits,
+    )  # fmt: skip
+
+
 def calibrate(
     checkpoint: str | Path,
     *,
@@ -184,21 +227,52 @@ def calibrate(
     rule: str = "entropy",
     per_exit: bool = False,
     temperature: bool = False,
+    confidence: float | None = None,
+    risk: str | None = None,
     splits: DataSplits | None = None,
+    cfg: ExperimentConfig | None = None,
     out: str | Path | None = None,
-) -> tuple[Calibration, Path]:
+    progress: bool = False,
+) -> tuple[Calibration | GuaranteedCalibration, Path]:
     """``erde calibrate``: thresholds fitted on the validation split, never on test.
 
     Exactly one target: ``budget`` (mean MACs at most this fraction of the
     full network) or ``max_drop`` (validation accuracy at most this far
-    below the last exit). Writes ``<checkpoint stem>.thresholds.json``
-    beside the checkpoint (which :func:`erde.load_predictor` and
-    :func:`erde.export_checkpoint` then pick up) and returns the result
-    (``.policy``, ``.validation``, ``.test``, ``.feasible``) and the path.
+    below the last exit). With ``confidence`` (e.g. 0.9) and ``max_drop``,
+    the thresholds come with a guarantee instead (docs/INFERENCE.md): with
+    that probability over the draw of the validation images, the ``risk``
+    (``drop``, the default: images wrong early but right at the last exit;
+    or ``consistency``) on new images is at most ``max_drop``; the result is
+    a :class:`~erde.calibration.guaranteed.GuaranteedCalibration`
+    (``.guarantee()`` says it in words), and no thresholds file is written
+    when the validation images cannot support it
+    (:class:`erde.errors.CalibrationError`).
+
+    Writes ``<checkpoint stem>.thresholds.json`` beside the checkpoint (or
+    ``out``), which :func:`erde.load_predictor` and
+    :func:`erde.export_checkpoint` then pick up, and returns the result
+    (``.policy``, ``.validation``, ``.test``) and the path. The data set is
+    the checkpoint's own unless ``splits`` or ``cfg`` say otherwise.
     """
-    return calibrate_checkpoint(
-        checkpoint, budget=budget, max_drop=max_drop, rule=rule, per_exit=per_exit,
-        temperature=temperature, out=out, splits=splits,
+    if confidence is None:
+        if risk is not None:
+            raise ConfigError(
+                "risk goes with confidence (plain calibration bounds the accuracy drop)"
+            )
+        return calibrate_checkpoint(
+            checkpoint, budget=budget, max_drop=max_drop, rule=rule, per_exit=per_exit,
+            temperature=temperature, out=out, cfg=cfg, progress=progress, splits=splits,
+        )  # fmt: skip
+    if max_drop is None or budget is not None:
+        raise ConfigError("confidence goes with max_drop (the risk to bound), not budget")
+    if temperature:
+        raise ConfigError(
+            "temperature with confidence: temperatures fitted on the calibration images "
+            "would void the guarantee"
+        )
+    return calibrate_checkpoint_guaranteed(
+        checkpoint, max_risk=max_drop, confidence=confidence, risk=risk or "drop", rule=rule,
+        per_exit=per_exit, out=out, cfg=cfg, progress=progress, splits=splits,
     )  # fmt: skip
 
 

@@ -182,19 +182,20 @@ def budgeted_evaluation(
     device: str | None = None,
     progress: bool = False,
     names: Sequence[str] | None = None,
+    splits: Any = None,
 ) -> dict[str, Any]:
     """Budgeted evaluation of each checkpoint, as the dict ``budgeted.json`` holds.
 
     For each model, the test accuracy and MACs of thresholds fitted on
     validation for each budget (:func:`budgeted_curve`). ``names`` labels the
-    models (default: each checkpoint's own). Writes nothing:
+    models (default: each checkpoint's own). The data set is the first
+    checkpoint's own unless ``cfg`` or ``splits`` say otherwise. Writes nothing:
     :func:`erde.report.budgeted.evaluate_budgeted` writes the files.
     """
     from erde import io
 
     check_budgeted_args(checkpoints, budgets, names)
     models: dict[str, Any] = {}
-    splits = None
     for index, checkpoint in enumerate(checkpoints):
         ckpt, cfg, splits, model, costs, dev = open_checkpoint(checkpoint, cfg, device, splits)
         if names is not None:

@@ -440,8 +440,11 @@ def calibrate_checkpoint_guaranteed(
     cfg: Any = None,
     device: str | None = None,
     progress: bool = False,
+    splits: Any = None,
 ) -> tuple[GuaranteedCalibration, Path]:
     """Guaranteed thresholds for a checkpoint from its validation split; writes its thresholds file.
+
+    The data set is the checkpoint's own unless ``cfg`` or ``splits`` say otherwise.
 
     Raises :class:`CalibrationError` (nothing written) when no setting that
     lets images leave early passes, naming about how many images would be needed.
@@ -455,7 +458,7 @@ def calibrate_checkpoint_guaranteed(
 
     RiskTarget.create(risk, max_risk, confidence)  # fail before loading anything
     check_thresholds_output(checkpoint, out)
-    ckpt, cfg, splits, model, costs, dev = open_checkpoint(checkpoint, cfg, device)
+    ckpt, cfg, splits, model, costs, dev = open_checkpoint(checkpoint, cfg, device, splits)
     val_logits, val_labels, test_logits, test_labels = val_and_test_logits(
         model, splits, dev, cfg.data.eval_batch_size, progress
     )

@@ -43,7 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_int8(args: argparse.Namespace) -> int:
     import warnings
 
-    from erde.inference.quantize import quantize_checkpoint
+    from erde import quantize_checkpoint
 
     if args.thresholds_file:
         raise ErdeError(

@@ -35,14 +35,14 @@ def _names(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from erde.api import evaluate
     from erde.checkpoints import load_checkpoint
-    from erde.pipeline import evaluate_checkpoints
 
     # without --dataset/--config: the first checkpoint's own config, flags and --set on top
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoints[0])["config"])
     if args.budgeted:
         return _evaluate_budgeted(args, cfg)
-    paths = evaluate_checkpoints(
+    paths = evaluate(
         args.checkpoints,
         args.out,
         cfg=cfg,
@@ -56,8 +56,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    from erde.api import evaluate_budgeted
     from erde.calibration import DEFAULT_BUDGETS
-    from erde.report.budgeted import evaluate_budgeted
 
     budgets = parse_numbers(args.budgets, "--budgets") or list(DEFAULT_BUDGETS)
     paths = evaluate_budgeted(
@@ -91,7 +91,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import warnings
 
-    from erde.calibration import CalibrationWarning, calibrate_checkpoint, resolution_note
+    from erde.api import calibrate
+    from erde.calibration import CalibrationWarning, resolution_note
     from erde.checkpoints import load_checkpoint
 
     cfg = build_config(args, fallback=load_checkpoint(args.checkpoint)["config"])
@@ -103,7 +104,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)  # printed below, once
-        result, path = calibrate_checkpoint(
+        result, path = calibrate(
             args.checkpoint,
             budget=args.budget,
             max_drop=args.max_drop,
@@ -136,7 +137,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    from erde.calibration.guaranteed import calibrate_checkpoint_guaranteed
+    from erde.api import calibrate
 
     if args.max_drop is None:
         raise ErdeError("--confidence goes with --max-drop (the risk to bound), not --budget")
@@ -146,9 +147,9 @@ def _calibrate_guaranteed(args: argparse.Namespace, cfg: ExperimentConfig) -> in
             "would void the guarantee"
         )
     risk = args.risk or "drop"
-    result, path = calibrate_checkpoint_guaranteed(
+    result, path = calibrate(
         args.checkpoint,
-        max_risk=args.max_drop,
+        max_drop=args.max_drop,
         confidence=args.confidence,
         risk=risk,
         rule=args.rule,

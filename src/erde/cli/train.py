@@ -139,9 +139,9 @@ def _students_override(text: str | None) -> list[str]:
 
 
 def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    from erde.pipeline import run_pipeline
+    from erde.api import run
 
-    paths = run_pipeline(
+    paths = run(
         cfg,
         args.out,
         methods=_students(args.methods),

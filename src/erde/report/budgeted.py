@@ -29,6 +29,7 @@ def evaluate_budgeted(
     device: str | None = None,
     progress: bool = False,
     names: Sequence[str] | None = None,
+    splits: Any = None,
 ) -> dict[str, Path]:
     """Budgeted evaluation of each checkpoint: write budgeted.json, budgeted.md and budgeted.png.
 
@@ -39,7 +40,7 @@ def evaluate_budgeted(
     check_out_folder(out_dir, checkpoints)
     report = budgeted_evaluation(
         checkpoints, budgets=budgets, rule=rule, per_exit=per_exit, temperature=temperature,
-        cfg=cfg, device=device, progress=progress, names=names,
+        cfg=cfg, device=device, progress=progress, names=names, splits=splits,
     )  # fmt: skip
     out = Path(out_dir)
     paths = {
