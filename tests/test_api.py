@@ -208,7 +208,9 @@ def test_run_trains_the_configs_students_and_calibrates_with_a_guarantee(
     assert isinstance(result, GuaranteedCalibration) and path.is_file()
     assert result.validation["num_images"] == len(splits.val)
     assert "0.6" in result.guarantee() or "60" in result.guarantee()
-    budgeted = erde.evaluate_budgeted([t], tmp_path / "b", budgets=[0.5, 1.0], splits=splits)
+    budgeted = erde.evaluate_budgeted(
+        [t], tmp_path / "b", budgets=[0.5, 1.0], splits=splits, progress=False
+    )
     table = json.loads(budgeted["json"].read_text())
     assert table["dataset"] == {
         "name": "tensors",

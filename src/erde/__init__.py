@@ -42,7 +42,7 @@ _API = {
     "train_student": "erde.api",
     "run": "erde.api",
     "evaluate": "erde.api",
-    "evaluate_budgeted": "erde.api",
+    "evaluate_budgeted": "erde.report.budgeted",
     "calibrate": "erde.api",
     "reproduce": "erde.reproduce",
     "verify": "erde.api",
@@ -120,7 +120,6 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
         LoadedModel,
         calibrate,
         evaluate,
-        evaluate_budgeted,
         load_model,
         make_config,
         run,
@@ -146,5 +145,6 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time __getattr__ impo
     from erde.losses import register_method
     from erde.models import build_model, measure_exit_costs, trusted_modules
     from erde.monitor import TensorBoardLogger
+    from erde.report.budgeted import evaluate_budgeted
     from erde.reproduce import reproduce
     from erde.threads import set_threads

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from erde.calibration import DEFAULT_BUDGETS, Calibration, calibrate_checkpoint
+from erde.calibration import Calibration, calibrate_checkpoint
 from erde.calibration.guaranteed import GuaranteedCalibration, calibrate_checkpoint_guaranteed
 from erde.checkpoints import load_checkpoint, model_from_checkpoint
 from erde.config import ExperimentConfig, StudentSpec, load_config, load_yaml, preset_path
@@ -186,36 +186,6 @@ def evaluate(
     return evaluate_checkpoints(
         checkpoints, out_dir, cfg=cfg, splits=splits, thresholds=thresholds, progress=progress,
         names=names,
-    )  # fmt: skip
-
-
-def evaluate_budgeted(
-    checkpoints: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    budgets: Sequence[float] = DEFAULT_BUDGETS,
-    rule: str = "entropy",
-    per_exit: bool = False,
-    temperature: bool = False,
-    splits: DataSplits | None = None,
-    cfg: ExperimentConfig | None = None,
-    progress: bool = True,
-    names: Sequence[str] | None = None,
-) -> dict[str, Path]:
-    """``erde evaluate --budgeted``: each model at each MAC budget, thresholds fitted on validation.
-
-    For every checkpoint and every ``budgets`` entry (mean MACs as a fraction
-    of the full network), thresholds are calibrated on the validation split as
-    :func:`calibrate` would and the test accuracy at them is reported: the
-    deployable comparison, where :func:`evaluate`'s sweep picks nothing.
-    Writes budgeted.json, budgeted.md and budgeted.png to ``out_dir`` and
-    returns their paths (``json``, ``markdown``, ``plot``).
-    """
-    from erde.report.budgeted import evaluate_budgeted as _evaluate_budgeted
-
-    return _evaluate_budgeted(
-        checkpoints, out_dir, budgets=budgets, rule=rule, per_exit=per_exit,
-        temperature=temperature, cfg=cfg, progress=progress, names=names, splits=splits,
     )  # fmt: skip
 
 

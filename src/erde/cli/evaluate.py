@@ -56,7 +56,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_budgeted(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    from erde.api import evaluate_budgeted
+    from erde import evaluate_budgeted
     from erde.calibration import DEFAULT_BUDGETS
 
     budgets = parse_numbers(args.budgets, "--budgets") or list(DEFAULT_BUDGETS)

@@ -27,11 +27,20 @@ def evaluate_budgeted(
     temperature: bool = False,
     cfg: Any = None,
     device: str | None = None,
-    progress: bool = False,
+    progress: bool = True,
     names: Sequence[str] | None = None,
     splits: Any = None,
 ) -> dict[str, Path]:
-    """Budgeted evaluation of each checkpoint: write budgeted.json, budgeted.md and budgeted.png.
+    """``erde evaluate --budgeted`` (``erde.evaluate_budgeted``): each model at each MAC budget.
+
+    For every checkpoint and every ``budgets`` entry (mean MACs as a fraction
+    of the full network), thresholds are calibrated on the validation split
+    as :func:`erde.calibrate` would, and the test accuracy at them is
+    reported: the deployable comparison, where a threshold sweep picks
+    nothing. Writes budgeted.json, budgeted.md and budgeted.png to
+    ``out_dir`` and returns their paths (``json``, ``markdown``, ``plot``).
+    The data set is the first checkpoint's own unless ``cfg`` or ``splits``
+    (:func:`erde.splits_from_tensors`, :func:`erde.load_data`) say otherwise.
 
     ``names`` labels the models (default: each checkpoint's own). The arguments
     and the output folder are checked before any model is loaded.
