@@ -123,6 +123,35 @@ def test_the_block_says_what_the_entropy_term_changed_and_verify_checks_it(
     assert "entropy_diagnostics.models.student_erde[0].entropy_shift_teacher_right_mean" in out
 
 
+def test_the_block_tests_the_whole_curve_once_per_pair_and_verify_checks_it(
+    block: Path, tmp_path: Path, capsys
+) -> None:
+    """One paired test of the whole trade-off per comparison, rendered under the table
+    and in the other pairs' table, re-derived from the records by verify."""
+    path = _published(block / "docs" / "results")
+    results = json.loads(path.read_text())
+    pairs = [(c["model"], c["other"]) for c in results["comparisons"]]
+    assert [(w["model"], w["other"]) for w in results["whole_curve"]] == pairs
+    first = results["whole_curve"][0]
+    assert first["n_seeds"] == 2 and len(first["diff_per_seed"]) == 2
+    assert first["ci95_low"] <= first["diff_mean"] <= first["ci95_high"]
+    macs = results["models"]["student_kd"]["macs_per_exit"]
+    assert first["macs_low"] == pytest.approx(macs[0]) and first["macs_high"] == pytest.approx(
+        macs[-1]
+    )
+    text = (block / "docs" / "RESULTS.md").read_text()
+    assert "Over the whole curve, one paired test instead of one per threshold" in text
+    assert "| Whole curve |" in text
+
+    folder = tmp_path / "results"
+    shutil.copytree(block / "docs" / "results", folder)
+    path = _published(folder)
+    results["whole_curve"][1]["diff_per_seed"][0] += 0.001
+    path.write_text(json.dumps(results))
+    assert main(["verify", str(path)]) == 1
+    assert "whole_curve[1].diff_per_seed[0]" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

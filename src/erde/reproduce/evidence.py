@@ -6,7 +6,8 @@ the block (a teacher shared by several seeds once) and returns the entry that
 ``results.json`` carries: its sha256, image and class counts, and which array
 holds which seed's model. :func:`rederive` recomputes the block's tables (per
 threshold and seed, the means and spreads, the training-free curve and every
-paired comparison) from that file alone, and lists any number that differs.
+paired comparison, the entropy diagnostics and the whole-curve comparisons) from that
+file alone, and lists any number that differs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from erde.records import (
 )
 from erde.reproduce.diagnostics import block_diagnostics
 from erde.reproduce.stats import compare_pair, comparison_pairs, mean_std
+from erde.reproduce.tradeoff import block_tradeoff
 
 RECORDS_SUFFIX = "-records.npz"  # docs/results/<block>-records.npz beside <block>.json
 
@@ -154,7 +156,8 @@ def rederive(results: Mapping[str, Any], labels: np.ndarray,
     }
     comparisons = [compare_pair(a, b, models) for a, b in comparison_pairs(list(models))]
     return {"models": models, "comparisons": comparisons,
-            "entropy_diagnostics": block_diagnostics(results, labels, held)}  # fmt: skip
+            "entropy_diagnostics": block_diagnostics(results, labels, held),
+            "whole_curve": block_tradeoff(results, labels, held)}  # fmt: skip
 
 
 _CHECKED_ROW = ("accuracy_mean", "accuracy_std", "accuracy_per_seed", "macs_mean", "macs_std",
@@ -221,8 +224,9 @@ def differences(
                         row[key],
                         row2.get(key),
                     )
-    if "entropy_diagnostics" in results:  # blocks published since 2026-12-06
-        _diff("entropy_diagnostics", results["entropy_diagnostics"], derived["entropy_diagnostics"])
+    for key in ("entropy_diagnostics", "whole_curve"):  # in blocks published since 2026-12-06
+        if key in results:
+            _diff(key, results[key], derived[key])
     return out
 
 

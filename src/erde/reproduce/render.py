@@ -140,8 +140,9 @@ def _comparison_rows(comp: Mapping[str, Any], n_seeds: int) -> list[list[str]]:
     ]
 
 
-def _pair_row(comp: Mapping[str, Any]) -> list[str]:
-    """One row of the other pairs' table: wins, mean, last exit with its interval, equal MACs."""
+def _pair_row(comp: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    """One row of the other pairs' table: wins, mean, last exit with its interval, equal MACs
+    (and the whole curve, in blocks that have it)."""
     last = comp["per_threshold"][0]
     at_equal = [
         r["equal_macs_diff_mean"] if r.get("equal_macs_diff_mean") is not None
@@ -155,7 +156,16 @@ def _pair_row(comp: Mapping[str, Any]) -> list[str]:
         _points(comp["accuracy_diff_mean"]),
         _with_interval(last["accuracy_diff_mean"], last.get("ci95_low"), last.get("ci95_high")),
         _points(sum(at_equal) / len(at_equal)) if at_equal else "—",
-    ]
+    ] + ([_whole_cell(whole_curve_of(results, comp["model"], comp["other"]))]
+         if results.get("whole_curve") else [])  # fmt: skip
+
+
+def _whole_cell(whole: Mapping[str, Any] | None) -> str:
+    """``+0.20 (-0.09 to +0.50), p = 0.14``: the whole-curve difference in a table cell."""
+    if whole is None:
+        return "—"
+    p = "" if whole["p_value"] is None else f", p = {whole['p_value']:.2g}"
+    return _with_interval(whole["diff_mean"], whole["ci95_low"], whole["ci95_high"]) + p
 
 
 def _signed(
@@ -234,14 +244,34 @@ def _diagnostic_lines(diag: Mapping[str, Any] | None, sub: str) -> list[str]:
     return lines
 
 
-def _comparison_sentence(comp: Mapping[str, Any]) -> str:
+def _comparison_sentence(comp: Mapping[str, Any], results: Mapping[str, Any]) -> str:
     a, b = model_label(comp["model"]), model_label(comp["other"])
-    return (
+    text = (
         f"{a} beat {b} at {comp['wins']} of {comp['thresholds']} thresholds "
         f"({'every one' if comp['beat_at_every_threshold'] else 'not every one'}); "
         f"difference in accuracy {_points(comp['accuracy_diff_mean'])} points on average "
         f"(from {_points(comp['accuracy_diff_min'])} to {_points(comp['accuracy_diff_max'])})."
     )
+    whole = whole_curve_of(results, comp["model"], comp["other"])
+    if whole is None:
+        return text
+    p = "—" if whole["p_value"] is None else f"{whole['p_value']:.2g}"
+    return (
+        f"{text} Over the whole curve, one paired test instead of one per threshold "
+        f"(the accuracy difference at equal MACs, averaged over {whole['grid_points']} MAC "
+        f"values from {fmt_count(whole['macs_low'])} to {fmt_count(whole['macs_high'])}, each "
+        "seed's curve traced from its per-image records): "
+        f"{_with_interval(whole['diff_mean'], whole['ci95_low'], whole['ci95_high'])} points, "
+        f"p = {p}, ahead in {whole['seeds_ahead']} of {whole['n_seeds']} seeds."
+    )
+
+
+def whole_curve_of(results: Mapping[str, Any], model: str, other: str) -> Mapping | None:
+    """The whole-curve comparison of ``model`` against ``other`` (None in blocks before it)."""
+    for entry in results.get("whole_curve") or []:
+        if (entry["model"], entry["other"]) == (model, other) and entry["diff_mean"] is not None:
+            return entry
+    return None
 
 
 def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -400,7 +430,7 @@ def render_markdown(
         lines += [
             f"{sub} {model_label(comp['model'])} vs {model_label(comp['other'])} at each threshold",
             "",
-            _comparison_sentence(comp),
+            _comparison_sentence(comp, results),
             "Accuracy diff.: paired by seed. p: two-sided paired t-test of the per-seed "
             "differences (— with one seed or identical differences). "
             "95 % interval: of the mean paired difference (Student's t). "
@@ -429,13 +459,15 @@ def render_markdown(
             "Paired by seed, as above. Thresholds won: of the table's thresholds. At the last "
             "exit: h = 0, every image answered by the full network (95 % interval with two "
             "seeds or more). At equal MACs: the mean over the thresholds of the difference at "
-            "equal MACs.",
+            "equal MACs."
+            + (" Whole curve: the one test of the whole trade-off described above (95 % "
+               "interval, p)." if results.get("whole_curve") else ""),
             "",
         ]
         lines += markdown_table(
             ["Pair", "Thresholds won", "Mean diff. (points)", "At the last exit (95 % interval)",
-             "At equal MACs"],
-            [_pair_row(c) for c in others],
+             "At equal MACs"] + (["Whole curve"] if results.get("whole_curve") else []),
+            [_pair_row(c, results) for c in others],
         ) + [""]  # fmt: skip
 
     lines += _diagnostic_lines(results.get("entropy_diagnostics"), sub)
@@ -712,5 +744,5 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
             f"{model_label(name):14s} last exit {_pm(m['exit_accuracy_mean'][-1], m['exit_accuracy_std'][-1], results['n_seeds'])}%"
             f"   at equal accuracy: {text}"
         )
-    lines += [_comparison_sentence(c) for c in results["comparisons"][:1]]
+    lines += [_comparison_sentence(c, results) for c in results["comparisons"][:1]]
     return lines

@@ -31,6 +31,7 @@ from erde.reproduce.diagnostics import block_diagnostics
 from erde.reproduce.evidence import gather
 from erde.reproduce.render import publish, write_results
 from erde.reproduce.stats import RULE, aggregate, threshold_grid, training_time
+from erde.reproduce.tradeoff import block_tradeoff
 from erde.training import (
     PERFORMANCE_ONLY,
     EpochCallback,
@@ -436,6 +437,15 @@ def _training_time(model_dir: Path, batch_size: int) -> dict[str, Any] | None:
         return None
 
 
+def derive_from_records(results: dict[str, Any], records_file: Path) -> None:
+    """Add what only the per-image records give to ``results``: the entropy diagnostics
+    (:mod:`erde.reproduce.diagnostics`) and the whole-curve comparisons
+    (:mod:`erde.reproduce.tradeoff`)."""
+    labels, held = load_records(records_file)
+    results["entropy_diagnostics"] = block_diagnostics(results, labels, held)
+    results["whole_curve"] = block_tradeoff(results, labels, held)
+
+
 def training_curves(folders: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, Any]]:
     """Per model (``{model: [its folder in each seed]}``), the mean training curve over seeds.
 
@@ -549,9 +559,7 @@ def reproduce(
             results["block"] = block
         done.append((plan.seed, plan.teacher_seed))
         results["records"] = gather(out, done, model_names(cfg), out / RECORDS_FILE)
-        results["entropy_diagnostics"] = block_diagnostics(
-            results, *load_records(out / RECORDS_FILE)
-        )
+        derive_from_records(results, out / RECORDS_FILE)
         paths = write_results(out, results)
         paths["records"] = out / RECORDS_FILE
         if docs_dir is not None:  # after every seed: a long run shows what it has so far

@@ -157,14 +157,21 @@ def _at(points: Mapping[float, Mapping[str, Any]], threshold: float, where: str)
     raise ConfigError(f"{where} has no {RULE} point at threshold {threshold:.6g}; re-evaluate it")
 
 
+def envelope_arrays(points: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(MACs ascending, best accuracy reachable with at most those MACs) of (MACs, accuracy)
+    ``points``: a curve made monotone, to be read at any MACs by linear interpolation."""
+    pts = sorted(points)
+    xs = np.array([x for x, _ in pts], dtype=np.float64)
+    ys = np.maximum.accumulate(np.array([y for _, y in pts], dtype=np.float64))
+    return xs, ys
+
+
 def _envelope(points: Sequence[tuple[float, float]], macs: float) -> float | None:
     """Best accuracy reachable with at most ``macs`` on (MACs, accuracy) ``points``.
 
     Linear between points; None outside their MAC range.
     """
-    pts = sorted(points)
-    xs = np.array([x for x, _ in pts])
-    ys = np.maximum.accumulate(np.array([y for _, y in pts]))
+    xs, ys = envelope_arrays(points)
     if len(xs) == 0 or macs < xs[0] - 1e-9 or macs > xs[-1] + 1e-9:
         return None
     return float(np.interp(macs, xs, ys))
