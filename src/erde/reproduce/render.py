@@ -460,8 +460,12 @@ def render_markdown(
             "exit: h = 0, every image answered by the full network (95 % interval with two "
             "seeds or more). At equal MACs: the mean over the thresholds of the difference at "
             "equal MACs."
-            + (" Whole curve: the one test of the whole trade-off described above (95 % "
-               "interval, p)." if results.get("whole_curve") else ""),
+            + (
+                " Whole curve: the one test of the whole trade-off described above (95 % "
+                "interval, p)."
+                if results.get("whole_curve")
+                else ""
+            ),
             "",
         ]
         lines += markdown_table(
