@@ -46,7 +46,7 @@ def test_the_figure_draws_the_blocks_paired_differences_and_intervals(block) -> 
     fig = difference_figure(block)
     (comp,) = against_baseline(block)  # the headline block: ERDE against KD only
     keys = (("accuracy_diff_mean", "ci95"), ("equal_macs_diff_mean", "equal_macs_ci95"))
-    for ax, (mean, ci) in zip(fig.axes, keys, strict=True):
+    for ax, (mean, ci) in zip(fig.axes[:2], keys, strict=True):
         ((x, y, low, high),) = _errorbars(ax)
         rows = comp["per_threshold"]
         assert len(x) == len(rows)
@@ -55,6 +55,32 @@ def test_the_figure_draws_the_blocks_paired_differences_and_intervals(block) -> 
         np.testing.assert_allclose(high, [100 * r[f"{ci}_high"] for r in rows])
     assert f"over {block['n_seeds']} seeds" in fig._suptitle.get_text()
     assert render_difference_png(block)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_third_panel_draws_the_difference_along_the_mac_axis_with_its_band(block) -> None:
+    """The whole-curve comparison (erde.reproduce.tradeoff): its profile as a line, its 95 %
+    band, its one-test number in the legend; no third panel in a block without it."""
+    fig = difference_figure(block)
+    assert len(fig.axes) == 3
+    (whole,) = [
+        w
+        for w in block["whole_curve"]
+        if (w["model"], w["other"]) == ("student_erde", "student_kd")
+    ]
+    (line,) = [ln for ln in fig.axes[2].get_lines() if ln.get_label().startswith("ERDE")]
+    x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+    np.testing.assert_allclose(y, [100 * v for v in whole["profile_diff_mean"]])
+    assert x[0] == pytest.approx(whole["macs_low"] / 1e6) and x[-1] == pytest.approx(
+        whole["macs_high"] / 1e6
+    )
+    assert f"{100 * whole['diff_mean']:+.2f} ({100 * whole['ci95_low']:+.2f}" in line.get_label()
+    (band,) = fig.axes[2].collections
+    edges = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+    assert edges.min() == pytest.approx(100 * min(whole["profile_ci95_low"]))
+    assert edges.max() == pytest.approx(100 * max(whole["profile_ci95_high"]))
+
+    older = {k: v for k, v in block.items() if k != "whole_curve"}
+    assert len(difference_figure(older).axes) == 2
 
 
 def test_students_too_far_off_are_named_not_drawn() -> None:
@@ -72,6 +98,9 @@ def test_students_too_far_off_are_named_not_drawn() -> None:
     assert all(name in note for name in far)
     for _, y, _, _ in _errorbars(fig.axes[0]):
         assert np.all(np.abs(y) <= 100 * OFF_SCALE)
+    along = [ln.get_label() for ln in fig.axes[2].get_lines() if "over the curve" in ln.get_label()]
+    assert len(along) == len(drawn) and not any(name in a for name in far for a in along)
+    assert not fig.axes[2].collections  # more than three students: no bands hiding each other
 
 
 def test_one_seed_draws_no_interval_and_no_kd_draws_nothing(block) -> None:
@@ -80,10 +109,15 @@ def test_one_seed_draws_no_interval_and_no_kd_draws_nothing(block) -> None:
     for p in one["comparisons"][0]["per_threshold"]:
         for key in ("ci95_low", "ci95_high", "equal_macs_ci95_low", "equal_macs_ci95_high"):
             p[key] = None
+    for whole in one["whole_curve"]:  # as curve_difference gives them for one seed
+        whole["ci95_low"] = whole["ci95_high"] = None
+        whole["profile_ci95_low"] = whole["profile_ci95_high"] = [None] * whole["grid_points"]
     fig = difference_figure(one)
-    for ax in fig.axes:
+    for ax in fig.axes[:2]:
         ((_, y, low, high),) = _errorbars(ax)
         assert np.array_equal(low, y) and np.array_equal(high, y)
+    assert not fig.axes[2].collections  # no band
+    assert "over the curve" in fig.axes[2].get_lines()[0].get_label()
     assert "one seed, no interval" in fig._suptitle.get_text()
     one["comparisons"] = [c for c in one["comparisons"] if c["other"] != "student_kd"]
     assert difference_figure(one) is None and render_difference_png(one) is None

@@ -65,6 +65,10 @@ def test_equal_curves_differ_by_nothing_and_a_lifted_curve_by_its_lift() -> None
     assert (lifted["ci95_low"], lifted["ci95_high"]) == (low, high)
     assert lifted["p_value"] == paired_p_value(lifted["diff_per_seed"])
     assert lifted["seeds_ahead"] == 3 and lifted["n_seeds"] == 3
+    # along the MAC axis: the lift at every MAC value, with the same interval
+    assert lifted["profile_diff_mean"] == pytest.approx([np.mean(lifts)] * GRID_POINTS)
+    assert lifted["profile_ci95_low"] == pytest.approx([low] * GRID_POINTS)
+    assert lifted["profile_ci95_high"] == pytest.approx([high] * GRID_POINTS)
     assert (lifted["macs_low"], lifted["macs_high"], lifted["grid_points"]) == (
         1.0,
         4.0,

@@ -3,8 +3,10 @@
 The trade-off plot (``tradeoff.png``) draws whole curves, on which a difference of half a point
 is a line's width; the question a block answers is whether that difference is there at all.
 This figure draws, per threshold of the results table, the mean paired difference against the
-baseline (KD) with its 95 % interval, at the same threshold (left) and at equal MACs (right):
-an interval that crosses zero is a difference the seeds do not show.
+baseline (KD) with its 95 % interval, at the same threshold (left) and at equal MACs (middle):
+an interval that crosses zero is a difference the seeds do not show. Blocks with the
+whole-curve comparison (:mod:`erde.reproduce.tradeoff`) add a third panel: the difference at
+equal MACs all along the MAC axis, with its 95 % band, and the one-test number in the legend.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 from erde.report import curve_style, model_label
 from erde.reproduce.stats import PAIRS
+from erde.reproduce.tradeoff import whole_curve_of
 
 OFF_SCALE = 0.05  # a student this far from the baseline anywhere (5 points) is named, not drawn
+MAX_BANDS = 3  # more students than this: their bands along the MAC axis would hide each other
 _PANELS = (
     ("accuracy_diff_mean", "ci95_low", "ci95_high", "at the same threshold"),
     ("equal_macs_diff_mean", "equal_macs_ci95_low", "equal_macs_ci95_high", "at equal MACs"),
@@ -77,10 +81,14 @@ def difference_figure(results: Mapping[str, Any], dpi: int = 120) -> Any | None:
     from matplotlib.figure import Figure
 
     drawn, notes = _split(comparisons)
-    fig = Figure(figsize=(10.0, 4.6), dpi=dpi)
+    profiles = [whole_curve_of(results, c["model"], c["other"]) for c in drawn]
+    along = any(w is not None and "profile_diff_mean" in w for w in profiles)
+    fig = Figure(figsize=(15.0 if along else 10.0, 4.6), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, (key, low, high, title) in zip(axes, _PANELS, strict=True):
+    axes = fig.subplots(1, 3 if along else 2, sharey=True)
+    if along:
+        _draw_along_macs(axes[2], drawn, profiles)
+    for ax, (key, low, high, title) in zip(axes, _PANELS, strict=False):
         for k, comp in enumerate(drawn):
             label, colour, _, marker = curve_style(comp["model"], k)
             shift = (k - (len(drawn) - 1) / 2) * 0.8 / max(len(drawn), 1)
@@ -124,6 +132,43 @@ def difference_figure(results: Mapping[str, Any], dpi: int = 120) -> Any | None:
         fig.text(0.01, 0.01, "Not drawn (off the scale): " + "; ".join(notes), fontsize=7)
     fig.tight_layout(rect=(0, 0.04 if notes else 0, 1, 1))
     return fig
+
+
+def _draw_along_macs(
+    ax: Any, drawn: Sequence[Mapping[str, Any]], profiles: Sequence[Mapping[str, Any] | None]
+) -> None:
+    """Each student minus KD at equal MACs along the MAC axis: mean line, 95 % band (two
+    seeds or more, :data:`MAX_BANDS` students or fewer), the whole-curve mean and interval
+    in the legend."""
+    import numpy as np
+
+    for k, (comp, whole) in enumerate(zip(drawn, profiles, strict=True)):
+        if whole is None or "profile_diff_mean" not in whole:
+            continue
+        label, colour, linestyle, _ = curve_style(comp["model"], k)
+        macs = np.linspace(whole["macs_low"], whole["macs_high"], whole["grid_points"]) / 1e6
+        mean = 100 * np.array(whole["profile_diff_mean"])
+        interval = (
+            f" ({100 * whole['ci95_low']:+.2f} to {100 * whole['ci95_high']:+.2f})"
+            if whole["ci95_low"] is not None
+            else ""
+        )
+        ax.plot(
+            macs, mean, color=colour, linestyle=linestyle, linewidth=1.3,
+            label=f"{label} − {model_label(comp['other'])}: {100 * whole['diff_mean']:+.2f}"
+            f"{interval} over the curve",
+        )  # fmt: skip
+        lows, highs = whole["profile_ci95_low"], whole["profile_ci95_high"]
+        if len(drawn) <= MAX_BANDS and all(v is not None for v in (*lows, *highs)):
+            ax.fill_between(
+                macs, 100 * np.array(lows), 100 * np.array(highs), color=colour, alpha=0.15,
+                linewidth=0,
+            )  # fmt: skip
+    ax.axhline(0.0, color="gray", linewidth=1)
+    ax.set_xlabel("mean MACs per image (M): first exit's cost → full network's")
+    ax.set_title("at equal MACs, along the whole curve", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
 
 
 __all__ = ["OFF_SCALE", "against_baseline", "difference_figure", "render_difference_png"]

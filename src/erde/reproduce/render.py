@@ -31,6 +31,7 @@ from erde.report.curves import render_curves_png
 from erde.report.diagnostics import signed
 from erde.reproduce.differences import against_baseline, render_difference_png
 from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
+from erde.reproduce.tradeoff import whole_curve_of
 
 # --------------------------------------------------------------------------- rendering
 
@@ -266,14 +267,6 @@ def _comparison_sentence(comp: Mapping[str, Any], results: Mapping[str, Any]) ->
     )
 
 
-def whole_curve_of(results: Mapping[str, Any], model: str, other: str) -> Mapping | None:
-    """The whole-curve comparison of ``model`` against ``other`` (None in blocks before it)."""
-    for entry in results.get("whole_curve") or []:
-        if (entry["model"], entry["other"]) == (model, other) and entry["diff_mean"] is not None:
-            return entry
-    return None
-
-
 def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One sentence on what training cost on the machine named under the block, per model."""
     if not times:
@@ -446,9 +439,18 @@ def render_markdown(
             f"![paired differences against the {model_label(PAIRS[0][1])}]({difference_link})",
             "",
             f"Every student against the {model_label(PAIRS[0][1])}, paired by seed, at each "
-            "threshold of the table: at the same threshold (left) and at equal MACs (right); "
-            "the bars are 95 % intervals (two seeds or more). A bar that crosses 0 is a "
-            "difference the seeds do not show.",
+            + (
+                "threshold of the table: at the same threshold (left) and at equal MACs "
+                "(middle); the bars are 95 % intervals (two seeds or more). A bar that crosses "
+                "0 is a difference the seeds do not show. Right: the difference at equal MACs "
+                "all along the curve, from the first exit's cost to the full network's (95 % "
+                "band at each MAC value, drawn for three students or fewer), with the "
+                "whole-curve test in the legend."
+                if results.get("whole_curve")
+                else "threshold of the table: at the same threshold (left) and at equal MACs "
+                "(right); the bars are 95 % intervals (two seeds or more). A bar that crosses "
+                "0 is a difference the seeds do not show."
+            ),
             "",
         ]
     others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]

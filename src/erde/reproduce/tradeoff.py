@@ -99,10 +99,14 @@ def curve_difference(
     if not high > low:
         return None
     grid = np.linspace(low, high, GRID_POINTS)
-    diffs = [
-        float(np.mean(np.interp(grid, xa, ya) - np.interp(grid, xb, yb)))
-        for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True)
-    ]
+    along = np.array(
+        [
+            np.interp(grid, xa, ya) - np.interp(grid, xb, yb)
+            for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True)
+        ]
+    )  # (seeds, GRID_POINTS)
+    diffs = [float(v) for v in along.mean(axis=1)]
+    intervals = [paired_ci95([float(v) for v in column]) for column in along.T]
     mean, std = mean_std(diffs)
     ci_low, ci_high = paired_ci95(diffs)
     return {
@@ -117,7 +121,20 @@ def curve_difference(
         "macs_low": low,
         "macs_high": high,
         "grid_points": GRID_POINTS,
+        # the difference along the MAC axis, at each grid value: mean and 95 % interval
+        "profile_diff_mean": [float(v) for v in along.mean(axis=0)],
+        "profile_ci95_low": [lo for lo, _ in intervals],
+        "profile_ci95_high": [hi for _, hi in intervals],
     }
+
+
+def whole_curve_of(results: Mapping[str, Any], model: str, other: str) -> Mapping | None:
+    """The whole-curve comparison of ``model`` against ``other`` in a results document
+    (None in blocks published before it, or where the curves share no MAC range)."""
+    for entry in results.get("whole_curve") or []:
+        if (entry["model"], entry["other"]) == (model, other) and entry["diff_mean"] is not None:
+            return entry
+    return None
 
 
 def block_tradeoff(
