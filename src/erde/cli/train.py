@@ -337,11 +337,12 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "(finished runs in --out are reused, interrupted ones resumed) and evaluate them on a "
         "fixed threshold grid; then write results.json, results.md (accuracy mean ± std over "
         "seeds and mean MACs per threshold, MAC reduction at equal accuracy and for 0.5-5 points "
-        "given up, ERDE vs KD at each threshold and at equal MACs with 95 % intervals, what the "
-        "entropy term changed against KD, anchors), records.npz (every model's per-image "
-        "records, from which `erde verify` re-derives the tables), tradeoff.png (with spread "
-        "bands) and training.png (validation accuracy per exit after each epoch, mean over "
-        "seeds). "
+        "given up, ERDE vs KD at each threshold and at equal MACs with 95 % intervals, and once "
+        "over the whole accuracy-MACs curve, what the entropy term changed against KD, "
+        "anchors), records.npz (every model's per-image records, from which `erde verify` "
+        "re-derives the tables), tradeoff.png (with spread bands), difference.png (each "
+        "student minus KD, per threshold and along the MAC axis) and training.png (validation "
+        "accuracy per exit after each epoch, mean over seeds). "
         "--dataset cifar10 also reads an ImageFolder copy (train/<class>/*.jpg, "
         "test/<class>/*.jpg, folder or .tar.gz).",
     )
