@@ -145,11 +145,19 @@ def test_a_run_reports_what_the_entropy_term_changed_from_its_own_records(tiny_r
             model, batches, device=torch.device("cpu"), progress=False
         )
         held[name] = exit_records(logits)
-    again = run_diagnostics(held, labels.numpy())
+    macs = {name: report["models"][name]["macs_per_exit"] for name in held}
+    again = run_diagnostics(held, labels.numpy(), macs)
     assert again is not None and again["reference_auroc"] == pytest.approx(diag["reference_auroc"])
     for name, rows in diag["models"].items():
         for published, recomputed in zip(rows, again["models"][name], strict=True):
             assert published == pytest.approx(recomputed, abs=1e-6)
+    # the whole curve against KD, one number per student, from the same records
+    assert set(diag["whole_curve"]) == {"student_ce", "student_erde"}
+    for name, whole in diag["whole_curve"].items():
+        assert whole == pytest.approx(again["whole_curve"][name], abs=1e-6)
+        assert whole["macs_low"] < whole["macs_high"] == pytest.approx(macs["student_kd"][-1])
     text = (tiny_run["out"] / "report.md").read_text()
     assert "## What the entropy term changed, against the KD student" in text
     assert "| ERDE student | 0 |" in text
+    diff = 100 * diag["whole_curve"]["student_erde"]["diff"]
+    assert f"ERDE student minus KD student over the whole accuracy-MACs curve: {diff:+.2f}" in text

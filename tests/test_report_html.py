@@ -220,6 +220,9 @@ def test_the_page_shows_report_md_diagnostics_cells(browser, tiny_run):
     expected = [[c.strip() for c in row] for row in rows[1:]]  # [0] is the header
     assert shown and shown == expected
     assert section.is_displayed()
+    whole = [p.text for p in section.find_elements(By.CSS_SELECTOR, "p.whole-curve")]
+    in_md = [line for line in table.splitlines() if "over the whole accuracy-MACs curve" in line]
+    assert whole and [w.replace("erde reproduce", "`erde reproduce`") for w in whole] == in_md
 
 
 def test_hundreds_of_models_and_thresholds_stay_responsive(browser, tmp_path):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from erde.records import ExitRecords, sweep_records
+from erde.diagnostics import GRID_POINTS
+from erde.records import ExitRecords, dense_curve, routed_curve, sweep_records
 from erde.reproduce.stats import paired_ci95, paired_p_value
-from erde.reproduce.tradeoff import GRID_POINTS, curve_difference, dense_curve, routed_curve
+from erde.reproduce.tradeoff import curve_difference
 
 
 def _records(num_exits: int, n: int = 1500, seed: int = 0) -> tuple[ExitRecords, np.ndarray]:

@@ -30,14 +30,15 @@ student of the same run and the teacher (whose exit ``e`` says which images are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from erde.records import ExitRecords
+from erde.records import ExitRecords, dense_curve
 
 REFERENCE = "student_kd"
+GRID_POINTS = 101  # MAC values at which two curves are compared (equal_macs_gaps)
 TEACHER = "teacher"
 
 
@@ -107,11 +108,45 @@ def exit_contrast(
     }
 
 
-def run_diagnostics(held: Mapping[str, ExitRecords], labels: np.ndarray) -> dict[str, Any] | None:
+def equal_macs_gaps(
+    mine: Sequence[tuple[np.ndarray, np.ndarray]], theirs: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One model's accuracy minus another's at equal MACs, all along the MAC axis.
+
+    ``mine``, ``theirs``: a curve per seed (:func:`erde.records.dense_curve`: MACs
+    ascending and the best accuracy within them), paired by position. Returns the MAC
+    grid (G,) of :data:`GRID_POINTS` values evenly spaced over the MACs every curve
+    reaches, and the differences (seeds, G), read on each curve by linear interpolation;
+    their mean over the grid is the area between the curves over the MAC range, one
+    number per seed for the whole trade-off. None when the curves share no MAC range.
+    """
+    curves = [*mine, *theirs]
+    low = max(float(xs[0]) for xs, _ in curves)
+    high = min(float(xs[-1]) for xs, _ in curves)
+    if not high > low:
+        return None
+    grid = np.linspace(low, high, GRID_POINTS)
+    along = np.array(
+        [
+            np.interp(grid, xa, ya) - np.interp(grid, xb, yb)
+            for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True)
+        ]
+    )
+    return grid, along
+
+
+def run_diagnostics(
+    held: Mapping[str, ExitRecords],
+    labels: np.ndarray,
+    macs: Mapping[str, Sequence[float]] | None = None,
+) -> dict[str, Any] | None:
     """Per student (all but the teacher and KD) and exit, :func:`exit_contrast` in one run.
 
     ``held``: records by model name. None without a teacher or a KD student, or where
-    their exits differ in number (no exit to pair with).
+    their exits differ in number (no exit to pair with). With ``macs`` (each model's
+    MACs per exit), also ``whole_curve``: per student, its accuracy minus KD's at equal
+    MACs averaged over the MACs both reach (:func:`equal_macs_gaps`), one run's number
+    for the whole trade-off.
     """
     if TEACHER not in held or REFERENCE not in held:
         return None
@@ -127,4 +162,30 @@ def run_diagnostics(held: Mapping[str, ExitRecords], labels: np.ndarray) -> dict
         if name not in (TEACHER, REFERENCE) and rec.num_exits == exits
     }
     reference_auroc = [exit_auroc(held[REFERENCE], labels, e) for e in range(exits)]
-    return {"reference": REFERENCE, "reference_auroc": reference_auroc, "models": models}
+    out = {"reference": REFERENCE, "reference_auroc": reference_auroc, "models": models}
+    if macs is not None:
+        out["whole_curve"] = _whole_curve(held, labels, macs, list(models))
+    return out
+
+
+def _whole_curve(
+    held: Mapping[str, ExitRecords],
+    labels: np.ndarray,
+    macs: Mapping[str, Sequence[float]],
+    names: Sequence[str],
+) -> dict[str, dict[str, float] | None]:
+    """Per student: ``{"diff", "macs_low", "macs_high"}`` against KD over the whole curve."""
+    reference = dense_curve(held[REFERENCE], labels, macs[REFERENCE])
+    out: dict[str, dict[str, float] | None] = {}
+    for name in names:
+        found = equal_macs_gaps([dense_curve(held[name], labels, macs[name])], [reference])
+        if found is None:
+            out[name] = None
+            continue
+        grid, along = found
+        out[name] = {
+            "diff": float(along.mean()),
+            "macs_low": float(grid[0]),
+            "macs_high": float(grid[-1]),
+        }
+    return out

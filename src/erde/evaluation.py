@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -308,6 +309,15 @@ def sweep(
         accuracy, mean_macs, fractions = _summarize(chosen, correct, macs)
         points.append(SweepPoint(rule, float(t), accuracy, mean_macs, fractions))
     return points
+
+
+def envelope_arrays(points: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(MACs ascending, best accuracy reachable with at most those MACs) of (MACs, accuracy)
+    ``points``: a curve made monotone, to be read at any MACs by linear interpolation."""
+    pts = sorted(points)
+    xs = np.array([x for x, _ in pts], dtype=np.float64)
+    ys = np.maximum.accumulate(np.array([y for _, y in pts], dtype=np.float64))
+    return xs, ys
 
 
 def mac_reduction_at_equal_accuracy(

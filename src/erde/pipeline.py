@@ -131,7 +131,9 @@ def evaluate_checkpoints(
     report = build_report(
         models, config=cfg.to_dict(), dataset=dataset, tolerance=cfg.evaluation.tolerance
     )
-    diagnostics = run_diagnostics(per_image, labels.cpu().numpy())
+    diagnostics = run_diagnostics(
+        per_image, labels.cpu().numpy(), {name: m["macs_per_exit"] for name, m in models.items()}
+    )
     if diagnostics is not None:  # a teacher and a KD student: what the entropy term changed
         report["entropy_diagnostics"] = diagnostics
     out_dir = Path(out_dir)

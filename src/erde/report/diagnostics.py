@@ -21,12 +21,14 @@ HEADER = (
 
 
 class DiagnosticsTable(NamedTuple):
-    """Title, explanation, header and formatted rows (one per student and exit)."""
+    """Title, explanation, header, formatted rows (one per student and exit) and one
+    sentence per student on the whole accuracy-MACs curve against KD (where measured)."""
 
     title: str
     explanation: str
     header: tuple[str, ...]
     rows: list[list[str]]
+    whole_curve: list[str] = []
 
 
 def signed(value: float | None, digits: int, scale: float = 1.0) -> str:
@@ -72,8 +74,27 @@ def diagnostics_table(
         "before they mean anything."
     )
     return DiagnosticsTable(
-        f"What the entropy term changed, against the {ref}", explanation, HEADER, rows
-    )
+        f"What the entropy term changed, against the {ref}", explanation, HEADER, rows,
+        whole_curve_sentences(diag, label),
+    )  # fmt: skip
+
+
+def whole_curve_sentences(diag: Mapping[str, Any], label: Callable[[str], str]) -> list[str]:
+    """One sentence per student: its accuracy minus KD's at equal MACs over the whole curve."""
+    from erde.report.markdown import fmt_count
+
+    ref = model_label(diag["reference"])
+    out = []
+    for name, whole in (diag.get("whole_curve") or {}).items():
+        if whole is None:
+            continue
+        out.append(
+            f"{label(name)} minus {ref} over the whole accuracy-MACs curve: "
+            f"{signed(whole['diff'], 2, 100)} points at equal MACs, averaged from "
+            f"{fmt_count(whole['macs_low'])} to {fmt_count(whole['macs_high'])} MACs (one run: "
+            "the seeds of `erde reproduce` give it an interval)."
+        )
+    return out
 
 
 __all__ = ["HEADER", "DiagnosticsTable", "diagnostics_table", "signed"]

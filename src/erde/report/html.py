@@ -244,22 +244,28 @@ def render_report_html(
     return re.sub("|".join(parts), lambda m: parts[m.group(0)], _PAGE)
 
 
+def _with_code(text: str) -> str:
+    """``text`` escaped, its `backticked` words as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def diagnostics_html(report: Mapping[str, Any]) -> str:
     """report.md's "what the entropy term changed" table as a static HTML section ("" where the
     run has none); every cell escaped."""
     table = diagnostics_table(report, model_label)
     if table is None:
         return ""
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(table.explanation))
+    text = _with_code(table.explanation)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
         for row in table.rows
     )
+    whole = "".join(f'<p class="whole-curve">{_with_code(line)}</p>' for line in table.whole_curve)
     return (
         f'<section id="diagnostics"><h2>{html.escape(table.title)}</h2>'
         f'<p class="note">{text}</p>'
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{whole}</section>"
     )
 
 

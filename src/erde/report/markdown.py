@@ -192,6 +192,7 @@ def _diagnostics_section(report: Mapping[str, Any]) -> list[str]:
     return [
         f"## {table.title}", "", table.explanation, "",
         *markdown_table(list(table.header), table.rows), "",
+        *(line for sentence in table.whole_curve for line in (sentence, "")),
     ]  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from erde.evaluation import (
     TOLERANCE_LEVELS,
     SweepPoint,
     default_thresholds,
+    envelope_arrays,
     mac_reduction_at_equal_accuracy,
     reduction_ladder,
     split_reduction,
@@ -155,15 +156,6 @@ def _at(points: Mapping[float, Mapping[str, Any]], threshold: float, where: str)
         if math.isclose(t, threshold, rel_tol=1e-9, abs_tol=1e-12):
             return p
     raise ConfigError(f"{where} has no {RULE} point at threshold {threshold:.6g}; re-evaluate it")
-
-
-def envelope_arrays(points: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """(MACs ascending, best accuracy reachable with at most those MACs) of (MACs, accuracy)
-    ``points``: a curve made monotone, to be read at any MACs by linear interpolation."""
-    pts = sorted(points)
-    xs = np.array([x for x, _ in pts], dtype=np.float64)
-    ys = np.maximum.accumulate(np.array([y for _, y in pts], dtype=np.float64))
-    return xs, ys
 
 
 def _envelope(points: Sequence[tuple[float, float]], macs: float) -> float | None:

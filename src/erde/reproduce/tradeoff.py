@@ -18,73 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from erde.records import ExitRecords
-from erde.reproduce.stats import (
-    comparison_pairs,
-    envelope_arrays,
-    mean_std,
-    paired_ci95,
-    paired_p_value,
-)
-
-QUANTILES = 1000  # thresholds per curve, besides "none leaves" and "all leave at the first exit"
-GRID_POINTS = 101  # MAC values at which two curves are compared
-
-
-def routed_curve(
-    records: ExitRecords, labels: np.ndarray, macs_per_exit: Sequence[float], thresholds: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mean MACs, accuracy) at each of ``thresholds`` (T,), both (T,): the entropy rule's
-    sweep of :func:`erde.records.sweep_records`, all thresholds at once.
-
-    An image leaves at the first exit ``k`` whose entropy is below ``t``, that is, at
-    or before ``k`` exactly when the smallest entropy among exits ``0..k`` is below
-    ``t``; so sorting those prefix minima once per exit gives every threshold's counts
-    by binary search. Compared in float32, like the routing itself, so every point
-    equals the one the loop computes (tested).
-    """
-    entropy = records.entropy.astype(np.float32)  # (E, N)
-    num_exits, n = entropy.shape
-    correct = (records.pred.astype(np.int64) == labels.astype(np.int64)[None]).astype(np.float64)
-    t = np.asarray(thresholds, dtype=np.float32)
-    prefix_min = np.minimum.accumulate(entropy[:-1], axis=0)  # (E-1, N)
-
-    def below(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """For each threshold: the sum of ``weights`` over the images whose value is below it."""
-        order = np.argsort(values, kind="stable")
-        summed = np.concatenate([[0.0], np.cumsum(weights[order])])
-        return summed[np.searchsorted(values[order], t, side="left")]
-
-    ones = np.ones(n)
-    gone = [below(prefix_min[k], ones) for k in range(num_exits - 1)] + [np.full(len(t), n)]
-    hits = correct[-1].sum() - np.zeros(len(t))
-    mean_macs = np.zeros(len(t))
-    for k in range(num_exits):
-        before = gone[k - 1] if k else 0.0
-        mean_macs += (gone[k] - before) * float(macs_per_exit[k]) / n
-        if k < num_exits - 1:  # leaving at k: counted by exit k's answer, not the next's
-            hits += below(prefix_min[k], correct[k]) - below(prefix_min[k], correct[k + 1])
-    return mean_macs, hits / n
-
-
-def dense_curve(
-    records: ExitRecords, labels: np.ndarray, macs_per_exit: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """One model's curve of one seed: (MACs ascending, best accuracy within them), (P,) each.
-
-    Thresholds at the :data:`QUANTILES` quantiles of its early exits' entropies
-    (``records.entropy[:-1]``, (E-1, N)), plus 0 (every image at the last exit) and one
-    above every entropy (every image at the first exit), routed as the evaluation
-    routes them (:func:`routed_curve`).
-    """
-    early = records.entropy[:-1].astype(np.float64).ravel()
-    levels = np.quantile(early, np.linspace(0.0, 1.0, QUANTILES)) if early.size else []
-    top = float(early.max()) + 1.0 if early.size else 1.0
-    thresholds = sorted({0.0, *(float(v) for v in levels), top})
-    macs, accuracy = routed_curve(records, labels, macs_per_exit, thresholds)
-    xs, ys = envelope_arrays(list(zip(macs.tolist(), accuracy.tolist(), strict=True)))
-    keep = np.append(xs[1:] != xs[:-1], True)  # one point per MACs value: the best
-    return xs[keep], ys[keep]
+from erde.diagnostics import equal_macs_gaps
+from erde.records import ExitRecords, dense_curve
+from erde.reproduce.stats import comparison_pairs, mean_std, paired_ci95, paired_p_value
 
 
 def curve_difference(
@@ -93,18 +29,11 @@ def curve_difference(
     """Per seed, the mean over a MAC grid of ``mine`` minus ``theirs`` (curves of
     :func:`dense_curve`, one per seed, paired by position); their mean, spread, 95 %
     interval, p and the MAC range. None when the curves share no MAC range."""
-    curves = [*mine, *theirs]
-    low = max(float(xs[0]) for xs, _ in curves)
-    high = min(float(xs[-1]) for xs, _ in curves)
-    if not high > low:
+    found = equal_macs_gaps(mine, theirs)
+    if found is None:
         return None
-    grid = np.linspace(low, high, GRID_POINTS)
-    along = np.array(
-        [
-            np.interp(grid, xa, ya) - np.interp(grid, xb, yb)
-            for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True)
-        ]
-    )  # (seeds, GRID_POINTS)
+    grid, along = found  # (G,), (seeds, G)
+    low, high = float(grid[0]), float(grid[-1])
     diffs = [float(v) for v in along.mean(axis=1)]
     intervals = [paired_ci95([float(v) for v in column]) for column in along.T]
     mean, std = mean_std(diffs)
@@ -120,7 +49,7 @@ def curve_difference(
         "diff_per_seed": diffs,
         "macs_low": low,
         "macs_high": high,
-        "grid_points": GRID_POINTS,
+        "grid_points": len(grid),
         # the difference along the MAC axis, at each grid value: mean and 95 % interval
         "profile_diff_mean": [float(v) for v in along.mean(axis=0)],
         "profile_ci95_low": [lo for lo, _ in intervals],
