@@ -7,8 +7,10 @@ records (a threshold at every 0.1 % quantile of the model's early-exit entropies
 each step of the curve moves about a thousandth of the images), both models' best
 accuracy within ``m`` MACs is read at evenly spaced ``m`` over the MACs every seed of
 both reaches, and the differences are averaged: per seed, the area between the two
-curves divided by the MAC range. One number per seed, paired by seed like the tables,
-with a t interval and p-value: one test of the whole trade-off.
+curves divided by the MAC range (:func:`erde.records.dense_curve`,
+:func:`erde.diagnostics.equal_macs_gaps`, which a single run's report uses too). One
+number per seed, paired by seed like the tables, with a t interval and p-value: one test
+of the whole trade-off.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def curve_difference(
     mine: Sequence[tuple[np.ndarray, np.ndarray]], theirs: Sequence[tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, Any] | None:
     """Per seed, the mean over a MAC grid of ``mine`` minus ``theirs`` (curves of
-    :func:`dense_curve`, one per seed, paired by position); their mean, spread, 95 %
+    :func:`erde.records.dense_curve`, one per seed, paired by position); their mean, spread, 95 %
     interval, p and the MAC range. None when the curves share no MAC range."""
     found = equal_macs_gaps(mine, theirs)
     if found is None:
