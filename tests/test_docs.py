@@ -69,6 +69,8 @@ def _anchors(page: Path) -> set[str]:
         n = seen.get(slug, 0)
         seen[slug] = n + 1
         anchors.add(slug if n == 0 else f"{slug}-{n}")
+    # explicit targets: <a id="..."></a> (the results blocks' stable names)
+    anchors.update(re.findall(r'<a id="([^"]+)"></a>', FENCE.sub("", page.read_text())))
     return anchors
 
 

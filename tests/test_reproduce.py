@@ -761,3 +761,26 @@ def test_a_null_split_seed_equals_the_seed_it_stands_for(tmp_path: Path) -> None
         else:
             with pytest.raises(ConfigError, match=r"data\.split_seed \(0 there, 1 now\)"):
                 check_reusable(tmp_path, asked, ["student_erde"])
+
+
+def test_a_blocks_heading_names_its_models_and_its_anchor_stays_as_seeds_are_added(
+    tmp_path: Path,
+) -> None:
+    """Blocks of one schedule differ by their models: the heading says which; the link
+    target is the block's name, which does not change when a seed is added."""
+    from erde.reproduce.render import publish, render_markdown
+
+    results = DOCS / "results"
+    headline = json.loads((results / "cifar10-speed.json").read_text())
+    ablation = json.loads(
+        (results / "cifar10-speed-fastnet-fastnet_x0.25-ablation.json").read_text()
+    )
+    first = render_markdown(headline, level=3).splitlines()[0]
+    assert first.startswith("### cifar10: speed schedule, fastnet → fastnet_x0.5, ")
+    assert "students" not in first  # the ce, kd, erde trio goes without saying
+    first = render_markdown(ablation, level=3).splitlines()[0]
+    assert ", fastnet → fastnet_x0.25, students kd, erde, erde_g0.25," in first
+    docs = tmp_path / "docs"
+    publish(headline, docs)
+    text = (docs / "RESULTS.md").read_text()
+    assert '<!-- erde-results:cifar10-speed:begin -->\n<a id="cifar10-speed"></a>\n\n### ' in text

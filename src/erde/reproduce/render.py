@@ -16,6 +16,7 @@ from erde import io
 from erde.config import load_yaml, preset_path
 from erde.evaluation import split_reduction
 from erde.outputs import folder_update_lock
+from erde.pipeline import STUDENT_METHODS
 from erde.report import (
     curve_style,
     figure_png,
@@ -338,7 +339,7 @@ def render_markdown(
     planned = int(results.get("planned_seeds") or n)
     count = f"{n} of {planned} seeds" if planned > n else f"{n} seed{'s' * (n != 1)}"
     lines = [
-        f"{h} {data['name']}: {results['schedule']} schedule, {count}",
+        f"{h} {data['name']}: {results['schedule']} schedule, {_pair_words(results)}, {count}",
         "",
         f"Command: `{results['command']}`" if results.get("command") else "",
         "",
@@ -665,6 +666,17 @@ def results_name(results: Mapping[str, Any]) -> str:
     return name
 
 
+def _pair_words(results: Mapping[str, Any]) -> str:
+    """``resnet56 → resnet20_x0.5`` (and ``, students kd, erde_g4`` where they are not ce,
+    kd and erde): which block this is, in its heading, where blocks of one schedule differ."""
+    config = results.get("config") or {}
+    words = f"{_model_name(config.get('teacher'))} → {_model_name(config.get('student'))}"
+    students = [m for m in results["models"] if m != "teacher"]
+    if students != [f"student_{m}" for m in STUDENT_METHODS]:
+        words += f", students {', '.join(m.removeprefix('student_') for m in students)}"
+    return words
+
+
 def _model_name(section: Mapping[str, Any] | None) -> str:
     """``resnet20``, or ``resnet20_x0.5`` for a width multiplier other than 1."""
     section = section or {}
@@ -722,7 +734,11 @@ def _publish(
     files = {
         "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
         "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
-        "docs_markdown": (doc, replace_block(text, name, block).encode()),
+        # a stable link target: the heading changes as seeds are added
+        "docs_markdown": (
+            doc,
+            replace_block(text, name, f'<a id="{name}"></a>\n\n{block}').encode(),
+        ),
     }
     training = render_training_png(results)
     if training is not None:
