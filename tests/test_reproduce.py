@@ -312,7 +312,7 @@ def test_docs_show_each_finished_seed_marked_partial_until_the_last(
         return block, json.loads(path.read_text())
 
     partial, results = published()
-    assert "svhn: full schedule, 1 of 2 seeds" in partial
+    assert "svhn: full schedule, resnet8_x0.5 → resnet8_x0.25, 1 of 2 seeds" in partial
     assert "**Partial:** 1 of the 2 seeds of this command have finished" in partial
     assert "Seeds: 0." in partial and "one seed, so no spread" in partial
     assert (results["seeds"], results["planned_seeds"]) == ([0], 2)
@@ -320,7 +320,8 @@ def test_docs_show_each_finished_seed_marked_partial_until_the_last(
     monkeypatch.setattr(runs, "run_seed", real)
     assert main(argv) == 0  # the same command resumes: seed 0 reused, seed 1 trained
     final, results = published()
-    assert "svhn: full schedule, 2 seeds" in final and "Partial" not in final
+    assert "svhn: full schedule, resnet8_x0.5 → resnet8_x0.25, 2 seeds" in final
+    assert "Partial" not in final
     assert "Seeds: 0, 1." in final
     assert (results["seeds"], results["planned_seeds"]) == ([0, 1], 2)
 

@@ -20,7 +20,6 @@ from erde.report.build import (
 )
 from erde.report.files import render_sweep_csv, write_report
 from erde.report.markdown import (
-    fmt_count,
     fmt_thresholds,
     ladder_table,
     level_range,
@@ -39,7 +38,7 @@ from erde.report.plots import (
     render_tradeoff_png,
     use_log_macs,
 )
-from erde.report.styles import STYLES, curve_style, model_label, pct
+from erde.report.styles import STYLES, curve_style, fmt_count, model_label, pct
 
 __all__ = [
     "SCHEMA_VERSION",

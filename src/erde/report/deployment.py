@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from erde.report.markdown import fmt_count, markdown_table
+from erde.report.markdown import markdown_table
+from erde.report.styles import fmt_count
 
 
 def render_table(result: dict[str, Any]) -> list[str]:

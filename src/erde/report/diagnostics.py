@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from erde.report.styles import model_label
+from erde.report.styles import fmt_count, model_label
 
 HEADER = (
     "Student", "Exit", "Teacher wrong on", "Entropy shift, teacher wrong",
@@ -81,8 +81,6 @@ def diagnostics_table(
 
 def whole_curve_sentences(diag: Mapping[str, Any], label: Callable[[str], str]) -> list[str]:
     """One sentence per student: its accuracy minus KD's at equal MACs over the whole curve."""
-    from erde.report.markdown import fmt_count
-
     ref = model_label(diag["reference"])
     out = []
     for name, whole in (diag.get("whole_curve") or {}).items():

@@ -10,18 +10,7 @@ from typing import Any
 from erde import exits, io
 from erde.report.build import rule_of, untrained_text
 from erde.report.diagnostics import diagnostics_table
-from erde.report.styles import model_label, pct
-
-
-def fmt_count(value: float | None) -> str:
-    """Human-readable count: 40.81M, 272.5K, 1.23G."""
-    if value is None:
-        return "—"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{suffix}"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
-
+from erde.report.styles import fmt_count, model_label, pct
 
 THRESHOLD_DIGITS = 4  # significant digits of a threshold in Markdown; sweep.csv has them all
 

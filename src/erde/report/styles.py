@@ -27,6 +27,16 @@ def curve_style(name: str, index: int) -> tuple[str, str, str, str]:
     return name, _EXTRA_COLOURS[k], ":", _EXTRA_MARKERS[k]
 
 
+def fmt_count(value: float | None) -> str:
+    """Human-readable count: 40.81M, 272.5K, 1.23G."""
+    if value is None:
+        return "—"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def pct(value: float | None, digits: int = 2) -> str:
     """Fraction in [0, 1] shown as a percentage."""
     return "—" if value is None else f"{100 * value:.{digits}f}%"
