@@ -192,3 +192,57 @@ def test_the_readme_says_how_to_get_the_cpu_build_and_what_the_browser_tests_nee
     assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in readme
     development = readme.split("## Development")[1]
     assert "chromium" in development and "chromedriver" in development
+
+
+def _pts(value: float) -> str:
+    """``+0.15`` / ``−0.08``: points with the typographic minus RESULTS.md's prose uses."""
+    return f"{100 * value:+.2f}".replace("-", "−")
+
+
+def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
+    """The table under RESULTS.md's verdict stays true as seeds are added: each row's
+    numbers are the ones its block's JSON holds."""
+    import json
+
+    def block(name: str) -> dict:
+        return json.loads((ROOT / "docs" / "results" / f"{name}.json").read_text())
+
+    def whole(results: dict, model: str, other: str) -> dict:
+        (w,) = [w for w in results["whole_curve"] if (w["model"], w["other"]) == (model, other)]
+        return w
+
+    text = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    table = text.split("**Verdict so far")[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    half, quarter = block("cifar10-speed"), block("cifar10-speed-fastnet-fastnet_x0.25")
+    ablation = block("cifar10-speed-fastnet-fastnet_x0.25-ablation")
+    expected = [
+        (half, whole(half, "student_erde", "student_kd")),
+        (quarter, whole(quarter, "student_erde", "student_kd")),
+        (half, None),
+        (half, whole(half, "student_erde", "student_ce")),
+        (half, whole(half, "student_kd", "student_ce")),
+        (ablation, whole(ablation, "student_erde_g4", "student_kd")),
+    ]
+    for row, (results, w) in zip(rows, expected, strict=False):
+        assert f"({results['n_seeds']} seeds)" in row[0], row
+        if w is None:  # the best single threshold at equal MACs
+            (p,) = [
+                p for p in results["comparisons"][0]["per_threshold"]
+                if p["normalized_threshold"] == 0.75
+            ]  # fmt: skip
+            assert row[1].startswith(f"{_pts(p['equal_macs_diff_mean'])} points, p = ")
+            assert f"p = {p['equal_macs_p_value']:.2g}" in row[1]
+            low, high = p["equal_macs_ci95_low"], p["equal_macs_ci95_high"]
+        else:
+            assert row[1].startswith(f"{_pts(w['diff_mean'])} points"), (row, w["diff_mean"])
+            if "ahead in" in row[1]:
+                assert f"p = {w['p_value']:.1g}" in row[1]
+                assert f"ahead in {w['seeds_ahead']} of {w['n_seeds']} seeds" in row[1]
+            low, high = w["ci95_low"], w["ci95_high"]
+        assert row[2] == f"{_pts(low)} to {_pts(high)}", row
+    diag = half["entropy_diagnostics"]["models"]["student_erde"][0]
+    assert rows[6][2] == (
+        f"{diag['selectivity_ci95_low']:+.3f} to {diag['selectivity_ci95_high']:+.3f} nats"
+    ).replace("-", "−")
+    assert diag["selectivity_ci95_low"] < 0 < diag["selectivity_ci95_high"]
