@@ -300,6 +300,23 @@ def sweep(
     logits = exit_logits.detach().cpu()
     scores = exits.rule_score(logits[:-1], rule)  # (E-1, N)
     correct = logits.argmax(dim=-1) == labels.cpu()  # (E, N)
+    return sweep_scores(scores, correct, macs_per_exit, thresholds, rule)
+
+
+def sweep_scores(
+    scores: Tensor,
+    correct: Tensor,
+    macs_per_exit: Sequence[float],
+    thresholds: Sequence[float],
+    rule: str = "entropy",
+) -> list[SweepPoint]:
+    """The routing loop of :func:`sweep` on precomputed scores: one point per threshold.
+
+    ``scores`` (E-1, N): the rule's score at each early exit; ``correct`` (E, N) bool:
+    whether each exit's answer is right. Shared by the sweep of logits and the replay of
+    per-image records (:func:`erde.records.sweep_records`), so both route identically.
+    """
+    n = correct.shape[1]
     macs = torch.tensor([float(m) for m in macs_per_exit], dtype=torch.float64)
     last = torch.ones(1, n, dtype=torch.bool)  # the last exit always answers
     points = []

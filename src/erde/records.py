@@ -26,7 +26,7 @@ import torch
 
 from erde import exits
 from erde.errors import ErdeError
-from erde.evaluation import SweepPoint, envelope_arrays
+from erde.evaluation import SweepPoint, envelope_arrays, sweep_scores
 
 MAX_RECORDS_FILE_BYTES = 64 << 20  # a compressed records file; published ones are a few MB
 MAX_RECORDS_ARRAY_BYTES = 256 << 20  # one array once decompressed (checked before reading)
@@ -71,27 +71,13 @@ def sweep_records(
 ) -> list[SweepPoint]:
     """The entropy-rule sweep of :func:`erde.evaluation.sweep`, replayed on records.
 
-    Same comparison (``exits.may_exit``) on the same float32 entropies and the same
-    argmax classes, so every point equals the one computed from the logits.
+    The same routing loop (:func:`erde.evaluation.sweep_scores`) on the same float32
+    entropies and the same argmax classes, so every point equals the one computed from
+    the logits.
     """
     scores = torch.from_numpy(records.entropy[:-1].astype(np.float32))  # (E-1, N)
     correct = torch.from_numpy(records.pred.astype(np.int64) == labels.astype(np.int64)[None])
-    macs = torch.tensor([float(m) for m in macs_per_exit], dtype=torch.float64)
-    num_exits, n = correct.shape
-    last = torch.ones(1, n, dtype=torch.bool)
-    points = []
-    for t in thresholds:
-        leave = torch.cat([exits.may_exit(scores, float(t), "entropy"), last])
-        chosen = leave.byte().argmax(dim=0)
-        hit = correct.gather(0, chosen.unsqueeze(0)).squeeze(0)
-        fractions = torch.bincount(chosen, minlength=num_exits).double() / n
-        points.append(
-            SweepPoint(
-                "entropy", float(t), hit.double().mean().item(), macs[chosen].mean().item(),
-                fractions.tolist(),
-            )
-        )  # fmt: skip
-    return points
+    return sweep_scores(scores, correct, macs_per_exit, thresholds, "entropy")
 
 
 def routed_curve(
