@@ -216,6 +216,7 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     half, quarter = block("cifar10-speed"), block("cifar10-speed-fastnet-fastnet_x0.25")
     ablation = block("cifar10-speed-fastnet-fastnet_x0.25-ablation")
+    gamma4_half = block("cifar10-speed-ablation")
     expected = [
         (half, whole(half, "student_erde", "student_kd")),
         (quarter, whole(quarter, "student_erde", "student_kd")),
@@ -223,6 +224,7 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
         (half, whole(half, "student_erde", "student_ce")),
         (half, whole(half, "student_kd", "student_ce")),
         (ablation, whole(ablation, "student_erde_g4", "student_kd")),
+        (gamma4_half, whole(gamma4_half, "student_erde_g4", "student_kd")),
     ]
     for row, (results, w) in zip(rows, expected, strict=False):
         assert f"({results['n_seeds']} seeds)" in row[0], row
@@ -242,7 +244,7 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
             low, high = w["ci95_low"], w["ci95_high"]
         assert row[2] == f"{_pts(low)} to {_pts(high)}", row
     diag = half["entropy_diagnostics"]["models"]["student_erde"][0]
-    assert rows[6][2] == (
+    assert rows[7][2] == (
         f"{diag['selectivity_ci95_low']:+.3f} to {diag['selectivity_ci95_high']:+.3f} nats"
     ).replace("-", "−")
     assert diag["selectivity_ci95_low"] < 0 < diag["selectivity_ci95_high"]
