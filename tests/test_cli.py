@@ -341,6 +341,30 @@ def test_a_student_takes_its_data_settings_from_its_teacher_s_checkpoint(
     assert (data_cfg["image_size"], data_cfg["batch_size"]) == (8, 16)
 
 
+def test_every_command_reads_a_cifar10_imagefolder_copy_given_dataset_cifar10(
+    tmp_path: Path, capsys
+) -> None:
+    """``--dataset cifar10`` on the JPEG ImageFolder copy works in train-teacher as in
+    erde reproduce (it used to fail there, asking for the official batch files)."""
+    from data_fixtures import write_imagefolder
+
+    from erde.checkpoints import load_checkpoint
+    from erde.data.formats import CIFAR10_NAMES
+
+    folder = tmp_path / "cifar10-jpeg"
+    write_imagefolder(folder, classes=tuple(CIFAR10_NAMES), per_class=(4, 2), size=8)
+    teacher = tmp_path / "teacher"
+    assert cli.main(["train-teacher", "--dataset", "cifar10", "--data-dir", str(folder),
+                     "--out", str(teacher), "--no-progress", "--threads", "1", *MODEL_SET,
+                     "--set", "data.batch_size=16"]) == 0  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert f"{folder}: cifar10 in imagefolder layout, read with the imagefolder loader" in err
+    config = load_checkpoint(teacher)["config"]
+    assert (config["data"]["name"], config["data"]["data_dir"]) == ("imagefolder", str(folder))
+    assert config["teacher_train"]["warmup_epochs"] == 1.0  # the CIFAR-10 preset's, kept
+
+
 def test_a_student_s_command_line_data_settings_win_over_its_teacher_s(
     tmp_path: Path, tiny_run
 ) -> None:

@@ -879,3 +879,14 @@ def test_prepare_batch_eval_is_deterministic_normalisation(tmp_path: Path) -> No
     y = prepare_batch(batch, splits, train=True, generator=g)
     assert y.shape == x.shape and y.dtype == torch.float32
     assert not torch.equal(x, y)
+
+
+def test_the_cifar10_loader_points_an_imagefolder_copy_to_its_loader(tmp_path: Path) -> None:
+    """Through the Python API (no CLI layout detection) a JPEG copy given as cifar10 fails
+    with a line that says which loader reads it."""
+    write_imagefolder(tmp_path, per_class=(1, 1))
+    with pytest.raises(DataError, match="ImageFolder copy is read with data.name = imagefolder"):
+        load_data("cifar10", tmp_path)
+    with pytest.raises(DataError) as missing:
+        load_data("cifar10", tmp_path / "train")  # class folders, no train/ and test/
+    assert "imagefolder" not in str(missing.value)

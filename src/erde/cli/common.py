@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 from erde.config import ExperimentConfig, load_config, load_yaml, preset_path
@@ -175,7 +176,15 @@ def build_config(
         overrides.append(f"seed={args.seed}")
     if args.device:
         overrides.append(f"device={args.device}")
-    return load_config(args.config, [*overrides, *args.overrides], base=base)
+    cfg = load_config(args.config, [*overrides, *args.overrides], base=base)
+    from erde.data.layout import cifar10_copy_loader  # imports torch: not at --help time
+
+    loader = cifar10_copy_loader(cfg.data.name, cfg.data.data_dir)
+    if loader != cfg.data.name:  # the JPEG ImageFolder copy of CIFAR-10, as erde reproduce reads it
+        print(f"{cfg.data.data_dir}: {cfg.data.name} in {loader} layout, read with the {loader} "
+              "loader", file=sys.stderr)  # fmt: skip
+        cfg.data.name = loader
+    return cfg
 
 
 def parse_numbers(text: str | None, option: str) -> list[float] | None:

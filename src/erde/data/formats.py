@@ -153,10 +153,13 @@ class CifarLayout:
     files_text: str
 
     def not_found(self, root: Path) -> DataError:
+        copy = (root / "train").is_dir() and (root / "test").is_dir()
         return DataError(
             f"{self.display} not found in {root}: expected {self.folder}/{self.files_text}, "
             f"or {self.archive}"
-        )
+            + ("; it holds train/ and test/ folders: an ImageFolder copy is read with "
+               "data.name = imagefolder" if copy else "")
+        )  # fmt: skip
 
 
 CIFAR10 = CifarLayout(

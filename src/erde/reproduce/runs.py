@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import re
 import shlex
-import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from erde.config import (
     preset_path,
     student_specs,
 )
-from erde.data.formats import CIFAR10
-from erde.errors import ConfigError, DataError, ErdeError, ReportError
+from erde.data.layout import detect_loader
+from erde.errors import ConfigError, ErdeError, ReportError
 from erde.io import read_json
 from erde.pipeline import evaluate_checkpoints
 from erde.records import RecordsError, load_records
@@ -130,53 +129,6 @@ def check_block_name(block: str | None) -> None:
             f"--block {block!r}: use 1-100 letters, digits, '_', '.' or '-', starting with a "
             "letter or digit (it names files under docs/results)"
         )
-
-
-def _archive_is_imagefolder(path: Path, members: int = 64) -> bool:
-    """Whether the first members of a tar archive sit under train/ or test/."""
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for i, member in enumerate(tar):
-                top = member.name.replace("\\", "/").lstrip("./").split("/", 1)[0]
-                if top in ("train", "test"):
-                    return True
-                if top == CIFAR10.folder or i + 1 >= members:
-                    return False
-    except (tarfile.TarError, OSError, EOFError):
-        return False  # the loader reports the unreadable archive
-    return False
-
-
-def detect_loader(dataset: str, data_dir: str | Path | None) -> str:
-    """The loader that reads ``data_dir``: ``imagefolder`` for a CIFAR-10 ImageFolder copy.
-
-    CIFAR-10 is accepted in two layouts: the official python release (folder or
-    ``cifar-10-python.tar.gz``) and an ImageFolder copy (``train/<class>/*.jpg``,
-    ``test/<class>/*.jpg``, unpacked or as a .tar.gz). The official layout wins
-    when both are present; a folder with neither is a ``DataError`` naming both.
-    Every other data set keeps its own loader.
-    """
-    if dataset != "cifar10" or data_dir is None:
-        return dataset
-    root = Path(data_dir).expanduser()
-    if root.is_file():
-        if root.name != CIFAR10.archive and root.name.endswith((".tar.gz", ".tgz", ".tar")):
-            return "imagefolder" if _archive_is_imagefolder(root) else dataset
-        return dataset
-    official = (
-        (root / CIFAR10.folder).is_dir()
-        or (root / CIFAR10.archive).is_file()
-        or (root / CIFAR10.train_files[0]).is_file()
-    )
-    if official:
-        return dataset
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return "imagefolder"
-    raise DataError(
-        f"CIFAR-10 not found in {root}: expected the official release ({CIFAR10.folder}/ or "
-        f"{CIFAR10.archive}; --download fetches it) or an ImageFolder copy "
-        "(train/<class>/*.jpg and test/<class>/*.jpg, as a folder or a .tar.gz given as --data-dir)"
-    )
 
 
 # --------------------------------------------------------------------------- one seed
