@@ -21,7 +21,7 @@ KEY_OPTIONS = {
     "train-teacher": ["--out", "--resume", "--force", "--set", "--dataset", "--data-dir"],
     "train-student": ["--out", "--method", "--teacher", "--resume", "--force", "--set"],
     "evaluate": ["--out", "--thresholds", "--set", "--dataset", "checkpoints"],
-    "run": ["--out", "--methods", "--resume", "--force", "--set", "--dataset", "--data-dir"],
+    "run": ["--out", "--students", "--methods", "--resume", "--force", "--set", "--data-dir"],
 }
 
 
@@ -300,9 +300,9 @@ def test_run_rejects_unknown_and_repeated_methods(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert main(["run", "--out", str(out), *TINY_SET, "--methods", "ce,fitnet"]) == 2
+    assert main(["run", "--out", str(out), *TINY_SET, "--students", "ce,fitnet"]) == 2
     assert "fitnet" in _error_line(capsys)
-    assert main(["run", "--out", str(out), *TINY_SET, "--methods", "ce,ce"]) == 2
+    assert main(["run", "--out", str(out), *TINY_SET, "--students", "ce,ce"]) == 2
     assert "once" in _error_line(capsys)
     assert not out.exists()
 
@@ -382,3 +382,12 @@ def test_a_student_s_command_line_data_settings_win_over_its_teacher_s(
         ["train-student", "--teacher", str(tiny_run["out"] / "teacher"), "--dataset", "cifar10"]
     )
     assert teacher_data(named) is None
+
+
+def test_run_takes_its_students_as_reproduce_does() -> None:
+    """``erde run --students`` (reproduce's name) and ``--methods`` are one option."""
+    parser = build_parser()
+    students = parser.parse_args(["run", "--students", "kd,erde_g2=erde:gamma=2"])
+    methods = parser.parse_args(["run", "--methods", "kd,erde_g2=erde:gamma=2"])
+    assert students.methods == methods.methods == "kd,erde_g2=erde:gamma=2"
+    assert parser.parse_args(["run"]).methods is None

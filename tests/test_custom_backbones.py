@@ -236,7 +236,7 @@ TINY_SET = [arg for o in TINY_OVERRIDES for arg in ("--set", o)]
 def cross_family_run(user_module: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`erde run`: the user's network as teacher, a MobileNetV2 student placed and paired by cost."""
     out = tmp_path_factory.mktemp("custom_run")
-    argv = ["run", "--out", str(out), "--methods", "kd,erde", "--no-progress", *TINY_SET,
+    argv = ["run", "--out", str(out), "--students", "kd,erde", "--no-progress", *TINY_SET,
             "--set", f"teacher.arch={MODULE}:mixed", "--set", "teacher.exit_after=[2]",
             "--set", "student.arch=mobilenetv2", "--set", "student.exit_at_macs=[0.3, 0.6]",
             "--set", "distill.exit_mapping_by=cost"]  # fmt: skip

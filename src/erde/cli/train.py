@@ -303,20 +303,23 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         sub,
         "run",
         cmd_run,
-        help="the whole pipeline: teacher, ce/kd/erde students, evaluation, report",
+        help="the whole pipeline: teacher, students (ce/kd/erde), evaluation, report",
         epilog=EPILOG_CONFIG,
         formatter_class=RAW,
-        description="Train the teacher, then one student per method from it, then evaluate all "
-        "four and write the report. With no argument: the embedded digits data set, about a "
+        description="Train the teacher, then its students side by side (ce, kd and erde unless "
+        "--students names others), then evaluate them all and write the report. With no argument: the embedded digits data set, about a "
         "minute on an idle 2-core CPU (docs/USAGE.md: what to expect, and what varies between "
         "machines).",
     )
     add_config_args(p)
     _add_train_args(p)
     p.add_argument(
+        "--students",
         "--methods",
+        dest="methods",
         metavar="STUDENTS",
-        help="students to train side by side, comma-separated: "
+        help="students to train side by side (as erde reproduce --students; --methods is "
+        "the same option), comma-separated: "
         "a method (ce, kd, erde) or NAME=METHOD:key=value:... with its own alpha, beta, gamma, "
         "temperature or uncertain_above, e.g. 'kd,erde,erde_g2=erde:gamma=2' (default: "
         "distill.students, else ce,kd,erde)",
