@@ -21,7 +21,16 @@ KEY_OPTIONS = {
     "train-teacher": ["--out", "--resume", "--force", "--set", "--dataset", "--data-dir"],
     "train-student": ["--out", "--method", "--teacher", "--resume", "--force", "--set"],
     "evaluate": ["--out", "--thresholds", "--set", "--dataset", "checkpoints"],
-    "run": ["--out", "--students", "--methods", "--resume", "--force", "--set", "--data-dir"],
+    "run": [
+        "--out",
+        "--students",
+        "--methods",
+        "--resume",
+        "--force",
+        "--set",
+        "--dataset",
+        "--data-dir",
+    ],
 }
 
 
