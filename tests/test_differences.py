@@ -16,6 +16,7 @@ from erde.reproduce.differences import (
     render_difference_png,
 )
 from erde.reproduce.render import publish, render_markdown
+from erde.reproduce.variants import TESTS, render_variants_png, variant_rows, variants_figure
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 BLOCK = RESULTS / "cifar10-speed.json"  # several seeds: intervals
@@ -131,3 +132,55 @@ def test_publish_writes_the_figure_and_links_it(tmp_path: Path, block) -> None:
     assert paths["docs_difference"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (docs / "RESULTS.md").read_text()
     assert "](results/cifar10-speed-difference.png)" in text
+
+
+def _xbars(ax) -> list:
+    """(x, y, left, right) arrays of every horizontal errorbar drawn on ``ax``."""
+    drawn = []
+    for container in ax.containers:
+        line, _, bars = container.lines
+        x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+        segments = np.asarray(bars[0].get_segments(), dtype=float)  # [point][end][x, y]
+        drawn.append((x, y, segments[:, 0, 0], segments[:, 1, 0]))
+    return drawn
+
+
+def test_the_forest_plot_draws_each_students_two_tests_against_kd() -> None:
+    """The ablation's summary: per student the whole-curve test and the last exit against
+    KD, each the block's number with its interval; the collapsed tau = 1 students named with
+    their numbers instead of stretching the axis."""
+    ablation = json.loads(ABLATION.read_text())
+    rows = variant_rows(ablation)
+    assert [r["model"] for r in rows] == [c["model"] for c in against_baseline(ablation)]
+    fig = variants_figure(ablation)
+    ax = fig.axes[0]
+    far = [r for r in rows if abs(r[TESTS[0]][0]) > OFF_SCALE or abs(r[TESTS[1]][0]) > OFF_SCALE]
+    near = [r for r in rows if r not in far]
+    assert {r["model"] for r in far} == {"student_kd_t1", "student_erde_t1"}
+    for (x, _, left, right), test in zip(_xbars(ax), TESTS, strict=True):
+        np.testing.assert_allclose(x, [100 * r[test][0] for r in near])
+        np.testing.assert_allclose(left, [100 * r[test][1] for r in near])
+        np.testing.assert_allclose(right, [100 * r[test][2] for r in near])
+    whole = {(w["model"], w["other"]): w for w in ablation["whole_curve"]}
+    g4 = whole[("student_erde_g4", "student_kd")]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == len(near)
+    expected = f"{100 * g4['diff_mean']:+.2f} ({100 * g4['ci95_low']:+.2f} to "
+    assert any(expected.replace("-", "−") in label for label in labels), labels
+    (note,) = [t.get_text() for t in fig.texts if t.get_text().startswith("Not drawn")]
+    assert "student_kd_t1" in note and "student_erde_t1" in note
+    assert render_variants_png(ablation)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_forest_plot_is_for_ablations_only(tmp_path: Path, block) -> None:
+    """One student against KD: the difference figure's legend already says it; no forest
+    plot, no link. An ablation block published: the figure written and linked."""
+    assert len(variant_rows(block)) == 1
+    assert variants_figure(block) is None and render_variants_png(block) is None
+    assert "variants.png" not in render_markdown(block)
+    ablation = json.loads(ABLATION.read_text())
+    paths = publish(ablation, tmp_path / "docs")
+    name = paths["docs_variants"].name
+    assert name == "cifar10-speed-fastnet-fastnet_x0.25-ablation-variants.png"
+    assert paths["docs_variants"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"](results/{name})" in (tmp_path / "docs" / "RESULTS.md").read_text()

@@ -33,6 +33,7 @@ from erde.report.diagnostics import signed
 from erde.reproduce.differences import against_baseline, render_difference_png
 from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
 from erde.reproduce.tradeoff import whole_curve_of
+from erde.reproduce.variants import MIN_VARIANTS, render_variants_png, variant_rows
 
 # --------------------------------------------------------------------------- rendering
 
@@ -319,12 +320,15 @@ def render_markdown(
     plot_link: str = "tradeoff.png",
     curves_link: str = "training.png",
     difference_link: str = "difference.png",
+    variants_link: str = "variants.png",
     level: int = 1,
 ) -> str:
     """The results as Markdown; ``level`` is the heading level of the title.
 
     The training curves (``curves_link``) are shown when the results hold any, the
-    differences against KD (``difference_link``) when it is among the models.
+    differences against KD (``difference_link``) when it is among the models, and the
+    forest plot of the students' tests against KD (``variants_link``) when there are
+    :data:`~erde.reproduce.variants.MIN_VARIANTS` such students or more.
     """
     h = "#" * level
     sub = "#" * (level + 1)
@@ -452,6 +456,18 @@ def render_markdown(
                 "(right); the bars are 95 % intervals (two seeds or more). A bar that crosses "
                 "0 is a difference the seeds do not show."
             ),
+            "",
+        ]
+    if len(variant_rows(results)) >= MIN_VARIANTS:
+        lines += [
+            f"![each student against the {model_label(PAIRS[0][1])}: the whole curve and the "
+            f"last exit]({variants_link})",
+            "",
+            f"The same students, one row each: the difference against the "
+            f"{model_label(PAIRS[0][1])} over the whole accuracy-MACs curve (filled; its value "
+            "and 95 % interval next to the name) and at the last exit (open), each with its "
+            "95 % interval over seeds. A bar that crosses 0 is a difference the seeds do not "
+            "show.",
             "",
         ]
     others = [c for c in results["comparisons"] if (c["model"], c["other"]) != PAIRS[0]]
@@ -601,8 +617,8 @@ def render_training_png(results: Mapping[str, Any]) -> bytes | None:
 
 
 def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, Path]:
-    """results.json, results.md, tradeoff.png (and training.png, difference.png) in
-    ``out_dir``, atomically."""
+    """results.json, results.md, tradeoff.png (and training.png, difference.png,
+    variants.png) in ``out_dir``, atomically."""
     out = Path(out_dir)
     files = {
         "results": (out / "results.json", _json_bytes(results)),
@@ -615,6 +631,9 @@ def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, 
     difference = render_difference_png(results)
     if difference is not None:
         files["difference"] = (out / "difference.png", difference)
+    variants = render_variants_png(results)
+    if variants is not None:
+        files["variants"] = (out / "variants.png", variants)
     return _write_rendered(files)
 
 
@@ -709,7 +728,8 @@ def publish(
 ) -> dict[str, Path]:
     """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
     ``-training.png`` (when the results hold training curves), ``-difference.png`` (when KD
-    is among the models), ``-records.npz`` (the
+    is among the models), ``-variants.png`` (three students or more against KD),
+    ``-records.npz`` (the
     per-image records, when given) and RESULTS.md's block of that name."""
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
@@ -729,6 +749,7 @@ def _publish(
         plot_link=f"results/{name}.png",
         curves_link=f"results/{name}-training.png",
         difference_link=f"results/{name}-difference.png",
+        variants_link=f"results/{name}-variants.png",
         level=3,
     )
     files = {
@@ -746,6 +767,9 @@ def _publish(
     difference = render_difference_png(results)
     if difference is not None:
         files["docs_difference"] = (docs / "results" / f"{name}-difference.png", difference)
+    variants = render_variants_png(results)
+    if variants is not None:
+        files["docs_variants"] = (docs / "results" / f"{name}-variants.png", variants)
     if records is not None:
         files["docs_records"] = (
             docs / "results" / f"{name}-records.npz",
