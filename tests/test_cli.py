@@ -400,3 +400,30 @@ def test_run_takes_its_students_as_reproduce_does() -> None:
     methods = parser.parse_args(["run", "--methods", "kd,erde_g2=erde:gamma=2"])
     assert students.methods == methods.methods == "kd,erde_g2=erde:gamma=2"
     assert parser.parse_args(["run"]).methods is None
+
+
+def test_run_distils_from_a_given_teacher_without_training_one(
+    tmp_path: Path, tiny_run, capsys
+) -> None:
+    """``erde run --teacher DIR``: the students of a released teacher in one command; the
+    teacher is copied, not trained, its data settings used, and reported with them."""
+    teacher = tiny_run["out"] / "teacher"
+    out = tmp_path / "run"
+    assert cli.main(["run", "--teacher", str(teacher), "--students", "kd", "--out", str(out),
+                     "--no-progress", "--threads", "1", *MODEL_SET]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "from the teacher's checkpoint" in printed
+    assert "teacher: epoch" not in printed  # nothing trained it
+    copied = out / "teacher" / "checkpoint.pt"
+    assert copied.read_bytes() == (teacher / "checkpoint.pt").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["teacher", "student_kd"]
+
+
+def test_run_refuses_a_teacher_that_is_not_one_before_writing(tmp_path: Path, tiny_run) -> None:
+    out = tmp_path / "run"
+    student = tiny_run["out"] / "student_kd"
+    argv = ["run", "--teacher", str(student), "--students", "kd", "--out", str(out),
+            "--no-progress", "--threads", "1", *MODEL_SET]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert not (out / "teacher").exists() and not (out / "student_kd").exists()

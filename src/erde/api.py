@@ -146,12 +146,15 @@ def run(
     progress: bool = True,
     allow_config_change: bool = False,
     on_epoch: EpochCallback | None = None,
+    teacher: str | Path | None = None,
 ) -> dict[str, Path]:
     """``erde run``: teacher, the students side by side, evaluation and report.
 
     ``methods`` (``--students``): method names, ``NAME=METHOD:key=value``
     texts or :class:`~erde.config.StudentSpec` objects; default the config's
     ``distill.students`` (ce, kd, erde unless the config names others).
+    ``teacher`` (``--teacher``): a finished teacher's folder (e.g. the released
+    ``docs/results/cifar10-speed-teacher``) to distil from instead of training one.
     ``resume``, ``force``, ``progress``, ``allow_config_change`` and
     ``on_epoch`` as for :func:`train_teacher`. Returns the report's paths:
     ``json``, ``markdown``, ``html``, ``plot``, ``csv``, ... (empty on a
@@ -159,7 +162,7 @@ def run(
     """
     return run_pipeline(
         cfg, out_dir, methods=methods, resume=resume, force=force, progress=progress,
-        allow_config_change=allow_config_change, on_epoch=on_epoch,
+        allow_config_change=allow_config_change, on_epoch=on_epoch, teacher=teacher,
     )  # fmt: skip
 
 

@@ -168,6 +168,35 @@ def as_specs(
     return specs
 
 
+def place_teacher(source: str | Path, target: str | Path) -> bool:
+    """Copy a released teacher folder (checkpoint.pt, config.yaml, metrics.jsonl) to
+    ``target``, so that a run folder holds every model it reports; True when copied, False
+    when the same checkpoint is already there. Refused (``ConfigError``, nothing copied):
+    a folder without those files, a checkpoint that is not a finished teacher, a target
+    holding another teacher."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    files = [source / "checkpoint.pt", source / "config.yaml"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"--teacher {source}: needs checkpoint.pt and config.yaml, missing "
+                          f"{', '.join(missing)}")  # fmt: skip
+    ckpt = load_checkpoint(files[0])
+    if ckpt.get("role") != "teacher" or not ckpt.get("finished"):
+        raise ConfigError(f"--teacher {source}: not a finished teacher checkpoint")
+    there = target / "checkpoint.pt"
+    if there.exists():
+        if there.read_bytes() != files[0].read_bytes():
+            raise ConfigError(f"{target} already holds another teacher; use another --out")
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for f in [*files, source / "metrics.jsonl"]:
+        if f.is_file():
+            shutil.copy2(f, target / f.name)
+    return True
+
+
 def run_pipeline(
     cfg: ExperimentConfig,
     out_dir: str | Path,
@@ -178,6 +207,7 @@ def run_pipeline(
     progress: bool = True,
     allow_config_change: bool = False,
     on_epoch: EpochCallback | None = None,
+    teacher: str | Path | None = None,
 ) -> dict[str, Path]:
     """Train the teacher, then one student per method side by side, then evaluate all of them.
 
@@ -185,6 +215,9 @@ def run_pipeline(
     :func:`erde.training.train_students`), so they differ only by their loss.
     ``methods``: method names or student specs (``NAME=METHOD:key=value`` text or
     :class:`~erde.config.StudentSpec`); default ``distill.students`` (ce, kd, erde).
+    ``teacher``: a finished teacher's folder (e.g. a released one) to distil from instead of
+    training one; it is copied into ``out_dir/teacher`` (:func:`place_teacher`) and reported
+    with the students.
 
     Every output folder is checked before the first model is trained, so a run
     into a folder that already holds checkpoints fails without touching any
@@ -194,9 +227,10 @@ def run_pipeline(
     out_dir = Path(out_dir)
     specs = as_specs(methods, cfg)
     names = [f"student_{spec.name}" for spec in specs]
+    given = teacher is not None
     existing = [
         out_dir / name / "checkpoint.pt"
-        for name in ("teacher", *names)
+        for name in (*(() if given else ("teacher",)), *names)
         if (out_dir / name / "checkpoint.pt").exists()
     ]
     if existing and not (resume or force):
@@ -206,20 +240,30 @@ def run_pipeline(
         )
     if resume and not force and not allow_config_change:
         _check_same_models(out_dir, ["teacher", *names])
+    if given and not specs:
+        raise ConfigError("a given teacher with no students: nothing to train; name --students")
     splits = load_splits(cfg)
-    for role in ("teacher", "student") if specs else ("teacher",):
+    for role in ("student",) if given else ("teacher", "student") if specs else ("teacher",):
         build_job_model(getattr(cfg, role), splits, role)  # fails before any model trains
-    teacher = train(
-        cfg,
-        Job("teacher"),
-        out_dir / "teacher",
-        resume=resume,
-        force=force,
-        progress=progress,
-        splits=splits,
-        allow_config_change=allow_config_change,
-        on_epoch=on_epoch,
-    )
+    if given:
+        ctx, _ = D.setup(cfg.device)
+        if ctx.is_main:  # one copy under torchrun; the other ranks wait for it
+            place_teacher(teacher, out_dir / "teacher")
+        D.barrier(ctx)
+        checkpoint = out_dir / "teacher" / "checkpoint.pt"
+    else:
+        checkpoint = train(
+            cfg,
+            Job("teacher"),
+            out_dir / "teacher",
+            resume=resume,
+            force=force,
+            progress=progress,
+            splits=splits,
+            allow_config_change=allow_config_change,
+            on_epoch=on_epoch,
+        )
+    teacher = checkpoint
     students = train_students(
         cfg, specs, [out_dir / name for name in names], teacher_checkpoint=teacher,
         resume=resume, force=force, progress=progress, splits=splits,

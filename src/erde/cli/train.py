@@ -115,7 +115,10 @@ def cmd_train_student(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+    inherited = teacher_data(args)
+    cfg = build_config(args, data=inherited)
+    if inherited:
+        print(data_origin_line(cfg, args, inherited), flush=True)
     args.out = args.out or f"runs/{cfg.data.name}"
     return locked(args, lambda a: _run_pipeline(a, cfg))
 
@@ -150,6 +153,7 @@ def _run_pipeline(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         progress=not args.no_progress,
         allow_config_change=args.allow_config_change,
         on_epoch=_epoch_callback(args),
+        teacher=args.teacher,
     )
     if not paths:  # a non-zero rank under torchrun: rank 0 evaluates and prints
         return 0
@@ -323,6 +327,15 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         "a method (ce, kd, erde) or NAME=METHOD:key=value:... with its own alpha, beta, gamma, "
         "temperature or uncertain_above, e.g. 'kd,erde,erde_g2=erde:gamma=2' (default: "
         "distill.students, else ce,kd,erde)",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="DIR",
+        help="a finished teacher's folder (checkpoint.pt, config.yaml; e.g. the released "
+        "docs/results/cifar10-speed-teacher) to distil the students from instead of training "
+        "one; copied into <out>/teacher. Its data settings are used unless --dataset, --config "
+        "or --set data.name= say otherwise (the recipe is this command's: pass the teacher's "
+        "config.yaml as --config for its students' schedule)",
     )
     p.add_argument("--out", help="output folder (default: runs/<dataset>)")
 

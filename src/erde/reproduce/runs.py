@@ -22,7 +22,7 @@ from erde.config import (
 from erde.data.layout import detect_loader
 from erde.errors import ConfigError, ErdeError, ReportError
 from erde.io import read_json
-from erde.pipeline import evaluate_checkpoints
+from erde.pipeline import evaluate_checkpoints, place_teacher
 from erde.records import RecordsError, load_records
 from erde.report.curves import folder_curves, mean_curve, read_metrics
 from erde.report.html import MAX_REPORT_BYTES, load_report
@@ -344,32 +344,6 @@ def run_seed(
     return report
 
 
-def _place_teacher(source: Path, target: Path, log: Log) -> None:
-    """Copy a released teacher folder to ``target`` (the same one already there is fine)."""
-    import shutil
-
-    from erde.checkpoints import load_checkpoint
-
-    files = [source / "checkpoint.pt", source / "config.yaml"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ConfigError(f"--teacher {source}: needs checkpoint.pt and config.yaml, missing "
-                          f"{', '.join(missing)}")  # fmt: skip
-    ckpt = load_checkpoint(files[0])
-    if ckpt.get("role") != "teacher" or not ckpt.get("finished"):
-        raise ConfigError(f"--teacher {source}: not a finished teacher checkpoint")
-    there = target / "checkpoint.pt"
-    if there.exists():
-        if there.read_bytes() != files[0].read_bytes():
-            raise ConfigError(f"{target} already holds another teacher; use another --out")
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for f in [*files, source / "metrics.jsonl"]:
-        if f.is_file():
-            shutil.copy2(f, target / f.name)
-    log(f"teacher: {source} copied into {target} (shared by every seed, not trained)")
-
-
 def _records_are_current(records: Path, report: Path, names: Sequence[str]) -> bool:
     """Per-image records written with the report (a seed from before records existed: no)."""
     if not records.is_file() or records.stat().st_mtime_ns < report.stat().st_mtime_ns:
@@ -476,7 +450,9 @@ def reproduce(
     if teacher is not None:
         if teacher_seeds != 1:
             raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
-        _place_teacher(Path(teacher), out / f"seed_{plans[0].teacher_seed}" / "teacher", log)
+        target = out / f"seed_{plans[0].teacher_seed}" / "teacher"
+        if place_teacher(Path(teacher), target):
+            log(f"teacher: {teacher} copied into {target} (shared by every seed, not trained)")
     for plan in plans:  # refuse a reused folder of another config or design before any training
         check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
         students = model_names(cfg)[1:]
