@@ -98,21 +98,24 @@ def render_tradeoff_png(
     return figure_png(fig, ax, dpi)
 
 
-def figure_png(fig: Any, ax: Any, dpi: int) -> bytes:
-    """Grid, legend and layout shared by every trade-off plot, rendered to PNG bytes."""
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+def png_bytes(fig: Any, dpi: int) -> bytes:
+    """A matplotlib Figure rendered to PNG bytes (every figure erde writes goes through here)."""
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 
+def figure_png(fig: Any, ax: Any, dpi: int) -> bytes:
+    """Grid, legend and layout shared by every trade-off plot, rendered to PNG bytes."""
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return png_bytes(fig, dpi)
+
+
 def render_reliability_png(report: Mapping[str, Any], dpi: int = 110) -> bytes:
     """:func:`reliability_figure` as PNG bytes."""
-    buffer = BytesIO()
-    reliability_figure(report, dpi).savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    return png_bytes(reliability_figure(report, dpi), dpi)
 
 
 def reliability_figure(report: Mapping[str, Any], dpi: int = 110) -> Any:

@@ -12,10 +12,10 @@ equal MACs all along the MAC axis, with its 95 % band, and the one-test number i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from io import BytesIO
 from typing import Any
 
 from erde.report import curve_style, model_label
+from erde.report.plots import png_bytes
 from erde.reproduce.stats import PAIRS
 from erde.reproduce.tradeoff import whole_curve_of
 
@@ -63,11 +63,7 @@ def _split(
 def render_difference_png(results: Mapping[str, Any], dpi: int = 120) -> bytes | None:
     """:func:`difference_figure` as PNG bytes (``None`` without a comparison against KD)."""
     fig = difference_figure(results, dpi)
-    if fig is None:
-        return None
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    return None if fig is None else png_bytes(fig, dpi)
 
 
 def difference_figure(results: Mapping[str, Any], dpi: int = 120) -> Any | None:

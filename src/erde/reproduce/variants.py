@@ -13,10 +13,10 @@ full network), each with its 95 % interval over seeds. Drawn for blocks with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from io import BytesIO
 from typing import Any
 
 from erde.report import model_label
+from erde.report.plots import png_bytes
 from erde.reproduce.differences import OFF_SCALE, against_baseline
 from erde.reproduce.stats import PAIRS
 from erde.reproduce.tradeoff import whole_curve_of
@@ -114,11 +114,7 @@ def variants_figure(results: Mapping[str, Any], dpi: int = 120) -> Any | None:
 def render_variants_png(results: Mapping[str, Any], dpi: int = 120) -> bytes | None:
     """:func:`variants_figure` as PNG bytes, or ``None`` where it draws nothing."""
     fig = variants_figure(results, dpi)
-    if fig is None:
-        return None
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    return None if fig is None else png_bytes(fig, dpi)
 
 
 __all__ = ["MIN_VARIANTS", "TESTS", "render_variants_png", "variant_rows", "variants_figure"]
