@@ -168,15 +168,11 @@ def as_specs(
     return specs
 
 
-def place_teacher(source: str | Path, target: str | Path) -> bool:
-    """Copy a released teacher folder (checkpoint.pt, config.yaml, metrics.jsonl) to
-    ``target``, so that a run folder holds every model it reports; True when copied, False
-    when the same checkpoint is already there. Refused (``ConfigError``, nothing copied):
-    a folder without those files, a checkpoint that is not a finished teacher, a target
-    holding another teacher."""
-    import shutil
-
-    source, target = Path(source), Path(target)
+def check_teacher_folder(source: str | Path, target: str | Path | None = None) -> None:
+    """Refuse (``ConfigError``) a ``--teacher`` folder without checkpoint.pt and config.yaml,
+    a checkpoint that is not a finished teacher, or a ``target`` already holding another
+    teacher: checked before any data is read or file written."""
+    source = Path(source)
     files = [source / "checkpoint.pt", source / "config.yaml"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -185,13 +181,24 @@ def place_teacher(source: str | Path, target: str | Path) -> bool:
     ckpt = load_checkpoint(files[0])
     if ckpt.get("role") != "teacher" or not ckpt.get("finished"):
         raise ConfigError(f"--teacher {source}: not a finished teacher checkpoint")
-    there = target / "checkpoint.pt"
-    if there.exists():
-        if there.read_bytes() != files[0].read_bytes():
-            raise ConfigError(f"{target} already holds another teacher; use another --out")
+    there = None if target is None else Path(target) / "checkpoint.pt"
+    if there is not None and there.exists() and there.read_bytes() != files[0].read_bytes():
+        raise ConfigError(f"{target} already holds another teacher; use another --out")
+
+
+def place_teacher(source: str | Path, target: str | Path) -> bool:
+    """Copy a released teacher folder (checkpoint.pt, config.yaml, metrics.jsonl) to
+    ``target``, so that a run folder holds every model it reports; True when copied, False
+    when the same checkpoint is already there. Refused as :func:`check_teacher_folder`
+    says, nothing copied."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    check_teacher_folder(source, target)
+    if (target / "checkpoint.pt").exists():
         return False
     target.mkdir(parents=True, exist_ok=True)
-    for f in [*files, source / "metrics.jsonl"]:
+    for f in (source / "checkpoint.pt", source / "config.yaml", source / "metrics.jsonl"):
         if f.is_file():
             shutil.copy2(f, target / f.name)
     return True
@@ -240,8 +247,10 @@ def run_pipeline(
         )
     if resume and not force and not allow_config_change:
         _check_same_models(out_dir, ["teacher", *names])
-    if given and not specs:
-        raise ConfigError("a given teacher with no students: nothing to train; name --students")
+    if given:
+        if not specs:
+            raise ConfigError("a given teacher and no students: nothing to train; name --students")
+        check_teacher_folder(teacher, out_dir / "teacher")
     splits = load_splits(cfg)
     for role in ("student",) if given else ("teacher", "student") if specs else ("teacher",):
         build_job_model(getattr(cfg, role), splits, role)  # fails before any model trains
@@ -250,20 +259,13 @@ def run_pipeline(
         if ctx.is_main:  # one copy under torchrun; the other ranks wait for it
             place_teacher(teacher, out_dir / "teacher")
         D.barrier(ctx)
-        checkpoint = out_dir / "teacher" / "checkpoint.pt"
+        teacher = out_dir / "teacher" / "checkpoint.pt"
     else:
-        checkpoint = train(
-            cfg,
-            Job("teacher"),
-            out_dir / "teacher",
-            resume=resume,
-            force=force,
-            progress=progress,
-            splits=splits,
-            allow_config_change=allow_config_change,
+        teacher = train(
+            cfg, Job("teacher"), out_dir / "teacher", resume=resume, force=force,
+            progress=progress, splits=splits, allow_config_change=allow_config_change,
             on_epoch=on_epoch,
-        )
-    teacher = checkpoint
+        )  # fmt: skip
     students = train_students(
         cfg, specs, [out_dir / name for name in names], teacher_checkpoint=teacher,
         resume=resume, force=force, progress=progress, splits=splits,
