@@ -154,6 +154,9 @@ def test_the_readme_results_table_is_read_from_the_result_files() -> None:
         wins, losses = comparison["wins"], comparison["losses"]
         assert ("ERDE did not beat KD" in verdict) == (wins < losses), (name, verdict)
         assert f"{max(wins, losses)} of {wins + losses} thresholds" in verdict, (name, verdict)
+        average = re.search(r"by ([\d.]+) points on average", verdict)
+        if average:  # the mean over the thresholds, as the block's comparison holds it
+            assert average[1] == f"{abs(100 * comparison['accuracy_diff_mean']):.2f}", verdict
 
 
 def test_the_readme_figure_of_differences_says_what_its_block_holds() -> None:
