@@ -311,9 +311,9 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG_CONFIG,
         formatter_class=RAW,
         description="Train the teacher, then its students side by side (ce, kd and erde unless "
-        "--students names others), then evaluate them all and write the report. With no argument: the embedded digits data set, about a "
-        "minute on an idle 2-core CPU (docs/USAGE.md: what to expect, and what varies between "
-        "machines).",
+        "--students names others), then evaluate them all and write the report. With no "
+        "argument: the embedded digits data set, about a minute on an idle 2-core CPU "
+        "(docs/USAGE.md: what to expect, and what varies between machines).",
     )
     add_config_args(p)
     _add_train_args(p)
