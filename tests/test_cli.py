@@ -377,20 +377,56 @@ def test_every_command_reads_a_cifar10_imagefolder_copy_given_dataset_cifar10(
 def test_a_student_s_command_line_data_settings_win_over_its_teacher_s(
     tmp_path: Path, tiny_run
 ) -> None:
-    from erde.cli.train import data_origin_line, teacher_data
+    from erde.cli.train import origin_lines, teacher_config
 
     args = cli.build_parser().parse_args(
         ["train-student", "--teacher", str(tiny_run["out"] / "teacher"),
          "--set", "data.batch_size=32"]
     )  # fmt: skip
-    inherited = teacher_data(args)
-    cfg = cli.build_config(args, data=inherited)
+    base = teacher_config(args)
+    cfg = cli.build_config(args, fallback=base)
     assert (cfg.data.name, cfg.data.image_size, cfg.data.batch_size) == ("digits", 8, 32)
-    assert "(batch_size from the command line)" in data_origin_line(cfg, args, inherited)
+    assert "(batch_size from the command line)" in origin_lines(cfg, args, base)
     named = cli.build_parser().parse_args(
         ["train-student", "--teacher", str(tiny_run["out"] / "teacher"), "--dataset", "cifar10"]
     )
-    assert teacher_data(named) is None
+    assert teacher_config(named) is None
+
+
+def test_a_student_takes_its_recipe_from_its_teacher_s_config_unless_a_data_set_is_named(
+    tmp_path: Path, tiny_run
+) -> None:
+    """``--teacher`` without a data set: the students follow the teacher's saved config (the
+    released speed teacher brings the speed schedule), --config and --set laid over it;
+    ``--dataset`` takes the preset, as without --teacher."""
+    from erde.checkpoints import load_checkpoint, save_checkpoint
+    from erde.cli.train import origin_lines, teacher_config
+    from erde.config import load_config
+
+    saved = load_config(None, ["data.name=digits", "student.arch=fastnet", "student.width=0.5",
+                               "student_train.epochs=7", "student_train.lr=0.25",
+                               "distill.gamma=3"], base={})  # fmt: skip
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    ckpt = load_checkpoint(tiny_run["out"] / "teacher")
+    save_checkpoint({**ckpt, "config": saved.to_dict()}, teacher / "checkpoint.pt")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("student_train:\n  lr: 0.5\n")
+    parse = cli.build_parser().parse_args
+    args = parse(["run", "--teacher", str(teacher), "--config", str(recipe),
+                  "--set", "distill.gamma=2"])  # fmt: skip
+    base = teacher_config(args)
+    cfg = cli.build_config(args, fallback=base)
+    got = (cfg.student.arch, cfg.student.width, cfg.student_train.epochs, cfg.student_train.lr)
+    assert got == ("fastnet", 0.5, 7, 0.5)
+    assert cfg.distill.gamma == 2.0
+    line = origin_lines(cfg, args, base).splitlines()[1]
+    assert line.startswith("recipe: student fastnet x0.5, 7 epochs at lr 0.5, from the teacher's")
+    preset = parse(["run", "--teacher", str(teacher), "--dataset", "digits"])
+    assert teacher_config(preset) is None
+    fresh = cli.build_config(preset, fallback=teacher_config(preset))
+    alone = cli.build_config(parse(["run", "--dataset", "digits"]))
+    assert fresh == alone and fresh.student_train.epochs != 7
 
 
 def test_run_takes_its_students_as_reproduce_does() -> None:

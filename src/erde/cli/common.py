@@ -148,27 +148,21 @@ def named_dataset(args: argparse.Namespace) -> str | None:
     return args.dataset
 
 
-def build_config(
-    args: argparse.Namespace, fallback: dict | None = None, data: dict | None = None
-) -> ExperimentConfig:
+def build_config(args: argparse.Namespace, fallback: dict | None = None) -> ExperimentConfig:
     """Preset for the data set, then --config, then explicit flags and --set overrides.
 
-    ``fallback`` (e.g. a checkpoint's own config) replaces the preset when
-    neither --dataset nor --config names a data set. ``data`` (e.g. a teacher's data
-    settings, :func:`erde.cli.train.teacher_data`) is laid over its data set's preset in
-    that case.
+    ``fallback`` (a checkpoint's own config: evaluate's and calibrate's model, the --teacher
+    of train-student and run, :func:`erde.cli.train.teacher_config`) replaces the preset when
+    neither --dataset nor --config names a data set.
     """
     dataset = named_dataset(args)
     overrides = []
     if dataset is None and fallback is not None:
         base = fallback
     else:
-        inherit = dataset is None and data is not None
-        dataset = dataset or (data["name"] if inherit else "digits")
+        dataset = dataset or "digits"
         preset = preset_path(dataset)
         base = load_yaml(preset) if preset.is_file() else {}
-        if inherit:
-            base["data"] = {**(base.get("data") or {}), **data}
         overrides.append(f"data.name={dataset}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")

@@ -23,18 +23,6 @@ from erde.errors import ErdeError
 if TYPE_CHECKING:
     from erde.training import EpochCallback
 
-# A student learns from its teacher's answers on the same images: these data settings are
-# taken from the teacher's checkpoint unless the command line gives them.
-DATA_FROM_TEACHER = (
-    "name",
-    "data_dir",
-    "image_size",
-    "batch_size",
-    "val_fraction",
-    "split_seed",
-    "max_train",
-)
-
 
 def _epoch_callback(args: argparse.Namespace) -> EpochCallback | None:
     """What training calls after each epoch: a console line without bars, TensorBoard files."""
@@ -66,38 +54,48 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def teacher_data(args: argparse.Namespace) -> dict | None:
-    """The teacher's ``DATA_FROM_TEACHER`` settings, or None when there is no --teacher or the
-    command line names a data set (--dataset, --config with data.name, --set data.name=)."""
+def teacher_config(args: argparse.Namespace) -> dict | None:
+    """The --teacher checkpoint's whole saved config, the base of the students' (data, student,
+    student_train, distill: the released speed teacher brings the speed schedule), or None when
+    there is no --teacher or the command line names a data set (--dataset, --config with
+    data.name, --set data.name=): then the data set's preset is the base, as without --teacher.
+    --config without a data set, --data-dir and --set are laid over it."""
     if not args.teacher or named_dataset(args) is not None:
         return None
     if any(o.split("=", 1)[0].strip() == "data.name" for o in args.overrides):
         return None
     from erde.checkpoints import load_checkpoint
 
-    data = (load_checkpoint(args.teacher).get("config") or {}).get("data") or {}
-    inherited = {k: data[k] for k in DATA_FROM_TEACHER if k in data}
-    return inherited if inherited.get("name") else None
+    config = load_checkpoint(args.teacher).get("config") or {}
+    return config if (config.get("data") or {}).get("name") else None
 
 
-def data_origin_line(cfg: ExperimentConfig, args: argparse.Namespace, inherited: dict) -> str:
-    """``data: imagefolder DIR from the teacher's checkpoint``, naming what the command line set."""
+def origin_lines(cfg: ExperimentConfig, args: argparse.Namespace, base: dict) -> str:
+    """What a student took from its teacher's config: ``data: imagefolder DIR from the
+    teacher's checkpoint`` (naming what the command line set) and the recipe line."""
     own = {o.split("=", 1)[0].strip()[5:] for o in args.overrides if o.startswith("data.")}
     if args.data_dir:
         own.add("data_dir")
-    own &= set(inherited)
+    own &= set(base.get("data") or {})
     where = f" {cfg.data.data_dir}" if cfg.data.data_dir else ""
     extra = f" ({', '.join(sorted(own))} from the command line)" if own else ""
-    return f"data: {cfg.data.name}{where} from the teacher's checkpoint{extra}"
+    st = cfg.student
+    recipe = (
+        f"recipe: student {st.arch} x{st.width:g}, {cfg.student_train.epochs} epochs at lr "
+        f"{cfg.student_train.lr:g}, from the teacher's config"
+        + (f" with {args.config} over it" if args.config else "")
+        + " (--dataset or a --config naming data.name for a preset's)"
+    )
+    return f"data: {cfg.data.name}{where} from the teacher's checkpoint{extra}\n{recipe}"
 
 
 def cmd_train_student(args: argparse.Namespace) -> int:
     from erde.api import train_student
 
-    inherited = teacher_data(args)
-    cfg = build_config(args, data=inherited)
-    if inherited:
-        print(data_origin_line(cfg, args, inherited), flush=True)
+    base = teacher_config(args)
+    cfg = build_config(args, fallback=base)
+    if base:
+        print(origin_lines(cfg, args, base), flush=True)
     method = args.method or cfg.distill.method
     path = train_student(
         cfg,
@@ -115,10 +113,10 @@ def cmd_train_student(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    inherited = teacher_data(args)
-    cfg = build_config(args, data=inherited)
-    if inherited:
-        print(data_origin_line(cfg, args, inherited), flush=True)
+    base = teacher_config(args)
+    cfg = build_config(args, fallback=base)
+    if base:
+        print(origin_lines(cfg, args, base), flush=True)
     args.out = args.out or f"runs/{cfg.data.name}"
     return locked(args, lambda a: _run_pipeline(a, cfg))
 
@@ -294,9 +292,10 @@ def add_train_student(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--teacher",
-        help="teacher checkpoint (required for kd and erde); the student trains on the teacher's "
-        "data (data.name, data_dir, image_size, batch_size, val_fraction, split_seed, max_train "
-        "from its checkpoint) unless --dataset, --data-dir, --config or --set data.* say otherwise",
+        help="teacher checkpoint (required for kd and erde); its saved config is the student's "
+        "(data, student, student_train, distill), with --config, --data-dir and --set laid "
+        "over it, unless --dataset, a --config naming data.name or --set data.name= choose a "
+        "data set's preset instead",
     )
     add_trust_arg(p)
     p.add_argument("--out", default="runs/student", help="output folder (default: runs/student)")
@@ -333,9 +332,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="a finished teacher's folder (checkpoint.pt, config.yaml; e.g. the released "
         "docs/results/cifar10-speed-teacher) to distil the students from instead of training "
-        "one; copied into <out>/teacher. Its data settings are used unless --dataset, --config "
-        "or --set data.name= say otherwise (the recipe is this command's: pass the teacher's "
-        "config.yaml as --config for its students' schedule)",
+        "one; copied into <out>/teacher. Its saved config is the students' (data and recipe: the "
+        "released speed teacher brings the speed schedule), with --config, --data-dir and --set "
+        "laid over it, unless --dataset, a --config naming data.name or --set data.name= choose "
+        "a data set's preset instead",
     )
     p.add_argument("--out", help="output folder (default: runs/<dataset>)")
 
