@@ -3,6 +3,7 @@ re-derive every published table (erde verify); records that do not match are ref
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -16,8 +17,10 @@ from data_fixtures import write_svhn
 from test_reproduce import _sets
 
 from erde.cli import main
+from erde.errors import ReportError
 from erde.evaluation import sweep
 from erde.records import RecordsError, exit_records, load_records, save_records, sweep_records
+from erde.reproduce import seedfiles
 from erde.reproduce.evidence import verify_block
 
 
@@ -246,6 +249,130 @@ def test_a_teacher_without_its_config_or_with_several_teacher_seeds_is_refused(
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "o" / "seed_0" / "student_ce").exists()
+
+
+def _ship_teacher(block: Path, shipped: Path) -> Path:
+    """The fixture's teacher released as a folder of its own (fp16 checkpoint, config)."""
+    trained = block / "out" / "seed_0" / "teacher"
+    assert main(["release", str(trained), "--out", str(shipped / "checkpoint.pt")]) == 0
+    shutil.copy(trained / "config.yaml", shipped / "config.yaml")
+    shutil.copy(trained / "metrics.jsonl", shipped / "metrics.jsonl")
+    return shipped
+
+
+def _continue_argv(block: Path, docs: Path, out: Path, seeds: int, *extra: str) -> list[str]:
+    return ["reproduce", "--dataset", "svhn", "--data-dir", str(block / "svhn"), "--no-progress",
+            "--seeds", str(seeds), "--teacher-seeds", "1", "--docs", str(docs), "--out", str(out),
+            "--students", "ce,kd,erde,erde_g2=erde:gamma=2", *extra, *_sets()]  # fmt: skip
+
+
+def test_a_published_block_gains_a_seed_elsewhere_without_training_its_seeds_again(
+    block: Path, tmp_path: Path, capsys
+) -> None:
+    """Only the committed docs and the released teacher travel: the block's two seeds are
+    restored from its seed files, the third trains, and the three-seed block verifies."""
+    docs = tmp_path / "docs"
+    shutil.copytree(block / "docs", docs)
+    before = json.loads(_published(docs / "results").read_text())
+    assert (docs / "results" / f"{_published(docs / 'results').stem}-seeds.json.gz").is_file()
+    shipped = _ship_teacher(block, tmp_path / "shipped")
+    out = tmp_path / "elsewhere"
+    capsys.readouterr()
+    assert main(_continue_argv(block, docs, out, 3, "--teacher", str(shipped))) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0: restored from" in printed and "seed 1: restored from" in printed
+    assert "seed 2 (3/3)" in printed and "seed 0 (1/3)" not in printed
+    assert "teacher: training" not in printed
+    assert not any((out / f"seed_{s}" / "student_kd" / "checkpoint.pt").exists() for s in (0, 1))
+    assert (out / "seed_2" / "student_kd" / "checkpoint.pt").is_file()
+    published = _published(docs / "results")
+    after = json.loads(published.read_text())
+    assert after["seeds"] == [0, 1, 2] and after["n_seeds"] == 3
+    for name, model in before["models"].items():
+        for old, new in zip(model["thresholds"], after["models"][name]["thresholds"], strict=True):
+            assert new["accuracy_per_seed"][:2] == old["accuracy_per_seed"]
+        assert after["training_time"][name]["epochs"] == before["training_time"][name]["epochs"]
+    _, old_records = load_records(block / "out" / "seed_1" / "records.npz")
+    _, new_records = load_records(out / "seed_1" / "records.npz")
+    assert np.array_equal(old_records["student_erde"].pred, new_records["student_erde"].pred)
+    assert main(["verify", str(published)]) == 0
+
+
+def test_a_restored_block_without_its_teachers_weights_trains_nothing(
+    block: Path, tmp_path: Path
+) -> None:
+    """A new seed of a one-teacher block needs that teacher's weights, which the seed files
+    do not hold: one line naming --teacher, and no student trained."""
+    docs = tmp_path / "docs"
+    shutil.copytree(block / "docs", docs)
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "erde.cli", *_continue_argv(block, docs, out, 3)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "give the released teacher with --teacher" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+        not (out / "seed_2").exists()
+        and not (out / "seed_0" / "teacher" / "checkpoint.pt").exists()
+    )
+
+
+def _rewrite_seed_files(path: Path, change) -> None:
+    body = json.loads(gzip.decompress(path.read_bytes()))
+    change(body)
+    path.write_bytes(gzip.compress(json.dumps(body).encode()))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b["files"].update({"seed_0/../../escape.yaml": "x"}), "refuses the path"),
+        (lambda b: b["files"].update({"seed_7/report.json": "{}"}), "refuses the path"),
+        (lambda b: b.update(records_sha256="0" * 64), "belongs with records"),
+        (lambda b: b["files"].pop("seed_1/report.json"), "no report of the models"),
+    ],
+    ids=["path-outside", "unknown-seed", "other-records", "missing-report"],
+)
+def test_seed_files_that_do_not_belong_are_refused_before_anything_is_written(
+    block: Path, tmp_path: Path, change, message: str
+) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(block / "docs", docs)
+    (seeds,) = (docs / "results").glob("*-seeds.json.gz")
+    _rewrite_seed_files(seeds, change)
+    shipped = _ship_teacher(block, tmp_path / "shipped")
+    out = tmp_path / "o"
+    argv = _continue_argv(block, docs, out, 2, "--teacher", str(shipped))
+    proc = subprocess.run([sys.executable, "-m", "erde.cli", *argv],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not out.exists() and not (tmp_path / "escape.yaml").exists()
+
+
+def test_seed_files_that_decompress_too_far_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "x-seeds.json.gz"
+    path.write_bytes(gzip.compress(b" " * 5000 + b"{}"))
+    monkeypatch.setattr(seedfiles, "MAX_SEEDS_JSON_BYTES", 1000)
+    with pytest.raises(ReportError, match="decompresses past"):
+        seedfiles.read_seed_files(path)
+
+
+def test_verify_finds_a_seed_report_that_is_not_the_blocks(
+    block: Path, tmp_path: Path, capsys
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(block / "docs" / "results", results)
+    (seeds,) = results.glob("*-seeds.json.gz")
+
+    def change(body) -> None:
+        report = json.loads(body["files"]["seed_1/report.json"])
+        report["models"]["student_kd"]["exit_accuracy"][-1] += 0.5
+        body["files"]["seed_1/report.json"] = json.dumps(report)
+
+    _rewrite_seed_files(seeds, change)
+    assert main(["verify", str(_published(results))]) == 1
+    assert "seed 1's student_kd is not the block's" in capsys.readouterr().out
 
 
 COMMITTED = sorted(

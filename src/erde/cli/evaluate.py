@@ -195,8 +195,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from erde.reproduce.evidence import verify_block
+    from erde.reproduce.seedfiles import check_seed_files
 
     checked, diffs = verify_block(Path(args.results))
+    diffs += check_seed_files(Path(args.results))
     for line in diffs[:50]:
         print(line)
     if diffs:

@@ -391,8 +391,11 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--docs",
         metavar="DIR",
         help="also publish into DIR: results/<dataset>-<schedule>.json, .png and -training.png, "
-        "and the block of that name in DIR/RESULTS.md; after every finished seed, marked "
-        "partial until the last",
+        "the per-image records (-records.npz), the finished seeds' reports and training logs "
+        "(-seeds.json.gz) and the block of that name in DIR/RESULTS.md; after every finished "
+        "seed, marked partial until the last. Seeds that block already holds are restored "
+        "from those files into --out instead of being trained again, so a block continues "
+        "on another machine",
     )
     p.add_argument(
         "--block",

@@ -724,21 +724,28 @@ def command_from(command: str | None, root: Path) -> str | None:
 
 
 def publish(
-    results: Mapping[str, Any], docs_dir: str | Path, records: str | Path | None = None
+    results: Mapping[str, Any],
+    docs_dir: str | Path,
+    records: str | Path | None = None,
+    seed_files: str | Path | None = None,
 ) -> dict[str, Path]:
     """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
     ``-training.png`` (when the results hold training curves), ``-difference.png`` (when KD
     is among the models), ``-variants.png`` (three students or more against KD),
-    ``-records.npz`` (the
-    per-image records, when given) and RESULTS.md's block of that name."""
+    ``-records.npz`` (the per-image records, when given), ``-seeds.json.gz`` (the finished
+    seeds' reports, configs and training logs, when given: what a later run needs to add
+    seeds without training these again) and RESULTS.md's block of that name."""
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     with folder_update_lock(docs):  # another run may be publishing its block right now
-        return _publish(results, docs, records)
+        return _publish(results, docs, records, seed_files)
 
 
 def _publish(
-    results: Mapping[str, Any], docs: Path, records: str | Path | None = None
+    results: Mapping[str, Any],
+    docs: Path,
+    records: str | Path | None = None,
+    seed_files: str | Path | None = None,
 ) -> dict[str, Path]:
     name = results_name(results)
     doc = docs / "RESULTS.md"
@@ -774,6 +781,11 @@ def _publish(
         files["docs_records"] = (
             docs / "results" / f"{name}-records.npz",
             Path(records).read_bytes(),
+        )
+    if seed_files is not None:
+        files["docs_seed_files"] = (
+            docs / "results" / f"{name}-seeds.json.gz",
+            Path(seed_files).read_bytes(),
         )
     return _write_rendered(files)
 

@@ -28,7 +28,14 @@ from erde.report.curves import folder_curves, mean_curve, read_metrics
 from erde.report.html import MAX_REPORT_BYTES, load_report
 from erde.reproduce.diagnostics import block_diagnostics
 from erde.reproduce.evidence import gather
-from erde.reproduce.render import publish, write_results
+from erde.reproduce.render import publish, results_name, write_results
+from erde.reproduce.seedfiles import (
+    SEEDS_FILE,
+    is_restored,
+    pack_seed_files,
+    restore_seeds,
+    restored_teacher_without_weights,
+)
 from erde.reproduce.stats import RULE, aggregate, threshold_grid, training_time
 from erde.reproduce.tradeoff import block_tradeoff
 from erde.training import (
@@ -386,6 +393,18 @@ def training_curves(folders: Mapping[str, Sequence[Path]]) -> dict[str, dict[str
     return out
 
 
+def _block_name(dataset: str, schedule: str, cfg: ExperimentConfig, block: str | None) -> str:
+    """The name the results will be published under (as :func:`results_name` derives it)."""
+    return results_name(
+        {
+            "dataset": {"name": dataset},
+            "schedule": schedule,
+            "config": cfg.to_dict(),
+            "block": block,
+        }
+    )
+
+
 def reproduce(
     dataset: str,
     out_dir: str | Path,
@@ -447,9 +466,15 @@ def reproduce(
         dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds,
         block=block,
     )  # fmt: skip
+    if teacher is not None and teacher_seeds != 1:
+        raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
+    if docs_dir is not None:  # the published block's finished seeds, not trained again
+        published = (
+            Path(docs_dir) / "results" / f"{_block_name(dataset, schedule, cfg, block)}.json"
+        )
+        for seed in restore_seeds(out, published, [p.seed for p in plans], model_names(cfg)):
+            log(f"seed {seed}: restored from {published} and its seed files (not trained again)")
     if teacher is not None:
-        if teacher_seeds != 1:
-            raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
         target = out / f"seed_{plans[0].teacher_seed}" / "teacher"
         if place_teacher(Path(teacher), target):
             log(f"teacher: {teacher} copied into {target} (shared by every seed, not trained)")
@@ -457,6 +482,15 @@ def reproduce(
         check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
         students = model_names(cfg)[1:]
         check_reusable(out / f"seed_{plan.seed}", plan.student_config(cfg), students)
+        teacher_dir = out / f"seed_{plan.teacher_seed}" / "teacher"
+        if not is_restored(out / f"seed_{plan.seed}") and restored_teacher_without_weights(
+            teacher_dir
+        ):
+            raise ConfigError(
+                f"seed {plan.seed} learns from the teacher of seed {plan.teacher_seed}, restored "
+                "from the published block without its weights: give the released teacher "
+                "with --teacher DIR"
+            )
     reports: dict[int, dict[str, Any]] = {}
     relative: dict[int, str] = {}
     times: dict[int, dict[str, dict[str, Any] | None]] = {}
@@ -467,11 +501,14 @@ def reproduce(
     for i, plan in enumerate(plans):
         seed_dir = out / f"seed_{plan.seed}"
         teacher_dir = out / f"seed_{plan.teacher_seed}" / "teacher"
-        log(f"seed {plan.seed} ({i + 1}/{seeds}) -> {seed_dir} (teacher: {teacher_dir})")
-        report = run_seed(
-            cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir,
-            on_epoch=on_epoch,
-        )  # fmt: skip
+        if is_restored(seed_dir):  # its report and records as published; no weights to train
+            report = seed_dir / "report.json"
+        else:
+            log(f"seed {plan.seed} ({i + 1}/{seeds}) -> {seed_dir} (teacher: {teacher_dir})")
+            report = run_seed(
+                cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir,
+                on_epoch=on_epoch,
+            )  # fmt: skip
         reports[plan.seed] = load_report(report)
         relative[plan.seed] = str(report.relative_to(out))
         folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in model_names(cfg)}
@@ -488,8 +525,11 @@ def reproduce(
         done.append((plan.seed, plan.teacher_seed))
         results["records"] = gather(out, done, model_names(cfg), out / RECORDS_FILE)
         derive_from_records(results, out / RECORDS_FILE)
+        pack_seed_files(out, done, model_names(cfg), out / SEEDS_FILE, results["records"]["sha256"])
         paths = write_results(out, results)
-        paths["records"] = out / RECORDS_FILE
+        paths["records"], paths["seed_files"] = out / RECORDS_FILE, out / SEEDS_FILE
         if docs_dir is not None:  # after every seed: a long run shows what it has so far
-            paths.update(publish(results, docs_dir, records=out / RECORDS_FILE))
+            paths.update(
+                publish(results, docs_dir, records=out / RECORDS_FILE, seed_files=out / SEEDS_FILE)
+            )
     return paths
