@@ -261,6 +261,71 @@ def test_one_teacher_shared_by_two_student_seeds_and_a_folder_of_another_design_
     assert _mtimes(out) == before  # nothing trained, nothing overwritten
 
 
+def _cli(argv: list[str], **kw) -> subprocess.Popen:
+    """``erde ARGV`` in a process of its own, one thread, output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ERDE_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "erde.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)  # fmt: skip
+
+
+def test_two_processes_train_one_seed_each_into_one_out_and_a_plain_run_aggregates(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    """--only-seeds: two real processes side by side, each trains its seed (teacher and
+    students) into the same --out; the plain command then trains nothing and aggregates."""
+    out = tmp_path / "out"
+    argv = _svhn_argv(tmp_path, "--seeds", "2", "--out", str(out))
+    lanes = [_cli([*argv, "--only-seeds", str(seed)]) for seed in (0, 1)]
+    printed = [lane.communicate(timeout=600) for lane in lanes]
+    for seed, (lane, (stdout, stderr)) in enumerate(zip(lanes, printed, strict=True)):
+        assert lane.returncode == 0, stderr
+        assert f"seeds {seed} only" in stdout and stdout.count("teacher: training") == 1
+        assert f"seed_{seed}: " in stdout and "to aggregate" in stdout
+        assert f"seed {seed} ->" in stdout and f"seed {1 - seed} ->" not in stdout
+    assert not (out / "results.json").exists()  # a lane does not aggregate
+    capsys.readouterr()
+    assert main(argv) == 0
+    aggregated = capsys.readouterr().out
+    assert ": training" not in aggregated and "already finished" in aggregated  # both reused
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and results["teacher_seeds"] == 2
+
+
+def test_only_seeds_refuses_what_it_cannot_do_alone_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
+) -> None:
+    out = tmp_path / "out"
+    shared = _svhn_argv(tmp_path, "--seeds", "2", "--teacher-seeds", "1", "--out", str(out))
+    for extra, message in (
+        (["--only-seeds", "5"], "the plan's seeds are 0, 1"),
+        (["--only-seeds", "one"], "seed numbers separated by commas"),
+        (["--only-seeds", "1"], "train that seed first (--only-seeds 0)"),
+        (["--only-seeds", "0", "--docs", str(tmp_path / "docs")], "publish with --docs from"),
+    ):
+        capsys.readouterr()
+        assert main([*shared, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(out.glob("seed_*/*/checkpoint.pt"))
+
+
+def test_a_seed_folder_in_use_by_another_process_is_not_trained_twice(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """The lock is a real one between processes: while this process holds seed_0, a lane
+    for seed 0 is refused in one line and the aggregating run too, before training it."""
+    from erde.outputs import output_lock
+
+    out = tmp_path / "out"
+    argv = _svhn_argv(tmp_path, "--seeds", "1", "--out", str(out))
+    with output_lock(out / "seed_0"):
+        for extra in (["--only-seeds", "0"], []):
+            stdout, stderr = (lane := _cli([*argv, *extra])).communicate(timeout=300)
+            assert lane.returncode == 2 and "is in use by" in stderr, stderr
+            assert len(stderr.strip().splitlines()) == 1
+    assert not (out / "seed_0" / "teacher").exists()
+
+
 def test_a_released_teacher_placed_in_a_new_folder_is_reused_not_trained(
     tmp_path: Path, capsys: pytest.CaptureFixture, one_thread: None
 ) -> None:

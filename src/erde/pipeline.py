@@ -6,6 +6,7 @@ the same pipeline from Python.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -198,9 +199,13 @@ def place_teacher(source: str | Path, target: str | Path) -> bool:
     if (target / "checkpoint.pt").exists():
         return False
     target.mkdir(parents=True, exist_ok=True)
-    for f in (source / "checkpoint.pt", source / "config.yaml", source / "metrics.jsonl"):
+    # checkpoint last, each file whole (copied aside, then renamed): a process starting
+    # beside this one (erde reproduce --only-seeds) sees a teacher folder finished or none
+    for f in (source / "config.yaml", source / "metrics.jsonl", source / "checkpoint.pt"):
         if f.is_file():
-            shutil.copy2(f, target / f.name)
+            aside = target / f".{f.name}.{os.getpid()}.part"
+            shutil.copy2(f, aside)
+            os.replace(aside, target / f.name)
     return True
 
 

@@ -83,7 +83,13 @@ def _run(args: argparse.Namespace) -> int:
 
     func: Command = args.func
     with trusted_modules(user_modules(args)):
-        if args.command in LOCKED_COMMANDS and getattr(args, "out", None) is not None:
+        # reproduce --only-seeds locks each seed folder it trains, not the --out they share
+        one_writer = getattr(args, "only_seeds", None) is None
+        if (
+            args.command in LOCKED_COMMANDS
+            and getattr(args, "out", None) is not None
+            and one_writer
+        ):
             return locked(args, func)
         return func(args)
 

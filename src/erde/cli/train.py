@@ -189,7 +189,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if not args.dataset:
         raise ErdeError("reproduce needs --dataset (cifar10, cifar100 or svhn)")
     args.out = args.out or f"runs/reproduce/{args.dataset}-{args.schedule}"
+    if args.only_seeds is not None:  # each seed folder is locked instead of the whole --out
+        return _reproduce(args)
     return locked(args, _reproduce)
+
+
+def _seed_list(text: str | None) -> list[int] | None:
+    """``"1,3"`` -> [1, 3] (None stays None); anything else is one line."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ErdeError(
+            f"--only-seeds {text!r}: seed numbers separated by commas, e.g. 1,3"
+        ) from None
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -213,11 +227,17 @@ def _reproduce(args: argparse.Namespace) -> int:
         docs_dir=args.docs,
         teacher=args.teacher,
         block=args.block,
+        only_seeds=_seed_list(args.only_seeds),
         progress=not args.no_progress,
         log=print,
         on_epoch=_epoch_callback(args),
     )
     print()
+    if args.only_seeds is not None:
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        print("to aggregate: the same command without --only-seeds (it reuses these seeds)")
+        return 0
     results = read_json(
         paths["results"], max_bytes=MAX_REPORT_BYTES, error=ReportError, what="a results file"
     )
@@ -420,5 +440,14 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "erde) or NAME=METHOD:key=value:... with its own alpha, beta, gamma, temperature or "
         "uncertain_above, e.g. 'ce,kd,erde,erde_g0.5=erde:gamma=0.5,erde_g2=erde:gamma=2' "
         "(default: ce,kd,erde). Each student beyond those three is compared with KD and ERDE",
+    )
+    p.add_argument(
+        "--only-seeds",
+        metavar="S[,S...]",
+        help="train and evaluate only these seeds of the plan (--seed, --seeds, --teacher-seeds), "
+        "without aggregating: one process per core or GPU, each with its own seeds, fill one "
+        "--out side by side; the same command without --only-seeds then aggregates what they "
+        "finished (and publishes it with --docs). A seed that shares another seed's teacher "
+        "needs that teacher finished first, or --teacher",
     )
     p.add_argument("--out", help="output folder (default: runs/reproduce/<dataset>-<schedule>)")

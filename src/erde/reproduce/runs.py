@@ -22,6 +22,7 @@ from erde.config import (
 from erde.data.layout import detect_loader
 from erde.errors import ConfigError, ErdeError, ReportError
 from erde.io import read_json
+from erde.outputs import output_lock
 from erde.pipeline import evaluate_checkpoints, place_teacher
 from erde.records import RecordsError, load_records
 from erde.report.curves import folder_curves, mean_curve, read_metrics
@@ -393,6 +394,33 @@ def training_curves(folders: Mapping[str, Sequence[Path]]) -> dict[str, dict[str
     return out
 
 
+def _chosen_plans(plans: Sequence[SeedPlan], only: Sequence[int] | None) -> list[SeedPlan]:
+    """The plans of the seeds ``only`` names (all without it); a seed not planned is refused."""
+    if only is None:
+        return list(plans)
+    planned = [p.seed for p in plans]
+    unknown = [s for s in only if s not in planned]
+    if unknown or not only:
+        raise ConfigError(
+            f"--only-seeds {','.join(map(str, only)) or '(none)'}: the plan's seeds are "
+            f"{', '.join(map(str, planned))} (--seed, --seeds)"
+        )
+    return [p for p in plans if p.seed in set(only)]
+
+
+def _check_teacher_finished(plan: SeedPlan, teacher_dir: Path) -> None:
+    """A shared teacher is trained by its own seed's process, never by two at once."""
+    from erde.checkpoints import load_checkpoint
+
+    checkpoint = teacher_dir / "checkpoint.pt"
+    if not checkpoint.is_file() or not load_checkpoint(checkpoint).get("finished"):
+        raise ConfigError(
+            f"seed {plan.seed} learns from the teacher of seed {plan.teacher_seed}, not finished "
+            f"in {teacher_dir}: train that seed first (--only-seeds {plan.teacher_seed}) or give "
+            "a released teacher with --teacher DIR"
+        )
+
+
 def _block_name(dataset: str, schedule: str, cfg: ExperimentConfig, block: str | None) -> str:
     """The name the results will be published under (as :func:`results_name` derives it)."""
     return results_name(
@@ -422,8 +450,15 @@ def reproduce(
     on_epoch: EpochCallback | None = None,
     teacher: str | Path | None = None,
     block: str | None = None,
+    only_seeds: Sequence[int] | None = None,
 ) -> dict[str, Path]:
     """Train and evaluate every seed (reusing finished runs), then aggregate and write.
+
+    ``only_seeds``: train and evaluate just these seeds of the plan and stop there, with
+    no aggregation (returns each one's report): several processes, one per core or GPU,
+    fill one ``out_dir`` side by side, and a run without ``only_seeds`` then aggregates
+    (and publishes) what they finished. A seed whose teacher is another seed's must find
+    that teacher finished (or given as ``teacher``), never trained by two processes.
 
     ``block`` names the results in the docs (file stem and RESULTS.md block) instead of
     the name derived from the data set, schedule and models (:func:`results_name`), so
@@ -468,6 +503,12 @@ def reproduce(
     )  # fmt: skip
     if teacher is not None and teacher_seeds != 1:
         raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
+    chosen = _chosen_plans(plans, only_seeds)
+    if only_seeds is not None and docs_dir is not None:
+        raise ConfigError(
+            "--only-seeds trains seeds without aggregating them: publish with --docs from a "
+            "run without --only-seeds over the same --out"
+        )
     if docs_dir is not None:  # the published block's finished seeds, not trained again
         published = (
             Path(docs_dir) / "results" / f"{_block_name(dataset, schedule, cfg, block)}.json"
@@ -478,7 +519,7 @@ def reproduce(
         target = out / f"seed_{plans[0].teacher_seed}" / "teacher"
         if place_teacher(Path(teacher), target):
             log(f"teacher: {teacher} copied into {target} (shared by every seed, not trained)")
-    for plan in plans:  # refuse a reused folder of another config or design before any training
+    for plan in chosen:  # refuse a reused folder of another config or design before any training
         check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
         students = model_names(cfg)[1:]
         check_reusable(out / f"seed_{plan.seed}", plan.student_config(cfg), students)
@@ -491,6 +532,20 @@ def reproduce(
                 "from the published block without its weights: give the released teacher "
                 "with --teacher DIR"
             )
+        if only_seeds is not None and plan.teacher_seed != plan.seed:
+            _check_teacher_finished(plan, teacher_dir)
+    if only_seeds is not None:
+        log(f"{schedule} schedule, {design}: seeds {', '.join(str(p.seed) for p in chosen)} only")
+        finished = {}
+        for plan in chosen:
+            seed_dir = out / f"seed_{plan.seed}"
+            log(f"seed {plan.seed} -> {seed_dir} (teacher: seed_{plan.teacher_seed}/teacher)")
+            with output_lock(seed_dir):  # one process per seed folder
+                finished[f"seed_{plan.seed}"] = run_seed(
+                    cfg, seed_dir, progress=progress, plan=plan,
+                    teacher_dir=out / f"seed_{plan.teacher_seed}" / "teacher", on_epoch=on_epoch,
+                )  # fmt: skip
+        return finished
     reports: dict[int, dict[str, Any]] = {}
     relative: dict[int, str] = {}
     times: dict[int, dict[str, dict[str, Any] | None]] = {}
@@ -505,10 +560,11 @@ def reproduce(
             report = seed_dir / "report.json"
         else:
             log(f"seed {plan.seed} ({i + 1}/{seeds}) -> {seed_dir} (teacher: {teacher_dir})")
-            report = run_seed(
-                cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir,
-                on_epoch=on_epoch,
-            )  # fmt: skip
+            with output_lock(seed_dir):  # not while an --only-seeds process trains it
+                report = run_seed(
+                    cfg, seed_dir, progress=progress, plan=plan, teacher_dir=teacher_dir,
+                    on_epoch=on_epoch,
+                )  # fmt: skip
         reports[plan.seed] = load_report(report)
         relative[plan.seed] = str(report.relative_to(out))
         folders = {m: teacher_dir if m == "teacher" else seed_dir / m for m in model_names(cfg)}
