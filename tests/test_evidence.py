@@ -233,22 +233,44 @@ def test_seeds_are_added_elsewhere_from_a_released_teacher_without_training_it(
     assert np.array_equal(before["teacher"].entropy, after["teacher"].entropy)
 
 
-def test_a_teacher_without_its_config_or_with_several_teacher_seeds_is_refused(
+def test_a_teacher_without_its_config_or_of_another_seed_is_refused(
     block: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "t"
     folder.mkdir()
     shutil.copy(block / "out" / "seed_0" / "teacher" / "checkpoint.pt", folder / "checkpoint.pt")
     base = ["reproduce", "--dataset", "svhn", "--data-dir", str(block / "svhn"), "--no-progress",
-            "--out", str(tmp_path / "o"), "--teacher", str(folder), *_sets()]  # fmt: skip
+            "--out", str(tmp_path / "o"), *_sets(), "--teacher"]  # fmt: skip
+    shipped = _ship_teacher(block, tmp_path / "shipped")
     for extra, message in (
-        (["--seeds", "2", "--teacher-seeds", "2"], "use --teacher-seeds 1"),
-        (["--seeds", "1"], "needs checkpoint.pt and config.yaml"),
+        ([str(folder), "--seeds", "1"], "needs checkpoint.pt and config.yaml"),
+        ([str(shipped), "--seed", "1", "--seeds", "1"], "trained with another config"),
     ):
         proc = subprocess.run([sys.executable, "-m", "erde.cli", *base, *extra],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert not (tmp_path / "o" / "seed_0" / "student_ce").exists()
+    assert not list((tmp_path / "o").glob("seed_*/student_ce"))
+
+
+def test_a_released_teacher_is_the_first_of_several_teachers_and_the_others_train(
+    block: Path, tmp_path: Path, capsys
+) -> None:
+    """Three teachers' block, one of them released already: only the other is trained."""
+    shipped = _ship_teacher(block, tmp_path / "shipped")
+    out = tmp_path / "o"
+    argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(block / "svhn"), "--no-progress",
+            "--seeds", "2", "--teacher-seeds", "2", "--teacher", str(shipped),
+            "--out", str(out), *_sets()]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "(the first seed's, not trained)" in printed and printed.count("teacher: training") == 1
+    assert (out / "seed_0" / "teacher" / "checkpoint.pt").read_bytes() == (
+        shipped / "checkpoint.pt"
+    ).read_bytes()
+    assert (out / "seed_1" / "teacher" / "checkpoint.pt").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher_seeds"] == 2 and f"--teacher {shipped}" in results["command"]
 
 
 def _ship_teacher(block: Path, shipped: Path) -> Path:

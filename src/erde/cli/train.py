@@ -429,8 +429,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--teacher",
         metavar="DIR",
         help="a released teacher folder (checkpoint.pt, config.yaml; "
-        "e.g. docs/results/cifar10-speed-teacher) that every seed shares instead of training one; "
-        "needs --teacher-seeds 1. How seeds are added to a published block on another machine",
+        "e.g. docs/results/cifar10-speed-teacher) used as the first seed's teacher instead of "
+        "training one: with --teacher-seeds 1 every seed shares it (how seeds are added to a "
+        "published block on another machine), with more the other teachers are trained",
     )
     p.add_argument(
         "--students",

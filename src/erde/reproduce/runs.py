@@ -111,6 +111,7 @@ def reproduce_command(
     *,
     teacher_seeds: int | None = None,
     block: str | None = None,
+    teacher: str | Path | None = None,
 ) -> str:
     """The ``erde reproduce`` command line that produces these results (for the record)."""
     parts = ["erde", "reproduce", "--dataset", dataset]
@@ -122,6 +123,8 @@ def reproduce_command(
     parts += ["--schedule", schedule]
     for text in overrides:
         parts += ["--set", text]
+    if teacher is not None:
+        parts += ["--teacher", str(teacher)]
     if block is not None:
         parts += ["--block", block]
     return shlex.join(parts)
@@ -466,9 +469,10 @@ def reproduce(
     published block.
 
     ``teacher``: a released teacher folder (``checkpoint.pt`` with its ``config.yaml``,
-    e.g. ``docs/results/cifar10-speed-teacher``) that all seeds share instead of
-    training one: copied into the first seed's teacher folder (which must not hold
-    another), checked against the config like any reused run.
+    e.g. ``docs/results/cifar10-speed-teacher``) that stands for the first seed's teacher
+    instead of training one: copied into that seed's teacher folder (which must not hold
+    another), checked against the config like any reused run. With one teacher every seed
+    shares it; with several, the others are trained.
 
     Seeds are ``seed, seed + 1, ...`` from the config's ``seed`` (default 0).
     ``teacher_seeds`` (default: ``seeds``) is how many teachers are trained;
@@ -499,10 +503,8 @@ def reproduce(
     design = teacher_design(seeds, teacher_seeds)
     command = reproduce_command(
         dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds,
-        block=block,
+        block=block, teacher=teacher,
     )  # fmt: skip
-    if teacher is not None and teacher_seeds != 1:
-        raise ConfigError("--teacher gives one teacher for every seed: use --teacher-seeds 1")
     chosen = _chosen_plans(plans, only_seeds)
     if only_seeds is not None and docs_dir is not None:
         raise ConfigError(
@@ -518,7 +520,8 @@ def reproduce(
     if teacher is not None:
         target = out / f"seed_{plans[0].teacher_seed}" / "teacher"
         if place_teacher(Path(teacher), target):
-            log(f"teacher: {teacher} copied into {target} (shared by every seed, not trained)")
+            whose = "shared by every seed" if teacher_seeds == 1 else "the first seed's"
+            log(f"teacher: {teacher} copied into {target} ({whose}, not trained)")
     for plan in chosen:  # refuse a reused folder of another config or design before any training
         check_reusable(out / f"seed_{plan.teacher_seed}", plan.teacher_config(cfg), ["teacher"])
         students = model_names(cfg)[1:]
