@@ -22,8 +22,10 @@
 # publishes after each finished seed, so a budget that runs out leaves the seeds it finished
 # (marked partial); the run folders resume with the same command. OUT gets env.txt, bench.json,
 # bench-compile.json, gpu-speed.log and results.tar.gz (5 files; the device returns at most 8):
-# per block results/<block>.json and <block>-records.npz (per-image records: `erde verify`
-# re-derives every table from them), and the released teacher (teacher/, float16).
+# per block results/<block>.json, <block>-records.npz (per-image records: `erde verify`
+# re-derives every table from them) and <block>-seeds.json.gz (the seeds' reports and
+# training logs: `erde reproduce --docs` continues the block elsewhere), and the released
+# teacher (teacher/, float16).
 #
 # Rehearsal without a GPU (tests/tools/test_gpu_speed.py, tiny models): DEVICE=cpu, BENCH_ARGS (the
 # benchmark's arguments), COMPILE=0 (skip the compiled benchmark), EXTRA (more arguments for
@@ -102,7 +104,7 @@ if [ "${TEACHERS_SECONDS:-0}" -gt 0 ]; then
 fi
 
 step "results"
-for f in "$RUNS"/docs/results/*.json "$RUNS"/docs/results/*-records.npz; do
+for f in "$RUNS"/docs/results/*.json "$RUNS"/docs/results/*-records.npz "$RUNS"/docs/results/*-seeds.json.gz; do
     [ -f "$f" ] && cp "$f" "$RUNS/publish/results/"
 done
 for f in "$RUNS"/publish/results/*.json; do

@@ -65,6 +65,7 @@ def test_every_step_of_the_speed_script_runs_and_every_block_verifies(tmp_path: 
     assert len(blocks) == 4 and any(b.endswith("-ablation") for b in blocks), blocks
     for block in blocks:
         assert (results / f"{block}-records.npz").is_file()
+        assert (results / f"{block}-seeds.json.gz").is_file()  # the block continues elsewhere
     assert log.count("numbers re-derived from the per-image records") == 4
     ablation = json.loads(next(results.glob("*-ablation.json")).read_text())
     assert "student_erde_mask" in ablation["models"] and ablation["n_seeds"] == 1
