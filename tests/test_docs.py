@@ -220,17 +220,22 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
     half, quarter = block("cifar10-speed"), block("cifar10-speed-fastnet-fastnet_x0.25")
     ablation = block("cifar10-speed-fastnet-fastnet_x0.25-ablation")
     gamma4_half = block("cifar10-speed-ablation")
-    expected = [
-        (half, whole(half, "student_erde", "student_kd")),
-        (quarter, whole(quarter, "student_erde", "student_kd")),
-        (half, None),
-        (half, whole(half, "student_erde", "student_ce")),
-        (half, whole(half, "student_kd", "student_ce")),
-        (ablation, whole(ablation, "student_erde_g4", "student_kd")),
-        (gamma4_half, whole(gamma4_half, "student_erde_g4", "student_kd")),
-    ]
-    for row, (results, w) in zip(rows, expected, strict=False):
-        assert f"({results['n_seeds']} seeds)" in row[0], row
+    slow = block("cifar10-speed-x0.25-lr0.75")
+    expected = {
+        0: (half, whole(half, "student_erde", "student_kd")),
+        1: (quarter, whole(quarter, "student_erde", "student_kd")),
+        2: (half, None),
+        3: (half, whole(half, "student_erde", "student_ce")),
+        4: (half, whole(half, "student_kd", "student_ce")),
+        5: (ablation, whole(ablation, "student_erde_g4", "student_kd")),
+        6: (gamma4_half, whole(gamma4_half, "student_erde_g4", "student_kd")),
+        8: (slow, whole(slow, "student_erde", "student_kd")),
+        9: (slow, whole(slow, "student_kd", "student_ce")),
+    }
+    assert len(rows) == 10, rows
+    for index, (results, w) in expected.items():
+        row = rows[index]
+        assert f"({results['n_seeds']} seeds" in row[0], row
         if w is None:  # the best single threshold at equal MACs
             (p,) = [
                 p for p in results["comparisons"][0]["per_threshold"]
@@ -244,6 +249,9 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
             if "ahead in" in row[1]:
                 assert f"p = {w['p_value']:.1g}" in row[1]
                 assert f"ahead in {w['seeds_ahead']} of {w['n_seeds']} seeds" in row[1]
+            if "behind in" in row[1]:
+                behind = w["n_seeds"] - w["seeds_ahead"]
+                assert f"behind in {behind} of {w['n_seeds']} seeds" in row[1]
             low, high = w["ci95_low"], w["ci95_high"]
         assert row[2] == f"{_pts(low)} to {_pts(high)}", row
     diag = half["entropy_diagnostics"]["models"]["student_erde"][0]
