@@ -17,8 +17,7 @@ from erde.config import ExperimentConfig
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under ``pytest -n N`` each worker process runs torch on one thread: the workers already
-    fill the cores, and two threads per worker on a 2-core machine make every op wait on the
-    other worker's (measured: ~50 % more CPU time for the same suite)."""
+    fill the cores, and more threads than cores make torch's threads wait on each other."""
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
