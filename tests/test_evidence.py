@@ -253,13 +253,14 @@ def test_a_teacher_without_its_config_or_of_another_seed_is_refused(
 
 
 def test_a_released_teacher_is_the_first_of_several_teachers_and_the_others_train(
-    block: Path, tmp_path: Path, capsys
+    block: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three teachers' block, one of them released already: only the other is trained."""
     shipped = _ship_teacher(block, tmp_path / "shipped")
     out = tmp_path / "o"
+    monkeypatch.chdir(shipped.parent)  # given relative, recorded absolute
     argv = ["reproduce", "--dataset", "svhn", "--data-dir", str(block / "svhn"), "--no-progress",
-            "--seeds", "2", "--teacher-seeds", "2", "--teacher", str(shipped),
+            "--seeds", "2", "--teacher-seeds", "2", "--teacher", shipped.name,
             "--out", str(out), *_sets()]  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 0

@@ -706,8 +706,9 @@ def test_reduction_ladder_reaches_a_student_only_once_enough_accuracy_is_given_u
 def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path, docs: Path) -> None:
     macs, acc = SIMPLE_MACS, SIMPLE_ACC
     data = tmp_path.parent / "shared" / "cifar10"  # recorded absolute, shown from the repository
+    teacher = docs.resolve() / "results" / "cifar10-teacher"  # a released teacher, likewise
     results = aggregate({0: _seed_report(acc, macs)}, dataset="cifar10", schedule="reduced",
-                        command=f"erde reproduce --data-dir {data} --seeds 1")  # fmt: skip
+                        command=f"erde reproduce --data-dir {data} --seeds 1 --teacher {teacher}")  # fmt: skip
 
     paths = publish(results, docs)
 
@@ -720,8 +721,10 @@ def test_publish_fills_only_its_data_set_block_of_results_md(tmp_path: Path, doc
     )[0]
     assert "Pending" not in cifar10 and "| 88.00 · 50 |" in cifar10
     assert "±" not in cifar10 and "one seed, so no spread" in cifar10  # std of one run: undefined
-    assert "Command: `erde reproduce --data-dir ../shared/cifar10 --seeds 1`" in cifar10
-    assert json.loads(paths["docs_results"].read_text())["command"].endswith(f"{data} --seeds 1")
+    shown = "erde reproduce --data-dir ../shared/cifar10 --seeds 1 --teacher docs/results/cifar10-teacher"
+    assert f"Command: `{shown}`" in cifar10
+    recorded = json.loads(paths["docs_results"].read_text())["command"]
+    assert recorded.endswith(f"{data} --seeds 1 --teacher {teacher}")
 
     older = json.loads(json.dumps(results))  # results written before the split was recorded
     red = older["models"]["teacher"]["mac_reduction"]

@@ -705,18 +705,19 @@ def _model_name(section: Mapping[str, Any] | None) -> str:
 
 
 def command_from(command: str | None, root: Path) -> str | None:
-    """The recorded command with an absolute ``--data-dir`` written relative to ``root``.
+    """The recorded command with an absolute ``--data-dir`` or ``--teacher`` written relative
+    to ``root``.
 
-    Runs record the absolute path they read (so that a rerun from anywhere finds
+    Runs record the absolute paths they read (so that a rerun from anywhere finds
     the same files); the docs show the command as typed from the repository
-    root, and no machine's own folder names. Paths further than two levels
-    up stay absolute.
+    root (a released teacher as ``docs/results/...``), and no machine's own folder
+    names. Paths further than two levels up stay absolute.
     """
     if not command:
         return command
     parts = shlex.split(command)
     for i, part in enumerate(parts[:-1]):
-        if part == "--data-dir" and Path(parts[i + 1]).is_absolute():
+        if part in ("--data-dir", "--teacher") and Path(parts[i + 1]).is_absolute():
             relative = os.path.relpath(parts[i + 1], root)
             if Path(relative).parts[:3] != ("..", "..", ".."):
                 parts[i + 1] = relative

@@ -503,7 +503,7 @@ def reproduce(
     design = teacher_design(seeds, teacher_seeds)
     command = reproduce_command(
         dataset, cfg.data.data_dir, seeds, schedule, overrides, teacher_seeds=teacher_seeds,
-        block=block, teacher=teacher,
+        block=block, teacher=None if teacher is None else Path(teacher).resolve(),
     )  # fmt: skip
     chosen = _chosen_plans(plans, only_seeds)
     if only_seeds is not None and docs_dir is not None:
