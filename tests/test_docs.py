@@ -97,6 +97,7 @@ README_ROWS = {  # the README's results table: row label -> the result file it i
     "`reduced` schedule: ResNet-56 → MobileNetV2 x0.5 |": "cifar10-reduced-resnet56-mobilenetv2_x0.5",
     "`speed` schedule: FastNet → FastNet x0.5 |": "cifar10-speed",
     "`speed` schedule: FastNet → FastNet x0.25 |": "cifar10-speed-fastnet-fastnet_x0.25",
+    "the same at half the student learning rate (0.75) |": "cifar10-speed-x0.25-lr0.75",
 }
 
 
