@@ -22,6 +22,7 @@ from erde.evaluation import sweep
 from erde.records import RecordsError, exit_records, load_records, save_records, sweep_records
 from erde.reproduce import seedfiles
 from erde.reproduce.evidence import verify_block
+from erde.reproduce.render import published_block, replace_block, rerender_blocks
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,8 @@ def test_the_block_tests_the_whole_curve_once_per_pair_and_verify_checks_it(
     text = (block / "docs" / "RESULTS.md").read_text()
     assert "Over the whole curve, one paired test instead of one per threshold" in text
     assert "| Whole curve |" in text
+    each = ", ".join(f"{100 * d:+.2f}" for d in first["diff_per_seed"])
+    assert f"of 2 seeds (per seed: {each})." in text  # whether one seed carries the mean
 
     folder = tmp_path / "results"
     shutil.copytree(block / "docs" / "results", folder)
@@ -410,6 +413,41 @@ def test_every_committed_block_with_records_is_re_derived_from_them(published: P
     """The published tables of docs/results are what their committed per-image records give."""
     checked, diffs = verify_block(published)
     assert diffs == [] and checked > 1000
+
+
+@pytest.mark.parametrize("published", COMMITTED, ids=lambda p: p.stem)
+def test_every_committed_block_in_results_md_is_what_its_json_renders(published: Path) -> None:
+    """RESULTS.md's generated block of a committed block is exactly what publishing its JSON
+    writes: no hand edit inside the markers, and no renderer change left unpublished (after
+    one, republish the blocks from their JSON)."""
+    root = published.parents[2]
+    text = (root / "docs" / "RESULTS.md").read_text()
+    results = json.loads(published.read_text())
+    assert f"erde-results:{published.stem}:begin" in text
+    assert replace_block(text, published.stem, published_block(results, root)) == text
+
+
+def test_rerender_blocks_writes_the_committed_blocks_back_from_their_json(tmp_path: Path) -> None:
+    """What ARCHITECTURE.md says to run after a change to the renderer: a block edited by
+    hand comes back as its JSON renders it; text outside the blocks is left alone. (Here the
+    commands' paths show relative to tmp_path, not the repository: the test above compares
+    the real page.)"""
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    for path in COMMITTED:
+        shutil.copy(path, docs / "results" / path.name)
+    page = (COMMITTED[0].parents[1] / "RESULTS.md").read_text()
+    name = COMMITTED[0].stem
+    inside = page.index(f"<!-- erde-results:{name}:begin -->")
+    edited = page[:inside] + page[inside:].replace("thresholds", "thresholds (edited)", 1)
+    (docs / "RESULTS.md").write_text(edited + "\nA line of prose.\n")
+    assert rerender_blocks(docs) == [p.stem for p in COMMITTED]
+    text = (docs / "RESULTS.md").read_text()
+    assert "(edited)" not in text and text.endswith("\nA line of prose.\n")
+    first = page.index("<!-- erde-results:")
+    assert text[:first] == page[:first]  # the prose before the first block, untouched
+    rerender_blocks(docs)
+    assert (docs / "RESULTS.md").read_text() == text
 
 
 def test_at_least_one_committed_block_carries_its_records() -> None:

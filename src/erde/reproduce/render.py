@@ -265,8 +265,17 @@ def _comparison_sentence(comp: Mapping[str, Any], results: Mapping[str, Any]) ->
         f"values from {fmt_count(whole['macs_low'])} to {fmt_count(whole['macs_high'])}, each "
         "seed's curve traced from its per-image records): "
         f"{_with_interval(whole['diff_mean'], whole['ci95_low'], whole['ci95_high'])} points, "
-        f"p = {p}, ahead in {whole['seeds_ahead']} of {whole['n_seeds']} seeds."
+        f"p = {p}, ahead in {whole['seeds_ahead']} of {whole['n_seeds']} seeds"
+        f"{_per_seed(whole.get('diff_per_seed'))}."
     )
+
+
+def _per_seed(diffs: list[float] | None) -> str:
+    """`` (per seed: -0.51, +0.12)``: each seed's own difference, in the order of the block's
+    seeds, so a reader sees whether one seed carries the mean; empty with one seed."""
+    if not diffs or len(diffs) < 2:
+        return ""
+    return " (per seed: " + ", ".join(_points(d) for d in diffs) + ")"
 
 
 def _training_lines(times: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -742,6 +751,39 @@ def publish(
         return _publish(results, docs, records, seed_files)
 
 
+def published_block(results: Mapping[str, Any], root: Path) -> str:
+    """RESULTS.md's block for ``results``, as publish writes it between the block's markers:
+    links into ``results/``, the command's paths shown relative to the repository ``root``,
+    and a stable link target before the heading (which changes as seeds are added)."""
+    name = results_name(results)
+    shown = {**results, "command": command_from(results.get("command"), root)}
+    block = render_markdown(
+        shown,
+        plot_link=f"results/{name}.png",
+        curves_link=f"results/{name}-training.png",
+        difference_link=f"results/{name}-difference.png",
+        variants_link=f"results/{name}-variants.png",
+        level=3,
+    )
+    return f'<a id="{name}"></a>\n\n{block}'
+
+
+def rerender_blocks(docs_dir: str | Path) -> list[str]:
+    """Write RESULTS.md's block of every committed block with per-image records afresh from
+    its JSON (after a change to the renderer; the JSON, plots and records stay as they are).
+    Returns the names of the blocks rewritten."""
+    docs = Path(docs_dir)
+    doc = docs / "RESULTS.md"
+    text, names = doc.read_text(), []
+    for path in sorted((docs / "results").glob("*.json")):
+        results = json.loads(path.read_text())
+        if "records" in results:
+            text = replace_block(text, path.stem, published_block(results, docs.resolve().parent))
+            names.append(path.stem)
+    doc.write_text(text)
+    return names
+
+
 def _publish(
     results: Mapping[str, Any],
     docs: Path,
@@ -751,23 +793,11 @@ def _publish(
     name = results_name(results)
     doc = docs / "RESULTS.md"
     text = doc.read_text() if doc.is_file() else "# Results\n"
-    shown = {**results, "command": command_from(results.get("command"), docs.resolve().parent)}
-    block = render_markdown(
-        shown,
-        plot_link=f"results/{name}.png",
-        curves_link=f"results/{name}-training.png",
-        difference_link=f"results/{name}-difference.png",
-        variants_link=f"results/{name}-variants.png",
-        level=3,
-    )
+    block = published_block(results, docs.resolve().parent)
     files = {
         "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
         "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
-        # a stable link target: the heading changes as seeds are added
-        "docs_markdown": (
-            doc,
-            replace_block(text, name, f'<a id="{name}"></a>\n\n{block}').encode(),
-        ),
+        "docs_markdown": (doc, replace_block(text, name, block).encode()),
     }
     training = render_training_png(results)
     if training is not None:
