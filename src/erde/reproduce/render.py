@@ -768,6 +768,22 @@ def published_block(results: Mapping[str, Any], root: Path) -> str:
     return f'<a id="{name}"></a>\n\n{block}'
 
 
+def rerender_block(text: str, results: Mapping[str, Any], root: Path) -> str:
+    """``text`` (RESULTS.md) with the block of ``results`` rendered afresh from them, keeping
+    the ``Command:`` line the page shows: publishing wrote its paths relative to the checkout
+    it ran in, and another checkout (a clean clone, say) would show the same paths otherwise."""
+    name = results_name(results)
+    block = published_block(results, root)
+    begin, end = _markers(name)
+    i, j = text.find(begin), text.find(end)
+    shown = [line for line in text[i:j].splitlines() if line.startswith("Command: `")]
+    if i >= 0 and j > i and len(shown) == 1:
+        block = "\n".join(
+            shown[0] if line.startswith("Command: `") else line for line in block.split("\n")
+        )
+    return replace_block(text, name, block)
+
+
 def rerender_blocks(docs_dir: str | Path) -> list[str]:
     """Write RESULTS.md's block of every committed block with per-image records afresh from
     its JSON (after a change to the renderer; the JSON, plots and records stay as they are).
@@ -778,7 +794,7 @@ def rerender_blocks(docs_dir: str | Path) -> list[str]:
     for path in sorted((docs / "results").glob("*.json")):
         results = json.loads(path.read_text())
         if "records" in results:
-            text = replace_block(text, path.stem, published_block(results, docs.resolve().parent))
+            text = rerender_block(text, results, docs.resolve().parent)
             names.append(path.stem)
     doc.write_text(text)
     return names
