@@ -776,8 +776,8 @@ def rerender_block(text: str, results: Mapping[str, Any], root: Path) -> str:
     block = published_block(results, root)
     begin, end = _markers(name)
     i, j = text.find(begin), text.find(end)
-    shown = [line for line in text[i:j].splitlines() if line.startswith("Command: `")]
-    if i >= 0 and j > i and len(shown) == 1:
+    shown = [ln for ln in text[i:j].splitlines() if ln.startswith("Command: `")] if i >= 0 else []
+    if j > i and len(shown) == 1:
         block = "\n".join(
             shown[0] if line.startswith("Command: `") else line for line in block.split("\n")
         )
