@@ -364,7 +364,7 @@ def test_reproduce_with_a_mobilenetv2_student_and_a_vgg_teacher(tmp_path, monkey
 
 
 def test_results_of_another_model_pair_are_named_apart_from_the_preset_pair() -> None:
-    from erde.reproduce.render import results_name
+    from erde.reproduce.publish import results_name
 
     def results(teacher: str, student: str, width: float = 1.0) -> dict:
         config = {"teacher": {"arch": teacher}, "student": {"arch": student, "width": width}}

@@ -15,7 +15,8 @@ from erde.reproduce.differences import (
     difference_figure,
     render_difference_png,
 )
-from erde.reproduce.render import publish, render_markdown
+from erde.reproduce.publish import publish
+from erde.reproduce.render import render_markdown
 from erde.reproduce.variants import TESTS, render_variants_png, variant_rows, variants_figure
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"

@@ -22,7 +22,7 @@ from erde.evaluation import sweep
 from erde.records import RecordsError, exit_records, load_records, save_records, sweep_records
 from erde.reproduce import seedfiles
 from erde.reproduce.evidence import verify_block
-from erde.reproduce.render import rerender_block, rerender_blocks
+from erde.reproduce.publish import rerender_block, rerender_blocks
 
 
 @pytest.fixture(scope="module")

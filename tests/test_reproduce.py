@@ -840,7 +840,8 @@ def test_a_blocks_heading_names_its_models_and_its_anchor_stays_as_seeds_are_add
 ) -> None:
     """Blocks of one schedule differ by their models: the heading says which; the link
     target is the block's name, which does not change when a seed is added."""
-    from erde.reproduce.render import publish, render_markdown
+    from erde.reproduce.publish import publish
+    from erde.reproduce.render import render_markdown
 
     results = DOCS / "results"
     headline = json.loads((results / "cifar10-speed.json").read_text())

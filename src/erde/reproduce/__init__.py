@@ -25,7 +25,8 @@ The package is split by concern: :mod:`~erde.reproduce.runs` runs the seeds
 (schedules, configs, training, evaluation), :mod:`~erde.reproduce.stats` turns
 per-seed reports into statistics (pure functions, testable without training)
 and :mod:`~erde.reproduce.render` writes them as Markdown, plots and files
-(:mod:`~erde.reproduce.differences` draws the paired differences).
+(:mod:`~erde.reproduce.differences` draws the paired differences);
+:mod:`~erde.reproduce.publish` puts a block into the docs.
 
 Thresholds are those of the entropy rule, written ``theta = h * log K`` so that
 one grid of ``h`` (``TABLE_LEVELS``) reads the same for 10 and 100 classes.
@@ -33,14 +34,8 @@ Accuracies are fractions in [0, 1] in the JSON and percentages in the Markdown;
 std is the sample standard deviation over seeds (0 with one seed).
 """
 
-from erde.reproduce.render import (
-    publish,
-    render_markdown,
-    render_plot,
-    replace_block,
-    summary_lines,
-    write_results,
-)
+from erde.reproduce.publish import publish, replace_block
+from erde.reproduce.render import render_markdown, render_plot, summary_lines, write_results
 from erde.reproduce.runs import (
     SCHEDULES,
     SeedPlan,

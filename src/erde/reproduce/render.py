@@ -1,11 +1,12 @@
-"""The results document as Markdown tables, a plot, files, and the docs page's blocks."""
+"""The results document as Markdown tables and plots, and the files of a results folder.
+
+Publishing them into the docs (RESULTS.md's blocks, ``docs/results/``) is
+:mod:`erde.reproduce.publish`.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,7 @@ from typing import Any
 import numpy as np
 
 from erde import io
-from erde.config import load_yaml, preset_path
 from erde.evaluation import split_reduction
-from erde.outputs import folder_update_lock
 from erde.pipeline import STUDENT_METHODS
 from erde.report import (
     curve_style,
@@ -34,8 +33,6 @@ from erde.reproduce.differences import against_baseline, render_difference_png
 from erde.reproduce.stats import PAIRS, TABLE_LEVELS, reductions_at_tolerances
 from erde.reproduce.tradeoff import whole_curve_of
 from erde.reproduce.variants import MIN_VARIANTS, render_variants_png, variant_rows
-
-# --------------------------------------------------------------------------- rendering
 
 
 def _pm(mean: float | None, std: float | None, n_seeds: int, digits: int = 2) -> str:
@@ -323,6 +320,25 @@ def _single_exit_lines(models: Mapping[str, Mapping[str, Any]], sub: str, n: int
     ]
 
 
+def arch_name(section: Mapping[str, Any] | None) -> str:
+    """``resnet20``, or ``resnet20_x0.5`` for a width multiplier other than 1."""
+    section = section or {}
+    width = float(section.get("width", 1.0) or 1.0)
+    arch = str(section.get("arch"))
+    return arch if width == 1.0 else f"{arch}_x{width:g}"
+
+
+def pair_words(results: Mapping[str, Any]) -> str:
+    """``resnet56 → resnet20_x0.5`` (and ``, students kd, erde_g4`` where they are not ce,
+    kd and erde): which block this is, in its heading, where blocks of one schedule differ."""
+    config = results.get("config") or {}
+    words = f"{arch_name(config.get('teacher'))} → {arch_name(config.get('student'))}"
+    students = [m for m in results["models"] if m != "teacher"]
+    if students != [f"student_{m}" for m in STUDENT_METHODS]:
+        words += f", students {', '.join(m.removeprefix('student_') for m in students)}"
+    return words
+
+
 def render_markdown(
     results: Mapping[str, Any],
     *,
@@ -352,7 +368,7 @@ def render_markdown(
     planned = int(results.get("planned_seeds") or n)
     count = f"{n} of {planned} seeds" if planned > n else f"{n} seed{'s' * (n != 1)}"
     lines = [
-        f"{h} {data['name']}: {results['schedule']} schedule, {_pair_words(results)}, {count}",
+        f"{h} {data['name']}: {results['schedule']} schedule, {pair_words(results)}, {count}",
         "",
         f"Command: `{results['command']}`" if results.get("command") else "",
         "",
@@ -605,11 +621,11 @@ def render_plot(results: Mapping[str, Any], dpi: int = 120) -> bytes:
     return figure_png(fig, ax, dpi)
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, default=io.json_default).encode() + b"\n"
 
 
-def _write_rendered(files: Mapping[str, tuple[Path, bytes]]) -> dict[str, Path]:
+def write_rendered(files: Mapping[str, tuple[Path, bytes]]) -> dict[str, Path]:
     """Write ``{kind: (path, bytes)}`` atomically; all were rendered before the first write."""
     for path, data in files.values():
         io.atomic_write_bytes(path, data)
@@ -630,7 +646,7 @@ def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, 
     variants.png) in ``out_dir``, atomically."""
     out = Path(out_dir)
     files = {
-        "results": (out / "results.json", _json_bytes(results)),
+        "results": (out / "results.json", json_bytes(results)),
         "markdown": (out / "results.md", render_markdown(results).encode()),
         "plot": (out / "tradeoff.png", render_plot(results)),
     }
@@ -643,198 +659,7 @@ def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, 
     variants = render_variants_png(results)
     if variants is not None:
         files["variants"] = (out / "variants.png", variants)
-    return _write_rendered(files)
-
-
-# --------------------------------------------------------------------------- publishing
-
-
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- erde-results:{name}:begin -->", f"<!-- erde-results:{name}:end -->"
-
-
-def replace_block(text: str, name: str, block: str) -> str:
-    """Put ``block`` between the data set's markers in ``text`` (appended with markers if absent)."""
-    begin, end = _markers(name)
-    i, j = text.find(begin), text.find(end)
-    if i >= 0 and j > i:
-        return f"{text[: i + len(begin)]}\n{block.strip()}\n{text[j:]}"
-    return f"{text.rstrip()}\n\n## {name}\n\n{begin}\n{block.strip()}\n{end}\n"
-
-
-def results_name(results: Mapping[str, Any]) -> str:
-    """``<dataset>-<schedule>``: the file stem and RESULTS.md block of one set of results.
-
-    A teacher/student pair other than the data set's preset or its schedule's
-    (e.g. a MobileNetV2 student, or the preset's student at another width) adds
-    ``-<teacher>-<student>`` (``_x<width>`` after an architecture whose width
-    is not 1), so that its results get a block of their own instead of
-    replacing the preset pair's; students other than ce, kd and erde
-    (``--students``, a gamma sweep) add ``-ablation``. A name given with
-    ``--block`` (``results["block"]``) is taken as it is.
-    """
-    if results.get("block"):
-        return str(results["block"])
-    dataset = results["dataset"]["name"]
-    name = f"{dataset}-{results['schedule']}"
-    config = results.get("config") or {}
-    preset = preset_path(dataset)
-    defaults = load_yaml(preset) if preset.is_file() else {}
-    overlay = preset.parent / "schedules" / f"{results['schedule']}.yaml"
-    if overlay.is_file():  # a schedule with models of its own (speed: fastnet) names them
-        for role, section in load_yaml(overlay).items():
-            if role in ("teacher", "student"):
-                defaults[role] = {**(defaults.get(role) or {}), **section}
-    pair = [_model_name(config.get(role)) for role in ("teacher", "student")]
-    if pair != [_model_name(defaults.get(role)) for role in ("teacher", "student")]:
-        name += "".join(f"-{re.sub(r'[^A-Za-z0-9_.]+', '_', model)}" for model in pair)
-    students = (config.get("distill") or {}).get("students")
-    if students is not None and [s.get("name") for s in students] != ["ce", "kd", "erde"]:
-        name += "-ablation"  # other students than the default three: a block of their own
-    return name
-
-
-def _pair_words(results: Mapping[str, Any]) -> str:
-    """``resnet56 → resnet20_x0.5`` (and ``, students kd, erde_g4`` where they are not ce,
-    kd and erde): which block this is, in its heading, where blocks of one schedule differ."""
-    config = results.get("config") or {}
-    words = f"{_model_name(config.get('teacher'))} → {_model_name(config.get('student'))}"
-    students = [m for m in results["models"] if m != "teacher"]
-    if students != [f"student_{m}" for m in STUDENT_METHODS]:
-        words += f", students {', '.join(m.removeprefix('student_') for m in students)}"
-    return words
-
-
-def _model_name(section: Mapping[str, Any] | None) -> str:
-    """``resnet20``, or ``resnet20_x0.5`` for a width multiplier other than 1."""
-    section = section or {}
-    width = float(section.get("width", 1.0) or 1.0)
-    arch = str(section.get("arch"))
-    return arch if width == 1.0 else f"{arch}_x{width:g}"
-
-
-def command_from(command: str | None, root: Path) -> str | None:
-    """The recorded command with an absolute ``--data-dir`` or ``--teacher`` written relative
-    to ``root``.
-
-    Runs record the absolute paths they read (so that a rerun from anywhere finds
-    the same files); the docs show the command as typed from the repository
-    root (a released teacher as ``docs/results/...``), and no machine's own folder
-    names. Paths further than two levels up stay absolute.
-    """
-    if not command:
-        return command
-    parts = shlex.split(command)
-    for i, part in enumerate(parts[:-1]):
-        if part in ("--data-dir", "--teacher") and Path(parts[i + 1]).is_absolute():
-            relative = os.path.relpath(parts[i + 1], root)
-            if Path(relative).parts[:3] != ("..", "..", ".."):
-                parts[i + 1] = relative
-    return shlex.join(parts)
-
-
-def publish(
-    results: Mapping[str, Any],
-    docs_dir: str | Path,
-    records: str | Path | None = None,
-    seed_files: str | Path | None = None,
-) -> dict[str, Path]:
-    """Copy the results into the docs: ``results/<dataset>-<schedule>.json``, ``.png``,
-    ``-training.png`` (when the results hold training curves), ``-difference.png`` (when KD
-    is among the models), ``-variants.png`` (three students or more against KD),
-    ``-records.npz`` (the per-image records, when given), ``-seeds.json.gz`` (the finished
-    seeds' reports, configs and training logs, when given: what a later run needs to add
-    seeds without training these again) and RESULTS.md's block of that name."""
-    docs = Path(docs_dir)
-    docs.mkdir(parents=True, exist_ok=True)
-    with folder_update_lock(docs):  # another run may be publishing its block right now
-        return _publish(results, docs, records, seed_files)
-
-
-def published_block(results: Mapping[str, Any], root: Path) -> str:
-    """RESULTS.md's block for ``results``, as publish writes it between the block's markers:
-    links into ``results/``, the command's paths shown relative to the repository ``root``,
-    and a stable link target before the heading (which changes as seeds are added)."""
-    name = results_name(results)
-    shown = {**results, "command": command_from(results.get("command"), root)}
-    block = render_markdown(
-        shown,
-        plot_link=f"results/{name}.png",
-        curves_link=f"results/{name}-training.png",
-        difference_link=f"results/{name}-difference.png",
-        variants_link=f"results/{name}-variants.png",
-        level=3,
-    )
-    return f'<a id="{name}"></a>\n\n{block}'
-
-
-def rerender_block(text: str, results: Mapping[str, Any], root: Path) -> str:
-    """``text`` (RESULTS.md) with the block of ``results`` rendered afresh from them, keeping
-    the ``Command:`` line the page shows: publishing wrote its paths relative to the checkout
-    it ran in, and another checkout (a clean clone, say) would show the same paths otherwise."""
-    name = results_name(results)
-    block = published_block(results, root)
-    begin, end = _markers(name)
-    i, j = text.find(begin), text.find(end)
-    shown = [ln for ln in text[i:j].splitlines() if ln.startswith("Command: `")] if i >= 0 else []
-    if j > i and len(shown) == 1:
-        block = "\n".join(
-            shown[0] if line.startswith("Command: `") else line for line in block.split("\n")
-        )
-    return replace_block(text, name, block)
-
-
-def rerender_blocks(docs_dir: str | Path) -> list[str]:
-    """Write RESULTS.md's block of every committed block with per-image records afresh from
-    its JSON (after a change to the renderer; the JSON, plots and records stay as they are).
-    Returns the names of the blocks rewritten."""
-    docs = Path(docs_dir)
-    doc = docs / "RESULTS.md"
-    text, names = doc.read_text(), []
-    for path in sorted((docs / "results").glob("*.json")):
-        results = json.loads(path.read_text())
-        if "records" in results:
-            text = rerender_block(text, results, docs.resolve().parent)
-            names.append(path.stem)
-    doc.write_text(text)
-    return names
-
-
-def _publish(
-    results: Mapping[str, Any],
-    docs: Path,
-    records: str | Path | None = None,
-    seed_files: str | Path | None = None,
-) -> dict[str, Path]:
-    name = results_name(results)
-    doc = docs / "RESULTS.md"
-    text = doc.read_text() if doc.is_file() else "# Results\n"
-    block = published_block(results, docs.resolve().parent)
-    files = {
-        "docs_results": (docs / "results" / f"{name}.json", _json_bytes(results)),
-        "docs_plot": (docs / "results" / f"{name}.png", render_plot(results)),
-        "docs_markdown": (doc, replace_block(text, name, block).encode()),
-    }
-    training = render_training_png(results)
-    if training is not None:
-        files["docs_training"] = (docs / "results" / f"{name}-training.png", training)
-    difference = render_difference_png(results)
-    if difference is not None:
-        files["docs_difference"] = (docs / "results" / f"{name}-difference.png", difference)
-    variants = render_variants_png(results)
-    if variants is not None:
-        files["docs_variants"] = (docs / "results" / f"{name}-variants.png", variants)
-    if records is not None:
-        files["docs_records"] = (
-            docs / "results" / f"{name}-records.npz",
-            Path(records).read_bytes(),
-        )
-    if seed_files is not None:
-        files["docs_seed_files"] = (
-            docs / "results" / f"{name}-seeds.json.gz",
-            Path(seed_files).read_bytes(),
-        )
-    return _write_rendered(files)
+    return write_rendered(files)
 
 
 def summary_lines(results: Mapping[str, Any]) -> list[str]:

@@ -29,7 +29,8 @@ from erde.report.curves import folder_curves, mean_curve, read_metrics
 from erde.report.html import MAX_REPORT_BYTES, load_report
 from erde.reproduce.diagnostics import block_diagnostics
 from erde.reproduce.evidence import gather
-from erde.reproduce.render import publish, results_name, write_results
+from erde.reproduce.publish import publish, results_name
+from erde.reproduce.render import write_results
 from erde.reproduce.seedfiles import (
     SEEDS_FILE,
     is_restored,
