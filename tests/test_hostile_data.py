@@ -128,10 +128,11 @@ def test_empty_class_folder_is_warned_about(tmp_path: Path) -> None:
 
 
 def test_folder_without_empty_classes_gives_no_warning(tmp_path: Path) -> None:
-    write_imagefolder(tmp_path)
+    written = write_imagefolder(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
-        list_images(tmp_path / "train")
+        files, classes = list_images(tmp_path / "train")
+    assert classes == ["cat", "dog", "emu"] and set(files) == set(written["train"])
 
 
 def test_non_utf8_class_folder_is_named(tmp_path: Path, capsys) -> None:
