@@ -17,13 +17,20 @@ from erde.config import ExperimentConfig
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under ``pytest -n N`` each worker process runs torch on one thread: the workers already
-    fill the cores, and more threads than cores make torch's threads wait on each other."""
+    fill the cores, and more threads than cores make torch's threads wait on each other.
+
+    ``ERDE_THREADS=1`` says the same to the in-process ``erde`` commands and the processes the
+    tests start: without ``--threads`` a command takes the cores idle at that moment, which
+    under a busy second worker differed from one command to the next (a report records it,
+    and a float sum can change with it). Tests of the default itself set or clear it.
+    """
     import os
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
+        os.environ.setdefault("ERDE_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
