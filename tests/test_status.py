@@ -105,7 +105,8 @@ HOLDER = textwrap.dedent("""
 
 
 def test_a_live_erde_process_holding_the_folder_reads_as_running(tiny_run, tmp_path) -> None:
-    folder = tiny_run["out"]
+    folder = tmp_path / "run"  # a copy: the killed holder leaves its lock file behind, and the
+    shutil.copytree(tiny_run["out"], folder)  # session's run is copied whole by other tests
     child = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE,
                              text=True)  # fmt: skip
     try:
@@ -175,12 +176,35 @@ def test_a_model_before_its_first_checkpoint_is_listed_as_started(tiny_run, tmp_
 
     assert [line.split(":")[0] for line in lines[:-1]] == [
         "seed_0/student_ce", "seed_0/student_erde", "seed_0/student_kd", "seed_0/teacher",
-        "seed_1/student_kd",
+        "seed_1/student_ce", "seed_1/student_erde", "seed_1/student_kd",
     ]  # fmt: skip
     assert lines[-2] == "seed_1/student_kd: started 30 s ago, no checkpoint yet"
+    # the students seed 1 has still to train, as seed 0 holds them; its teacher is not asked
+    # for (a seed may share another seed's teacher)
+    assert lines[-4:-2] == [
+        f"seed_1/student_{m}: not started (another seed here has it)" for m in ("ce", "erde")
+    ]
     assert lines[-1].startswith("not running")
     # only started models below: listed, not refused as a folder without models
     assert status_lines(tmp_path / "seed_1", now=now)[0].startswith("student_kd: started 30 s")
+
+
+def test_students_of_one_run_s_seeds_are_compared_with_each_other_only(tiny_run, tmp_path):
+    """A folder of several reproduce runs: a run's seed lacks only what that run's seeds hold."""
+    for run, models in (("a", ("teacher", "student_ce")), ("b", ("student_kd",))):
+        shutil.copytree(tiny_run["out"] / models[0], tmp_path / run / "seed_0" / models[0])
+        for name in models:
+            shutil.copytree(tiny_run["out"] / name, tmp_path / run / "seed_1" / name)
+    names = [line.split(":")[0] for line in status_lines(tmp_path)[:-1]]
+    assert names == [
+        "a/seed_0/student_ce", "a/seed_0/teacher", "a/seed_1/student_ce", "a/seed_1/teacher",
+        "b/seed_0/student_kd", "b/seed_1/student_kd",
+    ]  # fmt: skip
+    shutil.rmtree(tmp_path / "a" / "seed_0" / "teacher")  # seed 0 shares seed 1's: not asked
+    assert "a/seed_0/teacher" not in [line.split(":")[0] for line in status_lines(tmp_path)]
+    assert (
+        status_lines(tmp_path)[0] == "a/seed_0/student_ce: not started (another seed here has it)"
+    )
 
 
 def test_cli_status_prints_the_lines_and_refuses_a_folder_without_models(

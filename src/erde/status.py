@@ -5,8 +5,9 @@ line per epoch to ``metrics.jsonl``; this module reads them back, without
 touching anything, and says for every model below a folder: finished, or at
 which epoch and step, the last validation accuracy per exit, when the last
 checkpoint was written and about how long is left (or, before its first
-checkpoint, since when it trains); and whether an erde process holds the
-folder's lock now (is the run alive, or was it stopped?).
+checkpoint, since when it trains); in an ``erde reproduce`` folder, each student a
+seed has not started yet that another seed holds; and whether an erde process
+holds the folder's lock now (is the run alive, or was it stopped?).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from erde.report.curves import curve_of, read_metrics, render_curves_png
 MAX_DEPTH = 3  # run folder / seed_<n> / model folder
 MAX_MODELS = 200
 MAX_LOCK_BYTES = 64 << 10
+SEED_FOLDER = re.compile(r"seed_\d+")  # erde reproduce's folder of one seed
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,33 @@ def _started_line(folder: Path, root: Path, now: float) -> str:
     return f"{name}: started {begun} ago, no checkpoint yet"
 
 
+def _not_started(folders: list[Path], root: Path) -> list[Path]:
+    """Student folders that a seed of an ``erde reproduce`` run lacks and another of its seeds
+    holds: what the run has still to train, where nothing of it is on disk yet (a seed
+    folder with no model in it yet counts too).
+
+    Teachers are left out: seeds that share another seed's teacher never train one.
+    """
+    by_seed: dict[Path, set[str]] = {}
+    for folder in folders:
+        if SEED_FOLDER.fullmatch(folder.parent.name):
+            by_seed.setdefault(folder.parent, set()).add(folder.name)
+    missing = []
+    runs = {seed.parent for seed in by_seed if seed.parent.is_relative_to(root)}  # not above
+    for run in runs:  # its seed folders, those with no model too
+        seeds = {
+            seed: by_seed.get(seed, set())
+            for seed in _subfolders(run)
+            if SEED_FOLDER.fullmatch(seed.name)
+        }
+        students = {name for held in seeds.values() for name in held if name != "teacher"}
+        missing += [seed / name for seed, held in seeds.items() for name in students - held]
+    return sorted(missing)
+
+
 def status_lines(root: str | Path, now: float | None = None) -> list[str]:
-    """One line per model below ``root``, then whether an erde process is writing there."""
+    """One line per model below ``root`` (and per student a seed has still to train, where
+    another seed of the run holds it), then whether an erde process is writing there."""
     root = Path(root)
     started = find_started_folders(root) if root.is_dir() else []
     folders = _folders_of(root) if not started else find_model_folders(root)
@@ -232,6 +260,8 @@ def status_lines(root: str | Path, now: float | None = None) -> list[str]:
             lines[folder] = f"{folder.relative_to(root)}: unreadable ({exc})"
     for folder in started:
         lines[folder] = _started_line(folder, root, now)
+    for folder in _not_started(list(lines), root):
+        lines[folder] = f"{folder.relative_to(root)}: not started (another seed here has it)"
     folders = sorted(lines)
     lines = [lines[folder] for folder in folders]
     # the lock sits on the folder the command writes to: the model's, or any above it up to

@@ -341,7 +341,9 @@ def add_status(sub: argparse._SubParsersAction) -> None:
         description="Read the checkpoints and metrics.jsonl below a run folder (up to 3 levels: "
         "run / seed / model) without touching them, and print one line per model: finished, or "
         "its epoch and step, the last validation accuracy per exit, how long ago its checkpoint "
-        "was written and about how long is left; then whether an erde process holds the folder "
+        "was written and about how long is left (in an erde reproduce folder, also each "
+        "student a seed has not started and another seed holds); then whether an erde process "
+        "holds the folder "
         "now (running) or not (stopped: the same command with --resume, or erde reproduce as it "
         "was, continues it). With --plot, also draw each model's validation accuracy per exit "
         "over its finished epochs into a PNG.",
