@@ -98,6 +98,7 @@ README_ROWS = {  # the README's results table: row label -> the result file it i
     "`speed` schedule: FastNet → FastNet x0.5 |": "cifar10-speed",
     "`speed` schedule: FastNet → FastNet x0.25 |": "cifar10-speed-fastnet-fastnet_x0.25",
     "the same at half the student learning rate (0.75) |": "cifar10-speed-x0.25-lr0.75",
+    "`speed` schedule, three teachers: FastNet → FastNet x0.5 |": "cifar10-speed-3teachers",
 }
 
 
@@ -222,6 +223,7 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
     ablation = block("cifar10-speed-fastnet-fastnet_x0.25-ablation")
     gamma4_half = block("cifar10-speed-ablation")
     slow = block("cifar10-speed-x0.25-lr0.75")
+    three = block("cifar10-speed-3teachers")
     expected = {
         0: (half, whole(half, "student_erde", "student_kd")),
         1: (quarter, whole(quarter, "student_erde", "student_kd")),
@@ -232,8 +234,9 @@ def test_the_results_verdict_table_is_read_from_the_result_files() -> None:
         6: (gamma4_half, whole(gamma4_half, "student_erde_g4", "student_kd")),
         8: (slow, whole(slow, "student_erde", "student_kd")),
         9: (slow, whole(slow, "student_kd", "student_ce")),
+        10: (three, whole(three, "student_erde", "student_kd")),
     }
-    assert len(rows) == 10, rows
+    assert len(rows) == 11, rows
     for index, (results, w) in expected.items():
         row = rows[index]
         assert f"({results['n_seeds']} seeds" in row[0], row
